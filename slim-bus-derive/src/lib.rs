@@ -1,0 +1,1 @@
+//! Macros for slim-bus; use them through the `slim-bus` crate.

@@ -1,0 +1,434 @@
+//! The bus: its builder, publishing, and listening.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::broker::redis::RedisBroker;
+use crate::codec::{self, EncodedField};
+use crate::config::{EventBusConfig, StartFrom, default_consumer_name};
+use crate::consumer::{Consumer, Route};
+use crate::error::{Error, Result};
+use crate::event::{EntryId, Event};
+use crate::handler::{Handlers, StreamHandler, StreamService};
+use crate::listener::Listener;
+
+/// A typed event bus over Redis Streams: publishes events, and listens to its streams
+/// through a consumer group.
+///
+/// Cheap to clone (clones share one set of connections), `Send` and `Sync`, so a service
+/// keeps one in its HTTP state and publishes from request handlers while the same bus
+/// listens.
+///
+/// # Examples
+///
+/// ```no_run
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Serialize, Deserialize)]
+/// # struct UserCreated { user_id: String }
+/// # impl slim_bus::Event for UserCreated { const STREAM: Option<&'static str> = Some("user.created"); }
+/// # struct Welcome;
+/// # #[slim_bus::async_trait]
+/// # impl slim_bus::StreamHandler for Welcome {
+/// #     type Event = UserCreated;
+/// #     async fn handle(&self, _: UserCreated, _: slim_bus::Context) -> Result<(), slim_bus::HandlerError> { Ok(()) }
+/// # }
+/// # async fn run() -> slim_bus::Result<()> {
+/// let bus = slim_bus::EventBus::builder()
+///     .url("redis://127.0.0.1:6379/")
+///     .consumer_group("mailer")
+///     .handler(Welcome)
+///     .build()
+///     .await?;
+///
+/// bus.publish(&UserCreated { user_id: "1a2b3c".into() }).await?;
+/// bus.run_until(async { tokio::signal::ctrl_c().await.ok(); }).await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct EventBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    broker: Arc<dyn Broker>,
+    config: EventBusConfig,
+    consumer_name: Arc<str>,
+    routes: Arc<[Route]>,
+    listening: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for EventBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventBus")
+            .field("consumer_group", &self.inner.config.consumer_group)
+            .field("consumer_name", &self.inner.consumer_name)
+            .field("streams", &self.streams().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventBus {
+    /// Starts building a bus.
+    pub fn builder() -> EventBusBuilder {
+        EventBusBuilder::default()
+    }
+
+    /// Publishes `event` to its stream ([`Event::STREAM`]), returning the new entry's id.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoEventStream`] when the event type names no stream, [`Error::Encode`] when
+    /// the event does not serialize into stream fields, and Redis errors (bounded by the
+    /// command timeout).
+    pub async fn publish<E: Event>(&self, event: &E) -> Result<EntryId> {
+        let stream = E::STREAM.ok_or(Error::NoEventStream {
+            event: std::any::type_name::<E>(),
+        })?;
+        self.publish_to(stream, event).await
+    }
+
+    /// Publishes `event` to `stream`, whatever stream its type names.
+    ///
+    /// # Errors
+    ///
+    /// As [`publish`](Self::publish).
+    pub async fn publish_to<E: Serialize + ?Sized>(
+        &self,
+        stream: &str,
+        event: &E,
+    ) -> Result<EntryId> {
+        if stream.is_empty() {
+            return Err(Error::EmptyStream);
+        }
+        let fields = codec::to_fields(event).map_err(|error| Error::Encode {
+            stream: stream.to_owned(),
+            reason: error.to_string(),
+        })?;
+        self.append(stream, fields).await
+    }
+
+    /// Appends an entry of untyped fields to `stream`, like the Go original's `Send`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run(bus: slim_bus::EventBus) -> slim_bus::Result<()> {
+    /// bus.send("user.created", [("user_id", "1a2b3c"), ("user_name", "John Doe")]).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Encode`] for an empty field list (Redis rejects entries without fields),
+    /// and Redis errors.
+    pub async fn send<K, V>(
+        &self,
+        stream: &str,
+        fields: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<EntryId>
+    where
+        K: AsRef<str>,
+        V: AsRef<[u8]>,
+    {
+        if stream.is_empty() {
+            return Err(Error::EmptyStream);
+        }
+        let fields: Vec<EncodedField> = fields
+            .into_iter()
+            .map(|(k, v)| (k.as_ref().to_owned().into(), v.as_ref().to_vec()))
+            .collect();
+        self.append(stream, fields).await
+    }
+
+    async fn append(&self, stream: &str, fields: Vec<EncodedField>) -> Result<EntryId> {
+        if fields.is_empty() {
+            return Err(Error::Encode {
+                stream: stream.to_owned(),
+                reason: "an entry needs at least one field (every field is empty or None)"
+                    .to_owned(),
+            });
+        }
+        self.inner.broker.publish(stream, &fields).await
+    }
+
+    /// Starts listening: creates the consumer group on every stream (an existing group is
+    /// fine), then reads and handles entries in the background until the returned
+    /// [`Listener`] is shut down or dropped.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoHandlers`], [`Error::AlreadyListening`], and startup errors: Redis
+    /// unreachable, or a stream key that holds another type ([`Error::WrongType`]).
+    pub async fn listen(&self) -> Result<Listener> {
+        if self.inner.routes.is_empty() {
+            return Err(Error::NoHandlers);
+        }
+        let Some(group) = self.inner.config.consumer_group.as_deref() else {
+            return Err(Error::config("consumer_group", "must be set to listen"));
+        };
+        if self.inner.listening.swap(true, Ordering::AcqRel) {
+            return Err(Error::AlreadyListening);
+        }
+        let guard = ListeningGuard(self.inner.listening.clone());
+        let config = &self.inner.config;
+        let consumer = Consumer {
+            broker: self.inner.broker.clone(),
+            group: group.into(),
+            consumer: self.inner.consumer_name.clone(),
+            routes: self.inner.routes.clone(),
+            max_count: config.max_count,
+            max_concurrent: config.max_concurrent,
+            handler_timeout: config.handler_timeout,
+            block_time: config.block_time,
+            shutdown_grace: config.effective_shutdown_grace(),
+            command_timeout: config.command_timeout,
+            start_from: config.start_from,
+        };
+        consumer.prepare().await?;
+        tracing::info!(
+            group,
+            consumer = %self.inner.consumer_name,
+            streams = ?self.streams().collect::<Vec<_>>(),
+            "listening"
+        );
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                let _guard = guard;
+                consumer.run(shutdown).await
+            }
+        });
+        Ok(Listener::new(task, shutdown))
+    }
+
+    /// Listens until `signal` resolves, then shuts down gracefully: the one-liner for a
+    /// service's `main`.
+    ///
+    /// # Errors
+    ///
+    /// As [`listen`](Self::listen), and the error that stopped the listener early, if any.
+    pub async fn run_until(&self, signal: impl Future<Output = ()>) -> Result<()> {
+        let mut listener = self.listen().await?;
+        tokio::select! {
+            result = &mut listener => result,
+            () = signal => listener.shutdown().await,
+        }
+    }
+
+    /// The streams this bus handles.
+    pub fn streams(&self) -> impl Iterator<Item = &str> {
+        self.inner.routes.iter().map(|r| &*r.stream)
+    }
+
+    /// The consumer group this bus listens through, if set.
+    pub fn consumer_group(&self) -> Option<&str> {
+        self.inner.config.consumer_group.as_deref()
+    }
+
+    /// This process's consumer name within the group.
+    pub fn consumer_name(&self) -> &str {
+        &self.inner.consumer_name
+    }
+}
+
+/// Clears the listening flag when a listener's run ends, however it ends.
+struct ListeningGuard(Arc<AtomicBool>);
+
+impl Drop for ListeningGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Builds an [`EventBus`]; every setting has a default but the consumer group, which
+/// listening needs.
+#[must_use = "a builder does nothing until `build` is awaited"]
+#[derive(Default)]
+pub struct EventBusBuilder {
+    config: EventBusConfig,
+    client: Option<redis::Client>,
+    handlers: Handlers,
+}
+
+impl std::fmt::Debug for EventBusBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventBusBuilder")
+            .field("config", &self.config)
+            .field("handlers", &self.handlers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventBusBuilder {
+    /// Takes every setting from `config`, replacing those set before.
+    pub fn config(mut self, config: EventBusConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The Redis server to use, e.g. `redis://127.0.0.1:6379/`.
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.config.url = url.into();
+        self
+    }
+
+    /// An existing Redis client to use instead of [`url`](Self::url).
+    pub fn client(mut self, client: redis::Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// The consumer group to listen through; every process of one service uses the same.
+    pub fn consumer_group(mut self, group: impl Into<String>) -> Self {
+        self.config.consumer_group = Some(group.into());
+        self
+    }
+
+    /// This process's name within the group (default: the host name). Two processes must
+    /// never share a consumer name, so set it when several run on one host.
+    pub fn consumer_name(mut self, name: impl Into<String>) -> Self {
+        self.config.consumer_name = Some(name.into());
+        self
+    }
+
+    /// The most entries asked for per stream and read (default 100).
+    pub fn max_count(mut self, max_count: usize) -> Self {
+        self.config.max_count = max_count;
+        self
+    }
+
+    /// How long one handler call may take (default 30 s).
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        self.config.handler_timeout = timeout;
+        self
+    }
+
+    /// The most handler calls running at once (default 64).
+    pub fn max_concurrent(mut self, max_concurrent: usize) -> Self {
+        self.config.max_concurrent = max_concurrent;
+        self
+    }
+
+    /// How long one blocking read waits for new entries (default 2 s).
+    pub fn block_time(mut self, block_time: Duration) -> Self {
+        self.config.block_time = block_time;
+        self
+    }
+
+    /// How long shutdown waits for running handlers (default: the handler timeout).
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.config.shutdown_grace = Some(grace);
+        self
+    }
+
+    /// Where a consumer group that does not exist yet starts (default: the beginning).
+    pub fn start_from(mut self, start: StartFrom) -> Self {
+        self.config.start_from = start;
+        self
+    }
+
+    /// How long a command may wait for Redis (default 5 s).
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.config.command_timeout = timeout;
+        self
+    }
+
+    /// Registers `handler` on its stream: the one it names, else its event type's.
+    pub fn handler<H: StreamHandler>(mut self, handler: H) -> Self {
+        self.handlers.handler(handler);
+        self
+    }
+
+    /// Registers `handler` on `stream`.
+    pub fn handler_on<H: StreamHandler>(mut self, stream: impl Into<String>, handler: H) -> Self {
+        self.handlers.handler_on(stream, handler);
+        self
+    }
+
+    /// Registers every handler of a service, sharing the service among them.
+    pub fn service<S: StreamService>(mut self, service: Arc<S>) -> Self {
+        service.register(&mut self.handlers);
+        self
+    }
+
+    /// Checks the settings and handlers, and connects to Redis.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming an invalid setting, [`Error::DuplicateHandler`],
+    /// [`Error::NoHandlerStream`], [`Error::EmptyStream`], and connection errors.
+    pub async fn build(self) -> Result<EventBus> {
+        self.config.validate()?;
+        let routes = routes(self.handlers)?;
+        if !routes.is_empty() && self.config.consumer_group.is_none() {
+            return Err(Error::config(
+                "consumer_group",
+                "must be set when the bus has handlers",
+            ));
+        }
+        let client = match self.client {
+            Some(client) => client,
+            None => redis::Client::open(self.config.url.as_str()).map_err(|e| {
+                Error::config(
+                    "url",
+                    format!("`{}` is not a Redis URL: {e}", self.config.url),
+                )
+            })?,
+        };
+        let broker =
+            RedisBroker::connect(client, self.config.command_timeout, self.config.block_time)
+                .await?;
+        let consumer_name = self
+            .config
+            .consumer_name
+            .clone()
+            .unwrap_or_else(default_consumer_name);
+        Ok(EventBus {
+            inner: Arc::new(Inner {
+                broker: Arc::new(broker),
+                config: self.config,
+                consumer_name: consumer_name.into(),
+                routes,
+                listening: Arc::new(AtomicBool::new(false)),
+            }),
+        })
+    }
+}
+
+/// Resolves every registration's stream, rejecting missing, empty and duplicate ones.
+fn routes(handlers: Handlers) -> Result<Arc<[Route]>> {
+    let mut seen: HashMap<String, &'static str> = HashMap::new();
+    let mut routes = Vec::with_capacity(handlers.registrations.len());
+    for registration in handlers.registrations {
+        let Some(stream) = registration.stream else {
+            return Err(Error::NoHandlerStream {
+                handler: registration.handler_name,
+            });
+        };
+        if stream.is_empty() {
+            return Err(Error::EmptyStream);
+        }
+        if let Some(first) = seen.insert(stream.clone(), registration.handler_name) {
+            return Err(Error::DuplicateHandler {
+                stream,
+                first,
+                second: registration.handler_name,
+            });
+        }
+        routes.push(Route {
+            stream: stream.into(),
+            handler: registration.handler,
+        });
+    }
+    Ok(routes.into())
+}

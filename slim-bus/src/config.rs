@@ -1,0 +1,151 @@
+//! Settings of a bus, as a plain struct that can come from a config file or the environment.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Where a new consumer group starts reading a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum StartFrom {
+    /// From the first entry: entries published before the group existed are handled too.
+    #[default]
+    Beginning,
+    /// Only entries published after the group was created.
+    NewOnly,
+}
+
+/// The settings of an [`EventBus`](crate::EventBus), with the same meaning as the
+/// builder methods of the same names.
+///
+/// Durations are written like `"30s"` or `"250ms"` in config files.
+///
+/// # Examples
+///
+/// ```
+/// let config: slim_bus::EventBusConfig = serde_json::from_str(r#"{
+///     "url": "redis://127.0.0.1:6379/",
+///     "consumer_group": "billing",
+///     "max_concurrent": 32,
+///     "handler_timeout": "10s"
+/// }"#).unwrap();
+/// assert_eq!(config.max_count, 100);
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct EventBusConfig {
+    /// The Redis server, e.g. `redis://127.0.0.1:6379/` or `rediss://user:pass@host/0`.
+    /// Ignored when the builder is given a `redis::Client`.
+    pub url: String,
+    /// The consumer group this service reads its streams through. Required to listen;
+    /// every process of one service uses the same group.
+    pub consumer_group: Option<String>,
+    /// This process's name within the group. Defaults to the host name (the pod name on
+    /// Kubernetes), which stays the same across restarts so a restarted process finds the
+    /// entries it held. Set it when several processes of one service share a host: two
+    /// processes must never share a consumer name.
+    pub consumer_name: Option<String>,
+    /// The most entries asked for per stream and read.
+    pub max_count: usize,
+    /// How long one handler call may take before it is cancelled and its entry left pending.
+    #[serde(with = "humantime_serde")]
+    pub handler_timeout: Duration,
+    /// The most handler calls running at once, across all streams of the bus.
+    pub max_concurrent: usize,
+    /// How long one blocking read waits for new entries before it is issued again.
+    #[serde(with = "humantime_serde")]
+    pub block_time: Duration,
+    /// How long shutdown waits for running handlers; defaults to the handler timeout.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Option<Duration>,
+    /// Where a consumer group that does not exist yet starts.
+    pub start_from: StartFrom,
+    /// How long a command (publish, ack, group creation) may wait for Redis.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+}
+
+impl Default for EventBusConfig {
+    fn default() -> Self {
+        EventBusConfig {
+            url: "redis://127.0.0.1:6379/".to_owned(),
+            consumer_group: None,
+            consumer_name: None,
+            max_count: 100,
+            handler_timeout: Duration::from_secs(30),
+            max_concurrent: 64,
+            block_time: Duration::from_secs(2),
+            shutdown_grace: None,
+            start_from: StartFrom::Beginning,
+            command_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The ceiling Redis puts on one `BLOCK` (it takes milliseconds as a signed 64-bit
+/// integer); a far smaller one keeps shutdown and reconnects responsive anyway.
+const MAX_BLOCK_TIME: Duration = Duration::from_secs(60);
+
+impl EventBusConfig {
+    /// Checks every setting, naming the first invalid one.
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.url.trim().is_empty() {
+            return Err(Error::config("url", "must not be empty"));
+        }
+        check_name("consumer_group", self.consumer_group.as_deref())?;
+        check_name("consumer_name", self.consumer_name.as_deref())?;
+        if self.max_count == 0 {
+            return Err(Error::config("max_count", "must be at least 1"));
+        }
+        if self.max_concurrent == 0 {
+            return Err(Error::config("max_concurrent", "must be at least 1"));
+        }
+        if self.max_concurrent > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(Error::config(
+                "max_concurrent",
+                "is larger than a semaphore can count",
+            ));
+        }
+        if self.handler_timeout.is_zero() {
+            return Err(Error::config("handler_timeout", "must be longer than zero"));
+        }
+        if self.block_time < Duration::from_millis(1) || self.block_time > MAX_BLOCK_TIME {
+            return Err(Error::config(
+                "block_time",
+                format!("must be between 1ms and {MAX_BLOCK_TIME:?}"),
+            ));
+        }
+        if self.command_timeout.is_zero() {
+            return Err(Error::config("command_timeout", "must be longer than zero"));
+        }
+        Ok(())
+    }
+
+    /// The grace period of shutdown.
+    pub(crate) fn effective_shutdown_grace(&self) -> Duration {
+        self.shutdown_grace.unwrap_or(self.handler_timeout)
+    }
+}
+
+fn check_name(setting: &'static str, name: Option<&str>) -> Result<()> {
+    match name {
+        Some(name) if name.trim().is_empty() => Err(Error::config(setting, "must not be empty")),
+        _ => Ok(()),
+    }
+}
+
+/// The default consumer name: the host name, stable across restarts of the same pod or
+/// machine.
+pub(crate) fn default_consumer_name() -> String {
+    let host = gethostname::gethostname();
+    let host = host.to_string_lossy();
+    if host.trim().is_empty() {
+        "slim-bus".to_owned()
+    } else {
+        host.into_owned()
+    }
+}

@@ -1,0 +1,106 @@
+//! What a handler knows about the entry it is handling.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
+use crate::event::EntryId;
+
+/// The delivery a handler is working on: where the entry came from, how often it was
+/// delivered, and how long the handler may take.
+///
+/// Cheap to clone; clones share the cancellation.
+#[derive(Debug, Clone)]
+pub struct Context {
+    stream: Arc<str>,
+    group: Arc<str>,
+    consumer: Arc<str>,
+    entry_id: EntryId,
+    delivery_count: u64,
+    deadline: Instant,
+    cancellation: CancellationToken,
+}
+
+impl Context {
+    pub(crate) fn new(
+        stream: Arc<str>,
+        group: Arc<str>,
+        consumer: Arc<str>,
+        entry_id: EntryId,
+        delivery_count: u64,
+        deadline: Instant,
+        cancellation: CancellationToken,
+    ) -> Self {
+        Context {
+            stream,
+            group,
+            consumer,
+            entry_id,
+            delivery_count,
+            deadline,
+            cancellation,
+        }
+    }
+
+    /// The stream the entry was read from.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// The consumer group that delivered the entry.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// The consumer (this process) the entry was delivered to.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// The id of the entry.
+    pub fn entry_id(&self) -> EntryId {
+        self.entry_id
+    }
+
+    /// How many times Redis has delivered this entry to the group, this delivery
+    /// included: 1 the first time.
+    pub fn delivery_count(&self) -> u64 {
+        self.delivery_count
+    }
+
+    /// When the handler's time runs out (the handler timeout, counted from the start).
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// The time left until [`deadline`](Self::deadline).
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Resolves when this attempt is abandoned: the handler timed out, or the bus is
+    /// shutting down and its grace period ran out.
+    ///
+    /// The handler's own future is dropped at that point anyway; await this in work the
+    /// handler spawned (background tasks, blocking threads) so that it stops too.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancellation safe: dropping the future has no effect on the context.
+    pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
+        self.cancellation.cancelled()
+    }
+
+    /// Whether this attempt has been abandoned (see [`cancelled`](Self::cancelled)).
+    pub fn is_cancelled(&self) -> bool {
+        self.cancellation.is_cancelled()
+    }
+
+    /// A token that is cancelled when this attempt is abandoned, for spawned work that
+    /// needs an owned handle.
+    pub fn cancellation_token(&self) -> CancellationToken {
+        self.cancellation.clone()
+    }
+}

@@ -1,0 +1,298 @@
+//! The crate's error type, and the error a handler returns.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+use crate::event::EntryId;
+
+/// A boxed error that can cross tasks.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Everything that can go wrong in slim-bus outside of a handler.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A setting of the builder or of [`EventBusConfig`](crate::EventBusConfig) is invalid.
+    #[error("invalid setting `{setting}`: {reason}")]
+    Config {
+        /// The name of the setting, as in [`EventBusConfig`](crate::EventBusConfig).
+        setting: &'static str,
+        /// What is wrong with it and what is expected instead.
+        reason: String,
+    },
+
+    /// Two handlers were registered on the same stream of one bus.
+    #[error(
+        "two handlers are registered on stream `{stream}` (`{first}` and `{second}`): a consumer group delivers each entry once, so use one handler per stream, or a second bus with its own consumer group"
+    )]
+    DuplicateHandler {
+        /// The stream both handlers were registered on.
+        stream: String,
+        /// The type of the first handler.
+        first: &'static str,
+        /// The type of the second handler.
+        second: &'static str,
+    },
+
+    /// A handler was registered whose event type names no stream, without an explicit stream.
+    #[error(
+        "handler `{handler}` has no stream: its event type names none, so register it with `handler_on(stream, handler)`"
+    )]
+    NoHandlerStream {
+        /// The type of the handler.
+        handler: &'static str,
+    },
+
+    /// [`EventBus::listen`](crate::EventBus::listen) was called on a bus without handlers.
+    #[error(
+        "the bus has no handlers: register at least one with `handler` or `handler_on` before listening"
+    )]
+    NoHandlers,
+
+    /// [`EventBus::listen`](crate::EventBus::listen) was called while the bus is already listening.
+    #[error("the bus is already listening: a bus runs at most one listener at a time")]
+    AlreadyListening,
+
+    /// An event type without a stream was published with [`EventBus::publish`](crate::EventBus::publish).
+    #[error("event type `{event}` names no stream: publish it with `publish_to(stream, &event)`")]
+    NoEventStream {
+        /// The event type.
+        event: &'static str,
+    },
+
+    /// A stream name is empty.
+    #[error("stream names must not be empty")]
+    EmptyStream,
+
+    /// An event could not be turned into stream fields.
+    #[error("cannot encode event for stream `{stream}`: {reason}")]
+    Encode {
+        /// The stream the event was meant for.
+        stream: String,
+        /// Why encoding failed, naming the field where one is known.
+        reason: String,
+    },
+
+    /// A stream entry could not be decoded into the handler's event type.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+
+    /// The key of a stream holds another Redis type, so the bus cannot use it.
+    #[error("key `{stream}` holds a Redis {actual}, not a stream: delete or rename it")]
+    WrongType {
+        /// The key.
+        stream: String,
+        /// The Redis type found at the key.
+        actual: String,
+    },
+
+    /// Redis could not be reached or answered with an error.
+    #[error("redis error while {action}: {source}")]
+    Redis {
+        /// What the bus was doing, e.g. "publishing to stream `user.created`".
+        action: String,
+        /// The error from the Redis client.
+        #[source]
+        source: redis::RedisError,
+    },
+
+    /// Redis did not answer in time.
+    #[error("redis did not answer within {timeout:?} while {action}")]
+    Timeout {
+        /// What the bus was doing.
+        action: String,
+        /// How long the bus waited.
+        timeout: Duration,
+    },
+
+    /// A task of the bus failed in a way that is a bug in slim-bus.
+    #[error("internal error: {detail}")]
+    Internal {
+        /// What failed.
+        detail: String,
+    },
+
+    /// Redis answered with something the bus did not expect.
+    #[error("unexpected reply from redis while {action}: {detail}")]
+    UnexpectedReply {
+        /// What the bus was doing.
+        action: String,
+        /// What was wrong with the reply.
+        detail: String,
+    },
+}
+
+/// A shorthand for results whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn config(setting: &'static str, reason: impl Into<String>) -> Self {
+        Error::Config {
+            setting,
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn redis(action: impl Into<String>, source: redis::RedisError) -> Self {
+        Error::Redis {
+            action: action.into(),
+            source,
+        }
+    }
+}
+
+/// A stream entry that does not decode into the handler's event type.
+///
+/// Decoding can never succeed on a later attempt, so such entries are not retried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot decode entry {entry_id} of stream `{stream}`{}: {reason}", field_suffix(.field))]
+pub struct DecodeError {
+    pub(crate) stream: String,
+    pub(crate) entry_id: EntryId,
+    pub(crate) field: Option<String>,
+    pub(crate) reason: String,
+}
+
+fn field_suffix(field: &Option<String>) -> String {
+    match field {
+        Some(field) => format!(", field `{field}`"),
+        None => String::new(),
+    }
+}
+
+impl DecodeError {
+    /// The stream the entry belongs to.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// The id of the entry.
+    pub fn entry_id(&self) -> EntryId {
+        self.entry_id
+    }
+
+    /// The field that failed, when the failure belongs to one field.
+    pub fn field(&self) -> Option<&str> {
+        self.field.as_deref()
+    }
+
+    /// Why the entry did not decode.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+/// What should happen to an entry after its handler failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Retry {
+    /// Leave it to the bus: the entry stays pending and is delivered again.
+    Default,
+    /// Deliver the entry again no earlier than after this delay.
+    After(Duration),
+    /// Never deliver the entry again: it can't succeed.
+    Never,
+}
+
+/// The error a handler returns.
+///
+/// Any error type converts into it with `?` (anything that converts into
+/// `Box<dyn Error + Send + Sync>`: `std` errors, `anyhow::Error`, `String`, `&str`).
+/// By default a failed entry stays pending and is delivered again; [`HandlerError::retry_after`]
+/// and [`HandlerError::permanent`] say otherwise.
+///
+/// `HandlerError` itself does not implement [`std::error::Error`], so that the blanket
+/// conversion above can exist (the same trade-off as `anyhow::Error`); [`HandlerError::source_error`]
+/// gives the error inside.
+///
+/// # Examples
+///
+/// ```
+/// use slim_bus::HandlerError;
+/// use std::time::Duration;
+///
+/// fn parse(input: &str) -> Result<u32, HandlerError> {
+///     let value: u32 = input.parse()?; // any error converts
+///     if value == 0 {
+///         return Err(HandlerError::permanent("zero is never valid"));
+///     }
+///     if value > 100 {
+///         return Err(HandlerError::retry_after(Duration::from_secs(5), "rate limited"));
+///     }
+///     Ok(value)
+/// }
+/// assert!(parse("x").is_err());
+/// ```
+pub struct HandlerError {
+    source: BoxError,
+    retry: Retry,
+}
+
+impl HandlerError {
+    /// A failure with the default retry behaviour.
+    pub fn new(error: impl Into<BoxError>) -> Self {
+        HandlerError {
+            source: error.into(),
+            retry: Retry::Default,
+        }
+    }
+
+    /// A failure after which the entry should be delivered again no earlier than `delay`.
+    pub fn retry_after(delay: Duration, error: impl Into<BoxError>) -> Self {
+        HandlerError {
+            source: error.into(),
+            retry: Retry::After(delay),
+        }
+    }
+
+    /// A failure that can never succeed: the entry is not delivered again.
+    pub fn permanent(error: impl Into<BoxError>) -> Self {
+        HandlerError {
+            source: error.into(),
+            retry: Retry::Never,
+        }
+    }
+
+    /// What the handler asked for.
+    pub fn retry(&self) -> Retry {
+        self.retry
+    }
+
+    /// The error inside.
+    pub fn source_error(&self) -> &(dyn StdError + Send + Sync + 'static) {
+        &*self.source
+    }
+
+    /// Takes the error inside.
+    pub fn into_source(self) -> BoxError {
+        self.source
+    }
+}
+
+impl<E: Into<BoxError>> From<E> for HandlerError {
+    fn from(error: E) -> Self {
+        HandlerError::new(error)
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerError")
+            .field("source", &self.source)
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.source, f)?;
+        let mut source = self.source.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
