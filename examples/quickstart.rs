@@ -1,1 +1,112 @@
-fn main() {}
+//! Quickstart: a publisher and a handler exchanging typed events through Redis Streams.
+//!
+//! Run with:
+//!
+//! ```sh
+//! cargo run -p slim-bus-examples --example quickstart
+//! ```
+//!
+//! It uses the Redis at `REDIS_URL` when that is set; otherwise it starts a throwaway
+//! `redis-server` (which must be installed) for the length of the run.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use slim_bus::{Context, EventBus, HandlerError, StreamHandler};
+use tokio::sync::mpsc;
+
+/// The event: its fields become the fields of one stream entry.
+#[derive(Debug, Serialize, Deserialize)]
+struct UserCreated {
+    user_id: String,
+    user_name: String,
+}
+
+impl slim_bus::Event for UserCreated {
+    const STREAM: Option<&'static str> = Some("user.created");
+}
+
+/// The handler: runs once per entry of `user.created`.
+struct SendWelcomeMail {
+    sent: mpsc::UnboundedSender<String>,
+}
+
+#[slim_bus::async_trait]
+impl StreamHandler for SendWelcomeMail {
+    type Event = UserCreated;
+
+    async fn handle(&self, event: UserCreated, ctx: Context) -> Result<(), HandlerError> {
+        println!(
+            "handled {} ({}): welcome, {}!",
+            ctx.entry_id(),
+            ctx.stream(),
+            event.user_name
+        );
+        self.sent.send(event.user_id)?;
+        Ok(())
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let (url, _server) = redis_for_the_example().await?;
+
+    let (sent, mut welcomed) = mpsc::unbounded_channel();
+    let bus = EventBus::builder()
+        .url(&url)
+        .consumer_group("mailer")
+        .consumer_name("quickstart")
+        .handler_timeout(Duration::from_secs(5))
+        .handler(SendWelcomeMail { sent })
+        .build()
+        .await?;
+    let listener = bus.listen().await?;
+
+    let users = [
+        ("1a2b3c", "John Doe"),
+        ("4d5e6f", "Jane Roe"),
+        ("7g8h9i", "Max Mustermann"),
+    ];
+    for (user_id, user_name) in users {
+        let id = bus
+            .publish(&UserCreated {
+                user_id: user_id.into(),
+                user_name: user_name.into(),
+            })
+            .await?;
+        println!("published {id}: {user_name}");
+    }
+    for _ in users {
+        tokio::time::timeout(Duration::from_secs(10), welcomed.recv())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the handler stopped"))?;
+    }
+
+    listener.shutdown().await?;
+    println!("done: every event was handled and acknowledged");
+    Ok(())
+}
+
+/// `REDIS_URL` if set, else a throwaway redis-server that lives as long as the returned guard.
+async fn redis_for_the_example() -> anyhow::Result<(String, Option<slim_bus_tests::RedisServer>)> {
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        println!("using Redis at {url} (REDIS_URL)");
+        return Ok((url, None));
+    }
+    match slim_bus_tests::RedisServer::start().await {
+        Ok(server) => {
+            println!("started a throwaway redis-server at {}", server.url());
+            Ok((server.url(), Some(server)))
+        }
+        Err(error) => anyhow::bail!(
+            "no Redis to run against: REDIS_URL is not set and no redis-server could be started ({error}).\n\
+             Either set REDIS_URL=redis://HOST:PORT/, start one with `docker compose up -d redis`, \
+             or install redis-server (e.g. `apt-get install redis-server`)."
+        ),
+    }
+}
