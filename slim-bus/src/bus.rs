@@ -14,6 +14,7 @@ use crate::broker::redis::RedisBroker;
 use crate::codec::{self, EncodedField};
 use crate::config::{EventBusConfig, StartFrom, default_consumer_name};
 use crate::consumer::{Consumer, Route};
+use crate::dead_letter::{DeadLetters, dead_letter_stream};
 use crate::error::{Error, Result};
 use crate::event::{EntryId, Event};
 use crate::handler::{Handlers, StreamHandler, StreamService};
@@ -192,6 +193,11 @@ impl EventBus {
             shutdown_grace: config.effective_shutdown_grace(),
             command_timeout: config.command_timeout,
             start_from: config.start_from,
+            claim_min_idle: config.claim_min_idle,
+            claim_interval: config.claim_interval,
+            retry_base: config.retry_base,
+            retry_max: config.retry_max,
+            dead_letter_max_len: config.dead_letter_max_len,
         };
         consumer.prepare().await?;
         tracing::info!(
@@ -223,6 +229,28 @@ impl EventBus {
             result = &mut listener => result,
             () = signal => listener.shutdown().await,
         }
+    }
+
+    /// The dead letters of `stream`: list, replay and purge them.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run(bus: slim_bus::EventBus) -> slim_bus::Result<()> {
+    /// let dead = bus.dead_letters("user.created");
+    /// for letter in dead.list(None, 100).await? {
+    ///     println!("{} failed ({:?}): {}", letter.origin_id.unwrap_or_default(), letter.reason, letter.error);
+    /// }
+    /// dead.replay_all().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn dead_letters(&self, stream: &str) -> DeadLetters {
+        DeadLetters::new(
+            self.inner.broker.clone(),
+            stream,
+            &self.inner.config.dead_letter_suffix,
+        )
     }
 
     /// The streams this bus handles.
@@ -343,6 +371,44 @@ impl EventBusBuilder {
         self
     }
 
+    /// How long an entry must sit with another consumer before this one claims it
+    /// (default 60 s); must exceed the handler timeout.
+    pub fn claim_min_idle(mut self, min_idle: Duration) -> Self {
+        self.config.claim_min_idle = min_idle;
+        self
+    }
+
+    /// How often to look for entries of stopped consumers (default 10 s).
+    pub fn claim_interval(mut self, interval: Duration) -> Self {
+        self.config.claim_interval = interval;
+        self
+    }
+
+    /// Failed deliveries before an entry is dead-lettered (default 5).
+    pub fn max_deliveries(mut self, max_deliveries: u64) -> Self {
+        self.config.max_deliveries = max_deliveries;
+        self
+    }
+
+    /// The first retry delay and the longest one (default 1 s and 30 s).
+    pub fn retry_backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.config.retry_base = base;
+        self.config.retry_max = max;
+        self
+    }
+
+    /// The suffix of dead-letter stream names (default `:dlq`, giving `{stream}:dlq`).
+    pub fn dead_letter_suffix(mut self, suffix: impl Into<String>) -> Self {
+        self.config.dead_letter_suffix = suffix.into();
+        self
+    }
+
+    /// The approximate most entries a dead-letter stream keeps (default 10,000).
+    pub fn dead_letter_max_len(mut self, max_len: usize) -> Self {
+        self.config.dead_letter_max_len = max_len;
+        self
+    }
+
     /// Registers `handler` on its stream: the one it names, else its event type's.
     pub fn handler<H: StreamHandler>(mut self, handler: H) -> Self {
         self.handlers.handler(handler);
@@ -369,7 +435,7 @@ impl EventBusBuilder {
     /// [`Error::NoHandlerStream`], [`Error::EmptyStream`], and connection errors.
     pub async fn build(self) -> Result<EventBus> {
         self.config.validate()?;
-        let routes = routes(self.handlers)?;
+        let routes = routes(self.handlers, &self.config)?;
         if !routes.is_empty() && self.config.consumer_group.is_none() {
             return Err(Error::config(
                 "consumer_group",
@@ -406,7 +472,7 @@ impl EventBusBuilder {
 }
 
 /// Resolves every registration's stream, rejecting missing, empty and duplicate ones.
-fn routes(handlers: Handlers) -> Result<Arc<[Route]>> {
+fn routes(handlers: Handlers, config: &EventBusConfig) -> Result<Arc<[Route]>> {
     let mut seen: HashMap<String, &'static str> = HashMap::new();
     let mut routes = Vec::with_capacity(handlers.registrations.len());
     for registration in handlers.registrations {
@@ -425,9 +491,24 @@ fn routes(handlers: Handlers) -> Result<Arc<[Route]>> {
                 second: registration.handler_name,
             });
         }
+        let max_deliveries = registration
+            .handler
+            .max_deliveries()
+            .unwrap_or(config.max_deliveries);
+        if max_deliveries == 0 {
+            return Err(Error::config(
+                "max_deliveries",
+                format!(
+                    "of handler `{}` must be at least 1",
+                    registration.handler_name
+                ),
+            ));
+        }
         routes.push(Route {
+            dead_letters: dead_letter_stream(&stream, &config.dead_letter_suffix).into(),
             stream: stream.into(),
             handler: registration.handler,
+            max_deliveries,
         });
     }
     Ok(routes.into())

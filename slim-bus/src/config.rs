@@ -67,6 +67,29 @@ pub struct EventBusConfig {
     /// How long a command (publish, ack, group creation) may wait for Redis.
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// How long an entry must sit unacknowledged with another consumer before this one
+    /// claims it, presuming that consumer dead. Must exceed the handler timeout, or live
+    /// work would be claimed and run twice.
+    #[serde(with = "humantime_serde")]
+    pub claim_min_idle: Duration,
+    /// How often the bus looks for entries to claim from dead consumers.
+    #[serde(with = "humantime_serde")]
+    pub claim_interval: Duration,
+    /// After this many deliveries that failed, an entry is dead-lettered. A handler can
+    /// set its own with [`StreamHandler::max_deliveries`](crate::StreamHandler::max_deliveries).
+    pub max_deliveries: u64,
+    /// The delay before the first retry of a failed entry; each further retry doubles it.
+    #[serde(with = "humantime_serde")]
+    pub retry_base: Duration,
+    /// The longest delay between retries.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// The suffix of dead-letter stream names: the dead letters of `user.created` go to
+    /// `{user.created}:dlq` (the braces keep both in one Redis Cluster hash slot).
+    pub dead_letter_suffix: String,
+    /// The approximate most entries a dead-letter stream keeps (`XADD MAXLEN ~`); older
+    /// dead letters are trimmed.
+    pub dead_letter_max_len: usize,
 }
 
 impl Default for EventBusConfig {
@@ -82,6 +105,13 @@ impl Default for EventBusConfig {
             shutdown_grace: None,
             start_from: StartFrom::Beginning,
             command_timeout: Duration::from_secs(5),
+            claim_min_idle: Duration::from_secs(60),
+            claim_interval: Duration::from_secs(10),
+            max_deliveries: 5,
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(30),
+            dead_letter_suffix: ":dlq".to_owned(),
+            dead_letter_max_len: 10_000,
         }
     }
 }
@@ -121,6 +151,39 @@ impl EventBusConfig {
         }
         if self.command_timeout.is_zero() {
             return Err(Error::config("command_timeout", "must be longer than zero"));
+        }
+        if self.claim_min_idle <= self.handler_timeout {
+            return Err(Error::config(
+                "claim_min_idle",
+                format!(
+                    "must be longer than handler_timeout ({:?}), or entries still being handled would be claimed and run twice",
+                    self.handler_timeout
+                ),
+            ));
+        }
+        if self.claim_interval.is_zero() {
+            return Err(Error::config("claim_interval", "must be longer than zero"));
+        }
+        if self.max_deliveries == 0 {
+            return Err(Error::config("max_deliveries", "must be at least 1"));
+        }
+        if self.retry_base.is_zero() {
+            return Err(Error::config("retry_base", "must be longer than zero"));
+        }
+        if self.retry_max < self.retry_base {
+            return Err(Error::config(
+                "retry_max",
+                "must not be shorter than retry_base",
+            ));
+        }
+        if self.dead_letter_suffix.is_empty() {
+            return Err(Error::config(
+                "dead_letter_suffix",
+                "must not be empty: the dead letters would go to the stream itself",
+            ));
+        }
+        if self.dead_letter_max_len == 0 {
+            return Err(Error::config("dead_letter_max_len", "must be at least 1"));
         }
         Ok(())
     }

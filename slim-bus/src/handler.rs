@@ -60,6 +60,12 @@ pub trait StreamHandler: Send + Sync + 'static {
     fn stream(&self) -> Option<&str> {
         None
     }
+
+    /// How many failed deliveries this handler's entries get before they are
+    /// dead-lettered, when not the bus's `max_deliveries`.
+    fn max_deliveries(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A value that registers several handlers at once: a service struct whose methods
@@ -130,6 +136,8 @@ pub(crate) type HandlerFuture<'a> =
 /// A handler with its event type erased, so the consumer stores handlers of every type
 /// side by side. Decoding happens here, in the handler's task.
 pub(crate) trait ErasedHandler: Send + Sync + 'static {
+    fn max_deliveries(&self) -> Option<u64>;
+
     fn call<'a>(
         &'a self,
         fields: &[(Vec<u8>, Vec<u8>)],
@@ -140,6 +148,10 @@ pub(crate) trait ErasedHandler: Send + Sync + 'static {
 struct Typed<H>(H);
 
 impl<H: StreamHandler> ErasedHandler for Typed<H> {
+    fn max_deliveries(&self) -> Option<u64> {
+        self.0.max_deliveries()
+    }
+
     fn call<'a>(
         &'a self,
         fields: &[(Vec<u8>, Vec<u8>)],

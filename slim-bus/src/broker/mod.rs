@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::time::Instant;
 
 use crate::codec::EncodedField;
 use crate::config::StartFrom;
@@ -26,6 +27,8 @@ pub(crate) struct Delivery {
     pub(crate) fields: Option<RawFields>,
     /// How often the group has delivered the entry, this delivery included.
     pub(crate) delivery_count: u64,
+    /// When the reply that delivered it arrived: no earlier than Redis delivered it.
+    pub(crate) delivered_at: Instant,
 }
 
 /// The deliveries of one read, by stream.
@@ -46,15 +49,19 @@ pub(crate) trait Broker: Send + Sync + 'static {
     async fn ensure_group(&self, stream: &str, group: &str, start: StartFrom) -> Result<()>;
 
     /// Delivers up to `count` new entries per stream to `consumer`, waiting up to `block`
-    /// for the first one. An empty result is an idle wait, not an error.
+    /// for the first one (not at all for `None`). An empty result is not an error.
     async fn read_new(
         &self,
         group: &str,
         consumer: &str,
         streams: &[Arc<str>],
         count: usize,
-        block: Duration,
+        block: Option<Duration>,
     ) -> Result<Vec<StreamDeliveries>>;
+
+    /// Ends a blocking [`read_new`](Broker::read_new) in progress early, as if its block
+    /// time had passed, so the reader can start due work; does nothing when no read blocks.
+    async fn wake_reader(&self) -> Result<()>;
 
     /// Delivers again up to `count` of the entries `consumer` holds pending on `stream`
     /// with ids after `after`, in id order.
@@ -69,4 +76,88 @@ pub(crate) trait Broker: Send + Sync + 'static {
 
     /// Acknowledges entries, by stream, in one round trip.
     async fn ack(&self, group: &str, acks: &[(Arc<str>, Vec<EntryId>)]) -> Result<()>;
+
+    /// Claims for `consumer` up to `count` entries of `stream` that have been pending with
+    /// any consumer for at least `min_idle`, scanning the pending list from `cursor`.
+    async fn claim_stale(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        cursor: EntryId,
+        count: usize,
+    ) -> Result<ClaimPage>;
+
+    /// Claims entries again for their retry, each only if it has been idle for at least
+    /// its `min_idle` (so not if another consumer claimed it meanwhile). One result per
+    /// request, in order: `None` where the entry was not claimed or no longer exists.
+    async fn claim_for_retry(
+        &self,
+        group: &str,
+        consumer: &str,
+        requests: &[(Arc<str>, EntryId, Duration)],
+    ) -> Result<Vec<Option<RawFields>>>;
+
+    /// Atomically moves entry `id` of `stream`, pending with `consumer`, to `dead_letters`:
+    /// adds its fields and `meta` there (capped at about `max_len` entries) and
+    /// acknowledges it.
+    async fn dead_letter(
+        &self,
+        stream: &str,
+        dead_letters: &str,
+        group: &str,
+        consumer: &str,
+        id: EntryId,
+        meta: &[(&'static str, String)],
+        max_len: usize,
+    ) -> Result<DeadLetterMove>;
+
+    /// The number of entries in a stream (0 when it does not exist).
+    async fn stream_len(&self, stream: &str) -> Result<u64>;
+
+    /// Up to `count` entries of `stream` with ids after `after` (from the start for `None`).
+    async fn range_after(
+        &self,
+        stream: &str,
+        after: Option<EntryId>,
+        count: usize,
+    ) -> Result<Vec<(EntryId, RawFields)>>;
+
+    /// Atomically adds the original fields of dead letter `id` to `origin` and deletes it
+    /// from `dead_letters`; `None` when there is no such dead letter.
+    async fn replay(
+        &self,
+        dead_letters: &str,
+        origin: &str,
+        id: EntryId,
+    ) -> Result<Option<EntryId>>;
+
+    /// Deletes entries from a stream; returns how many existed.
+    async fn delete(&self, stream: &str, ids: &[EntryId]) -> Result<u64>;
+
+    /// Deletes a whole stream.
+    async fn delete_key(&self, stream: &str) -> Result<()>;
+}
+
+/// One page of a claim scan.
+#[derive(Debug)]
+pub(crate) struct ClaimPage {
+    pub(crate) deliveries: Vec<Delivery>,
+    /// Where the next page starts; `EntryId::MIN` when the scan went through the whole list.
+    pub(crate) next_cursor: EntryId,
+    /// Pending entries the scan found deleted from the stream; Redis dropped them from the
+    /// pending list.
+    pub(crate) deleted: Vec<EntryId>,
+}
+
+/// What became of an attempt to dead-letter an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DeadLetterMove {
+    Moved,
+    /// The entry is no longer pending with this consumer: another consumer claimed it, or
+    /// it was acknowledged already. Nothing was written.
+    NotPending,
+    /// The entry was deleted from the stream; it was acknowledged, nothing was written.
+    Deleted,
 }

@@ -2,19 +2,24 @@
 //! one for blocking reads.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Value};
 use tokio::sync::OnceCell;
+use tokio::time::Instant;
 
-use super::{Broker, Delivery, RawFields, StreamDeliveries};
+use super::{Broker, ClaimPage, DeadLetterMove, Delivery, RawFields, StreamDeliveries};
 use crate::codec::EncodedField;
 use crate::config::StartFrom;
+use crate::dead_letter::dlq_error;
 use crate::error::{Error, Result};
 use crate::event::EntryId;
+
+/// How often a wake retries before the reader's block reaches the server (1 ms apart).
+const WAKE_ATTEMPTS: usize = 100;
 
 /// How long connecting may take before it counts as a failure.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -29,6 +34,46 @@ pub(crate) struct RedisBroker {
     blocking: OnceCell<ConnectionManager>,
     command_timeout: Duration,
     block_time: Duration,
+    dead_letter_script: redis::Script,
+    replay_script: redis::Script,
+    /// Whether a read blocks, and whether a wake came while none did.
+    reader: Mutex<ReaderState>,
+}
+
+#[derive(Default)]
+struct ReaderState {
+    /// The client id of the blocking connection while a read blocks on it.
+    blocked: Option<i64>,
+    /// A wake arrived while no read blocked: the next read must not block.
+    woken: bool,
+}
+
+fn lock(state: &Mutex<ReaderState>) -> std::sync::MutexGuard<'_, ReaderState> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Marks the reader as blocked for as long as it lives.
+struct BlockedReader<'a>(&'a Mutex<ReaderState>);
+
+impl<'a> BlockedReader<'a> {
+    /// Marks the reader blocked, unless a wake is waiting to be seen: then `None`, and the
+    /// read must not block.
+    fn set(state: &'a Mutex<ReaderState>, client_id: i64) -> Option<Self> {
+        let mut guard = lock(state);
+        if std::mem::take(&mut guard.woken) {
+            return None;
+        }
+        guard.blocked = Some(client_id);
+        Some(BlockedReader(state))
+    }
+}
+
+impl Drop for BlockedReader<'_> {
+    fn drop(&mut self) {
+        lock(self.0).blocked = None;
+    }
 }
 
 impl RedisBroker {
@@ -44,6 +89,9 @@ impl RedisBroker {
             blocking: OnceCell::new(),
             command_timeout,
             block_time,
+            dead_letter_script: redis::Script::new(DEAD_LETTER_SCRIPT),
+            replay_script: redis::Script::new(REPLAY_SCRIPT),
+            reader: Mutex::new(ReaderState::default()),
         })
     }
 
@@ -130,36 +178,88 @@ impl Broker for RedisBroker {
         consumer: &str,
         streams: &[Arc<str>],
         count: usize,
-        block: Duration,
+        block: Option<Duration>,
     ) -> Result<Vec<StreamDeliveries>> {
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(group)
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(count)
-            .arg("BLOCK")
-            .arg(block.as_millis().max(1) as u64)
-            .arg("STREAMS");
-        for stream in streams {
-            cmd.arg(stream.as_ref());
-        }
-        for _ in streams {
-            cmd.arg(">");
-        }
-        let reply: Value = cmd
-            .query_async(&mut self.blocking().await?)
+        let read = |block: Option<Duration>| {
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg(group)
+                .arg(consumer)
+                .arg("COUNT")
+                .arg(count);
+            if let Some(block) = block {
+                cmd.arg("BLOCK").arg(millis(block).max(1));
+            }
+            cmd.arg("STREAMS");
+            for stream in streams {
+                cmd.arg(stream.as_ref());
+            }
+            for _ in streams {
+                cmd.arg(">");
+            }
+            cmd
+        };
+        let action = || format!("reading new entries for group `{group}`");
+        let failed = |e| {
+            classify(
+                streams.first().map(|s| s.as_ref()).unwrap_or_default(),
+                e,
+                action,
+            )
+        };
+        let mut connection = self.blocking().await?;
+        // A read that finds entries never blocks, so only an idle reader pays for asking
+        // its client id, which `wake_reader` needs to unblock it.
+        let mut reply: Value = read(None)
+            .query_async(&mut connection)
             .await
-            .map_err(|e| {
-                let stream = streams.first().map(|s| s.as_ref()).unwrap_or_default();
-                classify(stream, e, || {
-                    format!("reading new entries for group `{group}`")
-                })
-            })?;
+            .map_err(failed)?;
+        if let (Value::Nil, Some(block)) = (&reply, block) {
+            let client_id: i64 = redis::cmd("CLIENT")
+                .arg("ID")
+                .query_async(&mut connection)
+                .await
+                .map_err(failed)?;
+            if let Some(_blocked) = BlockedReader::set(&self.reader, client_id) {
+                reply = read(Some(block))
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(failed)?;
+            }
+        }
         parse_read_reply(reply, streams).map_err(|detail| Error::UnexpectedReply {
-            action: format!("reading new entries for group `{group}`"),
+            action: action(),
             detail,
         })
+    }
+
+    async fn wake_reader(&self) -> Result<()> {
+        // The blocking read travels on another connection than this command, so it may
+        // not have reached the server yet when CLIENT UNBLOCK does: then try again until
+        // it blocks there, or has returned.
+        for _ in 0..WAKE_ATTEMPTS {
+            let client_id = {
+                let mut state = lock(&self.reader);
+                match state.blocked {
+                    Some(client_id) => client_id,
+                    None => {
+                        state.woken = true;
+                        return Ok(());
+                    }
+                }
+            };
+            let unblocked: i64 = redis::cmd("CLIENT")
+                .arg("UNBLOCK")
+                .arg(client_id)
+                .query_async(&mut self.commands())
+                .await
+                .map_err(|e| Error::redis("waking the blocked reader", e))?;
+            if unblocked == 1 {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
     }
 
     async fn read_own_pending(
@@ -225,6 +325,216 @@ impl Broker for RedisBroker {
             .await
             .map_err(|e| Error::redis(format!("acknowledging entries for group `{group}`"), e))
     }
+
+    async fn claim_stale(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        cursor: EntryId,
+        count: usize,
+    ) -> Result<ClaimPage> {
+        let action = || format!("claiming stale entries of stream `{stream}`");
+        let reply: Value = redis::cmd("XAUTOCLAIM")
+            .arg(stream)
+            .arg(group)
+            .arg(consumer)
+            .arg(millis(min_idle))
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.commands())
+            .await
+            .map_err(|e| classify(stream, e, action))?;
+        let mut page = parse_autoclaim(reply).map_err(|detail| Error::UnexpectedReply {
+            action: action(),
+            detail,
+        })?;
+        if page.deliveries.is_empty() {
+            return Ok(page);
+        }
+        // XAUTOCLAIM does not say how often an entry was delivered; the pending list does.
+        let mut pipe = redis::pipe();
+        for delivery in &page.deliveries {
+            pipe.cmd("XPENDING")
+                .arg(stream)
+                .arg(group)
+                .arg(delivery.id)
+                .arg(delivery.id)
+                .arg(1)
+                .arg(consumer);
+        }
+        let rows: Vec<Value> = pipe
+            .query_async(&mut self.commands())
+            .await
+            .map_err(|e| classify(stream, e, action))?;
+        for (delivery, row) in page.deliveries.iter_mut().zip(rows) {
+            let counts = parse_pending_counts(row).map_err(|detail| Error::UnexpectedReply {
+                action: action(),
+                detail,
+            })?;
+            delivery.delivery_count = counts.get(&delivery.id).copied().unwrap_or(1);
+        }
+        Ok(page)
+    }
+
+    async fn claim_for_retry(
+        &self,
+        group: &str,
+        consumer: &str,
+        requests: &[(Arc<str>, EntryId, Duration)],
+    ) -> Result<Vec<Option<RawFields>>> {
+        let mut pipe = redis::pipe();
+        for (stream, id, min_idle) in requests {
+            pipe.cmd("XCLAIM")
+                .arg(stream.as_ref())
+                .arg(group)
+                .arg(consumer)
+                .arg(millis(*min_idle))
+                .arg(*id);
+        }
+        let action = || format!("claiming entries for their retry in group `{group}`");
+        let replies: Vec<Value> = pipe
+            .query_async(&mut self.commands())
+            .await
+            .map_err(|e| Error::redis(action(), e))?;
+        replies
+            .into_iter()
+            .map(|reply| match reply {
+                Value::Array(entries) => match entries.into_iter().next() {
+                    None => Ok(None),
+                    Some(entry) => parse_entry(entry).map(|delivery| delivery.fields),
+                },
+                other => Err(format!("XCLAIM did not answer an array: {other:?}")),
+            })
+            .collect::<Result<_, String>>()
+            .map_err(|detail| Error::UnexpectedReply {
+                action: action(),
+                detail,
+            })
+    }
+
+    async fn dead_letter(
+        &self,
+        stream: &str,
+        dead_letters: &str,
+        group: &str,
+        consumer: &str,
+        id: EntryId,
+        meta: &[(&'static str, String)],
+        max_len: usize,
+    ) -> Result<DeadLetterMove> {
+        let mut invocation = self.dead_letter_script.key(stream);
+        invocation
+            .key(dead_letters)
+            .arg(group)
+            .arg(consumer)
+            .arg(id)
+            .arg(max_len);
+        for (name, value) in meta {
+            invocation.arg(*name).arg(value.as_str());
+        }
+        let moved: i64 = invocation
+            .invoke_async(&mut self.commands())
+            .await
+            .map_err(|e| dlq_error("moving an entry to", dead_letters, e))?;
+        Ok(match moved {
+            1 => DeadLetterMove::Moved,
+            -1 => DeadLetterMove::Deleted,
+            _ => DeadLetterMove::NotPending,
+        })
+    }
+
+    async fn stream_len(&self, stream: &str) -> Result<u64> {
+        redis::cmd("XLEN")
+            .arg(stream)
+            .query_async(&mut self.commands())
+            .await
+            .map_err(|e| classify(stream, e, || format!("measuring stream `{stream}`")))
+    }
+
+    async fn range_after(
+        &self,
+        stream: &str,
+        after: Option<EntryId>,
+        count: usize,
+    ) -> Result<Vec<(EntryId, RawFields)>> {
+        let start = match after {
+            Some(id) => format!("({id}"),
+            None => "-".to_owned(),
+        };
+        let action = || format!("reading stream `{stream}`");
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.commands())
+            .await
+            .map_err(|e| classify(stream, e, action))?;
+        let Value::Array(entries) = reply else {
+            return Err(unexpected(
+                action(),
+                "XRANGE did not answer an array",
+                &reply,
+            ));
+        };
+        entries
+            .into_iter()
+            .map(|entry| parse_entry(entry).map(|d| (d.id, d.fields.unwrap_or_default())))
+            .collect::<Result<_, String>>()
+            .map_err(|detail| Error::UnexpectedReply {
+                action: action(),
+                detail,
+            })
+    }
+
+    async fn replay(
+        &self,
+        dead_letters: &str,
+        origin: &str,
+        id: EntryId,
+    ) -> Result<Option<EntryId>> {
+        let mut invocation = self.replay_script.key(dead_letters);
+        invocation.key(origin).arg(id);
+        let reply: Value = invocation
+            .invoke_async(&mut self.commands())
+            .await
+            .map_err(|e| dlq_error("replaying from", dead_letters, e))?;
+        match reply {
+            Value::Nil => Ok(None),
+            other => entry_id(&other).map(Some).ok_or_else(|| {
+                unexpected(
+                    format!("replaying from dead-letter stream `{dead_letters}`"),
+                    "the replay did not return an entry id",
+                    &other,
+                )
+            }),
+        }
+    }
+
+    async fn delete(&self, stream: &str, ids: &[EntryId]) -> Result<u64> {
+        redis::cmd("XDEL")
+            .arg(stream)
+            .arg(ids)
+            .query_async(&mut self.commands())
+            .await
+            .map_err(|e| {
+                classify(stream, e, || {
+                    format!("deleting entries of stream `{stream}`")
+                })
+            })
+    }
+
+    async fn delete_key(&self, stream: &str) -> Result<()> {
+        redis::cmd("DEL")
+            .arg(stream)
+            .query_async(&mut self.commands())
+            .await
+            .map_err(|e| Error::redis(format!("deleting stream `{stream}`"), e))
+    }
 }
 
 impl RedisBroker {
@@ -258,6 +568,40 @@ fn unexpected(action: String, what: &str, reply: &Value) -> Error {
         action,
         detail: format!("{what}: {reply:?}"),
     }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Parses an `XAUTOCLAIM` reply: `[next cursor, entries, deleted ids]`.
+fn parse_autoclaim(reply: Value) -> Result<ClaimPage, String> {
+    let Value::Array(parts) = reply else {
+        return Err(format!("XAUTOCLAIM did not answer an array: {reply:?}"));
+    };
+    let mut parts = parts.into_iter();
+    let next_cursor = parts
+        .next()
+        .as_ref()
+        .and_then(entry_id)
+        .ok_or_else(|| "XAUTOCLAIM answered no cursor".to_owned())?;
+    let deliveries = match parts.next() {
+        Some(Value::Array(entries)) => entries
+            .into_iter()
+            .map(parse_entry)
+            .filter(|d| !matches!(d, Ok(Delivery { fields: None, .. })))
+            .collect::<Result<Vec<_>, _>>()?,
+        other => return Err(format!("XAUTOCLAIM entries are not an array: {other:?}")),
+    };
+    let deleted = match parts.next() {
+        Some(Value::Array(ids)) => ids.iter().filter_map(entry_id).collect(),
+        _ => Vec::new(),
+    };
+    Ok(ClaimPage {
+        deliveries,
+        next_cursor,
+        deleted,
+    })
 }
 
 fn entry_id(value: &Value) -> Option<EntryId> {
@@ -347,6 +691,7 @@ fn parse_entry(entry: Value) -> Result<Delivery, String> {
         id,
         fields,
         delivery_count: 1,
+        delivered_at: Instant::now(),
     })
 }
 
@@ -392,3 +737,61 @@ fn parse_pending_counts(reply: Value) -> Result<HashMap<EntryId, u64>, String> {
     }
     Ok(counts)
 }
+
+/// Moves a pending entry to its dead-letter stream, in one step so that it is never both
+/// pending and dead-lettered, nor dead-lettered twice.
+/// KEYS: origin stream, dead-letter stream. ARGV: group, consumer, id, max len, then
+/// metadata names and values. Returns 1 moved, 0 not pending with this consumer, -1 deleted.
+const DEAD_LETTER_SCRIPT: &str = r"
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #pending == 0 or pending[1][2] ~= ARGV[2] then
+  return 0
+end
+local entry = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+if #entry == 0 then
+  return -1
+end
+local fields = entry[1][2]
+local args = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*'}
+for i = 1, #fields, 2 do
+  local name = fields[i]
+  if string.sub(name, 1, 1) == '@' then
+    name = '@' .. name
+  end
+  args[#args + 1] = name
+  args[#args + 1] = fields[i + 1]
+end
+for i = 5, #ARGV do
+  args[#args + 1] = ARGV[i]
+end
+redis.call(unpack(args))
+return 1
+";
+
+/// Moves a dead letter back to its origin stream: original fields only, escaped names
+/// restored. KEYS: dead-letter stream, origin stream. ARGV: id. Returns the new id or nil.
+const REPLAY_SCRIPT: &str = r"
+local entry = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #entry == 0 then
+  return false
+end
+local fields = entry[1][2]
+local args = {'XADD', KEYS[2], '*'}
+for i = 1, #fields, 2 do
+  local name = fields[i]
+  if string.sub(name, 1, 2) == '@@' then
+    args[#args + 1] = string.sub(name, 2)
+    args[#args + 1] = fields[i + 1]
+  elseif string.sub(name, 1, 1) ~= '@' then
+    args[#args + 1] = name
+    args[#args + 1] = fields[i + 1]
+  end
+end
+if #args == 3 then
+  return redis.error_reply('dead letter ' .. ARGV[1] .. ' has no original fields')
+end
+local id = redis.call(unpack(args))
+redis.call('XDEL', KEYS[1], ARGV[1])
+return id
+";

@@ -1,5 +1,5 @@
-//! Runs one delivery: decode, call the handler under its timeout with panics caught, and
-//! acknowledge on success.
+//! Runs one delivery: decode, call the handler under its timeout with panics caught, then
+//! acknowledge, schedule a retry, or dead-letter.
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
@@ -7,23 +7,30 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Route;
 use super::ack::AckSender;
-use crate::broker::Delivery;
+use super::retry::RetryRequest;
+use crate::broker::{Broker, DeadLetterMove, Delivery};
 use crate::context::Context;
-use crate::error::{DecodeError, HandlerError};
+use crate::dead_letter::{DeadLetterMeta, DeadLetterReason};
+use crate::error::{DecodeError, HandlerError, Retry};
 
 pub(super) struct Dispatcher {
+    pub(super) broker: Arc<dyn Broker>,
     pub(super) routes: Arc<[Route]>,
     pub(super) group: Arc<str>,
     pub(super) consumer: Arc<str>,
     pub(super) handler_timeout: Duration,
+    pub(super) retry_base: Duration,
+    pub(super) retry_max: Duration,
+    pub(super) dead_letter_max_len: usize,
     pub(super) acks: AckSender,
+    pub(super) retries: mpsc::UnboundedSender<RetryRequest>,
     pub(super) tasks: TaskTracker,
     pub(super) abandon: CancellationToken,
 }
@@ -37,8 +44,35 @@ enum Outcome {
     Failed(HandlerError),
     TimedOut,
     Panicked(String),
+    /// The entry arrived with more deliveries than allowed: the consumers that held it
+    /// before stopped while handling it (a crash, a kill), so it never ran to an end.
+    Exhausted,
     /// Shutdown's grace period ended first.
     Abandoned,
+}
+
+/// What the task does with the entry after the handler.
+enum Verdict {
+    Ack,
+    Retry(Duration),
+    DeadLetter(DeadLetterReason, String),
+    Leave,
+}
+
+/// What a handler task needs after the dispatcher has moved on.
+struct Task {
+    broker: Arc<dyn Broker>,
+    routes: Arc<[Route]>,
+    stream_index: usize,
+    group: Arc<str>,
+    consumer: Arc<str>,
+    handler_timeout: Duration,
+    retry_base: Duration,
+    retry_max: Duration,
+    dead_letter_max_len: usize,
+    acks: AckSender,
+    retries: mpsc::UnboundedSender<RetryRequest>,
+    cancellation: CancellationToken,
 }
 
 impl Dispatcher {
@@ -50,12 +84,20 @@ impl Dispatcher {
         slot: Option<OwnedSemaphorePermit>,
         slots: Arc<Semaphore>,
     ) {
-        let routes = self.routes.clone();
-        let group = self.group.clone();
-        let consumer = self.consumer.clone();
-        let handler_timeout = self.handler_timeout;
-        let acks = self.acks.clone();
-        let cancellation = self.abandon.child_token();
+        let task = Task {
+            broker: self.broker.clone(),
+            routes: self.routes.clone(),
+            stream_index,
+            group: self.group.clone(),
+            consumer: self.consumer.clone(),
+            handler_timeout: self.handler_timeout,
+            retry_base: self.retry_base,
+            retry_max: self.retry_max,
+            dead_letter_max_len: self.dead_letter_max_len,
+            acks: self.acks.clone(),
+            retries: self.retries.clone(),
+            cancellation: self.abandon.child_token(),
+        };
         self.tasks.spawn(async move {
             let _slot = match slot {
                 Some(slot) => slot,
@@ -64,86 +106,232 @@ impl Dispatcher {
                     Err(_) => unreachable!("the semaphore is never closed"),
                 },
             };
-            let route = &routes[stream_index];
-            let id = delivery.id;
-            let outcome = run(route, group, consumer, delivery, handler_timeout, cancellation).await;
-            let stream = &*route.stream;
-            match outcome {
-                Outcome::Handled => acks.ack(stream_index, id),
-                Outcome::Deleted => {
-                    tracing::warn!(stream, entry_id = %id, "pending entry was deleted from the stream; acknowledging it");
-                    acks.ack(stream_index, id);
-                }
-                Outcome::Decode(error) => {
-                    tracing::error!(stream, entry_id = %id, %error, "entry does not decode; it stays pending");
-                }
-                Outcome::Failed(error) => {
-                    tracing::warn!(stream, entry_id = %id, %error, "handler failed; the entry stays pending");
-                }
-                Outcome::TimedOut => {
-                    tracing::warn!(stream, entry_id = %id, timeout = ?handler_timeout, "handler timed out and was cancelled; the entry stays pending");
-                }
-                Outcome::Panicked(message) => {
-                    tracing::error!(stream, entry_id = %id, panic = %message, "handler panicked; the entry stays pending");
-                }
-                Outcome::Abandoned => {
-                    tracing::warn!(stream, entry_id = %id, "handler abandoned at shutdown; the entry stays pending");
-                }
-            }
+            task.run(delivery).await;
         });
     }
 }
 
-async fn run(
-    route: &Route,
-    group: Arc<str>,
-    consumer: Arc<str>,
-    delivery: Delivery,
-    handler_timeout: Duration,
-    cancellation: CancellationToken,
-) -> Outcome {
-    let Some(fields) = delivery.fields else {
-        return Outcome::Deleted;
-    };
-    let deadline = Instant::now() + handler_timeout;
-    let ctx = Context::new(
-        route.stream.clone(),
-        group,
-        consumer,
-        delivery.id,
-        delivery.delivery_count,
-        deadline,
-        cancellation.clone(),
-    );
-    // Decoding runs inside the catch too: a panicking `Deserialize` impl is a handler bug
-    // like any other and must not take the bus down.
-    let call = AssertUnwindSafe(async {
-        match route.handler.call(&fields, ctx) {
-            Ok(future) => Ok(future.await),
-            Err(error) => Err(DecodeError {
-                stream: route.stream.to_string(),
-                entry_id: delivery.id,
-                field: error.field,
-                reason: error.reason,
-            }),
-        }
-    })
-    .catch_unwind();
-    let outcome = tokio::select! {
-        result = tokio::time::timeout_at(deadline, call) => match result {
-            Ok(Ok(Ok(Ok(())))) => Outcome::Handled,
-            Ok(Ok(Ok(Err(error)))) => Outcome::Failed(error),
-            Ok(Ok(Err(error))) => Outcome::Decode(error),
-            Ok(Err(panic)) => Outcome::Panicked(panic_message(&*panic)),
-            Err(_) => Outcome::TimedOut,
-        },
-        () = cancellation.cancelled() => Outcome::Abandoned,
-    };
-    if matches!(outcome, Outcome::TimedOut) {
-        // The handler's future is gone; this stops what it spawned and tied to its context.
-        cancellation.cancel();
+impl Task {
+    fn route(&self) -> &Route {
+        &self.routes[self.stream_index]
     }
-    outcome
+
+    async fn run(self, delivery: Delivery) {
+        let id = delivery.id;
+        let delivery_count = delivery.delivery_count;
+        let delivered_at = delivery.delivered_at;
+        let outcome = self.call(delivery).await;
+        match self.verdict(outcome, id, delivery_count) {
+            Verdict::Ack => self.acks.ack(self.stream_index, id),
+            Verdict::Leave => {}
+            Verdict::Retry(delay) => self.retry(id, delivery_count, delivered_at, delay).await,
+            Verdict::DeadLetter(reason, error) => {
+                self.dead_letter(id, delivery_count, delivered_at, reason, &error)
+                    .await
+            }
+        }
+    }
+
+    async fn call(&self, delivery: Delivery) -> Outcome {
+        let route = self.route();
+        let Some(fields) = delivery.fields else {
+            return Outcome::Deleted;
+        };
+        if delivery.delivery_count > route.max_deliveries {
+            return Outcome::Exhausted;
+        }
+        let deadline = Instant::now() + self.handler_timeout;
+        let ctx = Context::new(
+            route.stream.clone(),
+            self.group.clone(),
+            self.consumer.clone(),
+            delivery.id,
+            delivery.delivery_count,
+            deadline,
+            self.cancellation.clone(),
+        );
+        // Decoding runs inside the catch too: a panicking `Deserialize` impl is a bug like
+        // any other and must not take the bus down.
+        let call = AssertUnwindSafe(async {
+            match route.handler.call(&fields, ctx) {
+                Ok(future) => Ok(future.await),
+                Err(error) => Err(DecodeError {
+                    stream: route.stream.to_string(),
+                    entry_id: delivery.id,
+                    field: error.field,
+                    reason: error.reason,
+                }),
+            }
+        })
+        .catch_unwind();
+        let outcome = tokio::select! {
+            result = tokio::time::timeout_at(deadline, call) => match result {
+                Ok(Ok(Ok(Ok(())))) => Outcome::Handled,
+                Ok(Ok(Ok(Err(error)))) => Outcome::Failed(error),
+                Ok(Ok(Err(error))) => Outcome::Decode(error),
+                Ok(Err(panic)) => Outcome::Panicked(panic_message(&*panic)),
+                Err(_) => Outcome::TimedOut,
+            },
+            () = self.cancellation.cancelled() => Outcome::Abandoned,
+        };
+        if matches!(outcome, Outcome::TimedOut) {
+            // The handler's future is gone; this stops what it spawned and tied to its context.
+            self.cancellation.cancel();
+        }
+        outcome
+    }
+
+    fn verdict(&self, outcome: Outcome, id: crate::EntryId, delivery_count: u64) -> Verdict {
+        let stream = &*self.route().stream;
+        let max_deliveries = self.route().max_deliveries;
+        let retry_or_give_up = |reason: DeadLetterReason,
+                                error: String,
+                                delay: Option<Duration>| {
+            if delivery_count >= max_deliveries {
+                tracing::warn!(stream, entry_id = %id, delivery_count, %error, "{reason} failure on the last allowed delivery; dead-lettering");
+                return Verdict::DeadLetter(reason, error);
+            }
+            let delay = delay.unwrap_or_else(|| self.backoff(delivery_count));
+            tracing::warn!(stream, entry_id = %id, delivery_count, %error, retry_in = ?delay, "{reason} failure; will retry");
+            Verdict::Retry(delay)
+        };
+        match outcome {
+            Outcome::Handled => Verdict::Ack,
+            Outcome::Deleted => {
+                tracing::warn!(stream, entry_id = %id, "pending entry was deleted from the stream; acknowledging it");
+                Verdict::Ack
+            }
+            Outcome::Decode(error) => {
+                tracing::error!(stream, entry_id = %id, %error, "entry does not decode; dead-lettering");
+                Verdict::DeadLetter(DeadLetterReason::Decode, error.to_string())
+            }
+            Outcome::Failed(error) => match error.retry() {
+                Retry::Never => {
+                    tracing::warn!(stream, entry_id = %id, %error, "permanent failure; dead-lettering");
+                    Verdict::DeadLetter(DeadLetterReason::Permanent, error.to_string())
+                }
+                Retry::After(delay) => {
+                    retry_or_give_up(DeadLetterReason::Handler, error.to_string(), Some(delay))
+                }
+                _ => retry_or_give_up(DeadLetterReason::Handler, error.to_string(), None),
+            },
+            Outcome::TimedOut => retry_or_give_up(
+                DeadLetterReason::Timeout,
+                format!(
+                    "the handler did not finish within {:?}",
+                    self.handler_timeout
+                ),
+                None,
+            ),
+            Outcome::Panicked(message) => retry_or_give_up(
+                DeadLetterReason::Panic,
+                format!("the handler panicked: {message}"),
+                None,
+            ),
+            Outcome::Exhausted => {
+                let error = format!(
+                    "delivered {delivery_count} times without an outcome: the consumers that held it stopped while handling it"
+                );
+                tracing::warn!(stream, entry_id = %id, delivery_count, "{error}; dead-lettering");
+                Verdict::DeadLetter(DeadLetterReason::Handler, error)
+            }
+            Outcome::Abandoned => {
+                tracing::warn!(stream, entry_id = %id, "handler abandoned at shutdown; the entry stays pending");
+                Verdict::Leave
+            }
+        }
+    }
+
+    /// The delay before retry number `delivery_count`: doubling from the base up to the
+    /// cap, drawn from its upper half so that entries that failed together spread out.
+    fn backoff(&self, delivery_count: u64) -> Duration {
+        let doublings = u32::try_from(delivery_count.saturating_sub(1))
+            .unwrap_or(u32::MAX)
+            .min(30);
+        let ceiling = self
+            .retry_base
+            .saturating_mul(1u32 << doublings)
+            .min(self.retry_max);
+        let half = ceiling / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+
+    async fn retry(
+        &self,
+        id: crate::EntryId,
+        delivery_count: u64,
+        delivered_at: Instant,
+        delay: Duration,
+    ) {
+        let request = RetryRequest {
+            due: Instant::now() + delay,
+            stream_index: self.stream_index,
+            id,
+            delivery_count,
+            delivered_at,
+        };
+        if self.retries.send(request).is_err() {
+            // The reader is gone at shutdown: the entry simply stays pending.
+            return;
+        }
+        // The reader may be blocked reading an idle stream for up to its block time; wake
+        // it so that it can plan for this retry. A wake that comes just before the read
+        // blocks is lost, which delays the retry by at most one block time.
+        if let Err(error) = self.broker.wake_reader().await {
+            tracing::debug!(%error, "could not wake the reader for a retry");
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        id: crate::EntryId,
+        delivery_count: u64,
+        delivered_at: Instant,
+        reason: DeadLetterReason,
+        error: &str,
+    ) {
+        let route = self.route();
+        let meta = DeadLetterMeta {
+            origin_stream: &route.stream,
+            origin_id: id,
+            group: &self.group,
+            consumer: &self.consumer,
+            delivery_count,
+            reason,
+            error,
+        }
+        .fields();
+        let moved = self
+            .broker
+            .dead_letter(
+                &route.stream,
+                &route.dead_letters,
+                &self.group,
+                &self.consumer,
+                id,
+                &meta,
+                self.dead_letter_max_len,
+            )
+            .await;
+        let stream = &*route.stream;
+        match moved {
+            Ok(DeadLetterMove::Moved) => {
+                tracing::info!(stream, entry_id = %id, dead_letters = %route.dead_letters, %reason, "dead-lettered")
+            }
+            Ok(DeadLetterMove::Deleted) => {
+                tracing::warn!(stream, entry_id = %id, "entry to dead-letter was deleted from the stream; acknowledged it")
+            }
+            Ok(DeadLetterMove::NotPending) => {
+                tracing::info!(stream, entry_id = %id, "entry to dead-letter is no longer pending with this consumer; leaving it")
+            }
+            Err(move_error) => {
+                // Still pending with this consumer: try again later, like a failed delivery.
+                let delay = self.backoff(delivery_count);
+                tracing::warn!(stream, entry_id = %id, error = %move_error, retry_in = ?delay, "dead-lettering failed; will retry");
+                self.retry(id, delivery_count, delivered_at, delay).await;
+            }
+        }
+    }
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> String {

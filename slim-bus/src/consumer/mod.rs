@@ -1,14 +1,17 @@
 //! The consumer: reads a group's streams, runs handlers under the concurrency limit and the
-//! handler timeout, acknowledges what succeeded, and shuts down without losing work.
+//! handler timeout, acknowledges what succeeded, retries and dead-letters what failed,
+//! claims what dead consumers left, and shuts down without losing work.
 
 mod ack;
 mod backoff;
 mod dispatch;
+mod retry;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -19,13 +22,16 @@ use crate::event::EntryId;
 use crate::handler::ErasedHandler;
 
 use self::ack::Acker;
-use self::backoff::Backoff;
+pub(crate) use self::backoff::Backoff;
 use self::dispatch::Dispatcher;
+use self::retry::RetryQueue;
 
-/// A stream the consumer reads, with its handler.
+/// A stream the consumer reads, with its handler and failure settings.
 pub(crate) struct Route {
     pub(crate) stream: Arc<str>,
     pub(crate) handler: Arc<dyn ErasedHandler>,
+    pub(crate) dead_letters: Arc<str>,
+    pub(crate) max_deliveries: u64,
 }
 
 /// Everything one listening run needs.
@@ -41,6 +47,11 @@ pub(crate) struct Consumer {
     pub(crate) shutdown_grace: Duration,
     pub(crate) command_timeout: Duration,
     pub(crate) start_from: StartFrom,
+    pub(crate) claim_min_idle: Duration,
+    pub(crate) claim_interval: Duration,
+    pub(crate) retry_base: Duration,
+    pub(crate) retry_max: Duration,
+    pub(crate) dead_letter_max_len: usize,
 }
 
 impl Consumer {
@@ -63,19 +74,31 @@ impl Consumer {
         let tasks = TaskTracker::new();
         // Cancelled when the grace period is over: handlers still running are abandoned.
         let abandon = CancellationToken::new();
+        let (retry_sender, retry_requests) = mpsc::unbounded_channel();
         let dispatcher = Dispatcher {
+            broker: self.broker.clone(),
             routes: self.routes.clone(),
             group: self.group.clone(),
             consumer: self.consumer.clone(),
             handler_timeout: self.handler_timeout,
+            retry_base: self.retry_base,
+            retry_max: self.retry_max,
+            dead_letter_max_len: self.dead_letter_max_len,
             acks,
+            retries: retry_sender,
             tasks: tasks.clone(),
             abandon: abandon.clone(),
         };
         let reader = Reader {
             consumer: &self,
-            streams,
             slots: Arc::new(Semaphore::new(self.max_concurrent)),
+            claims: ClaimScan {
+                next_at: Instant::now() + self.claim_interval,
+                stream_index: 0,
+                cursor: EntryId::MIN,
+            },
+            retries: RetryQueue::new(retry_requests),
+            streams,
             dispatcher,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             rotation: 0,
@@ -85,7 +108,7 @@ impl Consumer {
             () = shutdown.cancelled() => Ok(()),
         };
         // The reader, and with it the dispatcher's ack sender, is dropped by now; handler
-        // tasks hold the remaining senders.
+        // tasks hold the remaining senders. Entries waiting for a retry stay pending.
         tracing::info!(group = %self.group, consumer = %self.consumer, running = tasks.len(), "shutting down");
         tasks.close();
         if tokio::time::timeout(self.shutdown_grace, tasks.wait())
@@ -114,11 +137,24 @@ impl Consumer {
     }
 }
 
+/// Where the scan for entries of dead consumers stands. It goes through the pending list
+/// of one stream after the other, a page per turn of the read loop so that a long list
+/// does not hold up new entries, and keeps its cursor until a whole pass is done.
+struct ClaimScan {
+    next_at: Instant,
+    stream_index: usize,
+    cursor: EntryId,
+}
+
+/// The read loop. It alone takes handler slots for new work (new entries, own pending
+/// entries, claims, retries), so that nothing is fetched that could not start at once.
 struct Reader<'a> {
     consumer: &'a Consumer,
     streams: Arc<[Arc<str>]>,
     slots: Arc<Semaphore>,
     dispatcher: Dispatcher,
+    retries: RetryQueue,
+    claims: ClaimScan,
     backoff: Backoff,
     /// Where the next read starts when there are fewer free slots than streams.
     rotation: usize,
@@ -130,6 +166,9 @@ impl Reader<'_> {
             self.recover_own_pending(stream_index).await?;
         }
         loop {
+            self.retries.collect();
+            self.run_due_retries().await?;
+            self.claim_if_due().await?;
             self.read_new().await?;
         }
     }
@@ -172,6 +211,121 @@ impl Reader<'_> {
         Ok(())
     }
 
+    /// Claims the entries whose retry is due back to this consumer and runs them again.
+    async fn run_due_retries(&mut self) -> Result<()> {
+        let due = self.retries.due_count(Instant::now());
+        if due == 0 {
+            return Ok(());
+        }
+        let mut slots = self.reserve_slots(due).await;
+        let taken = self.retries.pop_due(Instant::now(), slots.num_permits());
+        if taken.is_empty() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let requests: Vec<_> = taken
+            .iter()
+            .map(|r| {
+                (
+                    self.streams[r.stream_index].clone(),
+                    r.id,
+                    // Claiming with the time since this consumer got the entry as the
+                    // least idle time only succeeds if nobody has claimed it since.
+                    now.saturating_duration_since(r.delivered_at),
+                )
+            })
+            .collect();
+        let c = self.consumer;
+        match c
+            .broker
+            .claim_for_retry(&c.group, &c.consumer, &requests)
+            .await
+        {
+            Ok(claimed) => {
+                self.backoff.reset();
+                for (request, fields) in taken.into_iter().zip(claimed) {
+                    match fields {
+                        Some(fields) => {
+                            let delivery = Delivery {
+                                id: request.id,
+                                fields: Some(fields),
+                                delivery_count: request.delivery_count + 1,
+                                delivered_at: Instant::now(),
+                            };
+                            self.dispatch(request.stream_index, vec![delivery], &mut slots);
+                        }
+                        None => tracing::debug!(
+                            stream = %self.streams[request.stream_index],
+                            entry_id = %request.id,
+                            "entry due for retry was claimed by another consumer or deleted; leaving it"
+                        ),
+                    }
+                }
+                Ok(())
+            }
+            Err(error) => {
+                drop(slots);
+                for mut request in taken {
+                    request.due = Instant::now();
+                    self.retries.push(request);
+                }
+                self.heal(error).await.map(drop)
+            }
+        }
+    }
+
+    /// Claims a page of entries that other consumers have held for longer than
+    /// `claim_min_idle`, when a scan is due.
+    async fn claim_if_due(&mut self) -> Result<()> {
+        if Instant::now() < self.claims.next_at {
+            return Ok(());
+        }
+        let c = self.consumer;
+        let stream_index = self.claims.stream_index;
+        let stream = self.streams[stream_index].clone();
+        let mut slots = self.reserve_slots(c.max_count).await;
+        let count = slots.num_permits();
+        match c
+            .broker
+            .claim_stale(
+                &stream,
+                &c.group,
+                &c.consumer,
+                c.claim_min_idle,
+                self.claims.cursor,
+                count,
+            )
+            .await
+        {
+            Ok(page) => {
+                self.backoff.reset();
+                if !page.deleted.is_empty() {
+                    tracing::warn!(
+                        stream = %stream,
+                        entry_ids = ?page.deleted,
+                        "pending entries were deleted from the stream; dropped them from the pending list"
+                    );
+                }
+                if !page.deliveries.is_empty() {
+                    tracing::info!(stream = %stream, claimed = page.deliveries.len(), "claimed entries from stopped consumers");
+                }
+                self.dispatch(stream_index, page.deliveries, &mut slots);
+                self.claims.cursor = page.next_cursor;
+                if page.next_cursor == EntryId::MIN {
+                    self.claims.stream_index = (stream_index + 1) % self.streams.len();
+                    if self.claims.stream_index == 0 {
+                        self.claims.next_at = Instant::now() + c.claim_interval;
+                    }
+                }
+                Ok(())
+            }
+            Err(error) => {
+                drop(slots);
+                self.heal(error).await.map(drop)
+            }
+        }
+    }
+
     async fn read_new(&mut self) -> Result<()> {
         let c = self.consumer;
         let mut slots = self
@@ -194,9 +348,21 @@ impl Reader<'_> {
         let window: Vec<Arc<str>> = (0..taken)
             .map(|i| self.streams[(first + i) % self.streams.len()].clone())
             .collect();
+        // Wake up in time for the next retry or claim scan: they need the slots this read
+        // holds.
+        let now = Instant::now();
+        let mut wake_at = self.claims.next_at;
+        if let Some(due) = self.retries.next_due() {
+            wake_at = wake_at.min(due);
+        }
+        // Redis checks block timeouts on its own clock (about every 100 ms at the default
+        // `hz`), so a very short block can last far longer than asked: when something is
+        // due already, read without blocking instead.
+        let until_wake = wake_at.saturating_duration_since(now);
+        let block = (until_wake >= Duration::from_millis(1)).then(|| c.block_time.min(until_wake));
         match c
             .broker
-            .read_new(&c.group, &c.consumer, &window, count, c.block_time)
+            .read_new(&c.group, &c.consumer, &window, count, block)
             .await
         {
             Ok(batches) => {
@@ -207,7 +373,10 @@ impl Reader<'_> {
                 }
                 Ok(())
             }
-            Err(error) => self.heal(error).await.map(drop),
+            Err(error) => {
+                drop(slots);
+                self.heal(error).await.map(drop)
+            }
         }
     }
 
@@ -240,8 +409,8 @@ impl Reader<'_> {
         }
     }
 
-    /// Deals with a failed read: recreates a vanished group, waits out a transient error
-    /// with backoff, or gives up on an error that cannot heal.
+    /// Deals with a failed command: recreates a vanished group, waits out a transient
+    /// error with backoff, or gives up on an error that cannot heal.
     async fn heal(&mut self, error: Error) -> Result<Healed> {
         let c = self.consumer;
         match &error {
@@ -258,7 +427,7 @@ impl Reader<'_> {
         }
         let delay = self.backoff.next_delay();
         // One line per backoff step: a lasting outage logs at a bounded rate.
-        tracing::warn!(%error, attempt = self.backoff.attempts(), retry_in = ?delay, "reading from redis failed");
+        tracing::warn!(%error, attempt = self.backoff.attempts(), retry_in = ?delay, "redis command failed");
         tokio::time::sleep(delay).await;
         Ok(Healed::Retry)
     }

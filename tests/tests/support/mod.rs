@@ -133,3 +133,123 @@ pub async fn xadd(server: &RedisServer, stream: &str, fields: &[(&str, &[u8])]) 
 }
 
 pub type Shared<T> = Arc<T>;
+
+type Behaviour<E> = dyn Fn(
+        E,
+        Context,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), HandlerError>> + Send>>
+    + Send
+    + Sync;
+
+/// A handler whose behaviour a test writes as a closure; every call is reported first.
+pub struct Scripted<E> {
+    seen: mpsc::UnboundedSender<Seen<E>>,
+    behaviour: Arc<Behaviour<E>>,
+    max_deliveries: Option<u64>,
+}
+
+impl<E: slim_bus::Event + Clone> Scripted<E> {
+    pub fn new<F, Fut>(behaviour: F) -> (Self, mpsc::UnboundedReceiver<Seen<E>>)
+    where
+        F: Fn(E, Context) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        let (seen, rx) = mpsc::unbounded_channel();
+        let behaviour: Arc<Behaviour<E>> =
+            Arc::new(move |event, ctx| Box::pin(behaviour(event, ctx)));
+        (
+            Scripted {
+                seen,
+                behaviour,
+                max_deliveries: None,
+            },
+            rx,
+        )
+    }
+
+    pub fn max_deliveries(mut self, max: u64) -> Self {
+        self.max_deliveries = Some(max);
+        self
+    }
+}
+
+#[slim_bus::async_trait]
+impl<E: slim_bus::Event + Clone> StreamHandler for Scripted<E> {
+    type Event = E;
+
+    async fn handle(&self, event: E, ctx: Context) -> Result<(), HandlerError> {
+        let _ = self.seen.send(Seen {
+            event: event.clone(),
+            stream: ctx.stream().to_owned(),
+            entry_id: ctx.entry_id(),
+            consumer: ctx.consumer().to_owned(),
+            delivery_count: ctx.delivery_count(),
+        });
+        (self.behaviour)(event, ctx).await
+    }
+
+    fn max_deliveries(&self) -> Option<u64> {
+        self.max_deliveries
+    }
+}
+
+/// Reads `count` entries of `stream` as consumer `name` without acknowledging them: a
+/// consumer that dies right after reading.
+pub async fn read_as_dead_consumer(
+    server: &RedisServer,
+    stream: &str,
+    group: &str,
+    name: &str,
+    count: usize,
+) {
+    let mut conn = server.connection().await;
+    let _: () = within(
+        "XGROUP CREATE",
+        STEP,
+        redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async::<()>(&mut conn),
+    )
+    .await
+    .or_else(|e| {
+        if e.code() == Some("BUSYGROUP") {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })
+    .unwrap();
+    let _: redis::Value = within(
+        "XREADGROUP as a consumer about to die",
+        STEP,
+        redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(group)
+            .arg(name)
+            .arg("COUNT")
+            .arg(count)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(">")
+            .query_async(&mut conn),
+    )
+    .await
+    .unwrap();
+}
+
+/// Fields of every entry of `stream`, as text.
+pub async fn entries(server: &RedisServer, stream: &str) -> Vec<(String, Vec<(String, String)>)> {
+    let mut conn = server.connection().await;
+    within("XRANGE", STEP, conn.xrange_all(stream))
+        .await
+        .unwrap()
+}
+
+pub async fn stream_len(server: &RedisServer, stream: &str) -> usize {
+    let mut conn = server.connection().await;
+    within("XLEN", STEP, conn.xlen(stream)).await.unwrap()
+}
