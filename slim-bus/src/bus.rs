@@ -18,6 +18,7 @@ use crate::dead_letter::{DeadLetters, dead_letter_stream};
 use crate::error::{Error, Result};
 use crate::event::{EntryId, Event};
 use crate::handler::{Handlers, StreamHandler, StreamService};
+use crate::health::{Health, LastRead, StreamHealth};
 use crate::listener::Listener;
 
 /// A typed event bus over Redis Streams: publishes events, and listens to its streams
@@ -64,6 +65,7 @@ struct Inner {
     consumer_name: Arc<str>,
     routes: Arc<[Route]>,
     listening: Arc<AtomicBool>,
+    last_read: Arc<LastRead>,
 }
 
 impl std::fmt::Debug for EventBus {
@@ -198,6 +200,7 @@ impl EventBus {
             retry_base: config.retry_base,
             retry_max: config.retry_max,
             dead_letter_max_len: config.dead_letter_max_len,
+            last_read: self.inner.last_read.clone(),
         };
         consumer.prepare().await?;
         tracing::info!(
@@ -251,6 +254,42 @@ impl EventBus {
             stream,
             &self.inner.config.dead_letter_suffix,
         )
+    }
+
+    /// A snapshot of the bus's health: whether Redis answers, when the listener last read,
+    /// and per handled stream the group's lag, pending entries and dead letters. Made for a
+    /// service's health endpoint; it never fails (an unreachable Redis is
+    /// `connected: false`) and each Redis call is bounded by the command timeout.
+    pub async fn health(&self) -> Health {
+        let inner = &self.inner;
+        let connected = inner.broker.ping().await.is_ok();
+        let mut streams = Vec::new();
+        if let (true, Some(group)) = (connected, inner.config.consumer_group.as_deref()) {
+            for route in inner.routes.iter() {
+                match inner
+                    .broker
+                    .group_stats(&route.stream, group, &route.dead_letters)
+                    .await
+                {
+                    Ok(stats) => streams.push(StreamHealth {
+                        stream: route.stream.to_string(),
+                        lag: stats.lag,
+                        pending: stats.pending,
+                        oldest_pending_idle: stats.oldest_pending_idle,
+                        dead_letters: stats.dead_letters,
+                    }),
+                    Err(error) => {
+                        tracing::debug!(stream = %route.stream, %error, "health: reading group state failed");
+                    }
+                }
+            }
+        }
+        Health {
+            connected,
+            listening: inner.listening.load(Ordering::Acquire),
+            since_last_read: inner.last_read.elapsed(),
+            streams,
+        }
     }
 
     /// The streams this bus handles.
@@ -466,6 +505,7 @@ impl EventBusBuilder {
                 consumer_name: consumer_name.into(),
                 routes,
                 listening: Arc::new(AtomicBool::new(false)),
+                last_read: Arc::new(LastRead::new()),
             }),
         })
     }

@@ -10,6 +10,7 @@ mod dead_letter;
 mod error;
 mod event;
 mod handler;
+mod health;
 mod listener;
 
 pub use crate::bus::{EventBus, EventBusBuilder};
@@ -19,6 +20,7 @@ pub use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetters};
 pub use crate::error::{BoxError, DecodeError, Error, HandlerError, Result, Retry};
 pub use crate::event::{EntryId, Event, ParseEntryIdError};
 pub use crate::handler::{Handlers, StreamHandler, StreamService};
+pub use crate::health::{Health, StreamHealth};
 pub use crate::listener::{Listener, ShutdownHandle};
 
 /// Re-exported so that handler impls need no dependency of their own:

@@ -648,3 +648,94 @@ async fn a_bus_listens_once_at_a_time() {
         .unwrap();
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_connection_reads_pending_entries_and_dead_letters() {
+    let server = start_server().await;
+    let (handler, mut seen) = Scripted::new(|event: UserCreated, _| async move {
+        match event.seq {
+            0 => Ok(()),
+            1 => Err(HandlerError::permanent("bad")),
+            _ => Err(HandlerError::retry_after(Duration::from_secs(60), "later")),
+        }
+    });
+    let bus = within("build", STEP, bus(&server).handler(handler).build())
+        .await
+        .unwrap();
+    let before = within("health", STEP, bus.health()).await;
+    assert!(before.connected && !before.listening);
+    assert_eq!(before.since_last_read, None);
+
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    for seq in 0..3 {
+        within("publish", STEP, bus.publish(&user(seq)))
+            .await
+            .unwrap();
+    }
+    for _ in 0..3 {
+        recv(&mut seen, "an attempt").await;
+    }
+    let health = within("the dead letter and the ack to land", STEP, async {
+        loop {
+            let health = bus.health().await;
+            if health.streams[0].dead_letters == 1 && health.streams[0].pending == 1 {
+                break health;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(health.connected && health.listening);
+    assert!(health.since_last_read.is_some());
+    let stream = &health.streams[0];
+    assert_eq!(stream.stream, "user.created");
+    assert_eq!(stream.lag, Some(0));
+    assert!(stream.oldest_pending_idle.is_some());
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+
+    drop(server);
+    let gone = within("health without redis", STEP, bus.health()).await;
+    assert!(!gone.connected && !gone.listening);
+    assert!(gone.streams.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_stops_with_an_error_when_redis_refuses_the_credentials() {
+    let server = start_server().await;
+    let (handler, _seen) = Record::<UserCreated>::new();
+    let bus = within("build", STEP, bus(&server).handler(handler).build())
+        .await
+        .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    let mut conn = server.connection().await;
+    // Require a password, and drop every connection so that the bus must log in again.
+    let _: () = within(
+        "CONFIG SET requirepass",
+        STEP,
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("requirepass")
+            .arg("s3cret")
+            .query_async(&mut conn),
+    )
+    .await
+    .unwrap();
+    let _: redis::Value = within(
+        "CLIENT KILL",
+        STEP,
+        redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .query_async(&mut conn),
+    )
+    .await
+    .unwrap_or(redis::Value::Nil);
+    let err = within("the listener to give up", STEP, listener)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("NOAUTH") || err.to_string().to_lowercase().contains("auth"),
+        "{err}"
+    );
+}

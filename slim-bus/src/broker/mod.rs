@@ -116,6 +116,17 @@ pub(crate) trait Broker: Send + Sync + 'static {
     /// The number of entries in a stream (0 when it does not exist).
     async fn stream_len(&self, stream: &str) -> Result<u64>;
 
+    /// Whether the server answers.
+    async fn ping(&self) -> Result<()>;
+
+    /// How far `group` is behind on `stream`, and how many dead letters it has.
+    async fn group_stats(
+        &self,
+        stream: &str,
+        group: &str,
+        dead_letters: &str,
+    ) -> Result<GroupStats>;
+
     /// Up to `count` entries of `stream` with ids after `after` (from the start for `None`).
     async fn range_after(
         &self,
@@ -138,6 +149,16 @@ pub(crate) trait Broker: Send + Sync + 'static {
 
     /// Deletes a whole stream.
     async fn delete_key(&self, stream: &str) -> Result<()>;
+}
+
+/// What a group has left to do on one stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct GroupStats {
+    /// Entries not yet delivered to the group; `None` when the server cannot tell.
+    pub(crate) lag: Option<u64>,
+    pub(crate) pending: u64,
+    pub(crate) oldest_pending_idle: Option<Duration>,
+    pub(crate) dead_letters: u64,
 }
 
 /// One page of a claim scan.

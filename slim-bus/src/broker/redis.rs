@@ -11,7 +11,7 @@ use redis::{Client, Value};
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use super::{Broker, ClaimPage, DeadLetterMove, Delivery, RawFields, StreamDeliveries};
+use super::{Broker, ClaimPage, DeadLetterMove, Delivery, GroupStats, RawFields, StreamDeliveries};
 use crate::codec::EncodedField;
 use crate::config::StartFrom;
 use crate::dead_letter::dlq_error;
@@ -454,6 +454,67 @@ impl Broker for RedisBroker {
             .map_err(|e| classify(stream, e, || format!("measuring stream `{stream}`")))
     }
 
+    async fn ping(&self) -> Result<()> {
+        redis::cmd("PING")
+            .query_async::<()>(&mut self.commands())
+            .await
+            .map_err(|e| Error::redis("pinging the server", e))
+    }
+
+    async fn group_stats(
+        &self,
+        stream: &str,
+        group: &str,
+        dead_letters: &str,
+    ) -> Result<GroupStats> {
+        let action = || format!("reading the state of group `{group}` on stream `{stream}`");
+        let groups: redis::RedisResult<Value> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(stream)
+            .query_async(&mut self.commands())
+            .await;
+        let info = match groups {
+            Ok(reply) => find_group(reply, group),
+            // The stream does not exist (yet, or any more): nothing to do there.
+            Err(e) if e.code() == Some("ERR") => None,
+            Err(e) => return Err(classify(stream, e, action)),
+        };
+        let mut pipe = redis::pipe();
+        pipe.cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .arg("-")
+            .arg("+")
+            .arg(1);
+        pipe.cmd("XLEN").arg(dead_letters);
+        let (oldest, dead): (Value, u64) = match info {
+            Some(_) => pipe
+                .query_async(&mut self.commands())
+                .await
+                .map_err(|e| classify(stream, e, action))?,
+            None => (Value::Nil, 0),
+        };
+        let oldest_pending_idle = match oldest {
+            Value::Array(rows) => rows.into_iter().next().and_then(|row| match row {
+                Value::Array(row) => match row.get(2) {
+                    Some(Value::Int(idle)) => {
+                        Some(Duration::from_millis(u64::try_from(*idle).unwrap_or(0)))
+                    }
+                    _ => None,
+                },
+                _ => None,
+            }),
+            _ => None,
+        };
+        let info = info.unwrap_or_default();
+        Ok(GroupStats {
+            lag: info.lag,
+            pending: info.pending,
+            oldest_pending_idle,
+            dead_letters: dead,
+        })
+    }
+
     async fn range_after(
         &self,
         stream: &str,
@@ -568,6 +629,41 @@ fn unexpected(action: String, what: &str, reply: &Value) -> Error {
         action,
         detail: format!("{what}: {reply:?}"),
     }
+}
+
+/// The `lag` and `pending` of `group` in an `XINFO GROUPS` reply; `None` when the group
+/// does not exist.
+fn find_group(reply: Value, group: &str) -> Option<GroupStats> {
+    let Value::Array(groups) = reply else {
+        return None;
+    };
+    groups.into_iter().find_map(|info| {
+        let pairs: Vec<(Value, Value)> = match info {
+            Value::Map(pairs) => pairs,
+            Value::Array(flat) => {
+                let mut flat = flat.into_iter();
+                std::iter::from_fn(|| Some((flat.next()?, flat.next()?))).collect()
+            }
+            _ => return None,
+        };
+        let mut stats = GroupStats::default();
+        let mut name_matches = false;
+        for (key, value) in pairs {
+            let key = match &key {
+                Value::BulkString(bytes) => bytes.as_slice(),
+                Value::SimpleString(text) => text.as_bytes(),
+                _ => continue,
+            };
+            match (key, value) {
+                (b"name", Value::BulkString(name)) => name_matches = name == group.as_bytes(),
+                (b"name", Value::SimpleString(name)) => name_matches = name == group,
+                (b"pending", Value::Int(n)) => stats.pending = u64::try_from(n).unwrap_or(0),
+                (b"lag", Value::Int(n)) => stats.lag = u64::try_from(n).ok(),
+                _ => {}
+            }
+        }
+        name_matches.then_some(stats)
+    })
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -20,6 +20,7 @@ use crate::config::StartFrom;
 use crate::error::{Error, Result};
 use crate::event::EntryId;
 use crate::handler::ErasedHandler;
+use crate::health::LastRead;
 
 use self::ack::Acker;
 pub(crate) use self::backoff::Backoff;
@@ -52,6 +53,7 @@ pub(crate) struct Consumer {
     pub(crate) retry_base: Duration,
     pub(crate) retry_max: Duration,
     pub(crate) dead_letter_max_len: usize,
+    pub(crate) last_read: Arc<LastRead>,
 }
 
 impl Consumer {
@@ -367,6 +369,7 @@ impl Reader<'_> {
         {
             Ok(batches) => {
                 self.backoff.reset();
+                c.last_read.record();
                 for batch in batches {
                     let stream_index = (first + batch.stream_index) % self.streams.len();
                     self.dispatch(stream_index, batch.deliveries, &mut slots);
@@ -415,6 +418,7 @@ impl Reader<'_> {
         let c = self.consumer;
         match &error {
             Error::WrongType { .. } => return Err(error),
+            Error::Redis { source, .. } if is_refused_access(source) => return Err(error),
             Error::Redis { source, .. } if source.code() == Some("NOGROUP") => {
                 tracing::warn!(group = %c.group, %error, "consumer group or stream is gone; creating it again");
                 match c.prepare().await {
@@ -431,6 +435,12 @@ impl Reader<'_> {
         tokio::time::sleep(delay).await;
         Ok(Healed::Retry)
     }
+}
+
+/// Errors that waiting cannot heal: the server refuses these credentials or commands.
+fn is_refused_access(error: &redis::RedisError) -> bool {
+    error.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(error.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -1,0 +1,72 @@
+//! A snapshot of how a bus is doing, for a service's health endpoint.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How a bus is doing, from [`EventBus::health`](crate::EventBus::health).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Health {
+    /// Whether Redis answered just now.
+    pub connected: bool,
+    /// Whether the bus is listening.
+    pub listening: bool,
+    /// How long ago the listener last read from Redis successfully (an idle read that
+    /// found nothing counts); `None` before the first read.
+    pub since_last_read: Option<Duration>,
+    /// Each stream the bus handles, in registration order; empty when not connected.
+    pub streams: Vec<StreamHealth>,
+}
+
+/// What the consumer group has left to do on one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamHealth {
+    /// The stream.
+    pub stream: String,
+    /// Entries not yet delivered to the group (`None` when Redis cannot tell, e.g. after
+    /// entries were deleted from the middle of the stream).
+    pub lag: Option<u64>,
+    /// Entries delivered to a consumer of the group and not acknowledged yet.
+    pub pending: u64,
+    /// How long the oldest pending entry has waited since its last delivery.
+    pub oldest_pending_idle: Option<Duration>,
+    /// Entries in the stream's dead-letter stream.
+    pub dead_letters: u64,
+}
+
+/// When the reader last read successfully, as milliseconds since `start` plus one (zero
+/// for never), shared between the reader and `health()` without a lock.
+#[derive(Debug)]
+pub(crate) struct LastRead {
+    start: Instant,
+    millis: AtomicU64,
+}
+
+impl LastRead {
+    pub(crate) fn new() -> Self {
+        LastRead {
+            start: Instant::now(),
+            millis: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn record(&self) {
+        let since_start = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.millis
+            .store(since_start.saturating_add(1), Ordering::Relaxed);
+    }
+
+    pub(crate) fn elapsed(&self) -> Option<Duration> {
+        match self.millis.load(Ordering::Relaxed) {
+            0 => None,
+            millis => Some(
+                self.start
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(millis - 1)),
+            ),
+        }
+    }
+}
