@@ -491,7 +491,7 @@ impl EventBusBuilder {
             })?,
         };
         let broker =
-            RedisBroker::connect(client, self.config.command_timeout, self.config.block_time)
+            RedisBroker::connect(client, self.config.command_timeout)
                 .await?;
         let consumer_name = self
             .config

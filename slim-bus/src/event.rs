@@ -75,9 +75,54 @@ impl EntryId {
         self.seq
     }
 
+    /// Parses `<u64>-<u64>` straight from a reply's bytes; the consumer does this for
+    /// every entry it reads.
     pub(crate) fn parse_bytes(bytes: &[u8]) -> Option<Self> {
-        std::str::from_utf8(bytes).ok()?.parse().ok()
+        let dash = bytes.iter().position(|&b| b == b'-')?;
+        Some(EntryId {
+            millis: parse_u64(&bytes[..dash])?,
+            seq: parse_u64(&bytes[dash + 1..])?,
+        })
     }
+
+    /// Writes the id as Redis does, without going through `core::fmt`: acks write every
+    /// handled entry's id.
+    fn write_ascii(&self, buffer: &mut [u8; 41]) -> usize {
+        let mut end = write_u64(self.millis, buffer, 0);
+        buffer[end] = b'-';
+        end = write_u64(self.seq, buffer, end + 1);
+        end
+    }
+}
+
+fn parse_u64(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 20 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |value, &digit| {
+        if !digit.is_ascii_digit() {
+            return None;
+        }
+        value.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
+    })
+}
+
+/// Writes `value` in decimal at `buffer[start..]`, returning the end.
+fn write_u64(mut value: u64, buffer: &mut [u8; 41], start: usize) -> usize {
+    let mut digits = [0u8; 20];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (value % 10) as u8;
+        len += 1;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    for (i, digit) in digits[..len].iter().rev().enumerate() {
+        buffer[start + i] = *digit;
+    }
+    start + len
 }
 
 impl fmt::Display for EntryId {
@@ -100,17 +145,15 @@ impl FromStr for EntryId {
         let error = || ParseEntryIdError {
             input: s.to_owned(),
         };
-        let (millis, seq) = s.split_once('-').ok_or_else(error)?;
-        Ok(EntryId {
-            millis: millis.parse().map_err(|_| error())?,
-            seq: seq.parse().map_err(|_| error())?,
-        })
+        EntryId::parse_bytes(s.as_bytes()).ok_or_else(error)
     }
 }
 
 impl redis::ToRedisArgs for EntryId {
     fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
-        out.write_arg_fmt(self)
+        let mut buffer = [0u8; 41];
+        let len = self.write_ascii(&mut buffer);
+        out.write_arg(&buffer[..len]);
     }
 }
 

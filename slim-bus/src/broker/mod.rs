@@ -15,6 +15,7 @@ use crate::error::Result;
 use crate::event::EntryId;
 
 pub(crate) mod redis;
+mod resp;
 
 /// The fields of one entry as stored: names and values as raw bytes.
 pub(crate) type RawFields = Vec<(Vec<u8>, Vec<u8>)>;

@@ -1,5 +1,5 @@
-//! The Redis backend: stream commands over two managed connections, one for commands and
-//! one for blocking reads.
+//! The Redis backend: commands over a managed redis-rs connection, and reads of new
+//! entries over a connection of their own (see [`super::resp`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,9 +8,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Value};
-use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
+use super::resp::{ReadConnection, ReadError};
 use super::{Broker, ClaimPage, DeadLetterMove, Delivery, GroupStats, RawFields, StreamDeliveries};
 use crate::codec::EncodedField;
 use crate::config::StartFrom;
@@ -30,10 +30,9 @@ pub(crate) struct RedisBroker {
     /// timeout can stay short.
     commands: ConnectionManager,
     /// `XREADGROUP ... BLOCK`, which holds its connection for the whole block time, so it
-    /// gets a connection of its own whose response timeout is above the block time.
-    blocking: OnceCell<ConnectionManager>,
+    /// gets a connection of its own, opened on first use and again after it broke.
+    read_connection: tokio::sync::Mutex<Option<ReadConnection>>,
     command_timeout: Duration,
-    block_time: Duration,
     dead_letter_script: redis::Script,
     replay_script: redis::Script,
     /// Whether a read blocks, and whether a wake came while none did.
@@ -77,30 +76,17 @@ impl Drop for BlockedReader<'_> {
 }
 
 impl RedisBroker {
-    pub(crate) async fn connect(
-        client: Client,
-        command_timeout: Duration,
-        block_time: Duration,
-    ) -> Result<Self> {
+    pub(crate) async fn connect(client: Client, command_timeout: Duration) -> Result<Self> {
         let commands = manager(&client, command_timeout).await?;
         Ok(RedisBroker {
             client,
             commands,
-            blocking: OnceCell::new(),
+            read_connection: tokio::sync::Mutex::new(None),
             command_timeout,
-            block_time,
             dead_letter_script: redis::Script::new(DEAD_LETTER_SCRIPT),
             replay_script: redis::Script::new(REPLAY_SCRIPT),
             reader: Mutex::new(ReaderState::default()),
         })
-    }
-
-    async fn blocking(&self) -> Result<ConnectionManager> {
-        let response_timeout = self.block_time + self.command_timeout;
-        self.blocking
-            .get_or_try_init(|| manager(&self.client, response_timeout))
-            .await
-            .cloned()
     }
 
     fn commands(&self) -> ConnectionManager {
@@ -180,57 +166,58 @@ impl Broker for RedisBroker {
         count: usize,
         block: Option<Duration>,
     ) -> Result<Vec<StreamDeliveries>> {
-        let read = |block: Option<Duration>| {
-            let mut cmd = redis::cmd("XREADGROUP");
-            cmd.arg("GROUP")
-                .arg(group)
-                .arg(consumer)
-                .arg("COUNT")
-                .arg(count);
-            if let Some(block) = block {
-                cmd.arg("BLOCK").arg(millis(block).max(1));
-            }
-            cmd.arg("STREAMS");
-            for stream in streams {
-                cmd.arg(stream.as_ref());
-            }
-            for _ in streams {
-                cmd.arg(">");
-            }
-            cmd
-        };
         let action = || format!("reading new entries for group `{group}`");
-        let failed = |e| {
-            classify(
-                streams.first().map(|s| s.as_ref()).unwrap_or_default(),
-                e,
-                action,
-            )
+        let failed = |e: ReadError| {
+            let stream = streams.first().map(|s| s.as_ref()).unwrap_or_default();
+            classify(stream, e.into_redis(), action)
         };
-        let mut connection = self.blocking().await?;
-        // A read that finds entries never blocks, so only an idle reader pays for asking
-        // its client id, which `wake_reader` needs to unblock it.
-        let mut reply: Value = read(None)
-            .query_async(&mut connection)
-            .await
-            .map_err(failed)?;
-        if let (Value::Nil, Some(block)) = (&reply, block) {
-            let client_id: i64 = redis::cmd("CLIENT")
-                .arg("ID")
-                .query_async(&mut connection)
-                .await
-                .map_err(failed)?;
-            if let Some(_blocked) = BlockedReader::set(&self.reader, client_id) {
-                reply = read(Some(block))
-                    .query_async(&mut connection)
+        let mut slot = self.read_connection.lock().await;
+        if slot.as_ref().is_some_and(ReadConnection::is_dirty) {
+            *slot = None;
+        }
+        let connection = match &mut *slot {
+            Some(connection) => connection,
+            None => slot.insert(
+                ReadConnection::connect(self.client.get_connection_info(), CONNECT_TIMEOUT)
                     .await
-                    .map_err(failed)?;
+                    .map_err(|e| {
+                        let addr = self.client.get_connection_info().addr().to_string();
+                        Error::redis(format!("connecting to {addr}"), e.into_redis())
+                    })?,
+            ),
+        };
+        let blocked = block.and_then(|block| {
+            BlockedReader::set(&self.reader, connection.client_id()).map(|guard| (guard, block))
+        });
+        let count = count.to_string();
+        let block_millis = blocked
+            .as_ref()
+            .map(|(_, block)| millis(*block).max(1).to_string());
+        let mut args: Vec<&[u8]> = Vec::with_capacity(8 + 2 * streams.len());
+        args.extend([
+            b"XREADGROUP".as_slice(),
+            b"GROUP",
+            group.as_bytes(),
+            consumer.as_bytes(),
+        ]);
+        args.extend([b"COUNT".as_slice(), count.as_bytes()]);
+        if let Some(block_millis) = &block_millis {
+            args.extend([b"BLOCK".as_slice(), block_millis.as_bytes()]);
+        }
+        args.push(b"STREAMS");
+        args.extend(streams.iter().map(|s| s.as_bytes()));
+        args.extend(streams.iter().map(|_| b">".as_slice()));
+        let wait = blocked.as_ref().map_or(Duration::ZERO, |(_, block)| *block);
+        let deadline = Instant::now() + wait + self.command_timeout;
+        match connection.read_group(&args, streams, deadline).await {
+            Ok(batches) => Ok(batches),
+            Err(error) => {
+                if !matches!(error, ReadError::Server(_)) {
+                    *slot = None;
+                }
+                Err(failed(error))
             }
         }
-        parse_read_reply(reply, streams).map_err(|detail| Error::UnexpectedReply {
-            action: action(),
-            detail,
-        })
     }
 
     async fn wake_reader(&self) -> Result<()> {

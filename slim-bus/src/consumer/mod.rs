@@ -24,8 +24,12 @@ use crate::health::LastRead;
 
 use self::ack::Acker;
 pub(crate) use self::backoff::Backoff;
-use self::dispatch::Dispatcher;
+use self::dispatch::{Dispatcher, Job, Shared};
 use self::retry::RetryQueue;
+
+/// How many times a read of new entries lets running handlers finish before it goes out
+/// with fewer slots than half the limit.
+const BATCH_YIELDS: usize = 4;
 
 /// A stream the consumer reads, with its handler and failure settings.
 pub(crate) struct Route {
@@ -78,16 +82,18 @@ impl Consumer {
         let abandon = CancellationToken::new();
         let (retry_sender, retry_requests) = mpsc::unbounded_channel();
         let dispatcher = Dispatcher {
-            broker: self.broker.clone(),
-            routes: self.routes.clone(),
-            group: self.group.clone(),
-            consumer: self.consumer.clone(),
-            handler_timeout: self.handler_timeout,
-            retry_base: self.retry_base,
-            retry_max: self.retry_max,
-            dead_letter_max_len: self.dead_letter_max_len,
-            acks,
-            retries: retry_sender,
+            shared: Arc::new(Shared {
+                broker: self.broker.clone(),
+                routes: self.routes.clone(),
+                group: self.group.clone(),
+                consumer: self.consumer.clone(),
+                handler_timeout: self.handler_timeout,
+                retry_base: self.retry_base,
+                retry_max: self.retry_max,
+                dead_letter_max_len: self.dead_letter_max_len,
+                acks,
+                retries: retry_sender,
+            }),
             tasks: tasks.clone(),
             abandon: abandon.clone(),
         };
@@ -197,7 +203,7 @@ impl Reader<'_> {
                     };
                     after = last.id;
                     recovered += deliveries.len();
-                    self.dispatch(stream_index, deliveries, &mut slots);
+                    self.dispatch(stream_index, deliveries, &mut slots).await;
                 }
                 Err(error) => {
                     if self.heal(error).await? == Healed::GroupRecreated {
@@ -254,7 +260,8 @@ impl Reader<'_> {
                                 delivery_count: request.delivery_count + 1,
                                 delivered_at: Instant::now(),
                             };
-                            self.dispatch(request.stream_index, vec![delivery], &mut slots);
+                            self.dispatch(request.stream_index, vec![delivery], &mut slots)
+                                .await;
                         }
                         None => tracing::debug!(
                             stream = %self.streams[request.stream_index],
@@ -311,7 +318,8 @@ impl Reader<'_> {
                 if !page.deliveries.is_empty() {
                     tracing::info!(stream = %stream, claimed = page.deliveries.len(), "claimed entries from stopped consumers");
                 }
-                self.dispatch(stream_index, page.deliveries, &mut slots);
+                self.dispatch(stream_index, page.deliveries, &mut slots)
+                    .await;
                 self.claims.cursor = page.next_cursor;
                 if page.next_cursor == EntryId::MIN {
                     self.claims.stream_index = (stream_index + 1) % self.streams.len();
@@ -331,7 +339,7 @@ impl Reader<'_> {
     async fn read_new(&mut self) -> Result<()> {
         let c = self.consumer;
         let mut slots = self
-            .reserve_slots(c.max_count.saturating_mul(self.streams.len()))
+            .reserve_batch(c.max_count.saturating_mul(self.streams.len()))
             .await;
         // COUNT applies to each stream of a read, so a read may return up to COUNT times
         // the number of streams: it asks no stream for more than its share of the free
@@ -372,7 +380,8 @@ impl Reader<'_> {
                 c.last_read.record();
                 for batch in batches {
                     let stream_index = (first + batch.stream_index) % self.streams.len();
-                    self.dispatch(stream_index, batch.deliveries, &mut slots);
+                    self.dispatch(stream_index, batch.deliveries, &mut slots)
+                        .await;
                 }
                 Ok(())
             }
@@ -383,33 +392,70 @@ impl Reader<'_> {
         }
     }
 
-    /// Waits for one free slot, then takes up to `wanted` of those free right now.
-    async fn reserve_slots(&self, wanted: usize) -> OwnedSemaphorePermit {
-        let Ok(mut slots) = self.slots.clone().acquire_owned().await else {
-            unreachable!("the semaphore is never closed")
-        };
-        let more = wanted.saturating_sub(1).min(self.slots.available_permits());
+    /// Reserves slots for a read of new entries: like [`reserve_slots`](Self::reserve_slots),
+    /// but when only a few slots are free while handlers run, it lets them finish for a
+    /// moment first, so that a busy bus reads in batches instead of one entry per freed
+    /// slot. Measured with the no-op handler of the benchmark, reading as soon as one slot
+    /// was free made reads a third of the size they could be and cost 3x the round trips.
+    async fn reserve_batch(&self, wanted: usize) -> OwnedSemaphorePermit {
+        let target = wanted.min((self.consumer.max_concurrent / 2).max(1));
+        let mut slots = self.reserve_slots(wanted).await;
+        for _ in 0..BATCH_YIELDS {
+            if slots.num_permits() >= target {
+                break;
+            }
+            tokio::task::yield_now().await;
+            self.take_free(&mut slots, wanted);
+        }
+        slots
+    }
+
+    /// Adds the slots free right now to `slots`, up to `wanted` in all.
+    fn take_free(&self, slots: &mut OwnedSemaphorePermit, wanted: usize) {
+        let more = wanted
+            .saturating_sub(slots.num_permits())
+            .min(self.slots.available_permits());
         if more > 0
             && let Ok(extra) = self.slots.clone().try_acquire_many_owned(more as u32)
         {
             slots.merge(extra);
         }
+    }
+
+    /// Waits for one free slot, then takes up to `wanted` of those free right now.
+    async fn reserve_slots(&self, wanted: usize) -> OwnedSemaphorePermit {
+        let Ok(mut slots) = self.slots.clone().acquire_owned().await else {
+            unreachable!("the semaphore is never closed")
+        };
+        self.take_free(&mut slots, wanted);
         slots
     }
 
-    fn dispatch(
+    /// Starts handling `deliveries`, each with one of `slots`. A well-behaved server
+    /// returns no more entries than were asked for, so a slot is always there; if not,
+    /// the rest wait here for free slots rather than exceed the limit.
+    async fn dispatch(
         &mut self,
         stream_index: usize,
         deliveries: Vec<Delivery>,
         slots: &mut OwnedSemaphorePermit,
     ) {
+        let mut jobs = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
-            // A well-behaved server returns at most COUNT entries per stream, so a slot
-            // is always there; if not, the entry waits for one rather than exceed the limit.
-            let slot = slots.split(1);
-            self.dispatcher
-                .spawn(stream_index, delivery, slot, self.slots.clone());
+            let slot = match slots.split(1) {
+                Some(slot) => slot,
+                None => {
+                    self.dispatcher.spawn(std::mem::take(&mut jobs));
+                    self.reserve_slots(1).await
+                }
+            };
+            jobs.push(Job {
+                stream_index,
+                delivery,
+                slot,
+            });
         }
+        self.dispatcher.spawn(jobs);
     }
 
     /// Deals with a failed command: recreates a vanished group, waits out a transient
