@@ -118,6 +118,66 @@ impl EventBus {
         self.append(stream, fields).await
     }
 
+    /// Publishes several events of one type to their stream in one round trip, in order,
+    /// returning their ids. Much faster than awaiting `publish` for each.
+    ///
+    /// # Errors
+    ///
+    /// As [`publish`](Self::publish). An encoding error publishes nothing; a Redis error
+    /// may leave a prefix of the batch published (Redis pipelines are not transactions).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Serialize, Deserialize)]
+    /// # struct UserCreated { user_id: String }
+    /// # impl slim_bus::Event for UserCreated { const STREAM: Option<&'static str> = Some("user.created"); }
+    /// # async fn run(bus: slim_bus::EventBus) -> slim_bus::Result<()> {
+    /// let users: Vec<UserCreated> = (0..100).map(|i| UserCreated { user_id: i.to_string() }).collect();
+    /// let ids = bus.publish_batch(&users).await?;
+    /// assert_eq!(ids.len(), 100);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn publish_batch<E: Event>(&self, events: &[E]) -> Result<Vec<EntryId>> {
+        let stream = E::STREAM.ok_or(Error::NoEventStream {
+            event: std::any::type_name::<E>(),
+        })?;
+        self.publish_batch_to(stream, events).await
+    }
+
+    /// Publishes several events to `stream` in one round trip; see
+    /// [`publish_batch`](Self::publish_batch).
+    ///
+    /// # Errors
+    ///
+    /// As [`publish_batch`](Self::publish_batch).
+    pub async fn publish_batch_to<E: Serialize>(
+        &self,
+        stream: &str,
+        events: &[E],
+    ) -> Result<Vec<EntryId>> {
+        if stream.is_empty() {
+            return Err(Error::EmptyStream);
+        }
+        let mut entries = Vec::with_capacity(events.len());
+        for event in events {
+            let fields = codec::to_fields(event).map_err(|error| Error::Encode {
+                stream: stream.to_owned(),
+                reason: error.to_string(),
+            })?;
+            if fields.is_empty() {
+                return Err(empty_entry(stream));
+            }
+            entries.push(fields);
+        }
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.inner.broker.publish_batch(stream, &entries).await
+    }
+
     /// Appends an entry of untyped fields to `stream`, like the Go original's `Send`.
     ///
     /// # Examples
@@ -154,11 +214,7 @@ impl EventBus {
 
     async fn append(&self, stream: &str, fields: Vec<EncodedField>) -> Result<EntryId> {
         if fields.is_empty() {
-            return Err(Error::Encode {
-                stream: stream.to_owned(),
-                reason: "an entry needs at least one field (every field is empty or None)"
-                    .to_owned(),
-            });
+            return Err(empty_entry(stream));
         }
         self.inner.broker.publish(stream, &fields).await
     }
@@ -305,6 +361,14 @@ impl EventBus {
     /// This process's consumer name within the group.
     pub fn consumer_name(&self) -> &str {
         &self.inner.consumer_name
+    }
+}
+
+/// The error for an entry without fields, which Redis cannot store.
+fn empty_entry(stream: &str) -> Error {
+    Error::Encode {
+        stream: stream.to_owned(),
+        reason: "an entry needs at least one field (every field is empty or None)".to_owned(),
     }
 }
 

@@ -294,3 +294,38 @@ async fn send_writes_untyped_fields_like_the_go_original() {
         .unwrap_err();
     assert!(matches!(err, slim_bus::Error::Encode { .. }), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_published_in_order_and_handled_like_single_events() {
+    let server = start_server().await;
+    let (handler, mut seen) = Record::<UserCreated>::new();
+    let bus = within(
+        "build",
+        STEP,
+        bus(&server).max_concurrent(1).handler(handler).build(),
+    )
+    .await
+    .unwrap();
+    let events: Vec<UserCreated> = (0..250).map(user).collect();
+    let ids = within("publish a batch", STEP, bus.publish_batch(&events))
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 250);
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids in publishing order"
+    );
+    assert_eq!(stream_len(&server, "user.created").await, 250);
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    for (seq, id) in ids.iter().enumerate() {
+        let delivery = recv(&mut seen, "a batch entry").await;
+        assert_eq!((delivery.event.seq, delivery.entry_id), (seq as u64, *id));
+    }
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+    assert!(
+        within("empty batch", STEP, bus.publish_batch::<UserCreated>(&[]))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

@@ -134,6 +134,32 @@ impl Broker for RedisBroker {
             .ok_or_else(|| unexpected(action(), "XADD did not return an entry id", &reply))
     }
 
+    async fn publish_batch(
+        &self,
+        stream: &str,
+        entries: &[Vec<EncodedField>],
+    ) -> Result<Vec<EntryId>> {
+        let mut pipe = redis::pipe();
+        for fields in entries {
+            let cmd = pipe.cmd("XADD").arg(stream).arg("*");
+            for (name, value) in fields {
+                cmd.arg(name.as_ref()).arg(value.as_slice());
+            }
+        }
+        let action = || format!("publishing a batch to stream `{stream}`");
+        let replies: Vec<Value> = pipe
+            .query_async(&mut self.commands())
+            .await
+            .map_err(|e| classify(stream, e, action))?;
+        replies
+            .iter()
+            .map(|reply| {
+                entry_id(reply)
+                    .ok_or_else(|| unexpected(action(), "XADD did not return an entry id", reply))
+            })
+            .collect()
+    }
+
     async fn ensure_group(&self, stream: &str, group: &str, start: StartFrom) -> Result<()> {
         let start_id = match start {
             StartFrom::Beginning => "0",
