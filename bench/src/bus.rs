@@ -1,0 +1,340 @@
+//! The slim-bus side of the cases: events, handlers, and timed consume and publish runs.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+use slim_bus::{Context, EventBus, HandlerError, StreamHandler};
+use tokio::sync::Notify;
+
+use crate::raw::{self, CONSUMER, GROUP, PUBLISH_PIPELINE, READ_COUNT, STEP, bounded};
+
+/// The event of every case: the three flat fields the streams are filled with.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct UserEvent {
+    pub(crate) user_id: String,
+    pub(crate) user_name: String,
+    pub(crate) seq: u64,
+}
+
+impl slim_bus::Event for UserEvent {
+    // Every repetition uses a stream of its own, so handlers are registered with
+    // `handler_on` and events published with `publish_to`.
+    const STREAM: Option<&'static str> = None;
+}
+
+impl UserEvent {
+    pub(crate) fn new(seq: u64) -> Self {
+        UserEvent {
+            user_id: raw::user_id(seq),
+            user_name: raw::user_name(seq),
+            seq,
+        }
+    }
+}
+
+/// Counts handled entries and wakes the waiting case when the expected number is reached.
+struct Counter {
+    handled: AtomicU64,
+    expected: u64,
+    done: Notify,
+}
+
+impl Counter {
+    fn new(expected: u64) -> Arc<Self> {
+        Arc::new(Counter {
+            handled: AtomicU64::new(0),
+            expected,
+            done: Notify::new(),
+        })
+    }
+
+    fn count(&self) {
+        if self.handled.fetch_add(1, Ordering::AcqRel) + 1 == self.expected {
+            // Stores a permit when nobody waits yet, so the wake cannot be missed.
+            self.done.notify_one();
+        }
+    }
+
+    fn handled(&self) -> u64 {
+        self.handled.load(Ordering::Acquire)
+    }
+}
+
+/// The typed handler of the consume cases: no-op, or an I/O-bound service's wait.
+struct Counting {
+    counter: Arc<Counter>,
+    io_wait: Option<Duration>,
+}
+
+#[slim_bus::async_trait]
+impl StreamHandler for Counting {
+    type Event = UserEvent;
+
+    async fn handle(&self, event: UserEvent, _ctx: Context) -> Result<(), HandlerError> {
+        std::hint::black_box(&event);
+        if let Some(wait) = self.io_wait {
+            tokio::time::sleep(wait).await;
+        }
+        self.counter.count();
+        Ok(())
+    }
+}
+
+/// One timed consume run.
+#[derive(Debug)]
+pub(crate) struct ConsumeRun {
+    /// From `listen` until the listener has shut down, acks flushed.
+    pub(crate) elapsed: Duration,
+    pub(crate) handled: u64,
+}
+
+/// Settings of a consume run.
+pub(crate) struct ConsumeSettings {
+    pub(crate) max_concurrent: usize,
+    pub(crate) io_wait: Option<Duration>,
+}
+
+/// Consumes the backlog of `stream` (group [`GROUP`] already created) with slim-bus until
+/// `expected` entries are handled, then shuts the listener down, which flushes the acks.
+pub(crate) async fn consume(
+    url: &str,
+    stream: &str,
+    expected: u64,
+    settings: &ConsumeSettings,
+) -> anyhow::Result<ConsumeRun> {
+    let counter = Counter::new(expected);
+    let bus = EventBus::builder()
+        .url(url)
+        .consumer_group(GROUP)
+        .consumer_name(CONSUMER)
+        .max_count(READ_COUNT)
+        .max_concurrent(settings.max_concurrent)
+        .handler_on(
+            stream,
+            Counting {
+                counter: counter.clone(),
+                io_wait: settings.io_wait,
+            },
+        )
+        .build();
+    let bus = bounded("building the bus", STEP, bus).await??;
+
+    let start = Instant::now();
+    let listener = bounded("listen", STEP, bus.listen()).await??;
+    // At least 2,000 entries/s, or the run counts as stuck.
+    let limit = STEP + Duration::from_millis(expected / 2);
+    if bounded("every entry handled", limit, counter.done.notified())
+        .await
+        .is_err()
+    {
+        bail!(
+            "only {} of {expected} entries were handled after {limit:?}",
+            counter.handled()
+        );
+    }
+    bounded("the listener's shutdown", STEP, listener.shutdown())
+        .await?
+        .context("the listener stopped with an error")?;
+    Ok(ConsumeRun {
+        elapsed: start.elapsed(),
+        handled: counter.handled(),
+    })
+}
+
+/// A bus that only publishes.
+pub(crate) async fn publisher(url: &str) -> anyhow::Result<EventBus> {
+    Ok(bounded(
+        "building the bus",
+        STEP,
+        EventBus::builder().url(url).build(),
+    )
+    .await??)
+}
+
+/// `entries` publishes to `stream`, each awaited before the next.
+pub(crate) async fn publish_one_by_one(
+    bus: &EventBus,
+    stream: &str,
+    entries: u64,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    for seq in 0..entries {
+        bounded(
+            "publish",
+            STEP,
+            bus.publish_to(stream, &UserEvent::new(seq)),
+        )
+        .await??;
+    }
+    Ok(start.elapsed())
+}
+
+/// `entries` events published to `stream` with `publish_batch_to`, in batches as large
+/// as the raw loop's pipelines, each awaited before the next.
+pub(crate) async fn publish_in_batches(
+    bus: &EventBus,
+    stream: &str,
+    entries: u64,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut next = 0;
+    while next < entries {
+        let end = (next + PUBLISH_PIPELINE).min(entries);
+        let batch: Vec<UserEvent> = (next..end).map(UserEvent::new).collect();
+        bounded(
+            "publish a batch",
+            STEP,
+            bus.publish_batch_to(stream, &batch),
+        )
+        .await??;
+        next = end;
+    }
+    Ok(start.elapsed())
+}
+
+/// `entries` publishes to `stream` from `tasks` concurrent tasks sharing one bus.
+pub(crate) async fn publish_concurrently(
+    bus: &EventBus,
+    stream: &str,
+    entries: u64,
+    tasks: u64,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut running = Vec::new();
+    for task in 0..tasks {
+        let bus = bus.clone();
+        let stream = stream.to_owned();
+        running.push(tokio::spawn(async move {
+            let mut seq = task;
+            while seq < entries {
+                bounded(
+                    "publish",
+                    STEP,
+                    bus.publish_to(&stream, &UserEvent::new(seq)),
+                )
+                .await??;
+                seq += tasks;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in running {
+        task.await.context("a publishing task panicked")??;
+    }
+    Ok(start.elapsed())
+}
+
+/// The latency case's event: a `UserEvent` stamped when it was sent.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct StampedEvent {
+    pub(crate) user_id: String,
+    pub(crate) user_name: String,
+    pub(crate) seq: u64,
+    /// [`now_ns`] taken just before the `XADD`.
+    pub(crate) sent_at_ns: u64,
+}
+
+impl slim_bus::Event for StampedEvent {
+    const STREAM: Option<&'static str> = None;
+}
+
+/// The monotonic clock both sides of the latency case read (one process, one epoch).
+pub(crate) fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = EPOCH.get_or_init(Instant::now);
+    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Records how long each entry took from `XADD` to the start of its handler.
+struct Stopwatch {
+    latencies_ns: Mutex<Vec<u64>>,
+    counter: Arc<Counter>,
+}
+
+struct StopwatchHandler(Arc<Stopwatch>);
+
+#[slim_bus::async_trait]
+impl StreamHandler for StopwatchHandler {
+    type Event = StampedEvent;
+
+    async fn handle(&self, event: StampedEvent, _ctx: Context) -> Result<(), HandlerError> {
+        let latency = now_ns().saturating_sub(event.sent_at_ns);
+        if let Ok(mut latencies) = self.0.latencies_ns.lock() {
+            latencies.push(latency);
+        }
+        self.0.counter.count();
+        Ok(())
+    }
+}
+
+/// Publishes `rate` entries/s to `stream` for `duration` with plain `XADD`s, each stamped
+/// with [`now_ns`], while slim-bus listens; returns every entry's latency in nanoseconds.
+pub(crate) async fn latency(
+    url: &str,
+    stream: &str,
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<Vec<u64>> {
+    let total = rate * duration.as_millis() as u64 / 1_000;
+    let stopwatch = Arc::new(Stopwatch {
+        latencies_ns: Mutex::new(Vec::with_capacity(total as usize)),
+        counter: Counter::new(total),
+    });
+    let bus = EventBus::builder()
+        .url(url)
+        .consumer_group(GROUP)
+        .consumer_name(CONSUMER)
+        .max_count(READ_COUNT)
+        .handler_on(stream, StopwatchHandler(stopwatch.clone()))
+        .build();
+    let bus = bounded("building the bus", STEP, bus).await??;
+    let listener = bounded("listen", STEP, bus.listen()).await??;
+    let mut conn = raw::connect(url).await?;
+
+    let period_ns = 1_000_000_000 / rate.max(1);
+    let start = tokio::time::Instant::now();
+    for seq in 0..total {
+        // A fixed schedule: a slow XADD delays the next send, but the schedule catches up.
+        tokio::time::sleep_until(start + Duration::from_nanos(period_ns * seq)).await;
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(stream)
+            .arg("*")
+            .arg("user_id")
+            .arg(raw::user_id(seq))
+            .arg("user_name")
+            .arg(raw::user_name(seq))
+            .arg("seq")
+            .arg(seq)
+            .arg("sent_at_ns")
+            .arg(now_ns());
+        let _id: Vec<u8> = raw::query(&mut conn, "XADD", &cmd).await?;
+    }
+    if bounded(
+        "every entry handled",
+        STEP,
+        stopwatch.counter.done.notified(),
+    )
+    .await
+    .is_err()
+    {
+        bail!(
+            "only {} of {total} entries were handled",
+            stopwatch.counter.handled()
+        );
+    }
+    bounded("the listener's shutdown", STEP, listener.shutdown())
+        .await?
+        .context("the listener stopped with an error")?;
+    let pending = raw::pending_count(&mut conn, stream).await?;
+    if pending != 0 {
+        bail!("{pending} entries are still pending after the latency run");
+    }
+    let latencies = match stopwatch.latencies_ns.lock() {
+        Ok(mut latencies) => std::mem::take(&mut *latencies),
+        Err(_) => bail!("a handler panicked while recording"),
+    };
+    Ok(latencies)
+}

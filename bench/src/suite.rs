@@ -1,0 +1,658 @@
+//! Runs the selected cases, interleaved within each repetition, against one Redis server.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use redis::aio::MultiplexedConnection;
+use slim_bus_tests::RedisServer;
+
+use crate::bus::{self, ConsumeSettings};
+use crate::cases::{Case, Measurement, Outcome, Row, Sizes, Target, Unit, count};
+use crate::cli::{ChildKind, Options};
+use crate::memory;
+use crate::raw::{self, CommandStats, PUBLISH_PIPELINE, READ_COUNT};
+use crate::report::{self, Report};
+
+/// The wait of the I/O-bound handler.
+const IO_WAIT: Duration = Duration::from_millis(1);
+/// Tasks of the concurrent publish case.
+const PUBLISH_TASKS: u64 = 64;
+
+/// Runs the suite and prints the table; `Ok(false)` when a case failed.
+pub(crate) async fn run(options: Options) -> anyhow::Result<bool> {
+    // Kept alive until the end of the run; killed and reaped on drop.
+    let (url, _server, origin) = match &options.redis_url {
+        Some(url) => (url.clone(), None, "REDIS_URL"),
+        None => {
+            let server = RedisServer::start()
+                .await
+                .context("starting a throwaway redis-server (or set REDIS_URL)")?;
+            (server.url(), Some(server), "throwaway redis-server")
+        }
+    };
+    let mut suite = Suite {
+        conn: raw::connect(&url).await?,
+        url,
+        sizes: options.sizes.clone(),
+        run_id: run_id(),
+    };
+    let version = raw::server_version(&mut suite.conn).await?;
+    println!("{}", header(&options, &version, origin));
+
+    let mut report = Report::default();
+    let mut traffic: Vec<Traffic> = Vec::new();
+    let mut failed = 0;
+    for rep in 1..=options.reps {
+        for &case in &options.cases {
+            match suite.run(case, rep).await {
+                Ok(run) => {
+                    let mut summary: Vec<String> =
+                        run.measurements.iter().map(|m| summary(case, m)).collect();
+                    if let Some(t) = &run.traffic {
+                        summary.push(format!("[{}]", traffic_summary(t)));
+                        traffic.retain(|old| old.case != case);
+                        traffic.push(t.clone());
+                    }
+                    eprintln!(
+                        "rep {rep}/{}  {case:<16} {}",
+                        options.reps,
+                        summary.join(", ")
+                    );
+                    report.add(rep, run.measurements);
+                }
+                Err(error) => {
+                    failed += 1;
+                    eprintln!("rep {rep}/{}  {case:<16} FAILED: {error:#}", options.reps);
+                }
+            }
+        }
+    }
+    println!("\n{}", report.table());
+    println!("load average at the end: {}\n", load_average());
+    println!("{}", traffic_table(&traffic));
+    if failed > 0 {
+        println!("{failed} case run(s) failed; see the lines above");
+    }
+    Ok(failed == 0)
+}
+
+fn header(options: &Options, redis_version: &str, origin: &str) -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    let cases: Vec<&str> = options.cases.iter().map(|c| c.name()).collect();
+    format!(
+        "slim-bus benchmarks: {} sizes, {} rep(s), cases interleaved per rep\n\
+         machine: {cpus} CPUs ({cpu_model}); redis {redis_version} ({origin}); load average {}\n\
+         cases: {}",
+        options.sizes.name,
+        options.reps,
+        load_average(),
+        cases.join(" ")
+    )
+}
+
+/// The 1, 5 and 15 minute load averages: other work on the machine skews every number.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|avg| avg.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn summary(case: Case, m: &Measurement) -> String {
+    let name = if m.row.id == case.name() {
+        String::new()
+    } else {
+        format!("{} ", m.row.id)
+    };
+    match &m.outcome {
+        Outcome::Value(v) => format!("{name}{}", report::format_value(*v, m.row.unit)),
+    }
+}
+
+fn traffic_summary(t: &Traffic) -> String {
+    let reads = t.commands.get("xreadgroup").calls;
+    let acks = t.commands.get("xack").calls;
+    let adds = t.commands.get("xadd").calls;
+    let mut parts = Vec::new();
+    if reads > 0 {
+        parts.push(format!("{reads} XREADGROUP"));
+    }
+    if acks > 0 {
+        parts.push(format!("{acks} XACK"));
+    }
+    if adds > 0 {
+        parts.push(format!("{adds} XADD"));
+    }
+    parts.push(format!(
+        "redis busy {:.0}% of {:.2} s",
+        busy_share(t) * 100.0,
+        t.elapsed.as_secs_f64()
+    ));
+    parts.join(", ")
+}
+
+/// The share of the wall time the server spent executing stream commands.
+fn busy_share(t: &Traffic) -> f64 {
+    t.commands.stream_usec() as f64 / 1e6 / t.elapsed.as_secs_f64()
+}
+
+/// What the server did per case, from its `INFO commandstats` (the last repetition).
+fn traffic_table(traffic: &[Traffic]) -> String {
+    let mut out = String::from(
+        "Server side, last repetition (INFO commandstats; \"busy\" = time in stream commands / wall time):\n\n\
+         | case | entries | XREADGROUP calls | entries/read | XACK calls | ids/XACK | XADD calls | redis busy |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for t in traffic {
+        let reads = t.commands.get("xreadgroup").calls;
+        let acks = t.commands.get("xack").calls;
+        let per = |calls: u64| {
+            if calls == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.1}", t.entries as f64 / calls as f64)
+            }
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {reads} | {} | {acks} | {} | {} | {:.0}% |",
+            t.case,
+            t.entries,
+            per(reads),
+            per(acks),
+            t.commands.get("xadd").calls,
+            busy_share(t) * 100.0
+        );
+    }
+    out
+}
+
+/// Tells the keys of this run from those of another run on the same server.
+fn run_id() -> String {
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("{}-{millis}", std::process::id())
+}
+
+struct Suite {
+    url: String,
+    conn: MultiplexedConnection,
+    sizes: Sizes,
+    run_id: String,
+}
+
+fn rate(entries: u64, elapsed: Duration) -> f64 {
+    entries as f64 / elapsed.as_secs_f64()
+}
+
+fn value(row: Row, value: f64) -> Measurement {
+    Measurement {
+        row,
+        outcome: Outcome::Value(value),
+    }
+}
+
+/// One case run: its rows, and the server's work during the timed part.
+struct CaseRun {
+    measurements: Vec<Measurement>,
+    traffic: Option<Traffic>,
+}
+
+impl CaseRun {
+    fn new(measurements: Vec<Measurement>) -> Self {
+        CaseRun {
+            measurements,
+            traffic: None,
+        }
+    }
+
+    fn with_traffic(
+        mut self,
+        case: Case,
+        entries: u64,
+        elapsed: Duration,
+        commands: CommandStats,
+    ) -> Self {
+        self.traffic = Some(Traffic {
+            case,
+            entries,
+            elapsed,
+            commands,
+        });
+        self
+    }
+}
+
+fn throughput(row: Row, entries: u64, elapsed: Duration) -> Measurement {
+    value(row, rate(entries, elapsed))
+}
+
+impl Suite {
+    /// Runs one case on a fresh stream, and removes the stream whatever happened.
+    async fn run(&mut self, case: Case, rep: usize) -> anyhow::Result<CaseRun> {
+        let stream = format!("slim-bus-bench:{}:{case}:{rep}", self.run_id);
+        let result = self.run_on(case, &stream).await;
+        let mut cleanup = raw::delete(&mut self.conn, &stream).await;
+        if cleanup.is_ok() {
+            cleanup = raw::delete(&mut self.conn, &raw::dead_letter_stream(&stream)).await;
+        }
+        let run = result?;
+        cleanup?;
+        Ok(run)
+    }
+
+    async fn run_on(&mut self, case: Case, stream: &str) -> anyhow::Result<CaseRun> {
+        let sizes = self.sizes.clone();
+        let url = self.url.as_str();
+        let stats = self.conn.clone();
+        let conn = &mut self.conn;
+        let traffic = |entries, (elapsed, commands), rows| {
+            CaseRun::new(rows).with_traffic(case, entries, elapsed, commands)
+        };
+        Ok(match case {
+            Case::Baseline => {
+                let entries = sizes.consume;
+                fill(conn, stream, entries, false).await?;
+                let (elapsed, commands) =
+                    observed(&stats, raw::consume(conn, stream, entries)).await?;
+                expect_pending(conn, stream, 0).await?;
+                let row = Row::new(
+                    "baseline",
+                    format!(
+                        "hand-written redis-rs loop: XREADGROUP COUNT {READ_COUNT} + one XACK per batch, {} backlog",
+                        count(entries)
+                    ),
+                    Unit::EntriesPerSec,
+                );
+                traffic(
+                    entries,
+                    (elapsed, commands),
+                    vec![throughput(row, entries, elapsed)],
+                )
+            }
+            Case::Consume => {
+                let entries = sizes.consume;
+                let observed =
+                    consume_case(url, conn, &stats, stream, entries, false, 64, None).await?;
+                let row = Row::new(
+                    "consume",
+                    format!(
+                        "slim-bus, no-op typed handler, max_concurrent 64, max_count {READ_COUNT}, {} backlog",
+                        count(entries)
+                    ),
+                    Unit::EntriesPerSec,
+                )
+                .vs("baseline")
+                .target(Target::RatioAtLeast(1.3));
+                let measurement = throughput(row, entries, observed.0);
+                traffic(entries, observed, vec![measurement])
+            }
+            Case::Poison => {
+                let entries = sizes.consume;
+                let handled = entries - raw::poisoned_count(entries);
+                let observed =
+                    consume_case(url, conn, &stats, stream, entries, true, 64, None).await?;
+                let row = Row::new(
+                    "poison",
+                    format!(
+                        "as consume, 1% undecodable `seq` (dead-lettered or left pending); rate of the {} handled",
+                        count(handled)
+                    ),
+                    Unit::EntriesPerSec,
+                )
+                .vs("consume");
+                let measurement = throughput(row, handled, observed.0);
+                traffic(entries, observed, vec![measurement])
+            }
+            Case::Io64 | Case::Io512 => {
+                let (id, max_concurrent) = if case == Case::Io64 {
+                    ("io-64", 64)
+                } else {
+                    ("io-512", 512)
+                };
+                let entries = sizes.io;
+                let observed = consume_case(
+                    url,
+                    conn,
+                    &stats,
+                    stream,
+                    entries,
+                    false,
+                    max_concurrent,
+                    Some(IO_WAIT),
+                )
+                .await?;
+                let row = Row::new(
+                    id,
+                    format!(
+                        "handler awaits 1 ms, max_concurrent {max_concurrent}, {} backlog",
+                        count(entries)
+                    ),
+                    Unit::EntriesPerSec,
+                )
+                .vs("baseline");
+                let measurement = throughput(row, entries, observed.0);
+                traffic(entries, observed, vec![measurement])
+            }
+            Case::PublishRaw => {
+                let entries = sizes.publish;
+                let observed =
+                    observed(&stats, raw::publish_pipelined(conn, stream, entries)).await?;
+                expect_len(conn, stream, entries).await?;
+                let row = Row::new(
+                    "publish-raw",
+                    format!(
+                        "hand-written XADD loop, pipelines of {}, {} entries",
+                        raw::PUBLISH_PIPELINE,
+                        count(entries)
+                    ),
+                    Unit::EntriesPerSec,
+                );
+                let measurement = throughput(row, entries, observed.0);
+                traffic(entries, observed, vec![measurement])
+            }
+            Case::PublishRawSeq => {
+                let entries = sizes.publish_seq;
+                let observed =
+                    observed(&stats, raw::publish_one_by_one(conn, stream, entries)).await?;
+                expect_len(conn, stream, entries).await?;
+                let row = Row::new(
+                    "publish-raw-seq",
+                    format!(
+                        "hand-written XADD, one awaited at a time, {} entries",
+                        count(entries)
+                    ),
+                    Unit::EntriesPerSec,
+                )
+                .vs("publish-raw");
+                let measurement = throughput(row, entries, observed.0);
+                traffic(entries, observed, vec![measurement])
+            }
+            Case::PublishSeq => {
+                let entries = sizes.publish_seq;
+                let bus = bus::publisher(url).await?;
+                let observed =
+                    observed(&stats, bus::publish_one_by_one(&bus, stream, entries)).await?;
+                expect_len(conn, stream, entries).await?;
+                let row = Row::new(
+                    "publish-seq",
+                    format!(
+                        "slim-bus publish, one awaited at a time, {} entries",
+                        count(entries)
+                    ),
+                    Unit::EntriesPerSec,
+                )
+                .vs("publish-raw");
+                let measurement = throughput(row, entries, observed.0);
+                traffic(entries, observed, vec![measurement])
+            }
+            Case::Publish64 => {
+                let entries = sizes.publish;
+                let bus = bus::publisher(url).await?;
+                let observed = observed(
+                    &stats,
+                    bus::publish_concurrently(&bus, stream, entries, PUBLISH_TASKS),
+                )
+                .await?;
+                expect_len(conn, stream, entries).await?;
+                let row = Row::new(
+                    "publish-64",
+                    format!(
+                        "slim-bus publish from {PUBLISH_TASKS} tasks, one bus, {} entries",
+                        count(entries)
+                    ),
+                    Unit::EntriesPerSec,
+                )
+                .vs("publish-raw")
+                .target(Target::RatioAtLeast(0.7));
+                let measurement = throughput(row, entries, observed.0);
+                traffic(entries, observed, vec![measurement])
+            }
+            Case::PublishBatch => {
+                let entries = sizes.publish;
+                let bus = bus::publisher(url).await?;
+                let observed =
+                    observed(&stats, bus::publish_in_batches(&bus, stream, entries)).await?;
+                expect_len(conn, stream, entries).await?;
+                let row = Row::new(
+                    "publish-batch",
+                    format!(
+                        "slim-bus publish_batch of {PUBLISH_PIPELINE} events, {} entries",
+                        count(entries)
+                    ),
+                    Unit::EntriesPerSec,
+                )
+                .vs("publish-raw")
+                .target(Target::RatioAtLeast(0.9));
+                let measurement = throughput(row, entries, observed.0);
+                traffic(entries, observed, vec![measurement])
+            }
+            Case::Latency => latency_case(url, conn, stream, &sizes).await?,
+            Case::RssRaw | Case::Rss | Case::RssBacklog => {
+                memory_case(case, url, conn, &stats, stream, &sizes).await?
+            }
+        })
+    }
+}
+
+/// What the server did during the timed part of one case run.
+#[derive(Debug, Clone)]
+struct Traffic {
+    case: Case,
+    entries: u64,
+    elapsed: Duration,
+    commands: CommandStats,
+}
+
+/// Runs the timed part `fut`, reading the server's command statistics around it on a
+/// connection of its own.
+async fn observed<T>(
+    stats_conn: &MultiplexedConnection,
+    fut: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(T, CommandStats)> {
+    let mut stats_conn = stats_conn.clone();
+    let before = raw::command_stats(&mut stats_conn).await?;
+    let output = fut.await?;
+    let after = raw::command_stats(&mut stats_conn).await?;
+    Ok((output, after.since(&before)))
+}
+
+/// Fills `stream` and creates the group, outside the timed part.
+async fn fill(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    entries: u64,
+    poison: bool,
+) -> anyhow::Result<()> {
+    raw::prefill(conn, stream, entries, poison).await?;
+    raw::create_group(conn, stream).await
+}
+
+async fn expect_pending(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    expected: u64,
+) -> anyhow::Result<()> {
+    let pending = raw::pending_count(conn, stream).await?;
+    if pending != expected {
+        bail!("XPENDING counts {pending} pending entries, expected {expected}");
+    }
+    Ok(())
+}
+
+async fn expect_len(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    expected: u64,
+) -> anyhow::Result<()> {
+    let len = raw::stream_len(conn, stream).await?;
+    if len != expected {
+        bail!("the stream holds {len} entries, expected {expected}");
+    }
+    Ok(())
+}
+
+/// Fills `stream`, consumes it with slim-bus and checks that every decodable entry was
+/// handled once and acknowledged, and every poisoned one is left pending.
+#[allow(clippy::too_many_arguments)]
+async fn consume_case(
+    url: &str,
+    conn: &mut MultiplexedConnection,
+    stats: &MultiplexedConnection,
+    stream: &str,
+    entries: u64,
+    poison: bool,
+    max_concurrent: usize,
+    io_wait: Option<Duration>,
+) -> anyhow::Result<(Duration, CommandStats)> {
+    fill(conn, stream, entries, poison).await?;
+    let poisoned = if poison {
+        raw::poisoned_count(entries)
+    } else {
+        0
+    };
+    let expected = entries - poisoned;
+    let settings = ConsumeSettings {
+        max_concurrent,
+        io_wait,
+    };
+    let (run, commands) = observed(stats, bus::consume(url, stream, expected, &settings)).await?;
+    if run.handled != expected {
+        bail!("handled {} entries, expected {expected}", run.handled);
+    }
+    if poison {
+        // Depending on the slim-bus version an undecodable entry stays pending, or is moved
+        // to the dead-letter stream; either way none may be lost or handled.
+        let pending = raw::pending_count(conn, stream).await?;
+        let dead = raw::stream_len(conn, &raw::dead_letter_stream(stream)).await?;
+        if pending + dead != poisoned {
+            bail!(
+                "of {poisoned} undecodable entries {pending} are pending and {dead} dead-lettered"
+            );
+        }
+        eprintln!("    poison: {dead} undecodable entries dead-lettered, {pending} left pending");
+    } else {
+        expect_pending(conn, stream, 0).await?;
+    }
+    Ok((run.elapsed, commands))
+}
+
+async fn latency_case(
+    url: &str,
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    sizes: &Sizes,
+) -> anyhow::Result<CaseRun> {
+    raw::create_group(conn, stream).await?;
+    let mut latencies =
+        bus::latency(url, stream, sizes.latency_rate, sizes.latency_duration).await?;
+    latencies.sort_unstable();
+    let what = format!(
+        "XADD to handler start, {}/s for {:?}",
+        count(sizes.latency_rate),
+        sizes.latency_duration
+    );
+    let mut rows = Vec::new();
+    for (id, p, target) in [
+        ("latency p50", 50.0, Some(250.0)),
+        ("latency p99", 99.0, Some(1_500.0)),
+        ("latency p99.9", 99.9, None),
+        ("latency max", 100.0, None),
+    ] {
+        let Some(ns) = report::percentile(&latencies, p) else {
+            bail!("no latency was recorded");
+        };
+        let mut row = Row::new(id, what.clone(), Unit::Micros);
+        if let Some(target) = target {
+            row = row.target(Target::AtMost(target));
+        }
+        rows.push(value(row, ns as f64 / 1_000.0));
+    }
+    Ok(CaseRun::new(rows))
+}
+
+async fn memory_case(
+    case: Case,
+    url: &str,
+    conn: &mut MultiplexedConnection,
+    stats: &MultiplexedConnection,
+    stream: &str,
+    sizes: &Sizes,
+) -> anyhow::Result<CaseRun> {
+    let (kind, entries, id, reference, target) = match case {
+        Case::RssRaw => (ChildKind::Raw, sizes.rss, "rss-raw", None, None),
+        Case::Rss => (
+            ChildKind::Consume,
+            sizes.rss,
+            "rss",
+            Some("rss-raw"),
+            Some(Target::AtMost(12.0)),
+        ),
+        _ => (
+            ChildKind::Consume,
+            sizes.rss_backlog,
+            "rss-backlog",
+            Some("rss"),
+            Some(Target::RatioAtMost(1.1)),
+        ),
+    };
+    fill(conn, stream, entries, false).await?;
+    let (run, commands) = observed(stats, memory::run_in_child(kind, url, stream, entries)).await?;
+    if run.handled != entries {
+        bail!(
+            "the child handled {} entries, expected {entries}",
+            run.handled
+        );
+    }
+    expect_pending(conn, stream, 0).await?;
+    let who = if kind == ChildKind::Raw {
+        "hand-written loop"
+    } else {
+        "slim-bus consume"
+    };
+    let mut rss = Row::new(
+        id,
+        format!(
+            "peak RSS (VmHWM) of a child process: {who}, {} backlog",
+            count(entries)
+        ),
+        Unit::MiB,
+    );
+    if let Some(reference) = reference {
+        rss = rss.vs(reference);
+    }
+    if let Some(target) = target {
+        rss = rss.target(target);
+    }
+    let mut rate_row = Row::new(
+        format!("{id} rate"),
+        format!(
+            "throughput of that child: {who}, {} backlog",
+            count(entries)
+        ),
+        Unit::EntriesPerSec,
+    );
+    if let Some(reference) = reference {
+        rate_row = rate_row.vs(match reference {
+            "rss-raw" => "rss-raw rate",
+            _ => "rss rate",
+        });
+    }
+    let elapsed = Duration::from_secs_f64(run.seconds);
+    Ok(CaseRun::new(vec![
+        value(rss, run.vm_hwm_kib as f64 / 1_024.0),
+        throughput(rate_row, entries, elapsed),
+    ])
+    .with_traffic(case, entries, elapsed, commands))
+}
