@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
-    let (url, _server) = redis_for_the_example().await?;
+    let (url, _server) = slim_bus_examples::redis_for_the_example().await?;
 
     let (sent, mut welcomed) = mpsc::unbounded_channel();
     let bus = EventBus::builder()
@@ -90,23 +90,4 @@ async fn main() -> anyhow::Result<()> {
     listener.shutdown().await?;
     println!("done: every event was handled and acknowledged");
     Ok(())
-}
-
-/// `REDIS_URL` if set, else a throwaway redis-server that lives as long as the returned guard.
-async fn redis_for_the_example() -> anyhow::Result<(String, Option<slim_bus_tests::RedisServer>)> {
-    if let Ok(url) = std::env::var("REDIS_URL") {
-        println!("using Redis at {url} (REDIS_URL)");
-        return Ok((url, None));
-    }
-    match slim_bus_tests::RedisServer::start().await {
-        Ok(server) => {
-            println!("started a throwaway redis-server at {}", server.url());
-            Ok((server.url(), Some(server)))
-        }
-        Err(error) => anyhow::bail!(
-            "no Redis to run against: REDIS_URL is not set and no redis-server could be started ({error}).\n\
-             Either set REDIS_URL=redis://HOST:PORT/, start one with `docker compose up -d redis`, \
-             or install redis-server (e.g. `apt-get install redis-server`)."
-        ),
-    }
 }

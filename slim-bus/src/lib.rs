@@ -27,9 +27,19 @@ pub use crate::listener::{Listener, ShutdownHandle};
 /// `#[slim_bus::async_trait]`.
 pub use async_trait::async_trait;
 
+#[doc = include_str!("docs/macros/event.md")]
+pub use slim_bus_derive::Event;
+#[doc = include_str!("docs/macros/handlers.md")]
+pub use slim_bus_derive::handlers;
+#[doc = include_str!("docs/macros/stream.md")]
+pub use slim_bus_derive::stream;
+
 /// Items the macros' generated code uses. Not public API: may change in any release.
 #[doc(hidden)]
-pub mod __private {
-    pub use async_trait::async_trait;
-    pub use serde;
-}
+#[path = "private.rs"]
+pub mod __private;
+
+/// The README's examples, compiled as doctests so that it keeps showing the real API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

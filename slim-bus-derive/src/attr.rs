@@ -1,0 +1,304 @@
+//! Parsing of the macros' attributes: `#[event(...)]`, `#[stream(...)]`, `#[handlers(...)]`.
+//!
+//! Parsing only reads what is written; whether a stream name is acceptable is up to
+//! `valid`.
+
+use proc_macro2::TokenStream;
+use syn::ext::IdentExt;
+use syn::meta::ParseNestedMeta;
+use syn::parse::{ParseStream, Parser};
+use syn::{Attribute, Expr, ExprLit, Ident, Lit, LitStr, Meta, Path, Token};
+
+use crate::ctxt::Errors;
+
+/// `#[event(stream = "...", crate = "...")]` on a derived event.
+#[derive(Default)]
+pub(crate) struct EventAttrs {
+    pub(crate) stream: Option<LitStr>,
+    pub(crate) krate: Option<Path>,
+}
+
+pub(crate) fn event_attrs(attrs: &[Attribute], errors: &mut Errors) -> EventAttrs {
+    let mut parsed = EventAttrs::default();
+    for attr in attrs.iter().filter(|attr| attr.path().is_ident("event")) {
+        let result = attr.parse_nested_meta(|meta| {
+            if meta.path.is_ident("stream") {
+                let lit = string_value(&meta, "stream = \"user.created\"")?;
+                set_once(&mut parsed.stream, lit, &meta.path, "stream", errors);
+            } else if meta.path.is_ident("crate") {
+                let lit = string_value(&meta, "crate = \"my_crate::slim_bus\"")?;
+                if let Some(path) = crate_path(&lit, errors) {
+                    set_once(&mut parsed.krate, path, &meta.path, "crate", errors);
+                }
+            } else {
+                errors.spanned(
+                    &meta.path,
+                    format_args!(
+                        "unknown `event` attribute `{}`: expected `stream = \"...\"` or `crate = \"...\"`",
+                        path_text(&meta.path)
+                    ),
+                );
+                skip_value(&meta)?;
+            }
+            Ok(())
+        });
+        if let Err(error) = result {
+            errors.push(error);
+        }
+    }
+    parsed
+}
+
+/// The arguments of `#[stream(...)]` or `#[handlers(...)]`.
+#[derive(Default)]
+pub(crate) struct MacroArgs {
+    /// `#[stream("user.created")]`: the stream name, written first.
+    pub(crate) stream: Option<LitStr>,
+    /// `crate = "..."`.
+    pub(crate) krate: Option<Path>,
+}
+
+/// Which arguments an attribute accepts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ArgsOf {
+    /// `#[stream]` on a free function: a stream name and `crate`.
+    FreeStream,
+    /// `#[stream]` on a method inside `#[handlers]`: a stream name only.
+    MethodStream,
+    /// `#[handlers]`: `crate` only.
+    Handlers,
+}
+
+pub(crate) fn macro_args(tokens: TokenStream, of: ArgsOf, errors: &mut Errors) -> MacroArgs {
+    let mut args = MacroArgs::default();
+    let parser = |input: ParseStream<'_>| -> syn::Result<()> {
+        let mut first = true;
+        while !input.is_empty() {
+            if input.peek(LitStr) {
+                let lit: LitStr = input.parse()?;
+                if of == ArgsOf::Handlers {
+                    errors.spanned(
+                        &lit,
+                        "`#[handlers]` takes no stream name: put `#[stream(\"...\")]` on each handler method",
+                    );
+                } else if !first || args.stream.is_some() {
+                    errors.spanned(
+                        &lit,
+                        "a handler reads one stream: write a single name, first, like `#[stream(\"user.created\")]`",
+                    );
+                } else {
+                    args.stream = Some(lit);
+                }
+            } else if input.peek(Ident::peek_any) && input.peek2(Token![=]) {
+                let key = input.call(Ident::parse_any)?;
+                input.parse::<Token![=]>()?;
+                let value: Expr = input.parse()?;
+                macro_arg(&mut args, of, &key, value, errors);
+            } else {
+                let rest: TokenStream = input.parse()?;
+                let expected = match of {
+                    ArgsOf::Handlers => "expected `crate = \"...\"` or nothing: `#[handlers]`",
+                    ArgsOf::FreeStream | ArgsOf::MethodStream => {
+                        "expected the stream name as a string literal, like `#[stream(\"user.created\")]`, or nothing (`#[stream]`) to use the event type's stream"
+                    }
+                };
+                errors.spanned(rest, expected);
+                return Ok(());
+            }
+            first = false;
+            if input.is_empty() {
+                break;
+            }
+            input.parse::<Token![,]>()?;
+        }
+        Ok(())
+    };
+    if let Err(error) = parser.parse2(tokens) {
+        errors.push(error);
+    }
+    args
+}
+
+fn macro_arg(args: &mut MacroArgs, of: ArgsOf, key: &Ident, value: Expr, errors: &mut Errors) {
+    let name = match of {
+        ArgsOf::Handlers => "handlers",
+        ArgsOf::FreeStream | ArgsOf::MethodStream => "stream",
+    };
+    if key == "crate" {
+        if of == ArgsOf::MethodStream {
+            errors.spanned(
+                key,
+                "set `crate` on the impl block, `#[handlers(crate = \"...\")]`, not on its methods",
+            );
+            return;
+        }
+        let Some(lit) = lit_str(value, "crate = \"my_crate::slim_bus\"", errors) else {
+            return;
+        };
+        if let Some(path) = crate_path(&lit, errors) {
+            let key_path = Path::from(key.clone());
+            set_once(&mut args.krate, path, &key_path, "crate", errors);
+        }
+        return;
+    }
+    let hint = match of {
+        ArgsOf::Handlers => "the only key is `crate = \"...\"`".to_owned(),
+        ArgsOf::FreeStream => {
+            "write the stream name alone, `#[stream(\"user.created\")]`; the only key is `crate = \"...\"`".to_owned()
+        }
+        ArgsOf::MethodStream => {
+            "write the stream name alone, `#[stream(\"user.created\")]`".to_owned()
+        }
+    };
+    errors.spanned(
+        key,
+        format_args!("unknown `{name}` attribute `{key}`: {hint}"),
+    );
+}
+
+/// The arguments of a `#[stream]` attribute on a method inside `#[handlers]`, which that
+/// macro parses itself (the attribute is inert there).
+pub(crate) fn method_stream_attr(attr: &Attribute, errors: &mut Errors) -> MacroArgs {
+    match &attr.meta {
+        Meta::Path(_) => MacroArgs::default(),
+        Meta::List(list) => macro_args(list.tokens.clone(), ArgsOf::MethodStream, errors),
+        Meta::NameValue(name_value) => {
+            errors.spanned(
+                name_value,
+                "write the stream name in parentheses: `#[stream(\"user.created\")]`",
+            );
+            MacroArgs::default()
+        }
+    }
+}
+
+/// Whether `attr` is a `#[stream]` attribute (also spelled `#[slim_bus::stream]`).
+pub(crate) fn is_stream_attr(attr: &Attribute) -> bool {
+    attr.path()
+        .segments
+        .last()
+        .is_some_and(|segment| segment.ident == "stream")
+}
+
+fn string_value(meta: &ParseNestedMeta<'_>, example: &str) -> syn::Result<LitStr> {
+    if !meta.input.peek(Token![=]) {
+        return Err(meta.error(format_args!("expected a value: `{example}`")));
+    }
+    let value: Expr = meta.value()?.parse()?;
+    match value {
+        Expr::Lit(ExprLit {
+            lit: Lit::Str(lit), ..
+        }) => Ok(lit),
+        other => Err(syn::Error::new_spanned(
+            other,
+            format_args!("expected a string literal: `{example}`"),
+        )),
+    }
+}
+
+fn lit_str(value: Expr, example: &str, errors: &mut Errors) -> Option<LitStr> {
+    match value {
+        Expr::Lit(ExprLit {
+            lit: Lit::Str(lit), ..
+        }) => Some(lit),
+        other => {
+            errors.spanned(
+                other,
+                format_args!("expected a string literal: `{example}`"),
+            );
+            None
+        }
+    }
+}
+
+/// Skips `= value` after an unknown key, so the keys after it are still checked.
+fn skip_value(meta: &ParseNestedMeta<'_>) -> syn::Result<()> {
+    if meta.input.peek(Token![=]) {
+        meta.value()?.parse::<Expr>()?;
+    } else if meta.input.peek(syn::token::Paren) {
+        let _ = meta.parse_nested_meta(|nested| skip_value(&nested));
+    }
+    Ok(())
+}
+
+fn crate_path(lit: &LitStr, errors: &mut Errors) -> Option<Path> {
+    match lit.parse_with(Path::parse_mod_style) {
+        Ok(path) => Some(path),
+        Err(_) => {
+            errors.spanned(
+                lit,
+                "`crate` must be the path slim-bus is re-exported at, like `crate = \"my_crate::slim_bus\"`",
+            );
+            None
+        }
+    }
+}
+
+fn set_once<T>(slot: &mut Option<T>, value: T, key: &Path, name: &str, errors: &mut Errors) {
+    if slot.is_some() {
+        errors.spanned(key, format_args!("`{name}` is given twice: keep one"));
+    } else {
+        *slot = Some(value);
+    }
+}
+
+fn path_text(path: &Path) -> String {
+    let segments: Vec<String> = path
+        .segments
+        .iter()
+        .map(|segment| segment.ident.to_string())
+        .collect();
+    segments.join("::")
+}
+
+#[cfg(test)]
+mod tests {
+    use quote::{ToTokens, quote};
+
+    use super::*;
+
+    fn parse(tokens: TokenStream, of: ArgsOf) -> (MacroArgs, String) {
+        let mut errors = Errors::default();
+        let args = macro_args(tokens, of, &mut errors);
+        (args, errors.to_compile_errors().to_string())
+    }
+
+    #[test]
+    fn stream_arguments_take_a_name_first_and_a_crate() {
+        let (args, errors) = parse(quote!(), ArgsOf::FreeStream);
+        assert!(args.stream.is_none() && args.krate.is_none() && errors.is_empty());
+
+        let (args, errors) = parse(
+            quote!("user.created", crate = "my::bus"),
+            ArgsOf::FreeStream,
+        );
+        assert_eq!(
+            args.stream.map(|lit| lit.value()).as_deref(),
+            Some("user.created")
+        );
+        assert_eq!(
+            args.krate
+                .map(|path| path.to_token_stream().to_string())
+                .as_deref(),
+            Some("my :: bus")
+        );
+        assert!(errors.is_empty(), "{errors}");
+    }
+
+    #[test]
+    fn misplaced_and_unknown_arguments_are_reported_and_the_rest_is_kept() {
+        let (args, errors) = parse(quote!(name = "x", "user.created"), ArgsOf::FreeStream);
+        assert!(
+            errors.contains("unknown `stream` attribute `name`"),
+            "{errors}"
+        );
+        assert!(errors.contains("write a single name, first"), "{errors}");
+        assert!(args.stream.is_none());
+
+        let (_, errors) = parse(quote!("user.created"), ArgsOf::Handlers);
+        assert!(errors.contains("takes no stream name"), "{errors}");
+
+        let (_, errors) = parse(quote!(crate = "my::bus"), ArgsOf::MethodStream);
+        assert!(errors.contains("set `crate` on the impl block"), "{errors}");
+    }
+}

@@ -1,0 +1,187 @@
+//! Items the macros' generated code uses. Not public API: may change in any release.
+//!
+//! Generated code names everything through this module (`::slim_bus::__private::...`), so
+//! users need no imports of their own and no direct dependency on `async-trait`.
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use async_trait::async_trait;
+pub use serde;
+
+pub use crate::context::Context;
+pub use crate::error::HandlerError;
+pub use crate::event::Event;
+pub use crate::handler::{Handlers, StreamHandler, StreamService};
+
+/// What a handler function may return: `()` or `Result<(), E>` for any error that
+/// converts into [`HandlerError`] (so `HandlerError` itself, std errors, `anyhow::Error`,
+/// `String`, `&str`).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a handler's return type",
+    label = "a slim-bus handler returns `()` or `Result<(), E>`",
+    note = "return `Result<(), E>` with any error that converts into `Box<dyn Error + Send + Sync>` (std errors, `anyhow::Error`, `String`), or `slim_bus::HandlerError` for retry-later / give-up outcomes"
+)]
+pub trait IntoHandlerResult {
+    /// The outcome as the runtime sees it.
+    fn into_handler_result(self) -> Result<(), HandlerError>;
+}
+
+impl IntoHandlerResult for () {
+    fn into_handler_result(self) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+impl<E: Into<HandlerError>> IntoHandlerResult for Result<(), E> {
+    fn into_handler_result(self) -> Result<(), HandlerError> {
+        self.map_err(Into::into)
+    }
+}
+
+/// A handler's optional second argument. Only [`Context`] is one; the trait exists so that
+/// a wrong type gets an error on the argument itself rather than a type mismatch in
+/// generated code.
+#[diagnostic::on_unimplemented(
+    message = "a handler's second argument must be `slim_bus::Context`, not `{Self}`",
+    label = "not `slim_bus::Context`",
+    note = "a handler takes the event, optionally followed by `ctx: slim_bus::Context`; keep other state in a `#[slim_bus::handlers]` service struct"
+)]
+pub trait HandlerContext: Sized {
+    /// The argument, made from the delivery's context.
+    fn from_context(ctx: Context) -> Self;
+}
+
+impl HandlerContext for Context {
+    fn from_context(ctx: Context) -> Self {
+        ctx
+    }
+}
+
+/// Boxes a handler's future, requiring it to be `Send` where the macro put the call (on
+/// the handler's name), so a non-`Send` handler gets one error there, naming this
+/// function. The result's type does not mention the future's, so the bound is not
+/// checked again, with more errors, wherever the result is used.
+pub fn handler_future_must_be_send<'a, T, F>(
+    future: F,
+) -> Pin<Box<dyn Future<Output = T> + Send + 'a>>
+where
+    F: Future<Output = T> + Send + 'a,
+{
+    Box::pin(future)
+}
+
+/// Turns a handler's return value into the runtime's outcome.
+pub fn into_handler_result<R: IntoHandlerResult>(result: R) -> Result<(), HandlerError> {
+    result.into_handler_result()
+}
+
+/// Fails the build with `message` when the handler `H` reads no stream: its attribute
+/// names none (else this is not called) and neither does its event type. Generic, so an
+/// event type that is not an `Event` is reported on the handler's impl alone.
+#[track_caller]
+pub const fn handler_needs_a_stream<H: StreamHandler>(message: &'static str) {
+    if <H::Event as Event>::STREAM.is_none() {
+        panic!("{}", message);
+    }
+}
+
+/// Fails the build with `message` when the handlers `A` and `B` of one service read the
+/// same stream: the one their attribute names (`a`, `b`), else their event type's.
+#[track_caller]
+pub const fn distinct_streams<A: StreamHandler, B: StreamHandler>(
+    a: Option<&str>,
+    b: Option<&str>,
+    message: &'static str,
+) {
+    let a = match a {
+        Some(stream) => Some(stream),
+        None => <A::Event as Event>::STREAM,
+    };
+    let b = match b {
+        Some(stream) => Some(stream),
+        None => <B::Event as Event>::STREAM,
+    };
+    if same_stream(a, b) {
+        panic!("{}", message);
+    }
+}
+
+/// Whether two handlers read the same stream; a missing stream matches nothing (it is
+/// reported on its own).
+pub const fn same_stream(a: Option<&str>, b: Option<&str>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            let (a, b) = (a.as_bytes(), b.as_bytes());
+            if a.len() != b.len() {
+                return false;
+            }
+            let mut i = 0;
+            while i < a.len() {
+                if a[i] != b[i] {
+                    return false;
+                }
+                i += 1;
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Custom;
+
+    impl std::fmt::Display for Custom {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("custom failure")
+        }
+    }
+
+    impl std::error::Error for Custom {}
+
+    #[test]
+    fn handler_return_values_become_outcomes() {
+        assert!(into_handler_result(()).is_ok());
+        assert!(into_handler_result(Ok::<(), Custom>(())).is_ok());
+
+        let error = into_handler_result(Err::<(), _>(Custom)).expect_err("an error");
+        assert_eq!(error.to_string(), "custom failure");
+        assert_eq!(error.retry(), crate::Retry::Default);
+
+        let error = into_handler_result(Err::<(), _>("plain text")).expect_err("an error");
+        assert_eq!(error.to_string(), "plain text");
+    }
+
+    #[test]
+    fn handler_errors_keep_their_retry_decision() {
+        let delay = std::time::Duration::from_secs(3);
+        let error = into_handler_result(Err::<(), _>(HandlerError::retry_after(delay, Custom)))
+            .expect_err("an error");
+        assert_eq!(error.retry(), crate::Retry::After(delay));
+
+        let error = into_handler_result(Err::<(), _>(HandlerError::permanent(Custom)))
+            .expect_err("an error");
+        assert_eq!(error.retry(), crate::Retry::Never);
+    }
+
+    #[test]
+    fn streams_match_by_name_and_missing_streams_match_nothing() {
+        // Usable where generated code uses it: in constants.
+        const { assert!(same_stream(Some("user.created"), Some("user.created"))) };
+        assert!(!same_stream(Some("user.created"), Some("user.deleted")));
+        assert!(!same_stream(Some("user"), Some("user.created")));
+        assert!(!same_stream(None, Some("user.created")));
+        assert!(!same_stream(None, None));
+    }
+
+    #[tokio::test]
+    async fn required_send_futures_pass_their_output_through() {
+        let output = handler_future_must_be_send(async { 7 }).await;
+        assert_eq!(output, 7);
+    }
+}

@@ -1,0 +1,14 @@
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, slim_bus::Event)]
+#[event(stream = "")]
+struct UserCreated {
+    user_id: String,
+}
+
+// The impl is still there (without a stream): no second error here.
+fn assert_event<E: slim_bus::Event>() {}
+
+fn main() {
+    assert_event::<UserCreated>();
+}

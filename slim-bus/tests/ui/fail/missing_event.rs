@@ -1,0 +1,6 @@
+#[slim_bus::stream("user.created")]
+async fn on_user_created() -> anyhow::Result<()> {
+    Ok(())
+}
+
+fn main() {}

@@ -1,0 +1,16 @@
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize)]
+struct UserCreated {
+    user_id: String,
+}
+
+#[slim_bus::stream("user.created")]
+async fn on_user_created(event: UserCreated) -> anyhow::Result<()> {
+    let _ = event;
+    Ok(())
+}
+
+fn main() {
+    let _ = slim_bus::EventBus::builder().handler(on_user_created);
+}

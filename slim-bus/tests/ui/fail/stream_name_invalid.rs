@@ -1,0 +1,25 @@
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, slim_bus::Event)]
+#[event(stream = "user.created")]
+struct UserCreated {
+    user_id: String,
+}
+
+#[slim_bus::stream("user created")]
+async fn on_user_created(event: UserCreated) -> anyhow::Result<()> {
+    let _ = event;
+    Ok(())
+}
+
+#[slim_bus::stream("user.created\n")]
+async fn on_user_created_again(event: UserCreated) -> anyhow::Result<()> {
+    let _ = event;
+    Ok(())
+}
+
+fn main() {
+    let _ = slim_bus::EventBus::builder()
+        .handler(on_user_created)
+        .handler(on_user_created_again);
+}

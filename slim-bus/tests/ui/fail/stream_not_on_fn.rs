@@ -1,0 +1,4 @@
+#[slim_bus::stream("user.created")]
+struct OnUserCreated;
+
+fn main() {}
