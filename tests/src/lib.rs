@@ -16,11 +16,13 @@
 //! # }
 //! ```
 
+mod proxy;
 mod server;
 
 use std::future::Future;
 use std::time::Duration;
 
+pub use proxy::Proxy;
 pub use server::{RedisServer, RedisServerBuilder};
 
 /// Installs a `tracing` fmt subscriber that writes through the test harness (so output is

@@ -89,18 +89,78 @@ impl RedisBroker {
         })
     }
 
-    fn commands(&self) -> ConnectionManager {
-        self.commands.clone()
+    fn commands(&self) -> TimedConnection {
+        TimedConnection {
+            inner: self.commands.clone(),
+            timeout: self.command_timeout,
+        }
+    }
+}
+
+/// The command connection with every request bounded by the command timeout, including
+/// the time it waits for the connection manager to reconnect: against a server that
+/// accepts connections but does not answer, that wait alone took 20 s.
+struct TimedConnection {
+    inner: ConnectionManager,
+    timeout: Duration,
+}
+
+impl TimedConnection {
+    fn timed_out(&self) -> redis::RedisError {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("redis did not answer within {:?}", self.timeout),
+        )
+        .into()
+    }
+}
+
+impl redis::aio::ConnectionLike for TimedConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let timeout = self.timeout;
+            match tokio::time::timeout(timeout, self.inner.req_packed_command(cmd)).await {
+                Ok(reply) => reply,
+                Err(_) => Err(self.timed_out()),
+            }
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let timeout = self.timeout;
+            match tokio::time::timeout(
+                timeout,
+                self.inner.req_packed_commands(pipeline, offset, count),
+            )
+            .await
+            {
+                Ok(replies) => replies,
+                Err(_) => Err(self.timed_out()),
+            }
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
     }
 }
 
 async fn manager(client: &Client, response_timeout: Duration) -> Result<ConnectionManager> {
+    // The bus's own loops back off between attempts, so a reconnect tries once and
+    // fails within the command timeout rather than holding every caller through rounds
+    // of retries.
     let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_connection_timeout(Some(CONNECT_TIMEOUT.min(response_timeout)))
         .set_response_timeout(Some(response_timeout))
         .set_min_delay(Duration::from_millis(50))
-        .set_max_delay(Duration::from_secs(2))
-        .set_number_of_retries(3);
+        .set_max_delay(Duration::from_secs(1))
+        .set_number_of_retries(1);
     let action = || format!("connecting to {}", client.get_connection_info().addr());
     match tokio::time::timeout(
         CONNECT_TIMEOUT * 2,

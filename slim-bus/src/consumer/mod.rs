@@ -466,7 +466,13 @@ impl Reader<'_> {
             Error::WrongType { .. } => return Err(error),
             Error::Redis { source, .. } if is_refused_access(source) => return Err(error),
             Error::Redis { source, .. } if source.code() == Some("NOGROUP") => {
-                tracing::warn!(group = %c.group, %error, "consumer group or stream is gone; creating it again");
+                let streams: Vec<&str> = self.streams.iter().map(|s| &**s).collect();
+                tracing::warn!(
+                    group = %c.group,
+                    ?streams,
+                    %error,
+                    "consumer group or stream is gone (deleted, flushed, or Redis restarted without persistence); creating the group again on every stream"
+                );
                 match c.prepare().await {
                     Ok(()) => return Ok(Healed::GroupRecreated),
                     Err(error @ Error::WrongType { .. }) => return Err(error),

@@ -3,13 +3,18 @@
 //! finishes, so a test knows what the process held when it was killed.
 //!
 //! Usage: `slim-bus-test-consumer <redis url> <consumer name> <handler mode>`, where the
-//! mode is `hang` (handlers never finish) or `work:<millis>` (each takes that long).
+//! mode is `hang` (handlers never finish), `work:<millis>` (each takes that long), or
+//! `ledger:<millis>:<max in flight>` for the fault-injection suite: each handler takes
+//! from half to twice `<millis>` (by its entry's seq, so that handlers started together end
+//! at different times) and then prints `ledger <entry id> <seq> <delivery count>` instead of
+//! the lines above; the bus reads and runs at most `<max in flight>` entries at once and uses
+//! the suite's short timings, so entries of a killed process are claimed within seconds.
 
 use std::io::Write;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use slim_bus::{Context, EventBus, HandlerError, StreamHandler};
+use slim_bus::{Context, EventBus, EventBusBuilder, HandlerError, StreamHandler};
 
 #[derive(Debug, Serialize, Deserialize)]
 struct UserCreated {
@@ -48,30 +53,77 @@ impl StreamHandler for Handler {
     }
 }
 
+/// The handler of `ledger` mode: one line per finished handler, naming the entry, so that
+/// a test can count how often each entry was handled.
+struct LedgerHandler {
+    work: Duration,
+}
+
+#[slim_bus::async_trait]
+impl StreamHandler for LedgerHandler {
+    type Event = UserCreated;
+
+    async fn handle(&self, event: UserCreated, ctx: Context) -> Result<(), HandlerError> {
+        // 1/2, 1, 3/2 or 2 times the work.
+        let halves = u32::try_from(event.seq % 4).unwrap_or(0) + 1;
+        tokio::time::sleep(self.work * halves / 2).await;
+        say(format!(
+            "ledger {} {} {}",
+            ctx.entry_id(),
+            event.seq,
+            ctx.delivery_count()
+        ));
+        Ok(())
+    }
+}
+
+fn bus(url: String, name: String) -> EventBusBuilder {
+    EventBus::builder()
+        .url(url)
+        .consumer_group("tests")
+        .consumer_name(name)
+        .block_time(Duration::from_millis(200))
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     slim_bus_tests::init_tracing();
     let mut args = std::env::args().skip(1);
     let (Some(url), Some(name), Some(mode)) = (args.next(), args.next(), args.next()) else {
         return Err(
-            "usage: slim-bus-test-consumer <redis url> <consumer name> <hang|work:MILLIS>".into(),
+            "usage: slim-bus-test-consumer <redis url> <consumer name> <hang|work:MILLIS|ledger:MILLIS:MAX_IN_FLIGHT>"
+                .into(),
         );
     };
-    let work = match mode.strip_prefix("work:") {
-        Some(millis) => Some(Duration::from_millis(millis.parse()?)),
-        None if mode == "hang" => None,
-        None => return Err(format!("unknown mode `{mode}`").into()),
+    let builder = if let Some(ledger) = mode.strip_prefix("ledger:") {
+        let Some((work, max_in_flight)) = ledger.split_once(':') else {
+            return Err(format!("mode `{mode}` is not ledger:MILLIS:MAX_IN_FLIGHT").into());
+        };
+        let max_in_flight: usize = max_in_flight.parse()?;
+        // The fault-injection suite's timings (tests/tests/faults_support).
+        bus(url, name)
+            .handler_timeout(Duration::from_secs(1))
+            .claim_min_idle(Duration::from_secs(2))
+            .claim_interval(Duration::from_millis(200))
+            .command_timeout(Duration::from_secs(1))
+            .retry_backoff(Duration::from_millis(10), Duration::from_millis(100))
+            .max_concurrent(max_in_flight)
+            .max_count(max_in_flight)
+            .handler(LedgerHandler {
+                work: Duration::from_millis(work.parse()?),
+            })
+    } else {
+        let work = match mode.strip_prefix("work:") {
+            Some(millis) => Some(Duration::from_millis(millis.parse()?)),
+            None if mode == "hang" => None,
+            None => return Err(format!("unknown mode `{mode}`").into()),
+        };
+        bus(url, name)
+            .handler_timeout(Duration::from_secs(30))
+            .claim_min_idle(Duration::from_secs(31))
+            .handler(Handler { work })
     };
-    let bus = EventBus::builder()
-        .url(url)
-        .consumer_group("tests")
-        .consumer_name(name)
-        .block_time(Duration::from_millis(200))
-        .handler_timeout(Duration::from_secs(30))
-        .claim_min_idle(Duration::from_secs(31))
-        .handler(Handler { work })
-        .build()
-        .await?;
+    let bus = builder.build().await?;
     let listener = bus.listen().await?;
     say("listening".to_owned());
     listener.await?;
