@@ -38,7 +38,8 @@ pub enum StartFrom {
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct EventBusConfig {
-    /// The Redis server, e.g. `redis://127.0.0.1:6379/` or `rediss://user:pass@host/0`.
+    /// The Redis server, e.g. `redis://127.0.0.1:6379/`, `redis://user:pass@host:6379/2`
+    /// or `redis+unix:///run/redis.sock`. TLS (`rediss://`) is not supported yet.
     /// Ignored when the builder is given a `redis::Client`.
     pub url: String,
     /// The consumer group this service reads its streams through. Required to listen;
@@ -116,6 +117,10 @@ impl Default for EventBusConfig {
     }
 }
 
+/// The longest duration a setting takes: far beyond any sensible value, and short enough
+/// that deadlines computed from it never overflow the clock.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// The ceiling Redis puts on one `BLOCK` (it takes milliseconds as a signed 64-bit
 /// integer); a far smaller one keeps shutdown and reconnects responsive anyway.
 const MAX_BLOCK_TIME: Duration = Duration::from_secs(60);
@@ -123,6 +128,20 @@ const MAX_BLOCK_TIME: Duration = Duration::from_secs(60);
 impl EventBusConfig {
     /// Checks every setting, naming the first invalid one.
     pub(crate) fn validate(&self) -> Result<()> {
+        let durations = [
+            ("handler_timeout", Some(self.handler_timeout)),
+            ("shutdown_grace", self.shutdown_grace),
+            ("command_timeout", Some(self.command_timeout)),
+            ("claim_min_idle", Some(self.claim_min_idle)),
+            ("claim_interval", Some(self.claim_interval)),
+            ("retry_base", Some(self.retry_base)),
+            ("retry_max", Some(self.retry_max)),
+        ];
+        for (setting, duration) in durations {
+            if duration.is_some_and(|d| d > MAX_DURATION) {
+                return Err(Error::config(setting, "must be at most 365 days"));
+            }
+        }
         if self.url.trim().is_empty() {
             return Err(Error::config("url", "must not be empty"));
         }

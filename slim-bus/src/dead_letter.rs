@@ -297,24 +297,32 @@ impl DeadLetters {
         self.broker.replay(&self.stream, &self.origin, id).await
     }
 
-    /// Replays every dead letter, oldest first; returns how many were replayed.
+    /// Replays every dead letter there is when it starts, oldest first; returns how many
+    /// were replayed.
     ///
     /// # Errors
     ///
     /// Redis errors; the dead letters replayed before the error stay replayed.
     pub async fn replay_all(&self) -> Result<usize> {
-        let mut replayed = 0;
+        // The dead letters there are now, listed first: entries that fail again while this
+        // runs come back under new ids, and must not be replayed again and again.
+        let mut ids = Vec::new();
+        let mut after = None;
         loop {
-            let page = self.broker.range_after(&self.stream, None, 100).await?;
-            if page.is_empty() {
-                return Ok(replayed);
-            }
-            for (id, _) in page {
-                if self.replay(id).await?.is_some() {
-                    replayed += 1;
-                }
+            let page = self.broker.range_after(&self.stream, after, 1000).await?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            after = Some(*last);
+            ids.extend(page.into_iter().map(|(id, _)| id));
+        }
+        let mut replayed = 0;
+        for id in ids {
+            if self.replay(id).await?.is_some() {
+                replayed += 1;
             }
         }
+        Ok(replayed)
     }
 
     /// Deletes one dead letter; returns whether it existed.

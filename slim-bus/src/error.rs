@@ -123,10 +123,28 @@ pub enum Error {
     },
 }
 
+/// The code of the server error inside `error` (`NOGROUP`, `WRONGTYPE`, ...), also when it
+/// came back from a pipeline, where redis-rs reports no code of its own.
+pub(crate) fn server_code(error: &redis::RedisError) -> Option<String> {
+    if let Some(code) = error.code() {
+        return Some(code.to_owned());
+    }
+    let errors = error.clone().into_server_errors()?;
+    errors.first().map(|(_, server)| server.code().to_owned())
+}
+
 /// A shorthand for results whose error is [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The code of the Redis server error behind this error, if any.
+    pub(crate) fn server_code(&self) -> Option<String> {
+        match self {
+            Error::Redis { source, .. } => server_code(source),
+            _ => None,
+        }
+    }
+
     pub(crate) fn config(setting: &'static str, reason: impl Into<String>) -> Self {
         Error::Config {
             setting,

@@ -17,11 +17,21 @@ use super::{Broker, ClaimPage, DeadLetterMove, Delivery, GroupStats, RawFields, 
 use crate::codec::EncodedField;
 use crate::config::StartFrom;
 use crate::dead_letter::dlq_error;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, server_code};
 use crate::event::EntryId;
 
 /// How often a wake retries before the reader's block reaches the server (1 ms apart).
 const WAKE_ATTEMPTS: usize = 100;
+
+#[cfg(unix)]
+fn is_unix_socket(addr: &redis::ConnectionAddr) -> bool {
+    matches!(addr, redis::ConnectionAddr::Unix(_))
+}
+
+#[cfg(not(unix))]
+fn is_unix_socket(_: &redis::ConnectionAddr) -> bool {
+    false
+}
 
 /// How long connecting may take before it counts as a failure.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -157,6 +167,19 @@ impl Drop for BlockedReader<'_> {
 
 impl RedisBroker {
     pub(crate) async fn connect(client: Client, command_timeout: Duration) -> Result<Self> {
+        if !matches!(
+            client.get_connection_info().addr(),
+            redis::ConnectionAddr::Tcp(..)
+        ) && !is_unix_socket(client.get_connection_info().addr())
+        {
+            return Err(Error::config(
+                "url",
+                format!(
+                    "{} is not supported: use redis:// (TCP without TLS) or a Unix socket",
+                    client.get_connection_info().addr()
+                ),
+            ));
+        }
         let commands = manager(&client, command_timeout).await?;
         let (publisher, requests) = mpsc::unbounded_channel();
         tokio::spawn(publish_in_pipelines(
@@ -345,20 +368,19 @@ impl Broker for RedisBroker {
             let stream = streams.first().map(|s| s.as_ref()).unwrap_or_default();
             classify(stream, e.into_redis(), action)
         };
+        // The connection is taken out of its slot for the read and put back only after a
+        // whole reply: if this future is dropped mid-read (at shutdown), the socket closes,
+        // and with it the server's side of a blocked read, which would otherwise go on
+        // taking entries for nobody.
         let mut slot = self.read_connection.lock().await;
-        if slot.as_ref().is_some_and(ReadConnection::is_dirty) {
-            *slot = None;
-        }
-        let connection = match &mut *slot {
-            Some(connection) => connection,
-            None => slot.insert(
-                ReadConnection::connect(self.client.get_connection_info(), CONNECT_TIMEOUT)
-                    .await
-                    .map_err(|e| {
-                        let addr = self.client.get_connection_info().addr().to_string();
-                        Error::redis(format!("connecting to {addr}"), e.into_redis())
-                    })?,
-            ),
+        let mut connection = match slot.take() {
+            Some(connection) if !connection.is_dirty() => connection,
+            _ => ReadConnection::connect(self.client.get_connection_info(), CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| {
+                    let addr = self.client.get_connection_info().addr().to_string();
+                    Error::redis(format!("connecting to {addr}"), e.into_redis())
+                })?,
         };
         let blocked = block.and_then(|block| {
             BlockedReader::set(&self.reader, connection.client_id()).map(|guard| (guard, block))
@@ -383,11 +405,16 @@ impl Broker for RedisBroker {
         args.extend(streams.iter().map(|_| b">".as_slice()));
         let wait = blocked.as_ref().map_or(Duration::ZERO, |(_, block)| *block);
         let deadline = Instant::now() + wait + self.command_timeout;
-        match connection.read_group(&args, streams, deadline).await {
-            Ok(batches) => Ok(batches),
+        let result = connection.read_group(&args, streams, deadline).await;
+        drop(blocked);
+        match result {
+            Ok(batches) => {
+                *slot = Some(connection);
+                Ok(batches)
+            }
             Err(error) => {
-                if !matches!(error, ReadError::Server(_)) {
-                    *slot = None;
+                if matches!(error, ReadError::Server(_)) {
+                    *slot = Some(connection);
                 }
                 Err(failed(error))
             }
@@ -776,7 +803,7 @@ impl RedisBroker {
 
 /// Turns a WRONGTYPE reply into [`Error::WrongType`]; everything else into [`Error::Redis`].
 fn classify(stream: &str, error: redis::RedisError, action: impl FnOnce() -> String) -> Error {
-    if error.code() == Some("WRONGTYPE") {
+    if server_code(&error).as_deref() == Some("WRONGTYPE") {
         return Error::WrongType {
             stream: stream.to_owned(),
             actual: "value of another type".to_owned(),
@@ -1005,24 +1032,33 @@ if #pending == 0 or pending[1][2] ~= ARGV[2] then
   return 0
 end
 local entry = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 if #entry == 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
   return -1
 end
 local fields = entry[1][2]
 local args = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*'}
-for i = 1, #fields, 2 do
-  local name = fields[i]
-  if string.sub(name, 1, 1) == '@' then
-    name = '@' .. name
+-- unpack() takes about 8000 values at most: a larger entry keeps its metadata only.
+if #fields + #ARGV > 7900 then
+  args[#args + 1] = '@fields_omitted'
+  args[#args + 1] = tostring(#fields / 2)
+else
+  for i = 1, #fields, 2 do
+    local name = fields[i]
+    if string.sub(name, 1, 1) == '@' then
+      name = '@' .. name
+    end
+    args[#args + 1] = name
+    args[#args + 1] = fields[i + 1]
   end
-  args[#args + 1] = name
-  args[#args + 1] = fields[i + 1]
 end
 for i = 5, #ARGV do
   args[#args + 1] = ARGV[i]
 end
+-- XADD before XACK: a script that fails half way is not rolled back, and an entry must
+-- never be acknowledged without having been dead-lettered.
 redis.call(unpack(args))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 return 1
 ";
 

@@ -242,6 +242,11 @@ struct Cursor<'a> {
 type Stop = Option<String>;
 
 impl<'a> Cursor<'a> {
+    /// Bytes not parsed yet.
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.at
+    }
+
     /// The next line, without its `\r\n`.
     fn line(&mut self) -> Result<&'a [u8], Stop> {
         let rest = &self.bytes[self.at..];
@@ -288,6 +293,9 @@ impl<'a> Cursor<'a> {
                     return Err(None);
                 }
                 let value = &self.bytes[self.at..self.at + len];
+                if &self.bytes[self.at + len..self.at + len + 2] != b"\r\n" {
+                    return Err(Some("a string is not followed by CRLF".to_owned()));
+                }
                 self.at += len + 2;
                 Ok(Some(value))
             }
@@ -339,6 +347,12 @@ fn parse_read_reply(bytes: &[u8], streams: &[Arc<str>]) -> Parsed<Vec<StreamDeli
         let Some(count) = cursor.array()? else {
             return Ok(Vec::new());
         };
+        if count > streams.len() {
+            return Err(Some(format!(
+                "the reply has {count} streams, {} were read",
+                streams.len()
+            )));
+        }
         let delivered_at = Instant::now();
         let mut batches = Vec::with_capacity(count);
         for _ in 0..count {
@@ -358,7 +372,9 @@ fn parse_read_reply(bytes: &[u8], streams: &[Arc<str>]) -> Parsed<Vec<StreamDeli
                     ))
                 })?;
             let entries = cursor.array()?.unwrap_or(0);
-            let mut deliveries = Vec::with_capacity(entries);
+            // Lengths come from the server: allocate for what the buffer can hold at most,
+            // so a corrupt header cannot ask for gigabytes.
+            let mut deliveries = Vec::with_capacity(entries.min(cursor.remaining() / 8));
             for _ in 0..entries {
                 if cursor.array()? != Some(2) {
                     return Err(Some("an entry is not a pair".to_owned()));
@@ -375,7 +391,8 @@ fn parse_read_reply(bytes: &[u8], streams: &[Arc<str>]) -> Parsed<Vec<StreamDeli
                 let fields = match cursor.array()? {
                     None => None,
                     Some(flat) if flat % 2 == 0 => {
-                        let mut fields: RawFields = Vec::with_capacity(flat / 2);
+                        let mut fields: RawFields =
+                            Vec::with_capacity((flat / 2).min(cursor.remaining() / 8));
                         for _ in 0..flat / 2 {
                             let name = cursor
                                 .bulk()?

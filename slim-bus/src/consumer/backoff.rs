@@ -20,23 +20,28 @@ impl Backoff {
     /// The next delay: doubling from `base` up to `cap`, each drawn at random from its
     /// upper half so that many consumers failing together do not retry together.
     pub(crate) fn next_delay(&mut self) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.cap);
+        let delay = exponential(self.base, self.cap, self.attempt);
         self.attempt = self.attempt.saturating_add(1);
-        let half = ceiling / 2;
-        half + half.mul_f64(fastrand::f64())
+        delay
     }
 
     pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
 
-    /// Whether the last delay reached the cap, i.e. the failure is lasting.
+    /// How many delays were drawn since the last reset.
     pub(crate) fn attempts(&self) -> u32 {
         self.attempt
     }
+}
+
+/// The delay before attempt `attempt` (from 0): `base` doubled that many times, capped at
+/// `cap`, then drawn at random from its upper half so that failures that happened together
+/// do not retry together.
+pub(crate) fn exponential(base: Duration, cap: Duration, attempt: u32) -> Duration {
+    let ceiling = base.saturating_mul(1u32 << attempt.min(20)).min(cap);
+    let half = ceiling / 2;
+    half + half.mul_f64(fastrand::f64())
 }
 
 #[cfg(test)]

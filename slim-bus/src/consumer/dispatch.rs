@@ -15,11 +15,17 @@ use tokio_util::task::TaskTracker;
 
 use super::Route;
 use super::ack::AckSender;
+use super::backoff::exponential;
 use super::retry::RetryRequest;
 use crate::broker::{Broker, DeadLetterMove, Delivery};
 use crate::context::Context;
 use crate::dead_letter::{DeadLetterMeta, DeadLetterReason};
 use crate::error::{DecodeError, HandlerError, Retry};
+
+/// The longest wait for a retry; longer delays (`retry_after(Duration::MAX)`) are cut to it.
+/// The entry stays pending meanwhile, so the claim scan of any consumer picks it up after
+/// `claim_min_idle` anyway.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Starts handler work for batches of deliveries.
 pub(super) struct Dispatcher {
@@ -262,19 +268,10 @@ impl Task<'_> {
         }
     }
 
-    /// The delay before retry number `delivery_count`: doubling from the base up to the
-    /// cap, drawn from its upper half so that entries that failed together spread out.
+    /// The delay before the retry after delivery `delivery_count`.
     fn backoff(&self, delivery_count: u64) -> Duration {
-        let doublings = u32::try_from(delivery_count.saturating_sub(1))
-            .unwrap_or(u32::MAX)
-            .min(30);
-        let ceiling = self
-            .shared
-            .retry_base
-            .saturating_mul(1u32 << doublings)
-            .min(self.shared.retry_max);
-        let half = ceiling / 2;
-        half + half.mul_f64(fastrand::f64())
+        let attempt = u32::try_from(delivery_count.saturating_sub(1)).unwrap_or(u32::MAX);
+        exponential(self.shared.retry_base, self.shared.retry_max, attempt)
     }
 
     async fn retry(
@@ -285,7 +282,7 @@ impl Task<'_> {
         delay: Duration,
     ) {
         let request = RetryRequest {
-            due: Instant::now() + delay,
+            due: Instant::now() + delay.min(MAX_RETRY_DELAY),
             stream_index: self.stream_index,
             id,
             delivery_count,

@@ -27,6 +27,9 @@ pub(crate) use self::backoff::Backoff;
 use self::dispatch::{Dispatcher, Job, Shared};
 use self::retry::RetryQueue;
 
+/// How long shutdown waits for abandoned handlers to stop.
+const ABANDON_WAIT: Duration = Duration::from_secs(1);
+
 /// How many times a read of new entries lets running handlers finish before it goes out
 /// with fewer slots than half the limit.
 const BATCH_YIELDS: usize = 4;
@@ -129,7 +132,17 @@ impl Consumer {
                 "grace period over: abandoning running handlers, their entries stay pending"
             );
             abandon.cancel();
-            tasks.wait().await;
+            // Abandoned handlers stop at their next await; one that blocks its thread
+            // cannot be stopped, and must not hold up the shutdown for ever.
+            if tokio::time::timeout(ABANDON_WAIT, tasks.wait())
+                .await
+                .is_err()
+            {
+                tracing::error!(
+                    running = tasks.len(),
+                    "handlers did not stop when abandoned (blocking their thread?); shutting down without them"
+                );
+            }
         }
         // Every ack sender is gone, so the acker flushes what it has and stops.
         if tokio::time::timeout(self.command_timeout * 3, acker)
@@ -331,6 +344,8 @@ impl Reader<'_> {
             }
             Err(error) => {
                 drop(slots);
+                // Try again at the next interval, not on every turn of the loop.
+                self.claims.next_at = Instant::now() + c.claim_interval;
                 self.heal(error).await.map(drop)
             }
         }
@@ -369,6 +384,11 @@ impl Reader<'_> {
         // `hz`), so a very short block can last far longer than asked: when something is
         // due already, read without blocking instead.
         let until_wake = wake_at.saturating_duration_since(now);
+        // Less than a millisecond to go is slept off rather than spun away in reads: a paused
+        // tokio clock (tests on the in-memory backend) only advances when nothing spins.
+        if !until_wake.is_zero() && until_wake < Duration::from_millis(1) {
+            tokio::time::sleep(until_wake).await;
+        }
         let block = (until_wake >= Duration::from_millis(1)).then(|| c.block_time.min(until_wake));
         match c
             .broker
@@ -416,7 +436,10 @@ impl Reader<'_> {
             .saturating_sub(slots.num_permits())
             .min(self.slots.available_permits());
         if more > 0
-            && let Ok(extra) = self.slots.clone().try_acquire_many_owned(more as u32)
+            && let Ok(extra) = self
+                .slots
+                .clone()
+                .try_acquire_many_owned(u32::try_from(more).unwrap_or(u32::MAX))
         {
             slots.merge(extra);
         }
@@ -465,7 +488,7 @@ impl Reader<'_> {
         match &error {
             Error::WrongType { .. } => return Err(error),
             Error::Redis { source, .. } if is_refused_access(source) => return Err(error),
-            Error::Redis { source, .. } if source.code() == Some("NOGROUP") => {
+            Error::Redis { .. } if error.server_code().as_deref() == Some("NOGROUP") => {
                 let streams: Vec<&str> = self.streams.iter().map(|s| &**s).collect();
                 tracing::warn!(
                     group = %c.group,
@@ -492,7 +515,10 @@ impl Reader<'_> {
 /// Errors that waiting cannot heal: the server refuses these credentials or commands.
 fn is_refused_access(error: &redis::RedisError) -> bool {
     error.kind() == redis::ErrorKind::AuthenticationFailed
-        || matches!(error.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+        || matches!(
+            crate::error::server_code(error).as_deref(),
+            Some("NOAUTH" | "WRONGPASS" | "NOPERM")
+        )
 }
 
 #[derive(Debug, PartialEq, Eq)]
