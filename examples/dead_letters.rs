@@ -8,14 +8,15 @@
 //! ```
 //!
 //! It uses the Redis at `REDIS_URL` when that is set; otherwise it starts a throwaway
-//! `redis-server` (which must be installed) for the length of the run.
+//! `redis-server` for the length of the run if one is installed, and else runs on the
+//! in-memory backend (`memory://`), so no Redis is needed at all.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use slim_bus::{Context, EventBus, HandlerError, StreamHandler};
+use slim_bus::{Context, EventBus, EventBusBuilder, HandlerError, StreamHandler};
 use tokio::sync::mpsc;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -57,6 +58,18 @@ impl StreamHandler for BookPayment {
     }
 }
 
+/// The billing service's bus, without a backend: `main` runs it on Redis, the tests below
+/// in memory, with the same handler and settings.
+fn billing(handler: BookPayment) -> EventBusBuilder {
+    EventBus::builder()
+        .consumer_group("billing")
+        .consumer_name("dead-letters-example")
+        .handler_timeout(Duration::from_secs(2))
+        .retry_backoff(Duration::from_millis(100), Duration::from_secs(1))
+        .max_deliveries(5)
+        .handler(handler)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -69,19 +82,13 @@ async fn main() -> anyhow::Result<()> {
 
     let ledger_up = Arc::new(AtomicBool::new(false));
     let (done, mut finished) = mpsc::unbounded_channel();
-    let bus = EventBus::builder()
-        .url(&url)
-        .consumer_group("billing")
-        .consumer_name("dead-letters-example")
-        .handler_timeout(Duration::from_secs(2))
-        .retry_backoff(Duration::from_millis(100), Duration::from_secs(1))
-        .max_deliveries(5)
-        .handler(BookPayment {
-            ledger_up: ledger_up.clone(),
-            done,
-        })
-        .build()
-        .await?;
+    let bus = billing(BookPayment {
+        ledger_up: ledger_up.clone(),
+        done,
+    })
+    .url(&url)
+    .build()
+    .await?;
     let listener = bus.listen().await?;
 
     bus.publish(&PaymentReceived {
@@ -124,11 +131,143 @@ async fn main() -> anyhow::Result<()> {
             letter.error,
         );
     }
-    println!(
-        "look at them with: redis-cli XRANGE '{}' - +",
-        dead.stream()
-    );
+    if !url.starts_with("memory://") {
+        println!(
+            "look at them with: redis-cli XRANGE '{}' - +",
+            dead.stream()
+        );
+    }
 
     listener.shutdown().await?;
     Ok(())
+}
+
+/// The handler's outcomes, tested without Redis: `slim_bus::testing::TestBus` runs the
+/// example's own bus in memory with tokio's clock paused, so retries with backoff take no
+/// real time. Run with `cargo test -p slim-bus-examples --example dead-letters`.
+#[cfg(test)]
+mod tests {
+    use slim_bus::DeadLetterReason;
+    use slim_bus::testing::{Outcome, TestBus};
+
+    use super::*;
+
+    /// The example's bus in memory, with the ledger up or down, and the orders the handler
+    /// finished with.
+    async fn billing_bus(
+        ledger_up: bool,
+    ) -> (TestBus, Arc<AtomicBool>, mpsc::UnboundedReceiver<String>) {
+        let ledger_up = Arc::new(AtomicBool::new(ledger_up));
+        let (done, finished) = mpsc::unbounded_channel();
+        let handler = BookPayment {
+            ledger_up: ledger_up.clone(),
+            done,
+        };
+        let bus = TestBus::new(billing(handler))
+            .await
+            .expect("the example's settings are valid");
+        (bus, ledger_up, finished)
+    }
+
+    fn order(order_id: &str) -> PaymentReceived {
+        PaymentReceived {
+            order_id: order_id.into(),
+            cents: 1999,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_payment_is_booked_at_once_while_the_ledger_is_up() {
+        let (mut bus, _ledger, _finished) = billing_bus(true).await;
+        let id = bus.publish(&order("o-1")).await.expect("published");
+        bus.run_until_idle().await.expect("the bus runs");
+        assert_eq!(bus.outcome(id), Outcome::Acked { deliveries: 1 });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_payment_is_retried_while_the_ledger_is_down_and_booked_once_it_is_back() {
+        let (mut bus, ledger_up, _finished) = billing_bus(false).await;
+        let id = bus.publish(&order("o-1")).await.expect("published");
+        // The first retry comes within 100 ms, the second within 200 ms more.
+        bus.run_for(Duration::from_millis(350))
+            .await
+            .expect("the bus runs");
+        let Outcome::Pending { deliveries } = bus.outcome(id) else {
+            panic!(
+                "not pending while the ledger is down: {:?}",
+                bus.outcome(id)
+            );
+        };
+        assert!(deliveries >= 3, "only {deliveries} deliveries");
+        ledger_up.store(true, Ordering::SeqCst);
+        bus.run_until_idle().await.expect("the bus runs");
+        assert_eq!(
+            bus.outcome(id),
+            Outcome::Acked {
+                deliveries: deliveries + 1
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_payment_is_dead_lettered_when_the_ledger_stays_down_for_five_deliveries() {
+        let (mut bus, _ledger, _finished) = billing_bus(false).await;
+        let id = bus.publish(&order("o-1")).await.expect("published");
+        bus.run_until_idle().await.expect("the bus runs");
+        assert_eq!(
+            bus.outcome(id),
+            Outcome::DeadLettered {
+                deliveries: 5,
+                reason: Some(DeadLetterReason::Handler),
+                error: "ledger unavailable".into(),
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refunds_are_given_up_on_at_once_and_poison_entries_never_reach_the_handler() {
+        let (mut bus, _ledger, mut finished) = billing_bus(true).await;
+        let refund = bus.publish(&order("refund-7")).await.expect("published");
+        let poison = bus
+            .bus()
+            .send(
+                "payment.received",
+                [("order_id", "o-2"), ("cents", "a lot")],
+            )
+            .await
+            .expect("published");
+        bus.run_until_idle().await.expect("the bus runs");
+        assert_eq!(
+            bus.outcome(refund),
+            Outcome::DeadLettered {
+                deliveries: 1,
+                reason: Some(DeadLetterReason::Permanent),
+                error: "refunds are not booked here".into(),
+            }
+        );
+        let Outcome::DeadLettered {
+            deliveries: 1,
+            reason: Some(DeadLetterReason::Decode),
+            error,
+        } = bus.outcome(poison)
+        else {
+            panic!(
+                "the poison entry was not dead-lettered: {:?}",
+                bus.outcome(poison)
+            );
+        };
+        assert!(error.contains("field `cents`"), "{error}");
+        let letters = bus
+            .bus()
+            .dead_letters("payment.received")
+            .list(None, 10)
+            .await
+            .expect("in memory");
+        assert_eq!(letters.len(), 2);
+        assert_eq!(finished.try_recv().ok().as_deref(), Some("refund-7"));
+        assert!(
+            finished.try_recv().is_err(),
+            "the poison entry reached the handler"
+        );
+    }
 }

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! It uses the Redis at `REDIS_URL` when that is set; otherwise it starts a throwaway
-//! `redis-server` (which must be installed) for the length of the run.
+//! `redis-server` for the length of the run if one is installed, and else runs on the
+//! in-memory backend (`memory://`), so no Redis is needed at all.
 
 use std::time::Duration;
 

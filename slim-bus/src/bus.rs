@@ -10,6 +10,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
+use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::codec::{self, EncodedField};
 use crate::config::{EventBusConfig, StartFrom, default_consumer_name};
@@ -388,6 +389,7 @@ impl Drop for ListeningGuard {
 pub struct EventBusBuilder {
     config: EventBusConfig,
     client: Option<redis::Client>,
+    memory: Option<MemoryBroker>,
     handlers: Handlers,
 }
 
@@ -408,6 +410,10 @@ impl EventBusBuilder {
     }
 
     /// The Redis server to use, e.g. `redis://127.0.0.1:6379/`.
+    ///
+    /// `memory://` runs the bus on a private in-memory broker instead, and `memory://NAME`
+    /// on the process-wide one called NAME ([`MemoryBroker::named`]), shared by every bus
+    /// with that URL: for tests and demos without Redis.
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.config.url = url.into();
         self
@@ -417,6 +423,31 @@ impl EventBusBuilder {
     pub fn client(mut self, client: redis::Client) -> Self {
         self.client = Some(client);
         self
+    }
+
+    /// Runs the bus on `broker`, in this process, instead of Redis (taking precedence over
+    /// [`url`](Self::url) and [`client`](Self::client)). Buses given clones of one broker
+    /// share its streams: several services in one test, or competing consumers.
+    pub fn memory(mut self, broker: &MemoryBroker) -> Self {
+        self.memory = Some(broker.clone());
+        self
+    }
+
+    /// For [`TestBus`](crate::testing::TestBus): in memory (on the broker set or named by
+    /// the URL, else a fresh one), with a consumer group and name unless set.
+    pub(crate) fn in_memory_for_tests(mut self) -> (Self, MemoryBroker) {
+        let broker = match self.memory.take() {
+            Some(broker) => broker,
+            None => MemoryBroker::from_url(&self.config.url).unwrap_or_default(),
+        };
+        self.memory = Some(broker.clone());
+        self.config
+            .consumer_group
+            .get_or_insert_with(|| "test".to_owned());
+        self.config
+            .consumer_name
+            .get_or_insert_with(|| "test".to_owned());
+        (self, broker)
     }
 
     /// The consumer group to listen through; every process of one service uses the same.
@@ -530,7 +561,7 @@ impl EventBusBuilder {
         self
     }
 
-    /// Checks the settings and handlers, and connects to Redis.
+    /// Checks the settings and handlers, and connects to Redis (or to the in-memory broker).
     ///
     /// # Errors
     ///
@@ -545,18 +576,26 @@ impl EventBusBuilder {
                 "must be set when the bus has handlers",
             ));
         }
-        let client = match self.client {
-            Some(client) => client,
-            None => redis::Client::open(self.config.url.as_str()).map_err(|e| {
-                Error::config(
-                    "url",
-                    format!("`{}` is not a Redis URL: {e}", self.config.url),
-                )
-            })?,
+        let memory = match (self.memory, &self.client) {
+            (Some(memory), _) => Some(memory),
+            (None, None) => MemoryBroker::from_url(&self.config.url),
+            (None, Some(_)) => None,
         };
-        let broker =
-            RedisBroker::connect(client, self.config.command_timeout)
-                .await?;
+        let broker: Arc<dyn Broker> = match (memory, self.client) {
+            (Some(memory), _) => Arc::new(memory.connect()),
+            (None, client) => {
+                let client = match client {
+                    Some(client) => client,
+                    None => redis::Client::open(self.config.url.as_str()).map_err(|e| {
+                        Error::config(
+                            "url",
+                            format!("`{}` is not a Redis URL: {e}", self.config.url),
+                        )
+                    })?,
+                };
+                Arc::new(RedisBroker::connect(client, self.config.command_timeout).await?)
+            }
+        };
         let consumer_name = self
             .config
             .consumer_name
@@ -564,7 +603,7 @@ impl EventBusBuilder {
             .unwrap_or_else(default_consumer_name);
         Ok(EventBus {
             inner: Arc::new(Inner {
-                broker: Arc::new(broker),
+                broker,
                 config: self.config,
                 consumer_name: consumer_name.into(),
                 routes,

@@ -12,7 +12,9 @@ mod event;
 mod handler;
 mod health;
 mod listener;
+pub mod testing;
 
+pub use crate::broker::memory::MemoryBroker;
 pub use crate::bus::{EventBus, EventBusBuilder};
 pub use crate::config::{EventBusConfig, StartFrom};
 pub use crate::context::Context;

@@ -1,5 +1,7 @@
-//! The core runtime against a real redis-server: round trips, concurrency, timeouts,
-//! pending recovery, graceful shutdown, panics, and configuration errors.
+//! The core runtime: round trips, concurrency, timeouts, pending recovery, graceful
+//! shutdown, panics, and configuration errors. Each `conformance!` test runs against a real
+//! redis-server and against the in-memory backend (`name::redis`, `name::memory`); the
+//! others need a server to break (unreachable, wrong key type, refused credentials).
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -13,11 +15,10 @@ use slim_bus_tests::within;
 use support::*;
 use tokio::sync::{Semaphore, mpsc};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn published_events_reach_their_handler_typed_and_are_acknowledged() {
-    let server = start_server().await;
+conformance!(published_events_reach_their_handler_typed_and_are_acknowledged);
+async fn published_events_reach_their_handler_typed_and_are_acknowledged(backend: Backend) {
     let (handler, mut seen) = Record::<UserCreated>::new();
-    let bus = within("build", STEP, bus(&server).handler(handler).build())
+    let bus = within("build", STEP, backend.bus().handler(handler).build())
         .await
         .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
@@ -32,20 +33,15 @@ async fn published_events_reach_their_handler_typed_and_are_acknowledged() {
     assert_eq!(delivery.entry_id, id);
     assert_eq!(delivery.consumer, "consumer-1");
     assert_eq!(delivery.delivery_count, 1);
-    until_nothing_pending(&server, "user.created", "tests").await;
+    backend.until_nothing_pending("user.created", "tests").await;
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn entries_published_before_the_group_existed_are_handled() {
-    let server = start_server().await;
-    let publisher = within(
-        "build publisher",
-        STEP,
-        EventBus::builder().url(server.url()).build(),
-    )
-    .await
-    .unwrap();
+conformance!(entries_published_before_the_group_existed_are_handled);
+async fn entries_published_before_the_group_existed_are_handled(backend: Backend) {
+    let publisher = within("build publisher", STEP, backend.builder().build())
+        .await
+        .unwrap();
     for seq in 0..3 {
         within("publish", STEP, publisher.publish(&user(seq)))
             .await
@@ -53,7 +49,7 @@ async fn entries_published_before_the_group_existed_are_handled() {
     }
 
     let (handler, mut seen) = Record::<UserCreated>::new();
-    let bus = within("build", STEP, bus(&server).handler(handler).build())
+    let bus = within("build", STEP, backend.bus().handler(handler).build())
         .await
         .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
@@ -90,9 +86,8 @@ impl StreamHandler for BusyHandler {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_concurrency_limit_is_reached_and_never_exceeded() {
-    let server = start_server().await;
+conformance!(the_concurrency_limit_is_reached_and_never_exceeded);
+async fn the_concurrency_limit_is_reached_and_never_exceeded(backend: Backend) {
     let (done, mut finished) = mpsc::unbounded_channel();
     let busy = Arc::new(Busy {
         running: AtomicUsize::new(0),
@@ -102,7 +97,8 @@ async fn the_concurrency_limit_is_reached_and_never_exceeded() {
     let bus = within(
         "build",
         STEP,
-        bus(&server)
+        backend
+            .bus()
             .max_concurrent(8)
             .handler(BusyHandler(busy.clone()))
             .build(),
@@ -122,7 +118,7 @@ async fn the_concurrency_limit_is_reached_and_never_exceeded() {
     handled.sort_unstable();
     assert_eq!(handled, (0..200).collect::<Vec<_>>());
     assert_eq!(busy.peak.load(Ordering::SeqCst), 8, "peak concurrency");
-    until_nothing_pending(&server, "user.created", "tests").await;
+    backend.until_nothing_pending("user.created", "tests").await;
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
@@ -183,14 +179,14 @@ fn stuck() -> (
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_handler_past_its_timeout_is_cancelled_and_its_entry_stays_pending() {
-    let server = start_server().await;
+conformance!(a_handler_past_its_timeout_is_cancelled_and_its_entry_stays_pending);
+async fn a_handler_past_its_timeout_is_cancelled_and_its_entry_stays_pending(backend: Backend) {
     let (handler, mut started, mut cancelled, mut dropped) = stuck();
     let bus = within(
         "build",
         STEP,
-        bus(&server)
+        backend
+            .bus()
             .handler_timeout(Duration::from_millis(200))
             .handler(handler)
             .build(),
@@ -208,55 +204,27 @@ async fn a_handler_past_its_timeout_is_cancelled_and_its_entry_stays_pending() {
         1
     );
     assert_eq!(recv(&mut cancelled, "the context to be cancelled").await, 1);
-    assert_eq!(pending_count(&server, "user.created", "tests").await, 1);
+    assert_eq!(backend.pending_count("user.created", "tests").await, 1);
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
-    assert_eq!(pending_count(&server, "user.created", "tests").await, 1);
+    assert_eq!(backend.pending_count("user.created", "tests").await, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_restart_a_consumer_handles_its_own_pending_entries_before_new_ones() {
-    let server = start_server().await;
-    let mut conn = server.connection().await;
-    let _: () = within(
-        "XGROUP CREATE",
-        STEP,
-        redis::cmd("XGROUP")
-            .arg(&["CREATE", "user.created", "tests", "0", "MKSTREAM"])
-            .query_async(&mut conn),
-    )
-    .await
-    .unwrap();
-    let publisher = within(
-        "build publisher",
-        STEP,
-        EventBus::builder().url(server.url()).build(),
-    )
-    .await
-    .unwrap();
+conformance!(after_a_restart_a_consumer_handles_its_own_pending_entries_before_new_ones);
+async fn after_a_restart_a_consumer_handles_its_own_pending_entries_before_new_ones(
+    backend: Backend,
+) {
+    let publisher = within("build publisher", STEP, backend.builder().build())
+        .await
+        .unwrap();
     for seq in 0..3 {
         within("publish", STEP, publisher.publish(&user(seq)))
             .await
             .unwrap();
     }
     // The previous life of consumer-1 read these three and died before acknowledging.
-    let _: redis::Value = within(
-        "XREADGROUP as the crashed consumer",
-        STEP,
-        redis::cmd("XREADGROUP")
-            .arg(&[
-                "GROUP",
-                "tests",
-                "consumer-1",
-                "COUNT",
-                "10",
-                "STREAMS",
-                "user.created",
-                ">",
-            ])
-            .query_async(&mut conn),
-    )
-    .await
-    .unwrap();
+    backend
+        .read_as_dead_consumer("user.created", "tests", "consumer-1", 10)
+        .await;
     for seq in 3..5 {
         within("publish", STEP, publisher.publish(&user(seq)))
             .await
@@ -267,7 +235,7 @@ async fn after_a_restart_a_consumer_handles_its_own_pending_entries_before_new_o
     let bus = within(
         "build",
         STEP,
-        bus(&server).max_concurrent(1).handler(handler).build(),
+        backend.bus().max_concurrent(1).handler(handler).build(),
     )
     .await
     .unwrap();
@@ -278,7 +246,7 @@ async fn after_a_restart_a_consumer_handles_its_own_pending_entries_before_new_o
         order.push((delivery.event.seq, delivery.delivery_count));
     }
     assert_eq!(order, [(0, 2), (1, 2), (2, 2), (3, 1), (4, 1)]);
-    until_nothing_pending(&server, "user.created", "tests").await;
+    backend.until_nothing_pending("user.created", "tests").await;
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
@@ -301,9 +269,8 @@ impl StreamHandler for Gated {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_shutdown_waits_for_running_handlers_and_acknowledges_them() {
-    let server = start_server().await;
+conformance!(graceful_shutdown_waits_for_running_handlers_and_acknowledges_them);
+async fn graceful_shutdown_waits_for_running_handlers_and_acknowledges_them(backend: Backend) {
     let (started, mut started_rx) = mpsc::unbounded_channel();
     let (finished, mut finished_rx) = mpsc::unbounded_channel();
     let gate = Arc::new(Semaphore::new(0));
@@ -312,7 +279,7 @@ async fn graceful_shutdown_waits_for_running_handlers_and_acknowledges_them() {
         finished,
         gate: gate.clone(),
     };
-    let bus = within("build", STEP, bus(&server).handler(handler).build())
+    let bus = within("build", STEP, backend.bus().handler(handler).build())
         .await
         .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
@@ -336,20 +303,22 @@ async fn graceful_shutdown_waits_for_running_handlers_and_acknowledges_them() {
     finished.sort_unstable();
     assert_eq!(finished, [0, 1, 2], "every running handler finished");
     assert_eq!(
-        pending_count(&server, "user.created", "tests").await,
+        backend.pending_count("user.created", "tests").await,
         0,
         "shutdown flushed the acks of the handlers it waited for"
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_abandons_handlers_after_the_grace_period_and_leaves_their_entries_pending() {
-    let server = start_server().await;
+conformance!(shutdown_abandons_handlers_after_the_grace_period_and_leaves_their_entries_pending);
+async fn shutdown_abandons_handlers_after_the_grace_period_and_leaves_their_entries_pending(
+    backend: Backend,
+) {
     let (handler, mut started, mut cancelled, _dropped) = stuck();
     let first = within(
         "build",
         STEP,
-        bus(&server)
+        backend
+            .bus()
             .shutdown_grace(Duration::from_millis(100))
             .handler(handler)
             .build(),
@@ -366,17 +335,17 @@ async fn shutdown_abandons_handlers_after_the_grace_period_and_leaves_their_entr
         .await
         .unwrap();
     assert_eq!(recv(&mut cancelled, "the context to be cancelled").await, 1);
-    assert_eq!(pending_count(&server, "user.created", "tests").await, 1);
+    assert_eq!(backend.pending_count("user.created", "tests").await, 1);
 
     // The next start delivers it again.
     let (handler, mut seen) = Record::<UserCreated>::new();
-    let second = within("build", STEP, bus(&server).handler(handler).build())
+    let second = within("build", STEP, backend.bus().handler(handler).build())
         .await
         .unwrap();
     let listener = within("listen again", STEP, second.listen()).await.unwrap();
     let delivery = recv(&mut seen, "the abandoned entry again").await;
     assert_eq!((delivery.event.seq, delivery.delivery_count), (1, 2));
-    until_nothing_pending(&server, "user.created", "tests").await;
+    backend.until_nothing_pending("user.created", "tests").await;
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
@@ -397,14 +366,14 @@ impl StreamHandler for Panicky {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panicking_handler_does_not_stop_the_bus() {
-    let server = start_server().await;
+conformance!(a_panicking_handler_does_not_stop_the_bus);
+async fn a_panicking_handler_does_not_stop_the_bus(backend: Backend) {
     let (handled, mut handled_rx) = mpsc::unbounded_channel();
     let bus = within(
         "build",
         STEP,
-        bus(&server)
+        backend
+            .bus()
             .max_concurrent(1)
             .handler(Panicky { handled })
             .build(),
@@ -432,7 +401,7 @@ async fn a_panicking_handler_does_not_stop_the_bus() {
         .unwrap();
     assert_eq!(recv(&mut handled_rx, "an entry after that").await, 3);
     within("the panicked entry to stay pending", STEP, async {
-        while pending_count(&server, "user.created", "tests").await != 1 {
+        while backend.pending_count("user.created", "tests").await != 1 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -440,8 +409,8 @@ async fn a_panicking_handler_does_not_stop_the_bus() {
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handler_errors_leave_the_entry_pending() {
+conformance!(handler_errors_leave_the_entry_pending);
+async fn handler_errors_leave_the_entry_pending(backend: Backend) {
     struct Failing(mpsc::UnboundedSender<u64>);
     #[slim_bus::async_trait]
     impl StreamHandler for Failing {
@@ -451,9 +420,8 @@ async fn handler_errors_leave_the_entry_pending() {
             Err("the database is down".into())
         }
     }
-    let server = start_server().await;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let bus = within("build", STEP, bus(&server).handler(Failing(tx)).build())
+    let bus = within("build", STEP, backend.bus().handler(Failing(tx)).build())
         .await
         .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
@@ -462,11 +430,125 @@ async fn handler_errors_leave_the_entry_pending() {
         .unwrap();
     recv(&mut rx, "the failing call").await;
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
-    assert_eq!(pending_count(&server, "user.created", "tests").await, 1);
+    assert_eq!(backend.pending_count("user.created", "tests").await, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_bus_handles_several_streams_and_publishes_while_listening() {
+conformance!(every_consumer_group_gets_every_entry);
+async fn every_consumer_group_gets_every_entry(backend: Backend) {
+    let (mailer, mut mailed) = Record::<UserCreated>::new();
+    let (accounts, mut opened) = Record::<UserCreated>::new();
+    let mailer = within(
+        "build",
+        STEP,
+        backend
+            .bus()
+            .consumer_group("mailer")
+            .handler(mailer)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let accounts = within(
+        "build",
+        STEP,
+        backend
+            .bus()
+            .consumer_group("accounts")
+            .handler(accounts)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let mailer_listener = within("listen", STEP, mailer.listen()).await.unwrap();
+    let accounts_listener = within("listen", STEP, accounts.listen()).await.unwrap();
+    for seq in 0..10 {
+        within("publish", STEP, mailer.publish(&user(seq)))
+            .await
+            .unwrap();
+    }
+    for seen in [&mut mailed, &mut opened] {
+        let mut seqs = Vec::new();
+        for _ in 0..10 {
+            seqs.push(recv(seen, "a delivery").await.event.seq);
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (0..10).collect::<Vec<_>>());
+    }
+    backend
+        .until_nothing_pending("user.created", "mailer")
+        .await;
+    backend
+        .until_nothing_pending("user.created", "accounts")
+        .await;
+    within("shutdown", STEP, mailer_listener.shutdown())
+        .await
+        .unwrap();
+    within("shutdown", STEP, accounts_listener.shutdown())
+        .await
+        .unwrap();
+}
+
+conformance!(competing_consumers_in_one_group_handle_each_entry_once);
+async fn competing_consumers_in_one_group_handle_each_entry_once(backend: Backend) {
+    let (done, mut finished) = mpsc::unbounded_channel();
+    let slow = |done: mpsc::UnboundedSender<(String, u64)>| {
+        Scripted::new(move |event: UserCreated, ctx: Context| {
+            let done = done.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let _ = done.send((ctx.consumer().to_owned(), event.seq));
+                Ok(())
+            }
+        })
+        .0
+    };
+    let mut listeners = Vec::new();
+    for name in ["pod-a", "pod-b"] {
+        let bus = within(
+            "build",
+            STEP,
+            backend
+                .bus()
+                .consumer_name(name)
+                .max_concurrent(1)
+                .handler(slow(done.clone()))
+                .build(),
+        )
+        .await
+        .unwrap();
+        listeners.push(within("listen", STEP, bus.listen()).await.unwrap());
+    }
+    let publisher = within("build", STEP, backend.builder().build())
+        .await
+        .unwrap();
+    for seq in 0..40 {
+        within("publish", STEP, publisher.publish(&user(seq)))
+            .await
+            .unwrap();
+    }
+    let mut seqs = Vec::new();
+    let mut consumers = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let (consumer, seq) = recv(&mut finished, "a handled entry").await;
+        consumers.insert(consumer);
+        seqs.push(seq);
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (0..40).collect::<Vec<_>>(), "each entry once");
+    assert_eq!(
+        consumers.into_iter().collect::<Vec<_>>(),
+        ["pod-a", "pod-b"],
+        "both consumers got entries"
+    );
+    backend.until_nothing_pending("user.created", "tests").await;
+    for listener in listeners {
+        within("shutdown", STEP, listener.shutdown()).await.unwrap();
+    }
+    assert!(finished.try_recv().is_err(), "no entry was handled twice");
+}
+
+conformance!(one_bus_handles_several_streams_and_publishes_while_listening);
+async fn one_bus_handles_several_streams_and_publishes_while_listening(backend: Backend) {
     #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
     struct UserDeleted {
         user_id: String,
@@ -474,14 +556,14 @@ async fn one_bus_handles_several_streams_and_publishes_while_listening() {
     impl slim_bus::Event for UserDeleted {
         const STREAM: Option<&'static str> = Some("user.deleted");
     }
-    let server = start_server().await;
     let (created, mut created_rx) = Record::<UserCreated>::new();
     let (deleted, mut deleted_rx) = Record::<UserDeleted>::new();
     let (audit, mut audit_rx) = Record::<UserCreated>::new();
     let bus = within(
         "build",
         STEP,
-        bus(&server)
+        backend
+            .bus()
             .max_concurrent(2)
             .handler(created)
             .handler(deleted)
@@ -560,12 +642,11 @@ async fn invalid_settings_are_rejected_by_name() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn registration_mistakes_are_rejected_at_build() {
-    let server = start_server().await;
+conformance!(registration_mistakes_are_rejected_at_build);
+async fn registration_mistakes_are_rejected_at_build(backend: Backend) {
     let (a, _) = Record::<UserCreated>::new();
     let (b, _) = Record::<UserCreated>::new();
-    let err = within("build", STEP, bus(&server).handler(a).handler(b).build())
+    let err = within("build", STEP, backend.bus().handler(a).handler(b).build())
         .await
         .unwrap_err();
     assert!(
@@ -574,12 +655,12 @@ async fn registration_mistakes_are_rejected_at_build() {
     );
 
     let (untyped, _) = Record::<std::collections::HashMap<String, String>>::new();
-    let err = within("build", STEP, bus(&server).handler(untyped).build())
+    let err = within("build", STEP, backend.bus().handler(untyped).build())
         .await
         .unwrap_err();
     assert!(matches!(err, Error::NoHandlerStream { .. }), "{err}");
 
-    let publisher = within("build", STEP, bus(&server).build()).await.unwrap();
+    let publisher = within("build", STEP, backend.bus().build()).await.unwrap();
     let err = within("listen", STEP, publisher.listen())
         .await
         .unwrap_err();
@@ -630,11 +711,10 @@ async fn build_fails_clearly_when_redis_is_unreachable() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bus_listens_once_at_a_time() {
-    let server = start_server().await;
+conformance!(a_bus_listens_once_at_a_time);
+async fn a_bus_listens_once_at_a_time(backend: Backend) {
     let (handler, _seen) = Record::<UserCreated>::new();
-    let bus = within("build", STEP, bus(&server).handler(handler).build())
+    let bus = within("build", STEP, backend.bus().handler(handler).build())
         .await
         .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
@@ -649,9 +729,8 @@ async fn a_bus_listens_once_at_a_time() {
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_reports_connection_reads_pending_entries_and_dead_letters() {
-    let server = start_server().await;
+conformance!(health_reports_connection_reads_pending_entries_and_dead_letters);
+async fn health_reports_connection_reads_pending_entries_and_dead_letters(backend: Backend) {
     let (handler, mut seen) = Scripted::new(|event: UserCreated, _| async move {
         match event.seq {
             0 => Ok(()),
@@ -659,7 +738,7 @@ async fn health_reports_connection_reads_pending_entries_and_dead_letters() {
             _ => Err(HandlerError::retry_after(Duration::from_secs(60), "later")),
         }
     });
-    let bus = within("build", STEP, bus(&server).handler(handler).build())
+    let bus = within("build", STEP, backend.bus().handler(handler).build())
         .await
         .unwrap();
     let before = within("health", STEP, bus.health()).await;
@@ -693,10 +772,19 @@ async fn health_reports_connection_reads_pending_entries_and_dead_letters() {
     assert!(stream.oldest_pending_idle.is_some());
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 
-    drop(server);
-    let gone = within("health without redis", STEP, bus.health()).await;
-    assert!(!gone.connected && !gone.listening);
-    assert!(gone.streams.is_empty());
+    match backend {
+        Backend::Redis(server) => {
+            drop(server);
+            let gone = within("health without redis", STEP, bus.health()).await;
+            assert!(!gone.connected && !gone.listening);
+            assert!(gone.streams.is_empty());
+        }
+        // An in-memory broker cannot go away while a bus holds it.
+        Backend::Memory(_) => {
+            let stopped = within("health after shutdown", STEP, bus.health()).await;
+            assert!(stopped.connected && !stopped.listening);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,8 @@
-//! Failure handling against a real redis-server: claims from dead consumers, retries with
-//! delivery counts, dead letters, poison entries, replay, and deleted pending entries.
-#![allow(clippy::unwrap_used)]
+//! Failure handling: claims from dead consumers, retries with delivery counts, dead
+//! letters, poison entries, replay, and deleted pending entries. Each `conformance!` test
+//! runs against a real redis-server and against the in-memory backend (`name::redis`,
+//! `name::memory`); killing a consumer process needs a server the process can reach.
+#![allow(clippy::unwrap_used, clippy::type_complexity)]
 
 mod support;
 
@@ -9,14 +11,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use slim_bus::{DeadLetterReason, Error, EventBus, EventBusBuilder, HandlerError};
-use slim_bus_tests::{RedisServer, within};
+use slim_bus_tests::within;
 use support::*;
 
 const DLQ: &str = "{user.created}:dlq";
 
 /// A bus that retries quickly and claims from dead consumers after 300 ms.
-fn failing_bus(server: &RedisServer) -> EventBusBuilder {
-    bus(server)
+fn failing_bus(backend: &Backend) -> EventBusBuilder {
+    backend
+        .bus()
         .handler_timeout(Duration::from_millis(200))
         .claim_min_idle(Duration::from_millis(300))
         .claim_interval(Duration::from_millis(50))
@@ -27,18 +30,25 @@ fn ok() -> impl Fn(UserCreated, slim_bus::Context) -> std::future::Ready<Result<
     |_, _| std::future::ready(Ok(()))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn entries_of_a_dead_consumer_are_claimed_after_the_idle_time_with_delivery_count_two() {
-    let server = start_server().await;
+conformance!(entries_of_a_dead_consumer_are_claimed_after_the_idle_time_with_delivery_count_two);
+async fn entries_of_a_dead_consumer_are_claimed_after_the_idle_time_with_delivery_count_two(
+    backend: Backend,
+) {
     for seq in 0..3 {
-        xadd(&server, "user.created", &user_fields(seq)).await;
+        backend.xadd("user.created", &user_fields(seq)).await;
     }
-    read_as_dead_consumer(&server, "user.created", "tests", "dead-pod", 10).await;
+    backend
+        .read_as_dead_consumer("user.created", "tests", "dead-pod", 10)
+        .await;
 
     let (handler, mut seen) = Scripted::new(ok());
-    let bus = within("build", STEP, failing_bus(&server).handler(handler).build())
-        .await
-        .unwrap();
+    let bus = within(
+        "build",
+        STEP,
+        failing_bus(&backend).handler(handler).build(),
+    )
+    .await
+    .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
     let mut claimed = Vec::new();
     for _ in 0..3 {
@@ -48,14 +58,77 @@ async fn entries_of_a_dead_consumer_are_claimed_after_the_idle_time_with_deliver
     }
     claimed.sort_unstable();
     assert_eq!(claimed, [(0, 2), (1, 2), (2, 2)]);
-    until_nothing_pending(&server, "user.created", "tests").await;
+    backend.until_nothing_pending("user.created", "tests").await;
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pending_list_longer_than_many_claim_batches_is_recovered_in_full() {
-    let server = start_server().await;
-    let publisher = within("build", STEP, EventBus::builder().url(server.url()).build())
+conformance!(
+    entries_abandoned_by_a_stopped_consumer_are_claimed_by_another_with_delivery_count_two
+);
+async fn entries_abandoned_by_a_stopped_consumer_are_claimed_by_another_with_delivery_count_two(
+    backend: Backend,
+) {
+    // The in-process stand-in for a killed consumer: one whose handler hangs until its
+    // shutdown grace period is over, so the entry stays pending with it.
+    let (hanging, mut started) =
+        Scripted::new(|_: UserCreated, _| std::future::pending::<Result<(), HandlerError>>());
+    let doomed = within(
+        "build",
+        STEP,
+        failing_bus(&backend)
+            .consumer_name("doomed-pod")
+            // Its handler is abandoned at shutdown, never timed out and retried first.
+            .handler_timeout(Duration::from_secs(5))
+            .claim_min_idle(Duration::from_secs(10))
+            .shutdown_grace(Duration::from_millis(50))
+            .handler(hanging)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, doomed.listen()).await.unwrap();
+    within("publish", STEP, doomed.publish(&user(1)))
+        .await
+        .unwrap();
+    let first = recv(&mut started, "the doomed consumer to start").await;
+    assert_eq!(
+        (first.consumer.as_str(), first.delivery_count),
+        ("doomed-pod", 1)
+    );
+    within("shutdown past the grace period", STEP, listener.shutdown())
+        .await
+        .unwrap();
+    assert_eq!(backend.pending_count("user.created", "tests").await, 1);
+
+    let (handler, mut seen) = Scripted::new(ok());
+    let bus = within(
+        "build",
+        STEP,
+        failing_bus(&backend).handler(handler).build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    let delivery = recv(&mut seen, "the entry the stopped consumer held").await;
+    assert_eq!(
+        (
+            delivery.event.seq,
+            delivery.consumer.as_str(),
+            delivery.delivery_count
+        ),
+        (1, "consumer-1", 2)
+    );
+    backend.until_nothing_pending("user.created", "tests").await;
+    assert!(
+        started.try_recv().is_err(),
+        "the stopped consumer got nothing more"
+    );
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
+conformance!(a_pending_list_longer_than_many_claim_batches_is_recovered_in_full);
+async fn a_pending_list_longer_than_many_claim_batches_is_recovered_in_full(backend: Backend) {
+    let publisher = within("build", STEP, backend.builder().build())
         .await
         .unwrap();
     for seq in 0..500 {
@@ -63,13 +136,15 @@ async fn a_pending_list_longer_than_many_claim_batches_is_recovered_in_full() {
             .await
             .unwrap();
     }
-    read_as_dead_consumer(&server, "user.created", "tests", "dead-pod", 500).await;
+    backend
+        .read_as_dead_consumer("user.created", "tests", "dead-pod", 500)
+        .await;
 
     let (handler, mut seen) = Scripted::new(ok());
     let bus = within(
         "build",
         STEP,
-        failing_bus(&server)
+        failing_bus(&backend)
             .max_count(10)
             .max_concurrent(10)
             .handler(handler)
@@ -86,13 +161,14 @@ async fn a_pending_list_longer_than_many_claim_batches_is_recovered_in_full() {
     }
     seqs.sort_unstable();
     assert_eq!(seqs, (0..500).collect::<Vec<_>>(), "every entry once");
-    until_nothing_pending(&server, "user.created", "tests").await;
+    backend.until_nothing_pending("user.created", "tests").await;
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_entry_failing_twice_then_succeeding_sees_delivery_counts_one_two_three() {
-    let server = start_server().await;
+conformance!(an_entry_failing_twice_then_succeeding_sees_delivery_counts_one_two_three);
+async fn an_entry_failing_twice_then_succeeding_sees_delivery_counts_one_two_three(
+    backend: Backend,
+) {
     let (handler, mut seen) = Scripted::new(|_: UserCreated, ctx: slim_bus::Context| async move {
         if ctx.delivery_count() < 3 {
             Err(HandlerError::new("not yet"))
@@ -100,9 +176,13 @@ async fn an_entry_failing_twice_then_succeeding_sees_delivery_counts_one_two_thr
             Ok(())
         }
     });
-    let bus = within("build", STEP, failing_bus(&server).handler(handler).build())
-        .await
-        .unwrap();
+    let bus = within(
+        "build",
+        STEP,
+        failing_bus(&backend).handler(handler).build(),
+    )
+    .await
+    .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
     within("publish", STEP, bus.publish(&user(1)))
         .await
@@ -112,21 +192,20 @@ async fn an_entry_failing_twice_then_succeeding_sees_delivery_counts_one_two_thr
         counts.push(recv(&mut seen, "an attempt").await.delivery_count);
     }
     assert_eq!(counts, [1, 2, 3]);
-    until_nothing_pending(&server, "user.created", "tests").await;
+    backend.until_nothing_pending("user.created", "tests").await;
     // Redis counted the retries too.
-    assert_eq!(stream_len(&server, DLQ).await, 0);
+    assert_eq!(backend.stream_len(DLQ).await, 0);
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_entry_is_dead_lettered_once_with_its_metadata_after_max_deliveries() {
-    let server = start_server().await;
+conformance!(an_entry_is_dead_lettered_once_with_its_metadata_after_max_deliveries);
+async fn an_entry_is_dead_lettered_once_with_its_metadata_after_max_deliveries(backend: Backend) {
     let (handler, mut seen) =
         Scripted::new(|_: UserCreated, _| async { Err(HandlerError::new("smtp is down")) });
     let bus = within(
         "build",
         STEP,
-        failing_bus(&server)
+        failing_bus(&backend)
             .max_deliveries(3)
             .handler(handler)
             .build(),
@@ -140,7 +219,7 @@ async fn an_entry_is_dead_lettered_once_with_its_metadata_after_max_deliveries()
     for expected in 1..=3 {
         assert_eq!(recv(&mut seen, "an attempt").await.delivery_count, expected);
     }
-    until_nothing_pending(&server, "user.created", "tests").await;
+    backend.until_nothing_pending("user.created", "tests").await;
 
     let dead = bus.dead_letters("user.created");
     assert_eq!(dead.stream(), DLQ);
@@ -164,15 +243,14 @@ async fn an_entry_is_dead_lettered_once_with_its_metadata_after_max_deliveries()
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_handler_can_set_its_own_max_deliveries() {
-    let server = start_server().await;
+conformance!(a_handler_can_set_its_own_max_deliveries);
+async fn a_handler_can_set_its_own_max_deliveries(backend: Backend) {
     let (handler, mut seen) =
         Scripted::new(|_: UserCreated, _| async { Err(HandlerError::new("no")) });
     let bus = within(
         "build",
         STEP,
-        failing_bus(&server)
+        failing_bus(&backend)
             .max_deliveries(5)
             .handler(handler.max_deliveries(1))
             .build(),
@@ -184,14 +262,13 @@ async fn a_handler_can_set_its_own_max_deliveries() {
         .await
         .unwrap();
     assert_eq!(recv(&mut seen, "the only attempt").await.delivery_count, 1);
-    until_nothing_pending(&server, "user.created", "tests").await;
-    assert_eq!(stream_len(&server, DLQ).await, 1);
+    backend.until_nothing_pending("user.created", "tests").await;
+    assert_eq!(backend.stream_len(DLQ).await, 1);
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timeouts_and_panics_are_retried_then_dead_lettered_with_their_reason() {
-    let server = start_server().await;
+conformance!(timeouts_and_panics_are_retried_then_dead_lettered_with_their_reason);
+async fn timeouts_and_panics_are_retried_then_dead_lettered_with_their_reason(backend: Backend) {
     let (handler, mut seen) = Scripted::new(|event: UserCreated, _| async move {
         if event.seq == 1 {
             std::future::pending::<()>().await;
@@ -201,7 +278,7 @@ async fn timeouts_and_panics_are_retried_then_dead_lettered_with_their_reason() 
     let bus = within(
         "build",
         STEP,
-        failing_bus(&server)
+        failing_bus(&backend)
             .max_deliveries(2)
             .handler(handler)
             .build(),
@@ -218,7 +295,7 @@ async fn timeouts_and_panics_are_retried_then_dead_lettered_with_their_reason() 
     for _ in 0..4 {
         recv(&mut seen, "an attempt").await;
     }
-    until_nothing_pending(&server, "user.created", "tests").await;
+    backend.until_nothing_pending("user.created", "tests").await;
     let letters = within(
         "list",
         STEP,
@@ -252,20 +329,23 @@ async fn timeouts_and_panics_are_retried_then_dead_lettered_with_their_reason() 
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_permanent_error_dead_letters_on_the_first_delivery() {
-    let server = start_server().await;
+conformance!(a_permanent_error_dead_letters_on_the_first_delivery);
+async fn a_permanent_error_dead_letters_on_the_first_delivery(backend: Backend) {
     let (handler, mut seen) =
         Scripted::new(|_: UserCreated, _| async { Err(HandlerError::permanent("user is banned")) });
-    let bus = within("build", STEP, failing_bus(&server).handler(handler).build())
-        .await
-        .unwrap();
+    let bus = within(
+        "build",
+        STEP,
+        failing_bus(&backend).handler(handler).build(),
+    )
+    .await
+    .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
     within("publish", STEP, bus.publish(&user(1)))
         .await
         .unwrap();
     assert_eq!(recv(&mut seen, "the attempt").await.delivery_count, 1);
-    until_nothing_pending(&server, "user.created", "tests").await;
+    backend.until_nothing_pending("user.created", "tests").await;
     let letters = within(
         "list",
         STEP,
@@ -289,9 +369,10 @@ fn user_fields(seq: u64) -> Vec<(&'static str, &'static [u8])> {
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_kind_of_undecodable_entry_is_dead_lettered_at_once_between_good_ones() {
-    let server = start_server().await;
+conformance!(each_kind_of_undecodable_entry_is_dead_lettered_at_once_between_good_ones);
+async fn each_kind_of_undecodable_entry_is_dead_lettered_at_once_between_good_ones(
+    backend: Backend,
+) {
     #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
     struct Profile {
         name: String,
@@ -336,22 +417,26 @@ async fn each_kind_of_undecodable_entry_is_dead_lettered_at_once_between_good_on
             ],
         ),
     ];
-    xadd(&server, "profiles", &good).await;
+    backend.xadd("profiles", &good).await;
     let mut poison_ids = Vec::new();
     for (_, fields) in &poison {
-        poison_ids.push(xadd(&server, "profiles", fields).await);
-        xadd(&server, "profiles", &good).await;
+        poison_ids.push(backend.xadd("profiles", fields).await);
+        backend.xadd("profiles", &good).await;
     }
 
     let (handler, mut seen) = Scripted::new(|_: Profile, _| async { Ok(()) });
-    let bus = within("build", STEP, failing_bus(&server).handler(handler).build())
-        .await
-        .unwrap();
+    let bus = within(
+        "build",
+        STEP,
+        failing_bus(&backend).handler(handler).build(),
+    )
+    .await
+    .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
     for _ in 0..5 {
         assert_eq!(recv(&mut seen, "a good entry").await.event.name, "ok");
     }
-    until_nothing_pending(&server, "profiles", "tests").await;
+    backend.until_nothing_pending("profiles", "tests").await;
     let mut letters = within("list", STEP, bus.dead_letters("profiles").list(None, 10))
         .await
         .unwrap();
@@ -401,9 +486,8 @@ async fn each_kind_of_undecodable_entry_is_dead_lettered_at_once_between_good_on
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replayed_dead_letters_are_handled_and_leave_the_dead_letter_stream() {
-    let server = start_server().await;
+conformance!(replayed_dead_letters_are_handled_and_leave_the_dead_letter_stream);
+async fn replayed_dead_letters_are_handled_and_leave_the_dead_letter_stream(backend: Backend) {
     let fail = Arc::new(AtomicUsize::new(1));
     let (handler, mut seen) = Scripted::new({
         let fail = fail.clone();
@@ -418,24 +502,28 @@ async fn replayed_dead_letters_are_handled_and_leave_the_dead_letter_stream() {
             }
         }
     });
-    let bus = within("build", STEP, failing_bus(&server).handler(handler).build())
-        .await
-        .unwrap();
+    let bus = within(
+        "build",
+        STEP,
+        failing_bus(&backend).handler(handler).build(),
+    )
+    .await
+    .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
     // A user field that looks like metadata survives the round trip.
-    xadd(
-        &server,
-        "user.created",
-        &[
-            ("user_id", b"u1"),
-            ("user_name", b"n"),
-            ("seq", b"1"),
-            ("@reason", b"mine"),
-        ],
-    )
-    .await;
+    backend
+        .xadd(
+            "user.created",
+            &[
+                ("user_id", b"u1"),
+                ("user_name", b"n"),
+                ("seq", b"1"),
+                ("@reason", b"mine"),
+            ],
+        )
+        .await;
     recv(&mut seen, "the failing attempt").await;
-    until_nothing_pending(&server, "user.created", "tests").await;
+    backend.until_nothing_pending("user.created", "tests").await;
     let dead = bus.dead_letters("user.created");
     let letters = within("list", STEP, dead.list(None, 10)).await.unwrap();
     assert_eq!(letters.len(), 1);
@@ -450,9 +538,9 @@ async fn replayed_dead_letters_are_handled_and_leave_the_dead_letter_stream() {
     let again = recv(&mut seen, "the replayed entry").await;
     assert_eq!(Some(again.entry_id), new_id);
     assert_eq!(again.delivery_count, 1);
-    until_nothing_pending(&server, "user.created", "tests").await;
+    backend.until_nothing_pending("user.created", "tests").await;
     assert!(within("is_empty", STEP, dead.is_empty()).await.unwrap());
-    let replayed = entries(&server, "user.created").await.pop().unwrap();
+    let replayed = backend.entries("user.created").await.pop().unwrap();
     assert!(
         replayed
             .1
@@ -470,14 +558,54 @@ async fn replayed_dead_letters_are_handled_and_leave_the_dead_letter_stream() {
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_all_and_purge_work_on_the_whole_dead_letter_stream() {
-    let server = start_server().await;
+conformance!(an_entry_too_large_to_copy_is_dead_lettered_with_its_metadata_only);
+async fn an_entry_too_large_to_copy_is_dead_lettered_with_its_metadata_only(backend: Backend) {
     let (handler, mut seen) =
         Scripted::new(|_: UserCreated, _| async { Err(HandlerError::permanent("no")) });
-    let bus = within("build", STEP, failing_bus(&server).handler(handler).build())
-        .await
-        .unwrap();
+    let bus = within(
+        "build",
+        STEP,
+        failing_bus(&backend).handler(handler).build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    let filler: Vec<String> = (0..3997).map(|i| format!("extra_{i}")).collect();
+    let mut fields: Vec<(&str, &[u8])> =
+        vec![("user_id", b"u1"), ("user_name", b"n"), ("seq", b"1")];
+    fields.extend(filler.iter().map(|name| (name.as_str(), b"x".as_slice())));
+    backend.xadd("user.created", &fields).await;
+    recv(&mut seen, "the failing attempt").await;
+    backend.until_nothing_pending("user.created", "tests").await;
+    let letters = within(
+        "list",
+        STEP,
+        bus.dead_letters("user.created").list(None, 10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, Some(DeadLetterReason::Permanent));
+    assert!(letters[0].fields.is_empty(), "{:?}", letters[0].fields);
+    let raw = backend.entries(DLQ).await;
+    assert_eq!(
+        raw[0].1[0],
+        ("@fields_omitted".to_owned(), "4000".to_owned())
+    );
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
+conformance!(replay_all_and_purge_work_on_the_whole_dead_letter_stream);
+async fn replay_all_and_purge_work_on_the_whole_dead_letter_stream(backend: Backend) {
+    let (handler, mut seen) =
+        Scripted::new(|_: UserCreated, _| async { Err(HandlerError::permanent("no")) });
+    let bus = within(
+        "build",
+        STEP,
+        failing_bus(&backend).handler(handler).build(),
+    )
+    .await
+    .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
     for seq in 0..150 {
         within("publish", STEP, bus.publish(&user(seq)))
@@ -487,7 +615,7 @@ async fn replay_all_and_purge_work_on_the_whole_dead_letter_stream() {
     for _ in 0..150 {
         recv(&mut seen, "an attempt").await;
     }
-    until_nothing_pending(&server, "user.created", "tests").await;
+    backend.until_nothing_pending("user.created", "tests").await;
     let dead = bus.dead_letters("user.created");
     assert_eq!(within("len", STEP, dead.len()).await.unwrap(), 150);
     // Paging goes through all of them.
@@ -507,7 +635,7 @@ async fn replay_all_and_purge_work_on_the_whole_dead_letter_stream() {
         150
     );
     assert_eq!(within("len", STEP, dead.len()).await.unwrap(), 0);
-    assert_eq!(stream_len(&server, "user.created").await, 300);
+    assert_eq!(backend.stream_len("user.created").await, 300);
 
     let first = within(
         "purge one",
@@ -521,15 +649,14 @@ async fn replay_all_and_purge_work_on_the_whole_dead_letter_stream() {
     within("purge all", STEP, dead.purge_all()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letter_streams_are_capped() {
-    let server = start_server().await;
+conformance!(dead_letter_streams_are_capped);
+async fn dead_letter_streams_are_capped(backend: Backend) {
     let (handler, mut seen) =
         Scripted::new(|_: UserCreated, _| async { Err(HandlerError::permanent("no")) });
     let bus = within(
         "build",
         STEP,
-        failing_bus(&server)
+        failing_bus(&backend)
             .dead_letter_max_len(10)
             .max_concurrent(16)
             .handler(handler)
@@ -538,7 +665,7 @@ async fn dead_letter_streams_are_capped() {
     .await
     .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
-    let publisher = within("build", STEP, EventBus::builder().url(server.url()).build())
+    let publisher = within("build", STEP, backend.builder().build())
         .await
         .unwrap();
     for seq in 0..1000 {
@@ -549,20 +676,19 @@ async fn dead_letter_streams_are_capped() {
     for _ in 0..1000 {
         recv(&mut seen, "an attempt").await;
     }
-    until_nothing_pending(&server, "user.created", "tests").await;
+    backend.until_nothing_pending("user.created", "tests").await;
     // MAXLEN ~ trims whole nodes of the stream (100 entries each by default), so the cap
     // is approximate, but far below what was written.
-    let len = stream_len(&server, DLQ).await;
+    let len = backend.stream_len(DLQ).await;
     assert!(
-        len >= 10 && len < 300,
+        (10..300).contains(&len),
         "dead-letter stream has {len} entries"
     );
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_entry_waiting_for_its_retry_holds_no_slot() {
-    let server = start_server().await;
+conformance!(an_entry_waiting_for_its_retry_holds_no_slot);
+async fn an_entry_waiting_for_its_retry_holds_no_slot(backend: Backend) {
     let (handler, mut seen) =
         Scripted::new(|event: UserCreated, ctx: slim_bus::Context| async move {
             if event.seq == 1 && ctx.delivery_count() == 1 {
@@ -576,7 +702,7 @@ async fn an_entry_waiting_for_its_retry_holds_no_slot() {
     let bus = within(
         "build",
         STEP,
-        failing_bus(&server)
+        failing_bus(&backend)
             .claim_min_idle(Duration::from_secs(5))
             .max_concurrent(1)
             .handler(handler)
@@ -601,37 +727,42 @@ async fn an_entry_waiting_for_its_retry_holds_no_slot() {
         failed_at.elapsed() >= Duration::from_millis(700),
         "the retry came before its delay"
     );
-    until_nothing_pending(&server, "user.created", "tests").await;
+    backend.until_nothing_pending("user.created", "tests").await;
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pending_entries_deleted_from_the_stream_do_not_loop() {
-    let server = start_server().await;
-    let own = xadd(&server, "user.created", &user_fields(1)).await;
-    let theirs = xadd(&server, "user.created", &user_fields(2)).await;
-    let kept = xadd(&server, "user.created", &user_fields(3)).await;
+conformance!(pending_entries_deleted_from_the_stream_do_not_loop);
+async fn pending_entries_deleted_from_the_stream_do_not_loop(backend: Backend) {
+    let own = backend.xadd("user.created", &user_fields(1)).await;
+    let theirs = backend.xadd("user.created", &user_fields(2)).await;
+    let kept = backend.xadd("user.created", &user_fields(3)).await;
     // consumer-1 (this bus, in a previous life) holds the first, a dead pod the others.
-    read_as_dead_consumer(&server, "user.created", "tests", "consumer-1", 1).await;
-    read_as_dead_consumer(&server, "user.created", "tests", "dead-pod", 2).await;
-    let mut conn = server.connection().await;
-    let _: usize = within(
-        "XDEL",
+    backend
+        .read_as_dead_consumer("user.created", "tests", "consumer-1", 1)
+        .await;
+    backend
+        .read_as_dead_consumer("user.created", "tests", "dead-pod", 2)
+        .await;
+    assert_eq!(
+        backend
+            .xdel("user.created", &[own.as_str(), theirs.as_str()])
+            .await,
+        2
+    );
+
+    let (handler, mut seen) = Scripted::new(ok());
+    let bus = within(
+        "build",
         STEP,
-        redis::AsyncCommands::xdel(&mut conn, "user.created", &[own.as_str(), theirs.as_str()]),
+        failing_bus(&backend).handler(handler).build(),
     )
     .await
     .unwrap();
-
-    let (handler, mut seen) = Scripted::new(ok());
-    let bus = within("build", STEP, failing_bus(&server).handler(handler).build())
-        .await
-        .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
     let delivery = recv(&mut seen, "the entry that still exists").await;
     assert_eq!(delivery.entry_id.to_string(), kept);
-    until_nothing_pending(&server, "user.created", "tests").await;
-    assert_eq!(stream_len(&server, DLQ).await, 0);
+    backend.until_nothing_pending("user.created", "tests").await;
+    assert_eq!(backend.stream_len(DLQ).await, 0);
     assert!(seen.try_recv().is_err());
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
@@ -689,7 +820,8 @@ async fn claim_and_retry_settings_are_checked() {
 async fn entries_held_by_a_killed_consumer_process_are_claimed_by_a_live_bus() {
     use tokio::io::{AsyncBufReadExt, BufReader};
 
-    let server = start_server().await;
+    let backend = Backend::redis().await;
+    let server = backend.server().unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_slim-bus-test-consumer"))
         .arg(server.url())
         .arg("doomed-pod")
@@ -714,22 +846,25 @@ async fn entries_held_by_a_killed_consumer_process_are_claimed_by_a_live_bus() {
     .unwrap();
     assert_eq!(next_line().await, "started 1 1");
     within("kill -9", STEP, child.kill()).await.unwrap();
-    assert_eq!(pending_count(&server, "user.created", "tests").await, 1);
+    assert_eq!(pending_count(server, "user.created", "tests").await, 1);
 
     let (handler, mut seen) = Scripted::new(ok());
-    let bus = within("build", STEP, failing_bus(&server).handler(handler).build())
-        .await
-        .unwrap();
+    let bus = within(
+        "build",
+        STEP,
+        failing_bus(&backend).handler(handler).build(),
+    )
+    .await
+    .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
     let delivery = recv(&mut seen, "the entry the killed process held").await;
     assert_eq!((delivery.event.seq, delivery.delivery_count), (1, 2));
-    until_nothing_pending(&server, "user.created", "tests").await;
+    until_nothing_pending(server, "user.created", "tests").await;
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retry_is_not_held_back_by_an_idle_blocking_read() {
-    let server = start_server().await;
+conformance!(a_retry_is_not_held_back_by_an_idle_blocking_read);
+async fn a_retry_is_not_held_back_by_an_idle_blocking_read(backend: Backend) {
     let (handler, mut seen) = Scripted::new(|_: UserCreated, ctx: slim_bus::Context| async move {
         if ctx.delivery_count() == 1 {
             Err(HandlerError::new("once"))
@@ -740,7 +875,7 @@ async fn a_retry_is_not_held_back_by_an_idle_blocking_read() {
     let bus = within(
         "build",
         STEP,
-        failing_bus(&server)
+        failing_bus(&backend)
             .block_time(Duration::from_secs(30))
             .claim_interval(Duration::from_secs(60))
             .handler(handler)

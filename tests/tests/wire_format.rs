@@ -7,9 +7,7 @@ mod support;
 
 use std::collections::{BTreeMap, HashMap};
 
-use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
-use slim_bus::EventBus;
 use slim_bus_tests::within;
 use support::*;
 
@@ -72,28 +70,16 @@ fn signup() -> Signup {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publish_writes_one_flat_field_per_struct_field_in_declaration_order() {
-    let server = start_server().await;
-    let bus = within("build", STEP, EventBus::builder().url(server.url()).build())
+conformance!(publish_writes_one_flat_field_per_struct_field_in_declaration_order);
+async fn publish_writes_one_flat_field_per_struct_field_in_declaration_order(backend: Backend) {
+    let bus = within("build", STEP, backend.builder().build())
         .await
         .unwrap();
     let id = within("publish", STEP, bus.publish(&signup()))
         .await
         .unwrap();
 
-    let mut conn = server.connection().await;
-    let entries: Vec<(String, Vec<(String, String)>)> = within(
-        "XRANGE",
-        STEP,
-        redis::cmd("XRANGE")
-            .arg("signups")
-            .arg("-")
-            .arg("+")
-            .query_async(&mut conn),
-    )
-    .await
-    .unwrap();
+    let entries = backend.entries("signups").await;
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].0, id.to_string());
     let fields: Vec<(&str, &str)> = entries[0]
@@ -205,19 +191,18 @@ fn rows() -> Vec<Row> {
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handlers_decode_entries_written_raw_including_go_producers() {
-    let server = start_server().await;
+conformance!(handlers_decode_entries_written_raw_including_go_producers);
+async fn handlers_decode_entries_written_raw_including_go_producers(backend: Backend) {
     let rows = rows();
     let mut ids = Vec::new();
     for row in &rows {
-        ids.push(xadd(&server, "signups", &row.fields).await);
+        ids.push(backend.xadd("signups", &row.fields).await);
     }
     let (handler, mut seen) = Record::<Signup>::new();
     let bus = within(
         "build",
         STEP,
-        bus(&server).max_concurrent(1).handler(handler).build(),
+        backend.bus().max_concurrent(1).handler(handler).build(),
     )
     .await
     .unwrap();
@@ -227,24 +212,23 @@ async fn handlers_decode_entries_written_raw_including_go_producers() {
         assert_eq!(delivery.entry_id.to_string(), *id, "{}", row.what);
         assert_eq!(delivery.event, row.expected, "{}", row.what);
     }
-    until_nothing_pending(&server, "signups", "tests").await;
+    backend.until_nothing_pending("signups", "tests").await;
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn untyped_handlers_see_every_field_as_text() {
-    let server = start_server().await;
-    xadd(
-        &server,
-        "legacy",
-        &[("user_id", b"1a2b3c"), ("user_name", b"John Doe")],
-    )
-    .await;
+conformance!(untyped_handlers_see_every_field_as_text);
+async fn untyped_handlers_see_every_field_as_text(backend: Backend) {
+    backend
+        .xadd(
+            "legacy",
+            &[("user_id", b"1a2b3c"), ("user_name", b"John Doe")],
+        )
+        .await;
     let (handler, mut seen) = Record::<HashMap<String, String>>::new();
     let bus = within(
         "build",
         STEP,
-        bus(&server).handler_on("legacy", handler).build(),
+        backend.bus().handler_on("legacy", handler).build(),
     )
     .await
     .unwrap();
@@ -260,10 +244,9 @@ async fn untyped_handlers_see_every_field_as_text() {
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn send_writes_untyped_fields_like_the_go_original() {
-    let server = start_server().await;
-    let bus = within("build", STEP, EventBus::builder().url(server.url()).build())
+conformance!(send_writes_untyped_fields_like_the_go_original);
+async fn send_writes_untyped_fields_like_the_go_original(backend: Backend) {
+    let bus = within("build", STEP, backend.builder().build())
         .await
         .unwrap();
     within(
@@ -276,11 +259,7 @@ async fn send_writes_untyped_fields_like_the_go_original() {
     )
     .await
     .unwrap();
-    let mut conn = server.connection().await;
-    let entries: Vec<(String, Vec<(String, String)>)> =
-        within("XRANGE", STEP, conn.xrange_all("user.created"))
-            .await
-            .unwrap();
+    let entries = backend.entries("user.created").await;
     assert_eq!(
         entries[0].1,
         [
@@ -295,14 +274,13 @@ async fn send_writes_untyped_fields_like_the_go_original() {
     assert!(matches!(err, slim_bus::Error::Encode { .. }), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_is_published_in_order_and_handled_like_single_events() {
-    let server = start_server().await;
+conformance!(a_batch_is_published_in_order_and_handled_like_single_events);
+async fn a_batch_is_published_in_order_and_handled_like_single_events(backend: Backend) {
     let (handler, mut seen) = Record::<UserCreated>::new();
     let bus = within(
         "build",
         STEP,
-        bus(&server).max_concurrent(1).handler(handler).build(),
+        backend.bus().max_concurrent(1).handler(handler).build(),
     )
     .await
     .unwrap();
@@ -315,7 +293,7 @@ async fn a_batch_is_published_in_order_and_handled_like_single_events() {
         ids.windows(2).all(|w| w[0] < w[1]),
         "ids in publishing order"
     );
-    assert_eq!(stream_len(&server, "user.created").await, 250);
+    assert_eq!(backend.stream_len("user.created").await, 250);
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
     for (seq, id) in ids.iter().enumerate() {
         let delivery = recv(&mut seen, "a batch entry").await;

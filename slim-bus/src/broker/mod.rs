@@ -14,6 +14,7 @@ use crate::config::StartFrom;
 use crate::error::Result;
 use crate::event::EntryId;
 
+pub(crate) mod memory;
 pub(crate) mod redis;
 mod resp;
 
@@ -117,6 +118,7 @@ pub(crate) trait Broker: Send + Sync + 'static {
     /// Atomically moves entry `id` of `stream`, pending with `consumer`, to `dead_letters`:
     /// adds its fields and `meta` there (capped at about `max_len` entries) and
     /// acknowledges it.
+    #[allow(clippy::too_many_arguments)]
     async fn dead_letter(
         &self,
         stream: &str,

@@ -1,12 +1,19 @@
 //! Events, handlers and helpers shared by the integration tests.
-#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    missing_docs,
+    clippy::unwrap_used,
+    unused_macros,
+    unused_imports
+)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
-use slim_bus::{Context, EventBus, EventBusBuilder, HandlerError, StreamHandler};
+use slim_bus::{Context, EventBus, EventBusBuilder, HandlerError, MemoryBroker, StreamHandler};
 use slim_bus_tests::{RedisServer, within};
 use tokio::sync::mpsc;
 
@@ -253,3 +260,155 @@ pub async fn stream_len(server: &RedisServer, stream: &str) -> usize {
     let mut conn = server.connection().await;
     within("XLEN", STEP, conn.xlen(stream)).await.unwrap()
 }
+
+/// Where a behaviour test runs: a throwaway redis-server, or an in-memory broker. Tests
+/// written once against it run on both (see [`conformance!`]); a difference in behaviour
+/// is a bug in the in-memory backend.
+pub enum Backend {
+    Redis(RedisServer),
+    Memory(MemoryBroker),
+}
+
+impl Backend {
+    pub async fn redis() -> Self {
+        Backend::Redis(start_server().await)
+    }
+
+    pub fn memory() -> Self {
+        slim_bus_tests::init_tracing();
+        Backend::Memory(MemoryBroker::new())
+    }
+
+    /// A builder on this backend with nothing else set.
+    pub fn builder(&self) -> EventBusBuilder {
+        match self {
+            Backend::Redis(server) => EventBus::builder().url(server.url()),
+            Backend::Memory(broker) => EventBus::builder().memory(broker),
+        }
+    }
+
+    /// A bus on this backend with test-friendly timings, like [`bus`].
+    pub fn bus(&self) -> EventBusBuilder {
+        self.builder()
+            .consumer_group("tests")
+            .consumer_name("consumer-1")
+            .block_time(Duration::from_millis(200))
+            .handler_timeout(Duration::from_secs(5))
+    }
+
+    pub fn server(&self) -> Option<&RedisServer> {
+        match self {
+            Backend::Redis(server) => Some(server),
+            Backend::Memory(_) => None,
+        }
+    }
+
+    /// The number of entries the group holds pending on `stream`.
+    pub async fn pending_count(&self, stream: &str, group: &str) -> usize {
+        match self {
+            Backend::Redis(server) => pending_count(server, stream, group).await,
+            Backend::Memory(broker) => broker.pending(stream, group).len(),
+        }
+    }
+
+    /// Waits until the group has nothing pending on `stream`.
+    pub async fn until_nothing_pending(&self, stream: &str, group: &str) {
+        within("every entry to be acknowledged", STEP, async {
+            while self.pending_count(stream, group).await > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+    }
+
+    /// Adds an entry of raw fields, like `XADD stream * ...`; returns its id.
+    pub async fn xadd(&self, stream: &str, fields: &[(&str, &[u8])]) -> String {
+        match self {
+            Backend::Redis(server) => xadd(server, stream, fields).await,
+            Backend::Memory(_) => {
+                let publisher = within("build a publisher", STEP, self.builder().build())
+                    .await
+                    .unwrap();
+                within("send", STEP, publisher.send(stream, fields.iter().copied()))
+                    .await
+                    .unwrap()
+                    .to_string()
+            }
+        }
+    }
+
+    /// Deletes entries, like `XDEL`; returns how many existed.
+    pub async fn xdel(&self, stream: &str, ids: &[&str]) -> usize {
+        match self {
+            Backend::Redis(server) => {
+                let mut conn = server.connection().await;
+                within("XDEL", STEP, conn.xdel(stream, ids)).await.unwrap()
+            }
+            Backend::Memory(broker) => {
+                let ids: Vec<slim_bus::EntryId> =
+                    ids.iter().map(|id| id.parse().unwrap()).collect();
+                broker.delete_entries(stream, &ids) as usize
+            }
+        }
+    }
+
+    /// Reads `count` entries of `stream` as consumer `name` without acknowledging them: a
+    /// consumer that dies right after reading. Creates the group from the start if needed.
+    pub async fn read_as_dead_consumer(&self, stream: &str, group: &str, name: &str, count: usize) {
+        match self {
+            Backend::Redis(server) => {
+                read_as_dead_consumer(server, stream, group, name, count).await
+            }
+            Backend::Memory(broker) => {
+                broker.read_unacknowledged(stream, group, name, count);
+            }
+        }
+    }
+
+    /// Every entry of `stream` with its fields as text, like `XRANGE stream - +`.
+    pub async fn entries(&self, stream: &str) -> Vec<(String, Vec<(String, String)>)> {
+        match self {
+            Backend::Redis(server) => entries(server, stream).await,
+            Backend::Memory(broker) => broker
+                .entries(stream)
+                .into_iter()
+                .map(|(id, fields)| {
+                    let fields = fields
+                        .into_iter()
+                        .map(|(name, value)| (name, String::from_utf8(value).unwrap()))
+                        .collect();
+                    (id.to_string(), fields)
+                })
+                .collect(),
+        }
+    }
+
+    /// The number of entries in `stream`, like `XLEN`.
+    pub async fn stream_len(&self, stream: &str) -> usize {
+        match self {
+            Backend::Redis(server) => stream_len(server, stream).await,
+            Backend::Memory(broker) => broker.stream_len(stream) as usize,
+        }
+    }
+}
+
+/// Runs the behaviour test `async fn $name(backend: Backend)` on both backends, as
+/// `$name::redis` (a throwaway redis-server, multi-threaded runtime) and `$name::memory`
+/// (an in-memory broker, tokio's clock paused: waiting for claims and retries costs no
+/// real time, and a test that hangs fails at its `within` bound at once).
+macro_rules! conformance {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$name(super::Backend::redis().await).await
+            }
+
+            #[tokio::test(start_paused = true)]
+            async fn memory() {
+                super::$name(super::Backend::memory()).await
+            }
+        }
+    };
+}
+pub(crate) use conformance;
