@@ -217,7 +217,7 @@ impl EventBus {
         if fields.is_empty() {
             return Err(empty_entry(stream));
         }
-        self.inner.broker.publish(stream, &fields).await
+        self.inner.broker.publish(stream, fields).await
     }
 
     /// Starts listening: creates the consumer group on every stream (an existing group is

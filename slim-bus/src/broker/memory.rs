@@ -903,10 +903,10 @@ impl Drop for BlockedReader<'_> {
 
 #[async_trait]
 impl Broker for MemoryConnection {
-    async fn publish(&self, stream: &str, fields: &[EncodedField]) -> Result<EntryId> {
+    async fn publish(&self, stream: &str, fields: Vec<EncodedField>) -> Result<EntryId> {
         let fields = fields
-            .iter()
-            .map(|(name, value)| (name.as_bytes().to_vec(), value.clone()))
+            .into_iter()
+            .map(|(name, value)| (name.into_owned().into_bytes(), value))
             .collect();
         let id = self.shared.command(|state| state.add(stream, fields));
         self.shared.appended.notify_waiters();
@@ -1176,7 +1176,7 @@ mod tests {
 
     async fn publish(broker: &MemoryConnection, stream: &str, seq: u64) -> EntryId {
         broker
-            .publish(stream, &fields(&[("seq", &seq.to_string())]))
+            .publish(stream, fields(&[("seq", &seq.to_string())]))
             .await
             .expect("publishing in memory succeeds")
     }
@@ -1447,7 +1447,7 @@ mod tests {
             .await
             .expect("created");
         let id = broker
-            .publish("s", &fields(&[("user", "u1"), ("@reason", "mine")]))
+            .publish("s", fields(&[("user", "u1"), ("@reason", "mine")]))
             .await
             .expect("published");
         read(&broker, "me", 1).await;
@@ -1548,7 +1548,7 @@ mod tests {
             .iter()
             .map(|name| (Cow::Owned(name.clone()), b"v".to_vec()))
             .collect();
-        let id = broker.publish("s", &many).await.expect("published");
+        let id = broker.publish("s", many).await.expect("published");
         read(&broker, "me", 1).await;
         let meta = [("@reason", "decode".to_owned())];
         assert_eq!(
@@ -1573,7 +1573,7 @@ mod tests {
         let handle = MemoryBroker::new();
         let broker = handle.connect();
         let id = broker
-            .publish("{s}:dlq", &fields(&[("@reason", "decode")]))
+            .publish("{s}:dlq", fields(&[("@reason", "decode")]))
             .await
             .expect("published");
         let error = broker

@@ -45,7 +45,7 @@ pub(crate) struct StreamDeliveries {
 #[async_trait]
 pub(crate) trait Broker: Send + Sync + 'static {
     /// Appends an entry, returning its id.
-    async fn publish(&self, stream: &str, fields: &[EncodedField]) -> Result<EntryId>;
+    async fn publish(&self, stream: &str, fields: Vec<EncodedField>) -> Result<EntryId>;
 
     /// Appends several entries to `stream`, in order, returning their ids. A backend that
     /// can should do it in one round trip.
@@ -53,13 +53,7 @@ pub(crate) trait Broker: Send + Sync + 'static {
         &self,
         stream: &str,
         entries: &[Vec<EncodedField>],
-    ) -> Result<Vec<EntryId>> {
-        let mut ids = Vec::with_capacity(entries.len());
-        for fields in entries {
-            ids.push(self.publish(stream, fields).await?);
-        }
-        Ok(ids)
-    }
+    ) -> Result<Vec<EntryId>>;
 
     /// Creates `group` on `stream` (and the stream) unless it exists.
     async fn ensure_group(&self, stream: &str, group: &str, start: StartFrom) -> Result<()>;

@@ -291,11 +291,11 @@ async fn manager(client: &Client, response_timeout: Duration) -> Result<Connecti
 
 #[async_trait]
 impl Broker for RedisBroker {
-    async fn publish(&self, stream: &str, fields: &[EncodedField]) -> Result<EntryId> {
+    async fn publish(&self, stream: &str, fields: Vec<EncodedField>) -> Result<EntryId> {
         let (reply, answer) = oneshot::channel();
         let request = PublishRequest {
             stream: stream.into(),
-            fields: fields.to_vec(),
+            fields,
             reply,
         };
         let stopped = || Error::Internal {
