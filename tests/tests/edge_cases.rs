@@ -2,107 +2,38 @@
 //! shutdown, and unsupported URLs.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use slim_bus::{Context, Error, EventBus, EventBusBuilder, HandlerError};
+use slim_bus::{Error, EventBus, EventBusBuilder, HandlerError};
 use slim_bus_tests::{RedisServer, within};
-use tokio::sync::mpsc;
+use support::*;
 
-const STEP: Duration = Duration::from_secs(10);
-
-#[derive(Debug, Clone, Serialize, Deserialize, slim_bus::Event)]
-#[event(stream = "orders")]
-struct Order {
-    seq: u64,
-}
-
-async fn server() -> RedisServer {
-    slim_bus_tests::init_tracing();
-    within("redis-server", STEP, RedisServer::start())
-        .await
-        .unwrap()
-}
-
-fn bus(server: &RedisServer) -> EventBusBuilder {
-    EventBus::builder()
-        .url(server.url())
-        .consumer_group("edge")
-        .consumer_name("edge-1")
-        .block_time(Duration::from_millis(200))
+fn edge_bus(server: &RedisServer) -> EventBusBuilder {
+    bus(server)
         .handler_timeout(Duration::from_millis(500))
         .claim_min_idle(Duration::from_secs(5))
         .retry_backoff(Duration::from_millis(10), Duration::from_millis(50))
 }
 
-async fn pending(server: &RedisServer) -> usize {
-    let mut conn = server.connection().await;
-    let summary: redis::Value = within(
-        "XPENDING",
-        STEP,
-        redis::cmd("XPENDING")
-            .arg("orders")
-            .arg("edge")
-            .query_async(&mut conn),
-    )
-    .await
-    .unwrap();
-    match summary {
-        redis::Value::Array(parts) => match parts.first() {
-            Some(redis::Value::Int(n)) => *n as usize,
-            other => panic!("{other:?}"),
-        },
-        other => panic!("{other:?}"),
-    }
-}
-
-/// Sends each delivery's seq to the test, then fails or succeeds as `outcome` says.
-struct Scripted<F> {
-    seen: mpsc::UnboundedSender<u64>,
-    outcome: F,
-}
-
-#[slim_bus::async_trait]
-impl<F> slim_bus::StreamHandler for Scripted<F>
-where
-    F: Fn(&Order) -> Result<(), HandlerError> + Send + Sync + 'static,
-{
-    type Event = Order;
-
-    async fn handle(&self, event: Order, _ctx: Context) -> Result<(), HandlerError> {
-        let _ = self.seen.send(event.seq);
-        (self.outcome)(&event)
-    }
-}
-
-fn scripted<F>(outcome: F) -> (Scripted<F>, mpsc::UnboundedReceiver<u64>)
-where
-    F: Fn(&Order) -> Result<(), HandlerError> + Send + Sync + 'static,
-{
-    let (seen, rx) = mpsc::unbounded_channel();
-    (Scripted { seen, outcome }, rx)
-}
-
-async fn recv(rx: &mut mpsc::UnboundedReceiver<u64>) -> u64 {
-    within("a delivery", STEP, rx.recv()).await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_all_ends_even_when_the_replayed_entries_fail_again() {
-    let server = server().await;
-    let (handler, mut seen) = scripted(|_| Err(HandlerError::permanent("still broken")));
-    let bus = within("build", STEP, bus(&server).handler(handler).build())
+    let server = start_server().await;
+    let (handler, mut seen) =
+        Scripted::new(|_: UserCreated, _| async { Err(HandlerError::permanent("still broken")) });
+    let bus = within("build", STEP, edge_bus(&server).handler(handler).build())
         .await
         .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
-    let orders: Vec<Order> = (0..50).map(|seq| Order { seq }).collect();
-    within("publish", STEP, bus.publish_batch(&orders))
+    let users: Vec<UserCreated> = (0..50).map(user).collect();
+    within("publish", STEP, bus.publish_batch(&users))
         .await
         .unwrap();
     for _ in 0..50 {
-        recv(&mut seen).await;
+        recv(&mut seen, "a first attempt").await;
     }
-    let dead = bus.dead_letters("orders");
+    let dead = bus.dead_letters("user.created");
     within("dead letters", STEP, async {
         while dead.len().await.unwrap() < 50 {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -115,56 +46,60 @@ async fn replay_all_ends_even_when_the_replayed_entries_fail_again() {
         50
     );
     for _ in 0..50 {
-        recv(&mut seen).await;
+        recv(&mut seen, "a replayed attempt").await;
     }
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_absurd_retry_delay_leaves_the_entry_pending_without_harming_the_bus() {
-    let server = server().await;
-    let (handler, mut seen) = scripted(|order| {
-        if order.seq == 0 {
+    let server = start_server().await;
+    let (handler, mut seen) = Scripted::new(|event: UserCreated, _| async move {
+        if event.seq == 0 {
             Err(HandlerError::retry_after(Duration::MAX, "much later"))
         } else {
             Ok(())
         }
     });
-    let bus = within("build", STEP, bus(&server).handler(handler).build())
+    let bus = within("build", STEP, edge_bus(&server).handler(handler).build())
         .await
         .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
-    let orders: Vec<Order> = (0..3).map(|seq| Order { seq }).collect();
-    within("publish", STEP, bus.publish_batch(&orders))
+    let users: Vec<UserCreated> = (0..3).map(user).collect();
+    within("publish", STEP, bus.publish_batch(&users))
         .await
         .unwrap();
     let mut handled: Vec<u64> = Vec::new();
     for _ in 0..3 {
-        handled.push(recv(&mut seen).await);
+        handled.push(recv(&mut seen, "a delivery").await.event.seq);
     }
     handled.sort_unstable();
     assert_eq!(handled, [0, 1, 2]);
     within("acks", STEP, async {
-        while pending(&server).await != 1 {
+        while pending_count(&server, "user.created", "tests").await != 1 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await;
-    within("publish", STEP, bus.publish(&Order { seq: 3 }))
+    within("publish", STEP, bus.publish(&user(3)))
         .await
         .unwrap();
-    assert_eq!(recv(&mut seen).await, 3, "the bus still handles entries");
+    assert_eq!(
+        recv(&mut seen, "a later entry").await.event.seq,
+        3,
+        "the bus still handles entries"
+    );
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_shutdown_returns_the_bus_reads_nothing_more() {
-    let server = server().await;
-    let (handler, mut seen) = scripted(|_| Ok(()));
+    let server = start_server().await;
+    let (handler, mut seen) = Scripted::new(|_: UserCreated, _| async { Ok(()) });
     let bus = within(
         "build",
         STEP,
-        bus(&server)
+        edge_bus(&server)
             .block_time(Duration::from_secs(5))
             .handler(handler)
             .build(),
@@ -172,13 +107,13 @@ async fn after_shutdown_returns_the_bus_reads_nothing_more() {
     .await
     .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
-    within("publish", STEP, bus.publish(&Order { seq: 1 }))
+    within("publish", STEP, bus.publish(&user(1)))
         .await
         .unwrap();
-    assert_eq!(recv(&mut seen).await, 1);
+    assert_eq!(recv(&mut seen, "the first entry").await.event.seq, 1);
     // The reader is blocked in a 5 s read now.
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
-    within("publish", STEP, bus.publish(&Order { seq: 2 }))
+    within("publish", STEP, bus.publish(&user(2)))
         .await
         .unwrap();
     let health = within("health", STEP, bus.health()).await;
