@@ -234,11 +234,18 @@ impl Reader<'_> {
 
     /// Claims the entries whose retry is due back to this consumer and runs them again.
     async fn run_due_retries(&mut self) -> Result<()> {
-        let due = self.retries.due_count(Instant::now());
-        if due == 0 {
+        if self
+            .retries
+            .next_due()
+            .is_none_or(|due| due > Instant::now())
+        {
             return Ok(());
         }
-        let mut slots = self.reserve_slots(due).await;
+        // Runs on every turn of the read loop, so it only peeks at the earliest request;
+        // what does not fit in the slots reserved here waits for the next turn.
+        let mut slots = self
+            .reserve_slots(self.retries.len().min(self.consumer.max_count))
+            .await;
         let taken = self.retries.pop_due(Instant::now(), slots.num_permits());
         if taken.is_empty() {
             return Ok(());

@@ -62,11 +62,9 @@ impl RetryQueue {
         self.waiting.peek().map(|Reverse(r)| r.due)
     }
 
-    pub(crate) fn due_count(&self, now: Instant) -> usize {
-        self.waiting
-            .iter()
-            .filter(|Reverse(r)| r.due <= now)
-            .count()
+    /// How many requests wait, due or not.
+    pub(crate) fn len(&self) -> usize {
+        self.waiting.len()
     }
 
     /// Removes and returns up to `limit` requests due at `now`, earliest first.
@@ -114,11 +112,13 @@ mod tests {
             .expect("the queue is open");
         queue.collect();
         assert_eq!(queue.next_due(), Some(now - Duration::from_secs(1)));
-        assert_eq!(queue.due_count(now), 2);
+        assert_eq!(queue.len(), 3);
         let first = queue.pop_due(now, 1);
         assert_eq!(first.iter().map(|r| r.id.seq()).collect::<Vec<_>>(), [3]);
         let rest = queue.pop_due(now, 10);
         assert_eq!(rest.iter().map(|r| r.id.seq()).collect::<Vec<_>>(), [2]);
         assert_eq!(queue.next_due(), Some(now + Duration::from_secs(5)));
+        assert!(queue.pop_due(now, 10).is_empty(), "only two were due");
+        assert_eq!(queue.len(), 1);
     }
 }
