@@ -693,6 +693,70 @@ async fn listen_reports_a_stream_key_of_another_type() {
     );
 }
 
+/// Concurrent publishes travel together in pipelines; each publisher must still get its
+/// own entry's id, or its own error, whatever its neighbours in the pipeline got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_each_get_their_own_id_or_error() {
+    let server = start_server().await;
+    let mut conn = server.connection().await;
+    let _: () = within(
+        "SET",
+        STEP,
+        redis::AsyncCommands::set(&mut conn, "taken", "oops"),
+    )
+    .await
+    .unwrap();
+    let bus = within("build", STEP, bus(&server).build()).await.unwrap();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for seq in 0..300u64 {
+        let bus = bus.clone();
+        tasks.spawn(async move {
+            let outcome = match seq % 3 {
+                0 => bus.publish_to("taken", &user(seq)).await.map(|id| vec![id]),
+                1 => bus.publish(&user(seq)).await.map(|id| vec![id]),
+                _ => bus.publish_batch(&[user(seq), user(seq + 1_000)]).await,
+            };
+            (seq, outcome)
+        });
+    }
+    let mut expected = std::collections::BTreeMap::new();
+    while let Some(joined) = within("a publish", STEP, tasks.join_next()).await {
+        let (seq, outcome) = joined.unwrap();
+        match (seq % 3, outcome) {
+            (0, Err(Error::WrongType { stream, .. })) => assert_eq!(stream, "taken"),
+            (1, Ok(ids)) => {
+                assert_eq!(ids.len(), 1);
+                expected.insert(ids[0].to_string(), seq);
+            }
+            (2, Ok(ids)) => {
+                assert_eq!(ids.len(), 2);
+                assert!(ids[0] < ids[1], "a batch keeps its order");
+                expected.insert(ids[0].to_string(), seq);
+                expected.insert(ids[1].to_string(), seq + 1_000);
+            }
+            (_, outcome) => panic!("publish {seq} returned {outcome:?}"),
+        }
+    }
+    let written: std::collections::BTreeMap<String, u64> = entries(&server, "user.created")
+        .await
+        .into_iter()
+        .map(|(id, fields)| {
+            let seq = fields.iter().find(|(name, _)| name == "seq").unwrap();
+            (id, seq.1.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        written.len(),
+        300,
+        "100 single publishes and 100 batches of 2"
+    );
+    assert_eq!(
+        written, expected,
+        "each id names the entry its publisher wrote"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn build_fails_clearly_when_redis_is_unreachable() {
     let server = start_server().await;

@@ -12,7 +12,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Value};
 use tokio::time::Instant;
 
-use super::resp::{ReadConnection, ReadError};
+use super::resp::{RespConnection, RespError, encode_xadd, xadd_len};
 use super::{Broker, ClaimPage, DeadLetterMove, Delivery, GroupStats, RawFields, StreamDeliveries};
 use crate::codec::EncodedField;
 use crate::config::StartFrom;
@@ -43,7 +43,7 @@ pub(crate) struct RedisBroker {
     commands: ConnectionManager,
     /// `XREADGROUP ... BLOCK`, which holds its connection for the whole block time, so it
     /// gets a connection of its own, opened on first use and again after it broke.
-    read_connection: tokio::sync::Mutex<Option<ReadConnection>>,
+    read_connection: tokio::sync::Mutex<Option<RespConnection>>,
     command_timeout: Duration,
     dead_letter_script: redis::Script,
     replay_script: redis::Script,
@@ -53,80 +53,115 @@ pub(crate) struct RedisBroker {
     publisher: mpsc::UnboundedSender<PublishRequest>,
 }
 
-/// One `publish` waiting for its entry id.
+/// Encoded `XADD`s waiting to be sent, from one `publish` or `publish_batch`.
 struct PublishRequest {
     stream: Box<str>,
-    fields: Vec<EncodedField>,
-    reply: oneshot::Sender<Result<EntryId>>,
+    /// `count` commands, as [`encode_xadd`] writes them.
+    commands: Vec<u8>,
+    count: usize,
+    reply: PublishReply,
 }
 
-/// The most publishes sent in one pipeline.
+enum PublishReply {
+    One(oneshot::Sender<Result<EntryId>>),
+    Batch(oneshot::Sender<Result<Vec<EntryId>>>),
+}
+
+/// The most `XADD`s sent in one pipeline, unless one batch holds more.
 const MAX_PUBLISH_PIPELINE: usize = 512;
 
-/// Sends publishes in pipelines: all that arrived while the previous pipeline was on the
-/// wire go out together. Concurrent publishers then share round trips and syscalls; with
-/// 64 tasks publishing, each publish on its own reached 0.40x of a hand-written
-/// pipelined XADD loop (BENCHMARKS.md). Ends when the broker is dropped.
+/// Sends publishes in pipelines over a connection of its own: all that arrived while the
+/// previous pipeline was on the wire go out together. Concurrent publishers then share
+/// round trips and syscalls; with 64 tasks publishing, each publish on its own reached
+/// 0.40x of a hand-written pipelined XADD loop (BENCHMARKS.md). The connection is opened
+/// on the first publish and again after it broke; each pipeline, connecting included,
+/// is bounded by `timeout`. Ends when the broker is dropped.
 async fn publish_in_pipelines(
-    mut connection: TimedConnection,
+    info: redis::ConnectionInfo,
+    timeout: Duration,
     mut requests: mpsc::UnboundedReceiver<PublishRequest>,
 ) {
+    let mut connection: Option<RespConnection> = None;
     let mut batch = Vec::new();
+    let mut wire = Vec::new();
+    let mut replies = Vec::new();
     while let Some(first) = requests.recv().await {
+        // The publish that woke this task is often the first of many: the replies to the
+        // previous pipeline woke each of its publishers, and tokio runs a task woken by a
+        // running task right after it. Yielding once lets the others queue theirs too:
+        // with 64 tasks publishing, pipelines then carry 50 XADDs on average, not 34.
+        tokio::task::yield_now().await;
+        let mut count = first.count;
         batch.push(first);
-        while batch.len() < MAX_PUBLISH_PIPELINE {
+        while count < MAX_PUBLISH_PIPELINE {
             match requests.try_recv() {
-                Ok(request) => batch.push(request),
+                Ok(request) => {
+                    count += request.count;
+                    batch.push(request);
+                }
                 Err(_) => break,
             }
         }
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
+        wire.clear();
         for request in &batch {
-            let cmd = pipe.cmd("XADD").arg(&*request.stream).arg("*");
-            for (name, value) in &request.fields {
-                cmd.arg(name.as_ref()).arg(value.as_slice());
-            }
+            wire.extend_from_slice(&request.commands);
         }
-        let replies: redis::RedisResult<Vec<redis::RedisResult<Value>>> =
-            pipe.query_async(&mut connection).await;
-        match replies {
-            Ok(replies) if replies.len() == batch.len() => {
-                for (request, reply) in batch.drain(..).zip(replies) {
-                    let stream = &*request.stream;
-                    let action = || format!("publishing to stream `{stream}`");
-                    let outcome =
-                        reply
-                            .map_err(|e| classify(stream, e, action))
-                            .and_then(|reply| {
-                                entry_id(&reply).ok_or_else(|| {
-                                    unexpected(action(), "XADD did not return an entry id", &reply)
-                                })
-                            });
-                    // The publisher may have stopped waiting (its future dropped).
-                    let _ = request.reply.send(outcome);
+        replies.clear();
+        let deadline = Instant::now() + timeout;
+        let broke =
+            match send_pipeline(&mut connection, &info, &wire, count, deadline, &mut replies).await
+            {
+                Ok(()) => None,
+                Err(error) => {
+                    connection = None;
+                    Some(error.into_redis())
                 }
-            }
-            Ok(replies) => {
-                let detail = format!("{} replies to {} commands", replies.len(), batch.len());
-                for request in batch.drain(..) {
-                    let _ = request.reply.send(Err(Error::UnexpectedReply {
-                        action: format!("publishing to stream `{}`", request.stream),
-                        detail: detail.clone(),
-                    }));
+            };
+        let mut answers = replies.drain(..);
+        for request in batch.drain(..) {
+            let stream = &*request.stream;
+            let mut next_id = || {
+                match answers.next() {
+                    Some(Ok(id)) => Ok(id),
+                    Some(Err(line)) => Err(RespError::Server(line).into_redis()),
+                    None => Err(broke.clone().unwrap_or_else(|| {
+                        std::io::Error::other("the pipeline ended early").into()
+                    })),
                 }
-            }
-            Err(error) => {
-                for request in batch.drain(..) {
-                    let stream = &*request.stream;
-                    let outcome = Err(classify(stream, error.clone(), || {
-                        format!("publishing to stream `{stream}`")
-                    }));
-                    let _ = request.reply.send(outcome);
+                .map_err(|error| {
+                    classify(stream, error, || format!("publishing to stream `{stream}`"))
+                })
+            };
+            // A publisher may have stopped waiting (its future dropped): `send` fails then.
+            match request.reply {
+                PublishReply::One(reply) => {
+                    let _ = reply.send(next_id());
+                }
+                PublishReply::Batch(reply) => {
+                    // Every reply of the batch is taken, so that the next request's
+                    // replies start where they should, whatever failed.
+                    let ids: Vec<Result<EntryId>> = (0..request.count).map(|_| next_id()).collect();
+                    let _ = reply.send(ids.into_iter().collect());
                 }
             }
         }
     }
+}
+
+/// Sends one pipeline of `XADD`s, connecting first if `connection` is closed.
+async fn send_pipeline(
+    connection: &mut Option<RespConnection>,
+    info: &redis::ConnectionInfo,
+    wire: &[u8],
+    count: usize,
+    deadline: Instant,
+    replies: &mut Vec<std::result::Result<EntryId, Vec<u8>>>,
+) -> std::result::Result<(), RespError> {
+    let open = match connection {
+        Some(open) if !open.is_dirty() => open,
+        _ => connection.insert(RespConnection::connect(info, deadline).await?),
+    };
+    open.add_entries(wire, count, deadline, replies).await
 }
 
 #[derive(Default)]
@@ -183,10 +218,8 @@ impl RedisBroker {
         let commands = manager(&client, command_timeout).await?;
         let (publisher, requests) = mpsc::unbounded_channel();
         tokio::spawn(publish_in_pipelines(
-            TimedConnection {
-                inner: commands.clone(),
-                timeout: command_timeout,
-            },
+            client.get_connection_info().clone(),
+            command_timeout,
             requests,
         ));
         Ok(RedisBroker {
@@ -201,11 +234,35 @@ impl RedisBroker {
         })
     }
 
+    fn send_to_publisher(
+        &self,
+        stream: &str,
+        commands: Vec<u8>,
+        count: usize,
+        reply: PublishReply,
+    ) -> Result<()> {
+        let request = PublishRequest {
+            stream: stream.into(),
+            commands,
+            count,
+            reply,
+        };
+        self.publisher
+            .send(request)
+            .map_err(|_| publisher_stopped())
+    }
+
     fn commands(&self) -> TimedConnection {
         TimedConnection {
             inner: self.commands.clone(),
             timeout: self.command_timeout,
         }
+    }
+}
+
+fn publisher_stopped() -> Error {
+    Error::Internal {
+        detail: "the publishing task stopped".to_owned(),
     }
 }
 
@@ -292,17 +349,11 @@ async fn manager(client: &Client, response_timeout: Duration) -> Result<Connecti
 #[async_trait]
 impl Broker for RedisBroker {
     async fn publish(&self, stream: &str, fields: Vec<EncodedField>) -> Result<EntryId> {
+        let mut commands = Vec::with_capacity(xadd_len(stream, &fields));
+        encode_xadd(&mut commands, stream, &fields);
         let (reply, answer) = oneshot::channel();
-        let request = PublishRequest {
-            stream: stream.into(),
-            fields,
-            reply,
-        };
-        let stopped = || Error::Internal {
-            detail: "the publishing task stopped".to_owned(),
-        };
-        self.publisher.send(request).map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        self.send_to_publisher(stream, commands, 1, PublishReply::One(reply))?;
+        answer.await.map_err(|_| publisher_stopped())?
     }
 
     async fn publish_batch(
@@ -310,25 +361,14 @@ impl Broker for RedisBroker {
         stream: &str,
         entries: &[Vec<EncodedField>],
     ) -> Result<Vec<EntryId>> {
-        let mut pipe = redis::pipe();
+        let len = entries.iter().map(|fields| xadd_len(stream, fields)).sum();
+        let mut commands = Vec::with_capacity(len);
         for fields in entries {
-            let cmd = pipe.cmd("XADD").arg(stream).arg("*");
-            for (name, value) in fields {
-                cmd.arg(name.as_ref()).arg(value.as_slice());
-            }
+            encode_xadd(&mut commands, stream, fields);
         }
-        let action = || format!("publishing a batch to stream `{stream}`");
-        let replies: Vec<Value> = pipe
-            .query_async(&mut self.commands())
-            .await
-            .map_err(|e| classify(stream, e, action))?;
-        replies
-            .iter()
-            .map(|reply| {
-                entry_id(reply)
-                    .ok_or_else(|| unexpected(action(), "XADD did not return an entry id", reply))
-            })
-            .collect()
+        let (reply, answer) = oneshot::channel();
+        self.send_to_publisher(stream, commands, entries.len(), PublishReply::Batch(reply))?;
+        answer.await.map_err(|_| publisher_stopped())?
     }
 
     async fn ensure_group(&self, stream: &str, group: &str, start: StartFrom) -> Result<()> {
@@ -364,7 +404,7 @@ impl Broker for RedisBroker {
         block: Option<Duration>,
     ) -> Result<Vec<StreamDeliveries>> {
         let action = || format!("reading new entries for group `{group}`");
-        let failed = |e: ReadError| {
+        let failed = |e: RespError| {
             let stream = streams.first().map(|s| s.as_ref()).unwrap_or_default();
             classify(stream, e.into_redis(), action)
         };
@@ -375,12 +415,15 @@ impl Broker for RedisBroker {
         let mut slot = self.read_connection.lock().await;
         let mut connection = match slot.take() {
             Some(connection) if !connection.is_dirty() => connection,
-            _ => ReadConnection::connect(self.client.get_connection_info(), CONNECT_TIMEOUT)
-                .await
-                .map_err(|e| {
-                    let addr = self.client.get_connection_info().addr().to_string();
-                    Error::redis(format!("connecting to {addr}"), e.into_redis())
-                })?,
+            _ => RespConnection::connect(
+                self.client.get_connection_info(),
+                Instant::now() + CONNECT_TIMEOUT,
+            )
+            .await
+            .map_err(|e| {
+                let addr = self.client.get_connection_info().addr().to_string();
+                Error::redis(format!("connecting to {addr}"), e.into_redis())
+            })?,
         };
         let blocked = block.and_then(|block| {
             BlockedReader::set(&self.reader, connection.client_id()).map(|guard| (guard, block))
@@ -413,7 +456,7 @@ impl Broker for RedisBroker {
                 Ok(batches)
             }
             Err(error) => {
-                if matches!(error, ReadError::Server(_)) {
+                if matches!(error, RespError::Server(_)) {
                     *slot = Some(connection);
                 }
                 Err(failed(error))
