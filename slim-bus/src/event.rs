@@ -88,9 +88,15 @@ impl EntryId {
     /// Writes the id as Redis does, without going through `core::fmt`: acks write every
     /// handled entry's id.
     fn write_ascii(&self, buffer: &mut [u8; 41]) -> usize {
-        let mut end = write_u64(self.millis, buffer, 0);
-        buffer[end] = b'-';
-        end = write_u64(self.seq, buffer, end + 1);
+        let (mut millis, mut seq) = (itoa::Buffer::new(), itoa::Buffer::new());
+        let (millis, seq) = (
+            millis.format(self.millis).as_bytes(),
+            seq.format(self.seq).as_bytes(),
+        );
+        let end = millis.len() + 1 + seq.len();
+        buffer[..millis.len()].copy_from_slice(millis);
+        buffer[millis.len()] = b'-';
+        buffer[millis.len() + 1..end].copy_from_slice(seq);
         end
     }
 }
@@ -105,24 +111,6 @@ fn parse_u64(digits: &[u8]) -> Option<u64> {
         }
         value.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
     })
-}
-
-/// Writes `value` in decimal at `buffer[start..]`, returning the end.
-fn write_u64(mut value: u64, buffer: &mut [u8; 41], start: usize) -> usize {
-    let mut digits = [0u8; 20];
-    let mut len = 0;
-    loop {
-        digits[len] = b'0' + (value % 10) as u8;
-        len += 1;
-        value /= 10;
-        if value == 0 {
-            break;
-        }
-    }
-    for (i, digit) in digits[..len].iter().rev().enumerate() {
-        buffer[start + i] = *digit;
-    }
-    start + len
 }
 
 impl fmt::Display for EntryId {
@@ -168,6 +156,14 @@ mod tests {
         let id: EntryId = "1526919030474-55".parse().expect("valid id");
         assert_eq!(id, EntryId::new(1_526_919_030_474, 55));
         assert_eq!(id.to_string(), "1526919030474-55");
+        for id in [id, EntryId::new(0, 0), EntryId::new(u64::MAX, u64::MAX)] {
+            let args = redis::ToRedisArgs::to_redis_args(&id);
+            assert_eq!(
+                args,
+                vec![id.to_string().into_bytes()],
+                "as a command argument"
+            );
+        }
         assert!(EntryId::new(5, 10) < EntryId::new(6, 0));
         assert!(EntryId::new(5, 9) < EntryId::new(5, 10));
         for bad in [

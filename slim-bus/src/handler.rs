@@ -5,6 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use crate::broker::EntryFields;
 use crate::codec::{self, CodecError};
 use crate::context::Context;
 use crate::error::HandlerError;
@@ -140,7 +141,7 @@ pub(crate) trait ErasedHandler: Send + Sync + 'static {
 
     fn call<'a>(
         &'a self,
-        fields: &[(Vec<u8>, Vec<u8>)],
+        fields: &EntryFields,
         ctx: Context,
     ) -> Result<HandlerFuture<'a>, CodecError>;
 }
@@ -154,10 +155,10 @@ impl<H: StreamHandler> ErasedHandler for Typed<H> {
 
     fn call<'a>(
         &'a self,
-        fields: &[(Vec<u8>, Vec<u8>)],
+        fields: &EntryFields,
         ctx: Context,
     ) -> Result<HandlerFuture<'a>, CodecError> {
-        let event = codec::from_fields::<H::Event>(fields)?;
+        let event = codec::from_pairs::<H::Event>(fields.pairs())?;
         Ok(self.0.handle(event, ctx))
     }
 }

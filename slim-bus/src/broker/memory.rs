@@ -16,7 +16,10 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Broker, ClaimPage, DeadLetterMove, Delivery, GroupStats, RawFields, StreamDeliveries};
+use super::{
+    Broker, ClaimPage, DeadLetterMove, Delivery, EntryFields, GroupStats, RawFields,
+    StreamDeliveries,
+};
 use crate::codec::EncodedField;
 use crate::config::StartFrom;
 use crate::dead_letter::{DeadLetter, META_PREFIX, dlq_error};
@@ -503,7 +506,7 @@ impl State {
                 .take(count)
                 .map(|(id, fields)| Delivery {
                     id: *id,
-                    fields: Some(fields.clone()),
+                    fields: Some(EntryFields::from_pairs(fields.iter().cloned())),
                     delivery_count: 1,
                     delivered_at: now,
                 })
@@ -552,7 +555,9 @@ impl State {
                 nack.delivered_at = now;
                 Delivery {
                     id: *id,
-                    fields: entries.get(id).cloned(),
+                    fields: entries
+                        .get(id)
+                        .map(|fields| EntryFields::from_pairs(fields.iter().cloned())),
                     delivery_count: nack.delivery_count,
                     delivered_at: now,
                 }
@@ -635,7 +640,7 @@ impl State {
             nack.delivery_count += 1;
             page.deliveries.push(Delivery {
                 id,
-                fields: Some(fields.clone()),
+                fields: Some(EntryFields::from_pairs(fields.iter().cloned())),
                 delivery_count: nack.delivery_count,
                 delivered_at: now,
             });
@@ -652,7 +657,7 @@ impl State {
         consumer: &str,
         requests: &[(Arc<str>, EntryId, Duration)],
         now: Instant,
-    ) -> Result<Vec<Option<RawFields>>, redis::RedisError> {
+    ) -> Result<Vec<Option<EntryFields>>, redis::RedisError> {
         // Like a pipeline whose first error fails the whole reply.
         for (stream, _, _) in requests {
             self.locate(stream, group, "XCLAIM")?;
@@ -675,7 +680,7 @@ impl State {
                     nack.consumer = consumer.clone();
                     nack.delivered_at = now;
                     nack.delivery_count += 1;
-                    claimed.push(Some(fields.clone()));
+                    claimed.push(Some(EntryFields::from_pairs(fields.iter().cloned())));
                 }
                 _ => claimed.push(None),
             }
@@ -1050,7 +1055,7 @@ impl Broker for MemoryConnection {
         group: &str,
         consumer: &str,
         requests: &[(Arc<str>, EntryId, Duration)],
-    ) -> Result<Vec<Option<RawFields>>> {
+    ) -> Result<Vec<Option<EntryFields>>> {
         self.shared
             .command(|state| state.claim_for_retry(group, consumer, requests, Instant::now()))
             .map_err(|e| {

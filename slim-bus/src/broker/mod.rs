@@ -18,6 +18,8 @@ pub(crate) mod memory;
 pub(crate) mod redis;
 mod resp;
 
+pub(crate) use resp::EntryFields;
+
 /// The fields of one entry as stored: names and values as raw bytes.
 pub(crate) type RawFields = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -26,7 +28,7 @@ pub(crate) type RawFields = Vec<(Vec<u8>, Vec<u8>)>;
 pub(crate) struct Delivery {
     pub(crate) id: EntryId,
     /// `None` when the entry is still pending but was deleted or trimmed from the stream.
-    pub(crate) fields: Option<RawFields>,
+    pub(crate) fields: Option<EntryFields>,
     /// How often the group has delivered the entry, this delivery included.
     pub(crate) delivery_count: u64,
     /// When the reply that delivered it arrived: no earlier than Redis delivered it.
@@ -107,7 +109,7 @@ pub(crate) trait Broker: Send + Sync + 'static {
         group: &str,
         consumer: &str,
         requests: &[(Arc<str>, EntryId, Duration)],
-    ) -> Result<Vec<Option<RawFields>>>;
+    ) -> Result<Vec<Option<EntryFields>>>;
 
     /// Atomically moves entry `id` of `stream`, pending with `consumer`, to `dead_letters`:
     /// adds its fields and `meta` there (capped at about `max_len` entries) and

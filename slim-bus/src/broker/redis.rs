@@ -13,7 +13,10 @@ use redis::{Client, Value};
 use tokio::time::Instant;
 
 use super::resp::{RespConnection, RespError, encode_xadd, xadd_len};
-use super::{Broker, ClaimPage, DeadLetterMove, Delivery, GroupStats, RawFields, StreamDeliveries};
+use super::{
+    Broker, ClaimPage, DeadLetterMove, Delivery, EntryFields, GroupStats, RawFields,
+    StreamDeliveries,
+};
 use crate::codec::EncodedField;
 use crate::config::StartFrom;
 use crate::dead_letter::dlq_error;
@@ -615,7 +618,7 @@ impl Broker for RedisBroker {
         group: &str,
         consumer: &str,
         requests: &[(Arc<str>, EntryId, Duration)],
-    ) -> Result<Vec<Option<RawFields>>> {
+    ) -> Result<Vec<Option<EntryFields>>> {
         let mut pipe = redis::pipe();
         for (stream, id, min_idle) in requests {
             pipe.cmd("XCLAIM")
@@ -775,7 +778,9 @@ impl Broker for RedisBroker {
         };
         entries
             .into_iter()
-            .map(|entry| parse_entry(entry).map(|d| (d.id, d.fields.unwrap_or_default())))
+            .map(|entry| {
+                parse_entry(entry).map(|d| (d.id, d.fields.map(|f| f.to_raw()).unwrap_or_default()))
+            })
             .collect::<Result<_, String>>()
             .map_err(|detail| Error::UnexpectedReply {
                 action: action(),
@@ -1005,13 +1010,13 @@ fn parse_entry(entry: Value) -> Result<Delivery, String> {
         .ok_or_else(|| "an entry has no valid id".to_owned())?;
     let fields = match parts.next() {
         None | Some(Value::Nil) => None,
-        Some(Value::Array(flat)) => Some(pair_up(flat)?),
-        Some(Value::Map(pairs)) => Some(
+        Some(Value::Array(flat)) => Some(EntryFields::from_pairs(pair_up(flat)?)),
+        Some(Value::Map(pairs)) => Some(EntryFields::from_pairs(
             pairs
                 .into_iter()
                 .map(|(k, v)| Ok((bytes(k)?, bytes(v)?)))
                 .collect::<Result<RawFields, String>>()?,
-        ),
+        )),
         Some(other) => return Err(format!("fields of entry {id} are not an array: {other:?}")),
     };
     Ok(Delivery {

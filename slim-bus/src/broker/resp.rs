@@ -205,24 +205,18 @@ impl RespConnection {
         reply
     }
 
-    /// Reads until `parse` finds a whole reply at the start of the unparsed bytes.
+    /// Reads until a whole reply is there, then parses it with `parse`.
     async fn receive<T>(
         &mut self,
         deadline: Instant,
-        mut parse: impl FnMut(&[u8]) -> Parsed<T>,
+        parse: impl FnOnce(&[u8]) -> Parsed<T>,
     ) -> Result<T, RespError> {
-        loop {
-            match parse(&self.buffer[self.start..]) {
-                Parsed::Done(value, used) => {
-                    self.consume(used);
-                    return Ok(value);
-                }
-                Parsed::ServerError(line, used) => {
-                    self.consume(used);
-                    return Err(RespError::Server(line));
-                }
-                Parsed::Invalid(detail) => return Err(RespError::Protocol(detail)),
-                Parsed::Incomplete => {
+        let mut scan = Scan::start();
+        let len = loop {
+            match scan.reply_len(&self.buffer[self.start..]) {
+                Ok(Some(len)) => break len,
+                Err(detail) => return Err(RespError::Protocol(detail)),
+                Ok(None) => {
                     // Replies to a pipeline are parsed one after another from one buffer:
                     // parsed bytes are dropped only here, before reading more, and not
                     // after each reply, which would move the rest of the buffer each time.
@@ -236,7 +230,17 @@ impl RespConnection {
                     }
                 }
             }
-        }
+        };
+        let outcome = match parse(&self.buffer[self.start..self.start + len]) {
+            Parsed::Done(value, _) => Ok(value),
+            Parsed::ServerError(line, _) => Err(RespError::Server(line)),
+            Parsed::Invalid(detail) => Err(RespError::Protocol(detail)),
+            Parsed::Incomplete => Err(RespError::Protocol(
+                "a reply is shorter than its headers say".to_owned(),
+            )),
+        };
+        self.consume(len);
+        outcome
     }
 
     fn consume(&mut self, used: usize) {
@@ -319,6 +323,84 @@ enum Simple {
     Int(i64),
 }
 
+/// One entry's field names and values, kept as Redis sends them: RESP bulk strings one
+/// after another in one buffer. A delivery then costs one allocation for its fields, not
+/// one per name and value.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub(crate) struct EntryFields {
+    resp: Vec<u8>,
+    /// How many name-value pairs `resp` holds.
+    pairs: usize,
+}
+
+impl EntryFields {
+    pub(crate) fn from_pairs<N: AsRef<[u8]>, V: AsRef<[u8]>>(
+        pairs: impl IntoIterator<Item = (N, V)>,
+    ) -> Self {
+        let mut fields = EntryFields::default();
+        for (name, value) in pairs {
+            encode_bulk(&mut fields.resp, name.as_ref());
+            encode_bulk(&mut fields.resp, value.as_ref());
+            fields.pairs += 1;
+        }
+        fields
+    }
+
+    /// The `(name, value)` pairs, in the entry's order.
+    pub(crate) fn pairs(&self) -> FieldPairs<'_> {
+        FieldPairs {
+            cursor: Cursor {
+                bytes: &self.resp,
+                at: 0,
+            },
+            left: self.pairs,
+        }
+    }
+
+    pub(crate) fn to_raw(&self) -> RawFields {
+        self.pairs()
+            .map(|(name, value)| (name.to_vec(), value.to_vec()))
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for EntryFields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.pairs().map(|(name, value)| {
+                (
+                    String::from_utf8_lossy(name),
+                    String::from_utf8_lossy(value),
+                )
+            }))
+            .finish()
+    }
+}
+
+/// The pairs of an [`EntryFields`].
+pub(crate) struct FieldPairs<'a> {
+    cursor: Cursor<'a>,
+    left: usize,
+}
+
+impl<'a> Iterator for FieldPairs<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.left = self.left.checked_sub(1)?;
+        // `EntryFields` only ever holds whole bulk strings, so these do not fail.
+        let name = self.cursor.bulk().ok().flatten()?;
+        let value = self.cursor.bulk().ok().flatten()?;
+        Some((name, value))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl ExactSizeIterator for FieldPairs<'_> {}
+
 /// A position in a buffer holding the start of a reply.
 struct Cursor<'a> {
     bytes: &'a [u8],
@@ -337,25 +419,57 @@ impl<'a> Cursor<'a> {
     /// The next line, without its `\r\n`.
     fn line(&mut self) -> Result<&'a [u8], Stop> {
         let rest = &self.bytes[self.at..];
-        let end = rest.windows(2).position(|w| w == b"\r\n").ok_or(None)?;
-        self.at += end + 2;
-        Ok(&rest[..end])
+        // Header, status and error lines hold no CR of their own.
+        let end = rest.iter().position(|&b| b == b'\r').ok_or(None)?;
+        match rest.get(end + 1) {
+            None => Err(None),
+            Some(b'\n') => {
+                self.at += end + 2;
+                Ok(&rest[..end])
+            }
+            Some(_) => Err(Some("a CR without LF ends a line".to_owned())),
+        }
     }
 
-    /// A header line: its type byte and number (`*3`, `$5`, `:42`).
+    /// A header line: its type byte and number (`*3`, `$5`, `:42`). Parsed byte by byte
+    /// in one pass: every name and value of every entry starts with one.
     fn header(&mut self) -> Result<(u8, i64), Stop> {
-        let line = self.line()?;
-        let (&kind, number) = line
-            .split_first()
-            .ok_or_else(|| Some("an empty line".to_owned()))?;
+        let bytes = self.bytes;
+        let &kind = bytes.get(self.at).ok_or(None)?;
         if kind == b'-' || kind == b'+' {
+            self.line()?;
             return Ok((kind, 0));
         }
-        let number = std::str::from_utf8(number)
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| Some(format!("a bad header `{}`", String::from_utf8_lossy(line))))?;
-        Ok((kind, number))
+        let bad = || {
+            let line = &bytes[self.at..];
+            let line = &line[..line.len().min(24)];
+            Some(format!("a bad header `{}`", String::from_utf8_lossy(line)))
+        };
+        let negative = bytes.get(self.at + 1) == Some(&b'-');
+        let digits = self.at + 1 + usize::from(negative);
+        let mut end = digits;
+        let mut number: i64 = 0;
+        loop {
+            match bytes.get(end) {
+                None => return Err(None),
+                // At most 18 digits: no RESP length or integer a publish or read gets
+                // back comes near that, and the number cannot overflow.
+                Some(&digit @ b'0'..=b'9') if end - digits < 18 => {
+                    number = number * 10 + i64::from(digit - b'0');
+                    end += 1;
+                }
+                Some(b'\r') if end > digits => break,
+                Some(_) => return Err(bad()),
+            }
+        }
+        match bytes.get(end + 1) {
+            None => Err(None),
+            Some(b'\n') => {
+                self.at = end + 2;
+                Ok((kind, if negative { -number } else { number }))
+            }
+            Some(_) => Err(bad()),
+        }
     }
 
     /// An array's length; `None` for a nil array.
@@ -388,6 +502,52 @@ impl<'a> Cursor<'a> {
             }
             (kind, _) => Err(Some(format!("expected a string, got `{}`", kind as char))),
         }
+    }
+}
+
+/// How much of the reply at the start of the unparsed bytes is known to be there: its
+/// elements up to `at` arrived whole, `left` more are due. Arrays only add to the
+/// count, so a single number tracks any nesting.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Scan {
+    at: usize,
+    left: usize,
+}
+
+impl Scan {
+    fn start() -> Scan {
+        Scan { at: 0, left: 1 }
+    }
+
+    /// Goes on checking `bytes` (the same reply's bytes, perhaps more of them than last
+    /// time) and returns the reply's length once all of it is there. A read's reply
+    /// often arrives over several socket reads: checking only what is new keeps that
+    /// linear, where parsing the whole reply again after each read was not.
+    fn reply_len(&mut self, bytes: &[u8]) -> Result<Option<usize>, String> {
+        let mut cursor = Cursor { bytes, at: self.at };
+        while self.left > 0 {
+            let children = match cursor.header() {
+                Err(None) => return Ok(None),
+                Err(Some(detail)) => return Err(detail),
+                Ok((b'*', len)) => usize::try_from(len).unwrap_or(0),
+                Ok((b'$', len)) => {
+                    if let Ok(len) = usize::try_from(len) {
+                        if cursor.remaining() < len + 2 {
+                            return Ok(None);
+                        }
+                        cursor.at += len + 2;
+                    }
+                    0
+                }
+                Ok((b':' | b'+' | b'-', _)) => 0,
+                Ok((kind, _)) => {
+                    return Err(format!("a reply of unknown type `{}`", kind as char));
+                }
+            };
+            self.left = self.left - 1 + children;
+            self.at = cursor.at;
+        }
+        Ok(Some(self.at))
     }
 }
 
@@ -493,18 +653,16 @@ fn parse_read_reply(bytes: &[u8], streams: &[Arc<str>]) -> Parsed<Vec<StreamDeli
                 let fields = match cursor.array()? {
                     None => None,
                     Some(flat) if flat % 2 == 0 => {
-                        let mut fields: RawFields =
-                            Vec::with_capacity((flat / 2).min(cursor.remaining() / 8));
-                        for _ in 0..flat / 2 {
-                            let name = cursor
+                        let start = cursor.at;
+                        for _ in 0..flat {
+                            cursor
                                 .bulk()?
-                                .ok_or_else(|| Some("a nil field name".to_owned()))?;
-                            let value = cursor
-                                .bulk()?
-                                .ok_or_else(|| Some("a nil field value".to_owned()))?;
-                            fields.push((name.to_vec(), value.to_vec()));
+                                .ok_or_else(|| Some("a nil field name or value".to_owned()))?;
                         }
-                        Some(fields)
+                        Some(EntryFields {
+                            resp: cursor.bytes[start..cursor.at].to_vec(),
+                            pairs: flat / 2,
+                        })
                     }
                     Some(_) => {
                         return Err(Some(format!(
@@ -552,10 +710,17 @@ mod tests {
         assert_eq!(deliveries[0].id, EntryId::new(5, 1));
         assert_eq!(
             deliveries[0].fields,
-            Some(vec![
-                (b"user_id".to_vec(), b"u1".to_vec()),
-                (b"seq".to_vec(), b"1".to_vec())
-            ])
+            Some(EntryFields::from_pairs([("user_id", "u1"), ("seq", "1")]))
+        );
+        let pairs: Vec<_> = deliveries[0]
+            .fields
+            .as_ref()
+            .expect("fields")
+            .pairs()
+            .collect();
+        assert_eq!(
+            pairs,
+            [(&b"user_id"[..], &b"u1"[..]), (&b"seq"[..], &b"1"[..])]
         );
         assert_eq!(deliveries[1].id, EntryId::new(6, 0));
         assert_eq!(deliveries[1].fields, None, "a deleted entry has nil fields");
@@ -604,6 +769,17 @@ mod tests {
         assert_eq!(parse_simple(b"+OK\r\n"), Parsed::Done(Simple::Status, 5));
         assert_eq!(parse_simple(b":42\r\n"), Parsed::Done(Simple::Int(42), 5));
         assert_eq!(parse_simple(b":4"), Parsed::Incomplete);
+        assert_eq!(parse_simple(b":4\r"), Parsed::Incomplete);
+        assert_eq!(parse_simple(b":-5\r\n"), Parsed::Done(Simple::Int(-5), 5));
+        for bad in [
+            &b":\r\n"[..],
+            b":-\r\n",
+            b":1x\r\n",
+            b":12\rx",
+            b":1234567890123456789\r\n",
+        ] {
+            assert!(matches!(parse_simple(bad), Parsed::Invalid(_)), "{bad:?}");
+        }
     }
 
     #[test]
@@ -652,5 +828,31 @@ mod tests {
             matches!(parse_entry_id(b"$2\r\nab\r\n"), Parsed::Invalid(d) if d.contains("`ab`"))
         );
         assert!(matches!(parse_entry_id(b":1\r\n"), Parsed::Invalid(_)));
+    }
+
+    #[test]
+    fn a_reply_is_found_whole_however_it_arrives() {
+        for cut in 0..REPLY.len() {
+            let mut scan = Scan::start();
+            assert_eq!(scan.reply_len(&REPLY[..cut]), Ok(None), "cut at {cut}");
+            let mut more = REPLY.to_vec();
+            more.extend_from_slice(b"$3\r\nnext\r\n");
+            assert_eq!(scan.reply_len(&more), Ok(Some(REPLY.len())), "cut at {cut}");
+        }
+        for reply in [
+            &b"*-1\r\n"[..],
+            b"$-1\r\n",
+            b":42\r\n",
+            b"+OK\r\n",
+            b"-ERR no\r\n",
+            b"*0\r\n",
+        ] {
+            assert_eq!(Scan::start().reply_len(reply), Ok(Some(reply.len())));
+        }
+        assert!(
+            Scan::start().reply_len(b"%2\r\n").is_err(),
+            "RESP3 maps are not spoken"
+        );
+        assert!(Scan::start().reply_len(b"*x\r\n").is_err());
     }
 }

@@ -11,23 +11,25 @@ use serde_json::de::SliceRead;
 use super::CodecError;
 
 /// Deserializes a whole entry; it presents the fields as a map.
-pub(super) struct EventDeserializer<'de> {
-    fields: &'de [(Vec<u8>, Vec<u8>)],
+pub(super) struct EventDeserializer<I> {
+    fields: I,
 }
 
-impl<'de> EventDeserializer<'de> {
+impl<'de, I: Iterator<Item = (&'de [u8], &'de [u8])>> EventDeserializer<I> {
     /// Reads the entry's `(name, value)` pairs.
-    pub(super) fn new(fields: &'de [(Vec<u8>, Vec<u8>)]) -> Self {
+    pub(super) fn new(fields: I) -> Self {
         Self { fields }
     }
 }
 
-impl<'de> de::Deserializer<'de> for EventDeserializer<'de> {
+impl<'de, I: Iterator<Item = (&'de [u8], &'de [u8])>> de::Deserializer<'de>
+    for EventDeserializer<I>
+{
     type Error = CodecError;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, CodecError> {
         visitor.visit_map(FieldsAccess {
-            rest: self.fields.iter(),
+            rest: self.fields,
             current: None,
         })
     }
@@ -54,13 +56,13 @@ impl<'de> de::Deserializer<'de> for EventDeserializer<'de> {
 }
 
 /// Walks an entry's fields, handing out names as keys and values as values.
-struct FieldsAccess<'de> {
-    rest: std::slice::Iter<'de, (Vec<u8>, Vec<u8>)>,
+struct FieldsAccess<'de, I> {
+    rest: I,
     /// The field whose name was just handed out, awaiting its value.
     current: Option<(&'de str, &'de [u8])>,
 }
 
-impl<'de> de::MapAccess<'de> for FieldsAccess<'de> {
+impl<'de, I: Iterator<Item = (&'de [u8], &'de [u8])>> de::MapAccess<'de> for FieldsAccess<'de, I> {
     type Error = CodecError;
 
     fn next_key_seed<K: DeserializeSeed<'de>>(
@@ -94,7 +96,10 @@ impl<'de> de::MapAccess<'de> for FieldsAccess<'de> {
     }
 
     fn size_hint(&self) -> Option<usize> {
-        Some(self.rest.len())
+        match self.rest.size_hint() {
+            (len, Some(max)) if len == max => Some(len),
+            _ => None,
+        }
     }
 }
 

@@ -82,10 +82,18 @@ pub(crate) fn to_fields<T: Serialize + ?Sized>(value: &T) -> Result<Vec<EncodedF
 /// Fails when a field name is not UTF-8, when a value does not parse as the type
 /// its field asks for, or when a required field is missing; errors about a field
 /// name it in [`CodecError::field`].
+pub(crate) fn from_pairs<'de, T: Deserialize<'de>>(
+    fields: impl Iterator<Item = (&'de [u8], &'de [u8])>,
+) -> Result<T, CodecError> {
+    T::deserialize(de::EventDeserializer::new(fields))
+}
+
+/// [`from_pairs`] over owned pairs.
+#[cfg(test)]
 pub(crate) fn from_fields<'de, T: Deserialize<'de>>(
     fields: &'de [(Vec<u8>, Vec<u8>)],
 ) -> Result<T, CodecError> {
-    T::deserialize(de::EventDeserializer::new(fields))
+    from_pairs(fields.iter().map(|(name, value)| (&name[..], &value[..])))
 }
 
 /// Why an event could not be encoded to or decoded from stream fields.
