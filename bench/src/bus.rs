@@ -1,7 +1,7 @@
 //! The slim-bus side of the cases: events, handlers, and timed consume and publish runs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -233,19 +233,12 @@ pub(crate) struct StampedEvent {
     pub(crate) user_id: String,
     pub(crate) user_name: String,
     pub(crate) seq: u64,
-    /// [`now_ns`] taken just before the `XADD`.
+    /// [`raw::now_ns`] taken just before the `XADD`.
     pub(crate) sent_at_ns: u64,
 }
 
 impl slim_bus::Event for StampedEvent {
     const STREAM: Option<&'static str> = None;
-}
-
-/// The monotonic clock both sides of the latency case read (one process, one epoch).
-pub(crate) fn now_ns() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = EPOCH.get_or_init(Instant::now);
-    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Records how long each entry took from `XADD` to the start of its handler.
@@ -261,7 +254,7 @@ impl StreamHandler for StopwatchHandler {
     type Event = StampedEvent;
 
     async fn handle(&self, event: StampedEvent, _ctx: Context) -> Result<(), HandlerError> {
-        let latency = now_ns().saturating_sub(event.sent_at_ns);
+        let latency = raw::now_ns().saturating_sub(event.sent_at_ns);
         if let Ok(mut latencies) = self.0.latencies_ns.lock() {
             latencies.push(latency);
         }
@@ -270,15 +263,15 @@ impl StreamHandler for StopwatchHandler {
     }
 }
 
-/// Publishes `rate` entries/s to `stream` for `duration` with plain `XADD`s, each stamped
-/// with [`now_ns`], while slim-bus listens; returns every entry's latency in nanoseconds.
+/// Runs [`raw::publish_paced`] into `stream` while slim-bus listens; returns every entry's
+/// latency in nanoseconds, from just before its `XADD` to the start of its handler.
 pub(crate) async fn latency(
     url: &str,
     stream: &str,
     rate: u64,
     duration: Duration,
 ) -> anyhow::Result<Vec<u64>> {
-    let total = rate * duration.as_millis() as u64 / 1_000;
+    let total = raw::paced_total(rate, duration);
     let stopwatch = Arc::new(Stopwatch {
         latencies_ns: Mutex::new(Vec::with_capacity(total as usize)),
         counter: Counter::new(total),
@@ -293,25 +286,7 @@ pub(crate) async fn latency(
     let bus = bounded("building the bus", STEP, bus).await??;
     let listener = bounded("listen", STEP, bus.listen()).await??;
     let mut conn = raw::connect(url).await?;
-
-    let period_ns = 1_000_000_000 / rate.max(1);
-    let start = tokio::time::Instant::now();
-    for seq in 0..total {
-        // A fixed schedule: a slow XADD delays the next send, but the schedule catches up.
-        tokio::time::sleep_until(start + Duration::from_nanos(period_ns * seq)).await;
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(stream)
-            .arg("*")
-            .arg("user_id")
-            .arg(raw::user_id(seq))
-            .arg("user_name")
-            .arg(raw::user_name(seq))
-            .arg("seq")
-            .arg(seq)
-            .arg("sent_at_ns")
-            .arg(now_ns());
-        let _id: Vec<u8> = raw::query(&mut conn, "XADD", &cmd).await?;
-    }
+    raw::publish_paced(&mut conn, stream, rate, duration).await?;
     if bounded(
         "every entry handled",
         STEP,

@@ -26,6 +26,8 @@ pub(crate) enum Case {
     Publish64,
     /// `EventBus::publish_batch_to` in batches as large as the raw pipelines.
     PublishBatch,
+    /// XADD-to-receipt latency of a hand-written `XREADGROUP` loop, at the rate of `Latency`.
+    LatencyRaw,
     /// XADD-to-handler-start latency at a fixed rate.
     Latency,
     /// Peak RSS of a child process running the hand-written consume loop.
@@ -37,7 +39,7 @@ pub(crate) enum Case {
 }
 
 impl Case {
-    pub(crate) const ALL: [Case; 14] = [
+    pub(crate) const ALL: [Case; 15] = [
         Case::Baseline,
         Case::Consume,
         Case::Poison,
@@ -48,6 +50,7 @@ impl Case {
         Case::PublishSeq,
         Case::Publish64,
         Case::PublishBatch,
+        Case::LatencyRaw,
         Case::Latency,
         Case::RssRaw,
         Case::Rss,
@@ -66,6 +69,7 @@ impl Case {
             Case::PublishSeq => "publish-seq",
             Case::Publish64 => "publish-64",
             Case::PublishBatch => "publish-batch",
+            Case::LatencyRaw => "latency-raw",
             Case::Latency => "latency",
             Case::RssRaw => "rss-raw",
             Case::Rss => "rss",
@@ -115,7 +119,7 @@ pub(crate) struct Sizes {
     pub(crate) publish: u64,
     /// Entries of the one-at-a-time publish cases (each is a round trip).
     pub(crate) publish_seq: u64,
-    /// Entries per second of the latency case.
+    /// Entries per second of the latency cases.
     pub(crate) latency_rate: u64,
     pub(crate) latency_duration: Duration,
     /// Backlog of `rss-raw` and `rss`.

@@ -19,7 +19,7 @@ environment: BENCH_REPS, BENCH_CASES, BENCH_QUICK=1 (arguments win);
              redis-server (the suite only touches keys named slim-bus-bench:*)
 
 cases:  baseline consume poison io-64 io-512 publish-raw publish-raw-seq publish-seq
-        publish-64 publish-batch latency rss-raw rss rss-backlog
+        publish-64 publish-batch latency-raw latency rss-raw rss rss-backlog
 groups: all io publish memory";
 
 /// What the process was started to do.

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
@@ -237,8 +238,22 @@ pub(crate) async fn consume(
 
 /// The entry ids of an `XREADGROUP` reply (RESP2 or RESP3), moved out without copying.
 fn entry_ids(reply: Value) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut ids = Vec::new();
+    for_each_entry(reply, |id, _fields| {
+        ids.push(id);
+        Ok(())
+    })?;
+    Ok(ids)
+}
+
+/// Calls `visit` with the id and the flat field list of every entry of an `XREADGROUP`
+/// reply (RESP2 or RESP3), in order, moving them out without copying.
+fn for_each_entry(
+    reply: Value,
+    mut visit: impl FnMut(Vec<u8>, Vec<Value>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let streams: Vec<Value> = match reply {
-        Value::Nil => return Ok(Vec::new()),
+        Value::Nil => return Ok(()),
         Value::Array(pairs) => pairs
             .into_iter()
             .map(|pair| match pair {
@@ -249,23 +264,29 @@ fn entry_ids(reply: Value) -> anyhow::Result<Vec<Vec<u8>>> {
         Value::Map(pairs) => pairs.into_iter().map(|(_, entries)| entries).collect(),
         other => bail!("XREADGROUP answered {other:?}"),
     };
-    let mut ids = Vec::new();
     for entries in streams {
         let Value::Array(entries) = entries else {
             bail!("entries are not an array: {entries:?}");
         };
-        ids.reserve(entries.len());
         for entry in entries {
-            match entry {
-                Value::Array(parts) => match parts.into_iter().next() {
-                    Some(Value::BulkString(id)) => ids.push(id),
-                    other => bail!("an entry has no id: {other:?}"),
-                },
-                other => bail!("an entry is not an array: {other:?}"),
-            }
+            let Value::Array(parts) = entry else {
+                bail!("an entry is not an array: {entry:?}");
+            };
+            let mut parts = parts.into_iter();
+            let id = match parts.next() {
+                Some(Value::BulkString(id)) => id,
+                other => bail!("an entry has no id: {other:?}"),
+            };
+            let fields = match parts.next() {
+                Some(Value::Array(fields)) => fields,
+                // A pending entry deleted from the stream has no fields.
+                Some(Value::Nil) | None => Vec::new(),
+                other => bail!("an entry's fields are not an array: {other:?}"),
+            };
+            visit(id, fields)?;
         }
     }
-    Ok(ids)
+    Ok(())
 }
 
 /// The publish baseline: `entries` `XADD`s in pipelines of [`PUBLISH_PIPELINE`], one
@@ -318,6 +339,143 @@ pub(crate) async fn publish_one_by_one(
         let _id: Vec<u8> = query(conn, "XADD", &cmd).await?;
     }
     Ok(start.elapsed())
+}
+
+/// The monotonic clock both sides of the latency cases read (one process, one epoch).
+pub(crate) fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = EPOCH.get_or_init(Instant::now);
+    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The field of a latency case's entry that holds [`now_ns`] taken just before its `XADD`.
+pub(crate) const SENT_AT_FIELD: &str = "sent_at_ns";
+
+/// The publisher of the latency cases: `rate` plain `XADD`s per second for `duration`,
+/// each entry stamped with [`now_ns`]. Returns how many entries it sent.
+pub(crate) async fn publish_paced(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<u64> {
+    let total = paced_total(rate, duration);
+    let period_ns = 1_000_000_000 / rate.max(1);
+    let start = tokio::time::Instant::now();
+    for seq in 0..total {
+        // A fixed schedule: a slow XADD delays the next send, but the schedule catches up.
+        tokio::time::sleep_until(start + Duration::from_nanos(period_ns * seq)).await;
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(stream)
+            .arg("*")
+            .arg("user_id")
+            .arg(user_id(seq))
+            .arg("user_name")
+            .arg(user_name(seq))
+            .arg("seq")
+            .arg(seq)
+            .arg(SENT_AT_FIELD)
+            .arg(now_ns());
+        let _id: Vec<u8> = query(conn, "XADD", &cmd).await?;
+    }
+    Ok(total)
+}
+
+/// How many entries [`publish_paced`] sends.
+pub(crate) fn paced_total(rate: u64, duration: Duration) -> u64 {
+    rate * duration.as_millis() as u64 / 1_000
+}
+
+/// The reference of the latency case: [`publish_paced`] into `stream` (group [`GROUP`]
+/// already created) while a hand-written loop on a connection of its own reads with
+/// `XREADGROUP COUNT 100 BLOCK 2000` and records `now - sent_at_ns` for each entry as soon
+/// as its reply is decoded, then acknowledges the batch with one `XACK`. Returns every
+/// entry's latency in nanoseconds.
+pub(crate) async fn latency(
+    url: &str,
+    stream: &str,
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<Vec<u64>> {
+    let total = paced_total(rate, duration);
+    let mut reader = connect(url).await?;
+    let mut publisher = connect(url).await?;
+    let read_stream = stream.to_owned();
+    let mut receiving =
+        tokio::spawn(async move { receive_stamped(&mut reader, &read_stream, total).await });
+    if let Err(error) = publish_paced(&mut publisher, stream, rate, duration).await {
+        receiving.abort();
+        return Err(error);
+    }
+    let latencies = match bounded("every entry received", STEP, &mut receiving).await {
+        Ok(joined) => joined.context("the reading task panicked")??,
+        Err(error) => {
+            receiving.abort();
+            return Err(error);
+        }
+    };
+    let pending = pending_count(&mut publisher, stream).await?;
+    if pending != 0 {
+        bail!("{pending} entries are still pending after the latency-raw run");
+    }
+    Ok(latencies)
+}
+
+/// The reading loop of [`latency`]: until `total` entries have arrived.
+async fn receive_stamped(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    total: u64,
+) -> anyhow::Result<Vec<u64>> {
+    let mut read = redis::cmd("XREADGROUP");
+    read.arg("GROUP")
+        .arg(GROUP)
+        .arg(CONSUMER)
+        .arg("COUNT")
+        .arg(READ_COUNT)
+        .arg("BLOCK")
+        .arg(BLOCK_MS)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">");
+    let mut latencies = Vec::with_capacity(total as usize);
+    while (latencies.len() as u64) < total {
+        let reply: Value = query(conn, "XREADGROUP", &read).await?;
+        let mut ack = redis::cmd("XACK");
+        ack.arg(stream).arg(GROUP);
+        let mut ids = 0u64;
+        for_each_entry(reply, |id, fields| {
+            let sent_at_ns = sent_at_ns(&fields)?;
+            latencies.push(now_ns().saturating_sub(sent_at_ns));
+            ack.arg(id);
+            ids += 1;
+            Ok(())
+        })?;
+        // An empty reply is a block that timed out: nothing was sent for 2 s.
+        if ids == 0 {
+            continue;
+        }
+        let acked: u64 = query(conn, "XACK", &ack).await?;
+        if acked != ids {
+            bail!("XACK acknowledged {acked} of {ids} entries");
+        }
+    }
+    Ok(latencies)
+}
+
+/// The [`SENT_AT_FIELD`] of an entry's flat field list.
+fn sent_at_ns(fields: &[Value]) -> anyhow::Result<u64> {
+    for pair in fields.chunks_exact(2) {
+        if let [Value::BulkString(name), Value::BulkString(value)] = pair
+            && name == SENT_AT_FIELD.as_bytes()
+        {
+            return std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| anyhow!("`{SENT_AT_FIELD}` is not a number: {value:?}"));
+        }
+    }
+    bail!("an entry has no `{SENT_AT_FIELD}` field")
 }
 
 /// The `redis_version` from `INFO server`.
@@ -462,5 +620,14 @@ mod tests {
         assert_eq!(entry_ids(resp2).ok(), Some(want.clone()));
         assert_eq!(entry_ids(resp3).ok(), Some(want));
         assert_eq!(entry_ids(Value::Nil).ok(), Some(Vec::new()));
+    }
+
+    #[test]
+    fn sent_at_comes_out_of_an_entrys_fields() {
+        let field = |text: &str| Value::BulkString(text.as_bytes().to_vec());
+        let fields = vec![field("seq"), field("1"), field(SENT_AT_FIELD), field("42")];
+        assert_eq!(sent_at_ns(&fields).ok(), Some(42));
+        assert!(sent_at_ns(&fields[..2]).is_err());
+        assert!(sent_at_ns(&[field(SENT_AT_FIELD), field("soon")]).is_err());
     }
 }

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use redis::aio::MultiplexedConnection;
@@ -438,7 +438,9 @@ impl Suite {
                 let measurement = throughput(row, entries, observed.0);
                 traffic(entries, observed, vec![measurement])
             }
-            Case::Latency => latency_case(url, conn, stream, &sizes).await?,
+            Case::LatencyRaw | Case::Latency => {
+                latency_case(case, url, conn, &stats, stream, &sizes).await?
+            }
             Case::RssRaw | Case::Rss | Case::RssBacklog => {
                 memory_case(case, url, conn, &stats, stream, &sizes).await?
             }
@@ -548,38 +550,57 @@ async fn consume_case(
     Ok((run.elapsed, commands))
 }
 
+/// The latency of the hand-written loop (`latency-raw`) or of slim-bus (`latency`) under
+/// the same paced publisher; slim-bus's rows are compared with the loop's of the same
+/// repetition.
 async fn latency_case(
+    case: Case,
     url: &str,
     conn: &mut MultiplexedConnection,
+    stats: &MultiplexedConnection,
     stream: &str,
     sizes: &Sizes,
 ) -> anyhow::Result<CaseRun> {
     raw::create_group(conn, stream).await?;
-    let mut latencies =
-        bus::latency(url, stream, sizes.latency_rate, sizes.latency_duration).await?;
+    let (rate, duration) = (sizes.latency_rate, sizes.latency_duration);
+    let raw_loop = case == Case::LatencyRaw;
+    let start = Instant::now();
+    let (mut latencies, commands) = if raw_loop {
+        observed(stats, raw::latency(url, stream, rate, duration)).await?
+    } else {
+        observed(stats, bus::latency(url, stream, rate, duration)).await?
+    };
+    let elapsed = start.elapsed();
     latencies.sort_unstable();
-    let what = format!(
-        "XADD to handler start, {}/s for {:?}",
-        count(sizes.latency_rate),
-        sizes.latency_duration
-    );
+    let what = if raw_loop {
+        format!(
+            "XADD to receipt, hand-written XREADGROUP COUNT {READ_COUNT} BLOCK loop, {}/s for {duration:?}",
+            count(rate)
+        )
+    } else {
+        format!("XADD to handler start, {}/s for {duration:?}", count(rate))
+    };
     let mut rows = Vec::new();
-    for (id, p, target) in [
-        ("latency p50", 50.0, Some(250.0)),
-        ("latency p99", 99.0, Some(1_500.0)),
-        ("latency p99.9", 99.9, None),
-        ("latency max", 100.0, None),
+    for (suffix, p, target, reference) in [
+        ("p50", 50.0, Some(250.0), "latency-raw p50"),
+        ("p99", 99.0, Some(1_500.0), "latency-raw p99"),
+        ("p99.9", 99.9, None, "latency-raw p99.9"),
+        ("max", 100.0, None, "latency-raw max"),
     ] {
         let Some(ns) = report::percentile(&latencies, p) else {
             bail!("no latency was recorded");
         };
-        let mut row = Row::new(id, what.clone(), Unit::Micros);
-        if let Some(target) = target {
-            row = row.target(Target::AtMost(target));
+        let mut row = Row::new(format!("{case} {suffix}"), what.clone(), Unit::Micros);
+        if !raw_loop {
+            row = row.vs(reference);
+            if let Some(target) = target {
+                row = row.target(Target::AtMost(target));
+            }
         }
         rows.push(value(row, ns as f64 / 1_000.0));
     }
-    Ok(CaseRun::new(rows))
+    let entries = latencies.len() as u64;
+    Ok(CaseRun::new(rows).with_traffic(case, entries, elapsed, commands))
 }
 
 async fn memory_case(
