@@ -34,6 +34,10 @@ const ABANDON_WAIT: Duration = Duration::from_secs(1);
 /// with fewer slots than half the limit.
 const BATCH_YIELDS: usize = 4;
 
+/// The longest the reader waits, after a read that drained its streams, for the handlers
+/// it dispatched to start before it reads again (see [`let_handlers_start`]).
+const HANDLER_START_WAIT: Duration = Duration::from_millis(1);
+
 /// A stream the consumer reads, with its handler and failure settings.
 pub(crate) struct Route {
     pub(crate) stream: Arc<str>,
@@ -405,10 +409,18 @@ impl Reader<'_> {
             Ok(batches) => {
                 self.backoff.reset();
                 c.last_read.record();
+                // Fewer entries than asked for: the streams are drained, so the next read
+                // will only wait for new entries.
+                let drained = batches.iter().all(|b| b.deliveries.len() < count);
+                let mut dispatched = false;
                 for batch in batches {
+                    dispatched |= !batch.deliveries.is_empty();
                     let stream_index = (first + batch.stream_index) % self.streams.len();
                     self.dispatch(stream_index, batch.deliveries, &mut slots)
                         .await;
+                }
+                if drained && dispatched {
+                    let_handlers_start().await;
                 }
                 Ok(())
             }
@@ -516,6 +528,23 @@ impl Reader<'_> {
         tracing::warn!(%error, attempt = self.backoff.attempts(), retry_in = ?delay, "redis command failed");
         tokio::time::sleep(delay).await;
         Ok(Healed::Retry)
+    }
+}
+
+/// Lets the handlers just dispatched start before the reader sends its next read.
+///
+/// Otherwise the spawned batch waits on this worker until the reader has written its next
+/// `XREADGROUP`: in the `latency` benchmark (1k entries/s, one per read) that put 21-33 µs
+/// at p50 and 106-118 µs at p99 between dispatch and the batch's first poll; with this,
+/// 4 µs and 42-44 µs. Done only when the streams are drained, where the next read would
+/// just block. A yielded task resumes when this worker runs out of ready tasks, so a
+/// handler that computes for long before its first await would hold the reader as long:
+/// the timer bounds that, and fires on another worker while this one is busy.
+async fn let_handlers_start() {
+    tokio::select! {
+        biased;
+        () = tokio::task::yield_now() => {}
+        () = tokio::time::sleep(HANDLER_START_WAIT) => {}
     }
 }
 
