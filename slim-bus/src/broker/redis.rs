@@ -89,20 +89,24 @@ async fn publish_in_pipelines(
     let mut wire = Vec::new();
     let mut replies = Vec::new();
     while let Some(first) = requests.recv().await {
-        // The publish that woke this task is often the first of many: the replies to the
-        // previous pipeline woke each of its publishers, and tokio runs a task woken by a
-        // running task right after it. Yielding once lets the others queue theirs too:
-        // with 64 tasks publishing, pipelines then carry 50 XADDs on average, not 34.
-        tokio::task::yield_now().await;
         let mut count = first.count;
         batch.push(first);
-        while count < MAX_PUBLISH_PIPELINE {
-            match requests.try_recv() {
-                Ok(request) => {
-                    count += request.count;
-                    batch.push(request);
-                }
-                Err(_) => break,
+        // The publish that woke this task is often the first of many: the replies to the
+        // previous pipeline woke each of its publishers, and tokio runs a task woken by a
+        // running task right after it. So gather while yielding brings more: with 64
+        // tasks publishing, pipelines then carry 63 XADDs on average, against 32 when
+        // sent at once and 50 after a single yield.
+        loop {
+            tokio::task::yield_now().await;
+            let before = count;
+            while count < MAX_PUBLISH_PIPELINE
+                && let Ok(request) = requests.try_recv()
+            {
+                count += request.count;
+                batch.push(request);
+            }
+            if count == before || count >= MAX_PUBLISH_PIPELINE {
+                break;
             }
         }
         wire.clear();
