@@ -5,8 +5,10 @@
 //! The consumer spends most of its time reading. redis-rs first turns every reply into a
 //! tree of `Value`s, which took about 13k instructions per 3-field entry, 47% of the
 //! consumer's time in the `consume` benchmark (see BENCHMARKS.md); parsing the few reply
-//! shapes a read can have, here, takes a fraction of that. Everything else still goes
-//! through redis-rs.
+//! shapes a read can have, here, takes a fraction of that. Publishing this way skips
+//! building redis-rs commands and the multiplexer's extra task: 64 concurrent publishers
+//! went from 0.66x to 0.89x of a hand-written pipelined loop. Everything else (acks,
+//! claims, scripts, group management) still goes through redis-rs.
 
 use std::io;
 use std::pin::Pin;
