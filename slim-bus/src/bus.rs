@@ -91,7 +91,12 @@ impl EventBus {
     ///
     /// [`Error::NoEventStream`] when the event type names no stream, [`Error::Encode`] when
     /// the event does not serialize into stream fields, and Redis errors (bounded by the
-    /// command timeout).
+    /// command timeout, time queued behind other publishes included).
+    ///
+    /// # Cancellation
+    ///
+    /// Publishes from all tasks are sent together in pipelines: dropping this future does
+    /// not take the publish back once it is queued, and the entry may still be written.
     pub async fn publish<E: Event>(&self, event: &E) -> Result<EntryId> {
         let stream = E::STREAM.ok_or(Error::NoEventStream {
             event: std::any::type_name::<E>(),
@@ -125,7 +130,8 @@ impl EventBus {
     /// # Errors
     ///
     /// As [`publish`](Self::publish). An encoding error publishes nothing; a Redis error
-    /// may leave a prefix of the batch published (Redis pipelines are not transactions).
+    /// may leave some events of the batch published (Redis pipelines are not
+    /// transactions): an `XADD` the server refuses does not stop the ones after it.
     ///
     /// # Examples
     ///

@@ -757,6 +757,106 @@ async fn concurrent_publishes_each_get_their_own_id_or_error() {
     );
 }
 
+/// A URL's password and database apply to every connection of the bus: publishes, reads
+/// and acks all land in database 2 of a server that requires a password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_and_database_in_the_url_apply_to_every_connection() {
+    let server = start_server().await;
+    let mut conn = server.connection().await;
+    let _: () = within(
+        "CONFIG SET requirepass",
+        STEP,
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("requirepass")
+            .arg("s3cret")
+            .query_async(&mut conn),
+    )
+    .await
+    .unwrap();
+    let url = format!("redis://:s3cret@127.0.0.1:{}/2", server.port());
+    let (handler, mut seen) = Record::<UserCreated>::new();
+    let bus = within(
+        "build",
+        STEP,
+        EventBus::builder()
+            .url(url.as_str())
+            .consumer_group("tests")
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    within("publish", STEP, bus.publish(&user(1)))
+        .await
+        .unwrap();
+    within(
+        "publish a batch",
+        STEP,
+        bus.publish_batch(&[user(2), user(3)]),
+    )
+    .await
+    .unwrap();
+    let mut seqs = Vec::new();
+    for _ in 0..3 {
+        seqs.push(recv(&mut seen, "a delivery").await.event.seq);
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, [1, 2, 3]);
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+
+    let mut db2 = within(
+        "connect to database 2",
+        STEP,
+        redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection(),
+    )
+    .await
+    .unwrap();
+    let len: usize = within(
+        "XLEN",
+        STEP,
+        redis::AsyncCommands::xlen(&mut db2, "user.created"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(len, 3);
+    let pending: redis::Value = within(
+        "XPENDING",
+        STEP,
+        redis::cmd("XPENDING")
+            .arg("user.created")
+            .arg("tests")
+            .query_async(&mut db2),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(&pending, redis::Value::Array(summary) if summary.first() == Some(&redis::Value::Int(0))),
+        "every entry acknowledged in database 2: {pending:?}"
+    );
+    let url0 = format!("redis://:s3cret@127.0.0.1:{}/0", server.port());
+    let mut db0 = within(
+        "connect to database 0",
+        STEP,
+        redis::Client::open(url0.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection(),
+    )
+    .await
+    .unwrap();
+    let exists: bool = within(
+        "EXISTS",
+        STEP,
+        redis::AsyncCommands::exists(&mut db0, "user.created"),
+    )
+    .await
+    .unwrap();
+    assert!(!exists, "nothing written to database 0");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn build_fails_clearly_when_redis_is_unreachable() {
     let server = start_server().await;

@@ -604,6 +604,92 @@ async fn publish_while_redis_is_frozen_fails_within_the_command_timeout_then_wor
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_after_the_idle_connection_was_closed_goes_through() {
+    let server = start_server(RedisServer::builder()).await;
+    let proxy = within(
+        "the proxy to start",
+        STEP,
+        Proxy::start((Ipv4Addr::LOCALHOST, server.port())),
+    )
+    .await
+    .unwrap();
+    let bus = publishing_bus(&proxy.url()).await;
+    timed_publish(&bus, 0).await.0.unwrap();
+
+    // Like a server's `timeout` or a load balancer closing a connection nobody used for a
+    // while: nothing tells the bus until it sends.
+    assert!(proxy.drop_connections() > 0);
+    within("the proxy to close its connections", STEP, async {
+        while proxy.open_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let (result, took) = timed_publish(&bus, 1).await;
+    let id = result.expect("the first publish after the connection was closed");
+    let batch = within(
+        "a batch",
+        COMMAND_TIMEOUT + SLACK,
+        bus.publish_batch(&[user(2), user(3)]),
+    )
+    .await
+    .unwrap();
+    assert!(id < batch[0], "{id} then {batch:?}");
+    println!("fault case | publish after an idle disconnect | went through in {took:.2?}");
+}
+
+/// Publishes queued behind a pipeline that Redis does not answer still fail within their
+/// own command timeout, not the one of the pipeline before them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_queued_behind_a_stuck_pipeline_fail_within_their_own_timeout() {
+    let server = start_server(RedisServer::builder()).await;
+    let bus = publishing_bus(&server.url()).await;
+    timed_publish(&bus, 0).await.0.unwrap();
+
+    server.pause().unwrap();
+    let mut publishes = tokio::task::JoinSet::new();
+    for (seq, after) in [(1u64, 0u64), (2, 300), (3, 600)] {
+        let bus = bus.clone();
+        publishes.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(after)).await;
+            let start = Instant::now();
+            let result = if seq == 3 {
+                bus.publish_batch(&[user(seq), user(seq + 100)])
+                    .await
+                    .map(drop)
+            } else {
+                bus.publish(&user(seq)).await.map(drop)
+            };
+            (seq, result, start.elapsed())
+        });
+    }
+    let mut took = Vec::new();
+    while let Some(joined) = within(
+        "every publish to end",
+        COMMAND_TIMEOUT * 4,
+        publishes.join_next(),
+    )
+    .await
+    {
+        took.push(joined.unwrap());
+    }
+    server.resume().unwrap();
+    for (seq, result, elapsed) in &took {
+        assert!(
+            result.is_err(),
+            "publish {seq} succeeded against a frozen server"
+        );
+        // Queued behind the first pipeline, the later ones would take up to twice the
+        // timeout if it only started counting when their pipeline was sent.
+        assert!(
+            *elapsed <= COMMAND_TIMEOUT + Duration::from_millis(400),
+            "publish {seq} took {elapsed:?} with a command timeout of {COMMAND_TIMEOUT:?}"
+        );
+    }
+    publish_until_it_works(&bus, 4).await;
+}
+
 /// A bus whose connection broke while Redis hangs: it has to reconnect to a server that
 /// accepts TCP connections but answers nothing, as during a network partition or a stuck
 /// server. The server is frozen when this returns.

@@ -506,7 +506,9 @@ impl State {
                 .take(count)
                 .map(|(id, fields)| Delivery {
                     id: *id,
-                    fields: Some(EntryFields::from_pairs(fields.iter().cloned())),
+                    fields: Some(EntryFields::from_pairs(
+                        fields.iter().map(|(name, value)| (name, value)),
+                    )),
                     delivery_count: 1,
                     delivered_at: now,
                 })
@@ -555,9 +557,9 @@ impl State {
                 nack.delivered_at = now;
                 Delivery {
                     id: *id,
-                    fields: entries
-                        .get(id)
-                        .map(|fields| EntryFields::from_pairs(fields.iter().cloned())),
+                    fields: entries.get(id).map(|fields| {
+                        EntryFields::from_pairs(fields.iter().map(|(name, value)| (name, value)))
+                    }),
                     delivery_count: nack.delivery_count,
                     delivered_at: now,
                 }
@@ -640,7 +642,9 @@ impl State {
             nack.delivery_count += 1;
             page.deliveries.push(Delivery {
                 id,
-                fields: Some(EntryFields::from_pairs(fields.iter().cloned())),
+                fields: Some(EntryFields::from_pairs(
+                    fields.iter().map(|(name, value)| (name, value)),
+                )),
                 delivery_count: nack.delivery_count,
                 delivered_at: now,
             });
@@ -680,7 +684,9 @@ impl State {
                     nack.consumer = consumer.clone();
                     nack.delivered_at = now;
                     nack.delivery_count += 1;
-                    claimed.push(Some(EntryFields::from_pairs(fields.iter().cloned())));
+                    claimed.push(Some(EntryFields::from_pairs(
+                        fields.iter().map(|(name, value)| (name, value)),
+                    )));
                 }
                 _ => claimed.push(None),
             }

@@ -1,5 +1,5 @@
-//! The Redis backend: commands over a managed redis-rs connection, and reads of new
-//! entries over a connection of their own (see [`super::resp`]).
+//! The Redis backend: reads of new entries and publishes over connections of their own
+//! (see [`super::resp`]), everything else over a managed redis-rs connection.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -41,8 +41,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct RedisBroker {
     client: Client,
-    /// Publishes, acks and group management. Never blocks on the server, so its response
-    /// timeout can stay short.
+    /// Acks, claims, scripts and group management. Never blocks on the server, so its
+    /// response timeout can stay short.
     commands: ConnectionManager,
     /// `XREADGROUP ... BLOCK`, which holds its connection for the whole block time, so it
     /// gets a connection of its own, opened on first use and again after it broke.
@@ -62,6 +62,8 @@ struct PublishRequest {
     /// `count` commands, as [`encode_xadd`] writes them.
     commands: Vec<u8>,
     count: usize,
+    /// The call's command timeout runs out here, however long it waited in the queue.
+    deadline: Instant,
     reply: PublishReply,
 }
 
@@ -70,15 +72,46 @@ enum PublishReply {
     Batch(oneshot::Sender<Result<Vec<EntryId>>>),
 }
 
+impl PublishRequest {
+    /// Answers with one outcome per `XADD` the request carries, in order. A publisher may
+    /// have stopped waiting (its future dropped): `send` fails then, and that is fine.
+    fn answer(
+        self,
+        mut outcome: impl FnMut(&str) -> std::result::Result<EntryId, redis::RedisError>,
+    ) {
+        let stream = &*self.stream;
+        let mut next = || {
+            outcome(stream).map_err(|error| {
+                classify(stream, error, || format!("publishing to stream `{stream}`"))
+            })
+        };
+        match self.reply {
+            PublishReply::One(reply) => {
+                let _ = reply.send(next());
+            }
+            PublishReply::Batch(reply) => {
+                // Every outcome of the batch is taken, so that the next request's
+                // outcomes start where they should, whatever failed.
+                let ids: Vec<Result<EntryId>> = (0..self.count).map(|_| next()).collect();
+                let _ = reply.send(ids.into_iter().collect());
+            }
+        }
+    }
+}
+
 /// The most `XADD`s sent in one pipeline, unless one batch holds more.
 const MAX_PUBLISH_PIPELINE: usize = 512;
+
+/// Buffers above this size are given back after their pipeline (one large batch should
+/// not hold its memory for the bus's lifetime).
+const KEPT_BUFFER: usize = 1 << 20;
 
 /// Sends publishes in pipelines over a connection of its own: all that arrived while the
 /// previous pipeline was on the wire go out together. Concurrent publishers then share
 /// round trips and syscalls; with 64 tasks publishing, each publish on its own reached
 /// 0.40x of a hand-written pipelined XADD loop (BENCHMARKS.md). The connection is opened
-/// on the first publish and again after it broke; each pipeline, connecting included,
-/// is bounded by `timeout`. Ends when the broker is dropped.
+/// on the first publish and again after it broke. A pipeline, connecting included, ends
+/// by the earliest deadline among its requests. Ends when the broker is dropped.
 async fn publish_in_pipelines(
     info: redis::ConnectionInfo,
     timeout: Duration,
@@ -109,53 +142,93 @@ async fn publish_in_pipelines(
                 break;
             }
         }
+        // Requests that spent their whole timeout queued behind a stuck pipeline are not
+        // sent any more.
+        let now = Instant::now();
+        for late in batch.extract_if(.., |request| request.deadline <= now) {
+            late.answer(|_| Err(timed_out(timeout).into()));
+        }
+        let Some(deadline) = batch.iter().map(|request| request.deadline).min() else {
+            continue;
+        };
+        let count = batch.iter().map(|request| request.count).sum();
         wire.clear();
         for request in &batch {
             wire.extend_from_slice(&request.commands);
         }
         replies.clear();
-        let deadline = Instant::now() + timeout;
-        let broke =
-            match send_pipeline(&mut connection, &info, &wire, count, deadline, &mut replies).await
-            {
-                Ok(()) => None,
-                Err(error) => {
-                    connection = None;
-                    Some(error.into_redis())
-                }
-            };
+        let failed = send_pipeline(&mut connection, &info, &wire, count, deadline, &mut replies)
+            .await
+            .err()
+            .map(|failure| {
+                connection = None;
+                failure.into_redis(timeout)
+            });
         let mut answers = replies.drain(..);
         for request in batch.drain(..) {
-            let stream = &*request.stream;
-            let mut next_id = || {
-                match answers.next() {
-                    Some(Ok(id)) => Ok(id),
-                    Some(Err(line)) => Err(RespError::Server(line).into_redis()),
-                    None => Err(broke.clone().unwrap_or_else(|| {
-                        std::io::Error::other("the pipeline ended early").into()
-                    })),
-                }
-                .map_err(|error| {
-                    classify(stream, error, || format!("publishing to stream `{stream}`"))
-                })
-            };
-            // A publisher may have stopped waiting (its future dropped): `send` fails then.
-            match request.reply {
-                PublishReply::One(reply) => {
-                    let _ = reply.send(next_id());
-                }
-                PublishReply::Batch(reply) => {
-                    // Every reply of the batch is taken, so that the next request's
-                    // replies start where they should, whatever failed.
-                    let ids: Vec<Result<EntryId>> = (0..request.count).map(|_| next_id()).collect();
-                    let _ = reply.send(ids.into_iter().collect());
-                }
+            request.answer(|_| match answers.next() {
+                Some(Ok(id)) => Ok(id),
+                Some(Err(line)) => Err(RespError::Server(line).into_redis()),
+                None => Err(failed
+                    .clone()
+                    .unwrap_or_else(|| std::io::Error::other("the pipeline ended early").into())),
+            });
+        }
+        if wire.capacity() > KEPT_BUFFER {
+            wire = Vec::new();
+        }
+    }
+}
+
+/// Why a pipeline of `XADD`s got no reply, or not every reply.
+enum PipelineFailure {
+    /// Connecting failed: nothing was sent.
+    Connect(RespError),
+    /// The connection broke or timed out after the pipeline was sent: the entries whose
+    /// replies did not arrive may or may not have been written.
+    Unanswered(RespError),
+}
+
+impl PipelineFailure {
+    fn into_redis(self, timeout: Duration) -> redis::RedisError {
+        match self {
+            PipelineFailure::Connect(RespError::Io(error))
+                if error.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                timed_out(timeout).into()
+            }
+            PipelineFailure::Connect(error) => error.into_redis(),
+            PipelineFailure::Unanswered(error) => {
+                let (kind, cause) = match error {
+                    RespError::Io(error) if error.kind() == std::io::ErrorKind::TimedOut => (
+                        error.kind(),
+                        format!("redis did not answer within {timeout:?}"),
+                    ),
+                    RespError::Io(error) => (error.kind(), error.to_string()),
+                    RespError::Protocol(detail) => (std::io::ErrorKind::InvalidData, detail),
+                    RespError::Server(line) => (
+                        std::io::ErrorKind::InvalidData,
+                        String::from_utf8_lossy(&line).into_owned(),
+                    ),
+                };
+                std::io::Error::new(
+                    kind,
+                    format!("{cause}; the entry was sent and may or may not have been written"),
+                )
+                .into()
             }
         }
     }
 }
 
-/// Sends one pipeline of `XADD`s, connecting first if `connection` is closed.
+fn timed_out(timeout: Duration) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("redis did not answer within {timeout:?}"),
+    )
+}
+
+/// Sends one pipeline of `XADD`s, connecting first if there is no usable connection.
 async fn send_pipeline(
     connection: &mut Option<RespConnection>,
     info: &redis::ConnectionInfo,
@@ -163,12 +236,27 @@ async fn send_pipeline(
     count: usize,
     deadline: Instant,
     replies: &mut Vec<std::result::Result<EntryId, Vec<u8>>>,
-) -> std::result::Result<(), RespError> {
+) -> std::result::Result<(), PipelineFailure> {
+    // A connection idle since its last pipeline may have been closed by the server (its
+    // `timeout` setting) or by something in between: sending on it would fail publishes
+    // that a new connection can carry.
+    if connection
+        .as_mut()
+        .is_some_and(|open| open.is_dirty() || open.closed_while_idle())
+    {
+        *connection = None;
+    }
     let open = match connection {
-        Some(open) if !open.is_dirty() => open,
-        _ => connection.insert(RespConnection::connect(info, deadline).await?),
+        Some(open) => open,
+        None => connection.insert(
+            RespConnection::connect(info, deadline)
+                .await
+                .map_err(PipelineFailure::Connect)?,
+        ),
     };
-    open.add_entries(wire, count, deadline, replies).await
+    open.add_entries(wire, count, deadline, replies)
+        .await
+        .map_err(PipelineFailure::Unanswered)
 }
 
 #[derive(Default)]
@@ -252,6 +340,7 @@ impl RedisBroker {
             stream: stream.into(),
             commands,
             count,
+            deadline: Instant::now() + self.command_timeout,
             reply,
         };
         self.publisher

@@ -26,14 +26,14 @@ use crate::event::EntryId;
 trait Transport: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Transport for T {}
 
-/// Why a request on the read connection failed.
+/// Why a request on a connection failed.
 #[derive(Debug)]
 pub(crate) enum RespError {
     /// The connection broke or timed out; it must be opened again.
     Io(io::Error),
     /// The server answered with an error reply (the whole line, e.g. `-NOGROUP ...`).
     Server(Vec<u8>),
-    /// The server answered something a read cannot answer.
+    /// The server answered something the request cannot be answered with.
     Protocol(String),
 }
 
@@ -72,8 +72,9 @@ pub(crate) struct RespConnection {
     start: usize,
     /// The server's id for this connection, which `CLIENT UNBLOCK` takes.
     client_id: i64,
-    /// A request was sent and its reply not read to the end: the future doing it was
-    /// dropped, so the connection's state is unknown and it must not be used again.
+    /// A request was sent and its reply not read to the end (the future doing it was
+    /// dropped, or reading failed), or more than the reply arrived: the connection's
+    /// state is unknown and it must not be used again.
     dirty: bool,
 }
 
@@ -142,6 +143,19 @@ impl RespConnection {
 
     pub(crate) fn is_dirty(&self) -> bool {
         self.dirty
+    }
+
+    /// Whether the server closed the connection, or sent something nobody asked for,
+    /// since the last reply. Looks without waiting: between requests nothing should be
+    /// there to read.
+    pub(crate) fn closed_while_idle(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        let mut probe = tokio::io::ReadBuf::new(&mut probe);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        self.transport
+            .as_mut()
+            .poll_read(&mut cx, &mut probe)
+            .is_ready()
     }
 
     /// Sends `XREADGROUP` with `args` (everything after the command name) and parses the
@@ -234,8 +248,11 @@ impl RespConnection {
             }
         };
         let outcome = match parse(&self.buffer[self.start..self.start + len]) {
-            Parsed::Done(value, _) => Ok(value),
-            Parsed::ServerError(line, _) => Err(RespError::Server(line)),
+            Parsed::Done(value, used) if used == len => Ok(value),
+            Parsed::ServerError(line, used) if used == len => Err(RespError::Server(line)),
+            Parsed::Done(..) | Parsed::ServerError(..) => Err(RespError::Protocol(
+                "a reply holds more than the request can be answered with".to_owned(),
+            )),
             Parsed::Invalid(detail) => Err(RespError::Protocol(detail)),
             Parsed::Incomplete => Err(RespError::Protocol(
                 "a reply is shorter than its headers say".to_owned(),
@@ -390,10 +407,13 @@ impl<'a> Iterator for FieldPairs<'a> {
 
     fn next(&mut self) -> Option<Self::Item> {
         self.left = self.left.checked_sub(1)?;
-        // `EntryFields` only ever holds whole bulk strings, so these do not fail.
-        let name = self.cursor.bulk().ok().flatten()?;
-        let value = self.cursor.bulk().ok().flatten()?;
-        Some((name, value))
+        // `EntryFields` only ever holds as many pairs of whole bulk strings as it says.
+        let pair = (
+            self.cursor.bulk().ok().flatten()?,
+            self.cursor.bulk().ok().flatten()?,
+        );
+        debug_assert!(self.left > 0 || self.cursor.remaining() == 0);
+        Some(pair)
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -546,7 +566,10 @@ impl Scan {
                     return Err(format!("a reply of unknown type `{}`", kind as char));
                 }
             };
-            self.left = self.left - 1 + children;
+            // A corrupt header could claim more elements than memory can hold.
+            self.left = (self.left - 1)
+                .checked_add(children)
+                .ok_or_else(|| "a reply claims too many elements".to_owned())?;
             self.at = cursor.at;
         }
         Ok(Some(self.at))
@@ -856,5 +879,14 @@ mod tests {
             "RESP3 maps are not spoken"
         );
         assert!(Scan::start().reply_len(b"*x\r\n").is_err());
+        let claims = b"*999999999999999999\r\n".repeat(20);
+        assert!(
+            Scan::start().reply_len(&claims).is_err(),
+            "nested lengths that overflow are refused, not wrapped"
+        );
+        // Whole as far as lengths go, but not RESP: the parser has the last word.
+        let bad = b"$3\r\nabcXY";
+        assert_eq!(Scan::start().reply_len(bad), Ok(Some(bad.len())));
+        assert!(matches!(parse_entry_id(bad), Parsed::Invalid(_)));
     }
 }

@@ -420,6 +420,8 @@ impl Reader<'_> {
                         .await;
                 }
                 if drained && dispatched {
+                    // Slots left over are not needed while waiting.
+                    drop(slots);
                     let_handlers_start().await;
                 }
                 Ok(())
