@@ -857,6 +857,53 @@ async fn a_password_and_database_in_the_url_apply_to_every_connection() {
     assert!(!exists, "nothing written to database 0");
 }
 
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_publishes_and_consumes_over_a_unix_socket() {
+    slim_bus_tests::init_tracing();
+    let socket_dir = tempfile::tempdir().unwrap();
+    let socket = socket_dir.path().join("redis.sock");
+    let server = within(
+        "redis-server to start",
+        STEP,
+        slim_bus_tests::RedisServer::builder()
+            .arg("--unixsocket")
+            .arg(&socket)
+            .arg("--unixsocketperm")
+            .arg("700")
+            .start(),
+    )
+    .await
+    .unwrap();
+    let (handler, mut seen) = Record::<UserCreated>::new();
+    let bus = within(
+        "build",
+        STEP,
+        EventBus::builder()
+            .url(format!("unix://{}", socket.display()))
+            .consumer_group("tests")
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    let id = within("publish", STEP, bus.publish(&user(1)))
+        .await
+        .unwrap();
+    let batch = within("publish a batch", STEP, bus.publish_batch(&[user(2)]))
+        .await
+        .unwrap();
+    let mut handled = vec![
+        recv(&mut seen, "a delivery").await.entry_id,
+        recv(&mut seen, "a delivery").await.entry_id,
+    ];
+    handled.sort_unstable();
+    assert_eq!(handled, [id, batch[0]]);
+    until_nothing_pending(&server, "user.created", "tests").await;
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn build_fails_clearly_when_redis_is_unreachable() {
     let server = start_server().await;
