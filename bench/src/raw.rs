@@ -203,17 +203,7 @@ pub(crate) async fn consume(
     stream: &str,
     entries: u64,
 ) -> anyhow::Result<Duration> {
-    let mut read = redis::cmd("XREADGROUP");
-    read.arg("GROUP")
-        .arg(GROUP)
-        .arg(CONSUMER)
-        .arg("COUNT")
-        .arg(READ_COUNT)
-        .arg("BLOCK")
-        .arg(BLOCK_MS)
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(">");
+    let read = read_new_command(stream);
     let start = Instant::now();
     let mut consumed = 0;
     while consumed < entries {
@@ -427,17 +417,7 @@ async fn receive_stamped(
     stream: &str,
     total: u64,
 ) -> anyhow::Result<Vec<u64>> {
-    let mut read = redis::cmd("XREADGROUP");
-    read.arg("GROUP")
-        .arg(GROUP)
-        .arg(CONSUMER)
-        .arg("COUNT")
-        .arg(READ_COUNT)
-        .arg("BLOCK")
-        .arg(BLOCK_MS)
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(">");
+    let read = read_new_command(stream);
     let mut latencies = Vec::with_capacity(total as usize);
     while (latencies.len() as u64) < total {
         let reply: Value = query(conn, "XREADGROUP", &read).await?;
@@ -565,6 +545,22 @@ pub(crate) async fn command_stats(
     cmd.arg("commandstats");
     let info: String = query(conn, "INFO commandstats", &cmd).await?;
     Ok(CommandStats::parse(&info))
+}
+
+/// `XREADGROUP GROUP g c COUNT 100 BLOCK 2000 STREAMS stream >`.
+fn read_new_command(stream: &str) -> redis::Cmd {
+    let mut read = redis::cmd("XREADGROUP");
+    read.arg("GROUP")
+        .arg(GROUP)
+        .arg(CONSUMER)
+        .arg("COUNT")
+        .arg(READ_COUNT)
+        .arg("BLOCK")
+        .arg(BLOCK_MS)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">");
+    read
 }
 
 #[cfg(test)]

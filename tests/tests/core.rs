@@ -757,23 +757,27 @@ async fn concurrent_publishes_each_get_their_own_id_or_error() {
     );
 }
 
-/// A URL's password and database apply to every connection of the bus: publishes, reads
-/// and acks all land in database 2 of a server that requires a password.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_password_and_database_in_the_url_apply_to_every_connection() {
-    let server = start_server().await;
-    let mut conn = server.connection().await;
+async fn require_password(conn: &mut redis::aio::MultiplexedConnection, password: &str) {
     let _: () = within(
         "CONFIG SET requirepass",
         STEP,
         redis::cmd("CONFIG")
             .arg("SET")
             .arg("requirepass")
-            .arg("s3cret")
-            .query_async(&mut conn),
+            .arg(password)
+            .query_async(conn),
     )
     .await
     .unwrap();
+}
+
+/// A URL's password and database apply to every connection of the bus: publishes, reads
+/// and acks all land in database 2 of a server that requires a password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_and_database_in_the_url_apply_to_every_connection() {
+    let server = start_server().await;
+    let mut conn = server.connection().await;
+    require_password(&mut conn, "s3cret").await;
     let url = format!("redis://:s3cret@127.0.0.1:{}/2", server.port());
     let (handler, mut seen) = Record::<UserCreated>::new();
     let bus = within(
@@ -806,15 +810,18 @@ async fn a_password_and_database_in_the_url_apply_to_every_connection() {
     assert_eq!(seqs, [1, 2, 3]);
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 
-    let mut db2 = within(
-        "connect to database 2",
-        STEP,
-        redis::Client::open(url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection(),
-    )
-    .await
-    .unwrap();
+    let connect = |url: String| async move {
+        within(
+            "connect",
+            STEP,
+            redis::Client::open(url)
+                .unwrap()
+                .get_multiplexed_async_connection(),
+        )
+        .await
+        .unwrap()
+    };
+    let mut db2 = connect(url.clone()).await;
     let len: usize = within(
         "XLEN",
         STEP,
@@ -837,16 +844,7 @@ async fn a_password_and_database_in_the_url_apply_to_every_connection() {
         matches!(&pending, redis::Value::Array(summary) if summary.first() == Some(&redis::Value::Int(0))),
         "every entry acknowledged in database 2: {pending:?}"
     );
-    let url0 = format!("redis://:s3cret@127.0.0.1:{}/0", server.port());
-    let mut db0 = within(
-        "connect to database 0",
-        STEP,
-        redis::Client::open(url0.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection(),
-    )
-    .await
-    .unwrap();
+    let mut db0 = connect(format!("redis://:s3cret@127.0.0.1:{}/0", server.port())).await;
     let exists: bool = within(
         "EXISTS",
         STEP,
@@ -1008,17 +1006,7 @@ async fn the_listener_stops_with_an_error_when_redis_refuses_the_credentials() {
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
     let mut conn = server.connection().await;
     // Require a password, and drop every connection so that the bus must log in again.
-    let _: () = within(
-        "CONFIG SET requirepass",
-        STEP,
-        redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("requirepass")
-            .arg("s3cret")
-            .query_async(&mut conn),
-    )
-    .await
-    .unwrap();
+    require_password(&mut conn, "s3cret").await;
     let _: redis::Value = within(
         "CLIENT KILL",
         STEP,

@@ -242,14 +242,7 @@ async fn case_2_redis_restarted_with_aof_mid_stream_the_bus_reconnects_and_loses
 async fn case_3_a_proxy_dropping_every_connection_every_300ms_heals_each_time() {
     const DROP_EVERY: Duration = Duration::from_millis(300);
     let started = Instant::now();
-    let server = start_server(RedisServer::builder()).await;
-    let proxy = within(
-        "the proxy to start",
-        STEP,
-        Proxy::start((Ipv4Addr::LOCALHOST, server.port())),
-    )
-    .await
-    .unwrap();
+    let (server, proxy) = behind_a_proxy().await;
     let ledger = Arc::new(Ledger::default());
     let (_bus, mut listener) = listening_bus(&proxy.url(), "consumer-1", &ledger).await;
     // Slower than the other cases, so that a dozen drops land while entries flow. The
@@ -604,8 +597,8 @@ async fn publish_while_redis_is_frozen_fails_within_the_command_timeout_then_wor
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_publish_after_the_idle_connection_was_closed_goes_through() {
+/// A throwaway server behind a proxy that can drop every connection.
+async fn behind_a_proxy() -> (RedisServer, Proxy) {
     let server = start_server(RedisServer::builder()).await;
     let proxy = within(
         "the proxy to start",
@@ -614,6 +607,12 @@ async fn a_publish_after_the_idle_connection_was_closed_goes_through() {
     )
     .await
     .unwrap();
+    (server, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_after_the_idle_connection_was_closed_goes_through() {
+    let (_server, proxy) = behind_a_proxy().await;
     let bus = publishing_bus(&proxy.url()).await;
     timed_publish(&bus, 0).await.0.unwrap();
 
@@ -694,14 +693,7 @@ async fn publishes_queued_behind_a_stuck_pipeline_fail_within_their_own_timeout(
 /// accepts TCP connections but answers nothing, as during a network partition or a stuck
 /// server. The server is frozen when this returns.
 async fn frozen_behind_a_dropped_connection() -> (RedisServer, Proxy, EventBus) {
-    let server = start_server(RedisServer::builder()).await;
-    let proxy = within(
-        "the proxy to start",
-        STEP,
-        Proxy::start((Ipv4Addr::LOCALHOST, server.port())),
-    )
-    .await
-    .unwrap();
+    let (server, proxy) = behind_a_proxy().await;
     let bus = publishing_bus(&proxy.url()).await;
     timed_publish(&bus, 0).await.0.unwrap();
     server.pause().unwrap();
@@ -787,14 +779,7 @@ async fn health_while_reconnecting_to_a_frozen_redis_answers_within_the_command_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_that_failed_on_a_dropped_connection_are_sent_after_reconnecting() {
-    let server = start_server(RedisServer::builder()).await;
-    let proxy = within(
-        "the proxy to start",
-        STEP,
-        Proxy::start((Ipv4Addr::LOCALHOST, server.port())),
-    )
-    .await
-    .unwrap();
+    let (server, proxy) = behind_a_proxy().await;
     let ledger = Arc::new(Ledger::default());
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let handler = GatedHandler {
