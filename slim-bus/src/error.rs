@@ -314,3 +314,14 @@ impl fmt::Display for HandlerError {
         Ok(())
     }
 }
+
+/// What a caught panic said, if it said it with a string.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(message) = panic.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "a panic without a message".to_owned()
+    }
+}

@@ -113,9 +113,9 @@ const KEPT_BUFFER: usize = 1 << 20;
 /// on the first publish and again after it broke. A pipeline, connecting included, ends
 /// by the earliest deadline among its requests. Ends when the broker is dropped.
 async fn publish_in_pipelines(
-    info: redis::ConnectionInfo,
+    info: &redis::ConnectionInfo,
     timeout: Duration,
-    mut requests: mpsc::UnboundedReceiver<PublishRequest>,
+    requests: &mut mpsc::UnboundedReceiver<PublishRequest>,
 ) {
     let mut connection: Option<RespConnection> = None;
     let mut batch = Vec::new();
@@ -157,7 +157,7 @@ async fn publish_in_pipelines(
             wire.extend_from_slice(&request.commands);
         }
         replies.clear();
-        let failed = send_pipeline(&mut connection, &info, &wire, count, deadline, &mut replies)
+        let failed = send_pipeline(&mut connection, info, &wire, count, deadline, &mut replies)
             .await
             .err()
             .map(|failure| {
@@ -177,6 +177,25 @@ async fn publish_in_pipelines(
         if wire.capacity() > KEPT_BUFFER {
             wire = Vec::new();
         }
+    }
+}
+
+/// Runs [`publish_in_pipelines`] until the broker is dropped. A panic there (a bug) fails
+/// the publishes of its pipeline, not every publish after it: the loop starts again on
+/// a new connection with the requests still queued.
+async fn keep_publishing(
+    info: redis::ConnectionInfo,
+    timeout: Duration,
+    mut requests: mpsc::UnboundedReceiver<PublishRequest>,
+) {
+    use futures_util::FutureExt;
+    while let Err(panic) =
+        std::panic::AssertUnwindSafe(publish_in_pipelines(&info, timeout, &mut requests))
+            .catch_unwind()
+            .await
+    {
+        let message = crate::error::panic_message(&*panic);
+        tracing::error!(panic = %message, "the publishing task panicked; starting it again");
     }
 }
 
@@ -312,7 +331,7 @@ impl RedisBroker {
         }
         let commands = manager(&client, command_timeout).await?;
         let (publisher, requests) = mpsc::unbounded_channel();
-        tokio::spawn(publish_in_pipelines(
+        tokio::spawn(keep_publishing(
             client.get_connection_info().clone(),
             command_timeout,
             requests,

@@ -1,7 +1,6 @@
 //! Runs one delivery: decode, call the handler under its timeout with panics caught, then
 //! acknowledge, schedule a retry, or dead-letter.
 
-use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +19,7 @@ use super::retry::RetryRequest;
 use crate::broker::{Broker, DeadLetterMove, Delivery};
 use crate::context::Context;
 use crate::dead_letter::{DeadLetterMeta, DeadLetterReason};
-use crate::error::{DecodeError, HandlerError, Retry};
+use crate::error::{DecodeError, HandlerError, Retry, panic_message};
 
 /// The longest wait for a retry; longer delays (`retry_after(Duration::MAX)`) are cut to it.
 /// The entry stays pending meanwhile, so the claim scan of any consumer picks it up after
@@ -350,15 +349,5 @@ impl Task<'_> {
                 self.retry(id, delivery_count, delivered_at, delay).await;
             }
         }
-    }
-}
-
-fn panic_message(panic: &(dyn Any + Send)) -> String {
-    if let Some(message) = panic.downcast_ref::<&str>() {
-        (*message).to_owned()
-    } else if let Some(message) = panic.downcast_ref::<String>() {
-        message.clone()
-    } else {
-        "a panic without a message".to_owned()
     }
 }
