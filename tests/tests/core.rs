@@ -667,17 +667,22 @@ async fn registration_mistakes_are_rejected_at_build(backend: Backend) {
     assert!(matches!(err, Error::NoHandlers), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listen_reports_a_stream_key_of_another_type() {
-    let server = start_server().await;
+/// Makes `key` hold a string, where the bus expects a stream.
+async fn string_key(server: &slim_bus_tests::RedisServer, key: &str) {
     let mut conn = server.connection().await;
     let _: () = within(
         "SET",
         STEP,
-        redis::AsyncCommands::set(&mut conn, "user.created", "oops"),
+        redis::AsyncCommands::set(&mut conn, key, "oops"),
     )
     .await
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_reports_a_stream_key_of_another_type() {
+    let server = start_server().await;
+    string_key(&server, "user.created").await;
     let (handler, _seen) = Record::<UserCreated>::new();
     let bus = within("build", STEP, bus(&server).handler(handler).build())
         .await
@@ -698,14 +703,7 @@ async fn listen_reports_a_stream_key_of_another_type() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_publishes_each_get_their_own_id_or_error() {
     let server = start_server().await;
-    let mut conn = server.connection().await;
-    let _: () = within(
-        "SET",
-        STEP,
-        redis::AsyncCommands::set(&mut conn, "taken", "oops"),
-    )
-    .await
-    .unwrap();
+    string_key(&server, "taken").await;
     let bus = within("build", STEP, bus(&server).build()).await.unwrap();
 
     let mut tasks = tokio::task::JoinSet::new();
