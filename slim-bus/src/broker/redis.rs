@@ -530,7 +530,7 @@ impl Broker for RedisBroker {
         let mut slot = self.read_connection.lock().await;
         let mut connection = match slot.take() {
             Some(connection) if !connection.is_dirty() => connection,
-            _ => RespConnection::connect(
+            _ => RespConnection::connect_with_id(
                 self.client.get_connection_info(),
                 Instant::now() + CONNECT_TIMEOUT,
             )

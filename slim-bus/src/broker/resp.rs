@@ -70,7 +70,8 @@ pub(crate) struct RespConnection {
     /// Bytes received; those before `start` are parsed already.
     buffer: Vec<u8>,
     start: usize,
-    /// The server's id for this connection, which `CLIENT UNBLOCK` takes.
+    /// The server's id for this connection, which `CLIENT UNBLOCK` takes (0 unless it was
+    /// asked for, see [`RespConnection::connect_with_id`]).
     client_id: i64,
     /// A request was sent and its reply not read to the end (the future doing it was
     /// dropped, or reading failed), or more than the reply arrived: the connection's
@@ -126,6 +127,16 @@ impl RespConnection {
                 .simple(&[b"SELECT", db.as_bytes()], deadline)
                 .await?;
         }
+        Ok(connection)
+    }
+
+    /// Connects as [`connect`](Self::connect) does, and asks the server for the
+    /// connection's id, which a blocked read needs to be woken.
+    pub(crate) async fn connect_with_id(
+        info: &ConnectionInfo,
+        deadline: Instant,
+    ) -> Result<Self, RespError> {
+        let mut connection = Self::connect(info, deadline).await?;
         connection.client_id = match connection.simple(&[b"CLIENT", b"ID"], deadline).await? {
             Simple::Int(id) => id,
             Simple::Status => {
