@@ -98,6 +98,20 @@ pub(crate) fn user_name(seq: u64) -> String {
     format!("User Number {seq}")
 }
 
+/// `XADD stream * user_id .. user_name .. seq`: the entry of number `seq`, but for the
+/// value of its `seq` field, which the caller appends (the poison case writes a bad one).
+fn xadd_user(stream: &str, seq: u64) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream)
+        .arg("*")
+        .arg("user_id")
+        .arg(user_id(seq))
+        .arg("user_name")
+        .arg(user_name(seq))
+        .arg("seq");
+    cmd
+}
+
 /// Appends `entries` entries with the fields `user_id`, `user_name`, `seq`, in pipelines.
 /// With `poison`, every [`POISON_EVERY`]-th `seq` is not a number.
 pub(crate) async fn prefill(
@@ -111,21 +125,13 @@ pub(crate) async fn prefill(
         let end = (next + PREFILL_PIPELINE).min(entries);
         let mut pipe = redis::pipe();
         for seq in next..end {
-            let cmd = pipe
-                .cmd("XADD")
-                .arg(stream)
-                .arg("*")
-                .arg("user_id")
-                .arg(user_id(seq))
-                .arg("user_name")
-                .arg(user_name(seq))
-                .arg("seq");
+            let mut cmd = xadd_user(stream, seq);
             if poison && is_poisoned(seq) {
                 cmd.arg(format!("not-a-number-{seq}"));
             } else {
                 cmd.arg(seq);
             }
-            cmd.ignore();
+            pipe.add_command(cmd).ignore();
         }
         query::<()>(conn, "filling the stream", &pipe).await?;
         next = end;
@@ -292,16 +298,9 @@ pub(crate) async fn publish_pipelined(
         let end = (next + PUBLISH_PIPELINE).min(entries);
         let mut pipe = redis::pipe();
         for seq in next..end {
-            pipe.cmd("XADD")
-                .arg(stream)
-                .arg("*")
-                .arg("user_id")
-                .arg(user_id(seq))
-                .arg("user_name")
-                .arg(user_name(seq))
-                .arg("seq")
-                .arg(seq)
-                .ignore();
+            let mut cmd = xadd_user(stream, seq);
+            cmd.arg(seq);
+            pipe.add_command(cmd).ignore();
         }
         query::<()>(conn, "pipelined XADD", &pipe).await?;
         next = end;
@@ -317,15 +316,8 @@ pub(crate) async fn publish_one_by_one(
 ) -> anyhow::Result<Duration> {
     let start = Instant::now();
     for seq in 0..entries {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(stream)
-            .arg("*")
-            .arg("user_id")
-            .arg(user_id(seq))
-            .arg("user_name")
-            .arg(user_name(seq))
-            .arg("seq")
-            .arg(seq);
+        let mut cmd = xadd_user(stream, seq);
+        cmd.arg(seq);
         let _id: Vec<u8> = query(conn, "XADD", &cmd).await?;
     }
     Ok(start.elapsed())
@@ -355,17 +347,8 @@ pub(crate) async fn publish_paced(
     for seq in 0..total {
         // A fixed schedule: a slow XADD delays the next send, but the schedule catches up.
         tokio::time::sleep_until(start + Duration::from_nanos(period_ns * seq)).await;
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(stream)
-            .arg("*")
-            .arg("user_id")
-            .arg(user_id(seq))
-            .arg("user_name")
-            .arg(user_name(seq))
-            .arg("seq")
-            .arg(seq)
-            .arg(SENT_AT_FIELD)
-            .arg(now_ns());
+        let mut cmd = xadd_user(stream, seq);
+        cmd.arg(seq).arg(SENT_AT_FIELD).arg(now_ns());
         let _id: Vec<u8> = query(conn, "XADD", &cmd).await?;
     }
     Ok(total)

@@ -260,6 +260,11 @@ impl Suite {
         let traffic = |entries, (elapsed, commands), rows| {
             CaseRun::new(rows).with_traffic(case, entries, elapsed, commands)
         };
+        // A case whose one row is `entries` over the timed part's duration.
+        let rated = |entries, observed: (Duration, CommandStats), row| {
+            let measurement = throughput(row, entries, observed.0);
+            traffic(entries, observed, vec![measurement])
+        };
         Ok(match case {
             Case::Baseline => {
                 let entries = sizes.consume;
@@ -295,8 +300,7 @@ impl Suite {
                 )
                 .vs("baseline")
                 .target(Target::RatioAtLeast(1.3));
-                let measurement = throughput(row, entries, observed.0);
-                traffic(entries, observed, vec![measurement])
+                rated(entries, observed, row)
             }
             Case::Poison => {
                 let entries = sizes.consume;
@@ -342,8 +346,7 @@ impl Suite {
                     Unit::EntriesPerSec,
                 )
                 .vs("baseline");
-                let measurement = throughput(row, entries, observed.0);
-                traffic(entries, observed, vec![measurement])
+                rated(entries, observed, row)
             }
             Case::PublishRaw => {
                 let entries = sizes.publish;
@@ -359,8 +362,7 @@ impl Suite {
                     ),
                     Unit::EntriesPerSec,
                 );
-                let measurement = throughput(row, entries, observed.0);
-                traffic(entries, observed, vec![measurement])
+                rated(entries, observed, row)
             }
             Case::PublishRawSeq => {
                 let entries = sizes.publish_seq;
@@ -376,8 +378,7 @@ impl Suite {
                     Unit::EntriesPerSec,
                 )
                 .vs("publish-raw");
-                let measurement = throughput(row, entries, observed.0);
-                traffic(entries, observed, vec![measurement])
+                rated(entries, observed, row)
             }
             Case::PublishSeq => {
                 let entries = sizes.publish_seq;
@@ -394,8 +395,7 @@ impl Suite {
                     Unit::EntriesPerSec,
                 )
                 .vs("publish-raw");
-                let measurement = throughput(row, entries, observed.0);
-                traffic(entries, observed, vec![measurement])
+                rated(entries, observed, row)
             }
             Case::Publish64 => {
                 let entries = sizes.publish;
@@ -416,8 +416,7 @@ impl Suite {
                 )
                 .vs("publish-raw")
                 .target(Target::RatioAtLeast(0.7));
-                let measurement = throughput(row, entries, observed.0);
-                traffic(entries, observed, vec![measurement])
+                rated(entries, observed, row)
             }
             Case::PublishBatch => {
                 let entries = sizes.publish;
@@ -435,8 +434,7 @@ impl Suite {
                 )
                 .vs("publish-raw")
                 .target(Target::RatioAtLeast(0.9));
-                let measurement = throughput(row, entries, observed.0);
-                traffic(entries, observed, vec![measurement])
+                rated(entries, observed, row)
             }
             Case::LatencyRaw | Case::Latency => {
                 latency_case(case, url, conn, &stats, stream, &sizes).await?
