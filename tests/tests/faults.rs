@@ -597,6 +597,32 @@ async fn publish_while_redis_is_frozen_fails_within_the_command_timeout_then_wor
     );
 }
 
+/// A bus listening on `stream` through `group`, which has handled one entry: the start of
+/// the cases that watch what one consumer does when something breaks.
+async fn handling_one_entry(
+    url: &str,
+    stream: &str,
+    group: &str,
+) -> (Arc<Ledger>, EventBus, Listener) {
+    let ledger = Arc::new(Ledger::default());
+    let bus = within(
+        "build",
+        STEP,
+        fault_bus(url, "consumer-1")
+            .consumer_group(group)
+            .handler_on(stream, LedgerHandler::new(&ledger, WORK))
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    within("publish", STEP, bus.publish_to(stream, &user(0)))
+        .await
+        .unwrap();
+    ledger.until_total(1, "the first entry to be handled").await;
+    (ledger, bus, listener)
+}
+
 /// A throwaway server behind a proxy that can drop every connection.
 async fn behind_a_proxy() -> (RedisServer, Proxy) {
     let server = start_server(RedisServer::builder()).await;
@@ -893,30 +919,9 @@ async fn an_outage_is_retried_with_backoff_and_logged_at_a_bounded_rate_then_hea
     // Names only this test uses, to pick its lines out of a log other tests may share.
     const WATCHED_STREAM: &str = "outage.watch";
     const WATCHED_GROUP: &str = "outage-watch";
-    let mut server = start_server(RedisServer::builder()).await;
-    let proxy = within(
-        "the proxy to start",
-        STEP,
-        Proxy::start((Ipv4Addr::LOCALHOST, server.port())),
-    )
-    .await
-    .unwrap();
-    let ledger = Arc::new(Ledger::default());
-    let bus = within(
-        "build",
-        STEP,
-        fault_bus(&proxy.url(), "consumer-1")
-            .consumer_group(WATCHED_GROUP)
-            .handler_on(WATCHED_STREAM, LedgerHandler::new(&ledger, WORK))
-            .build(),
-    )
-    .await
-    .unwrap();
-    let mut listener = within("listen", STEP, bus.listen()).await.unwrap();
-    within("publish", STEP, bus.publish_to(WATCHED_STREAM, &user(0)))
-        .await
-        .unwrap();
-    ledger.until_total(1, "the first entry to be handled").await;
+    let (mut server, proxy) = behind_a_proxy().await;
+    let (ledger, bus, mut listener) =
+        handling_one_entry(&proxy.url(), WATCHED_STREAM, WATCHED_GROUP).await;
 
     within("redis-server to stop", STEP, server.stop())
         .await
@@ -971,22 +976,8 @@ async fn a_group_destroyed_while_the_reader_blocks_is_recreated_with_a_warning_n
     const WATCHED_STREAM: &str = "destroy.watch";
     const WATCHED_GROUP: &str = "destroy-watch";
     let server = start_server(RedisServer::builder()).await;
-    let ledger = Arc::new(Ledger::default());
-    let bus = within(
-        "build",
-        STEP,
-        fault_bus(&server.url(), "consumer-1")
-            .consumer_group(WATCHED_GROUP)
-            .handler_on(WATCHED_STREAM, LedgerHandler::new(&ledger, WORK))
-            .build(),
-    )
-    .await
-    .unwrap();
-    let mut listener = within("listen", STEP, bus.listen()).await.unwrap();
-    within("publish", STEP, bus.publish_to(WATCHED_STREAM, &user(0)))
-        .await
-        .unwrap();
-    ledger.until_total(1, "the first entry to be handled").await;
+    let (ledger, bus, mut listener) =
+        handling_one_entry(&server.url(), WATCHED_STREAM, WATCHED_GROUP).await;
     let mut conn = direct(&server).await;
     let nothing_pending = async |conn: &mut redis::aio::MultiplexedConnection| {
         within("nothing to be pending", STEP, async {
