@@ -75,13 +75,10 @@ enum PublishReply {
 impl PublishRequest {
     /// Answers with one outcome per `XADD` the request carries, in order. A publisher may
     /// have stopped waiting (its future dropped): `send` fails then, and that is fine.
-    fn answer(
-        self,
-        mut outcome: impl FnMut(&str) -> std::result::Result<EntryId, redis::RedisError>,
-    ) {
+    fn answer(self, mut outcome: impl FnMut() -> std::result::Result<EntryId, redis::RedisError>) {
         let stream = &*self.stream;
         let mut next = || {
-            outcome(stream).map_err(|error| {
+            outcome().map_err(|error| {
                 classify(stream, error, || format!("publishing to stream `{stream}`"))
             })
         };
@@ -146,7 +143,7 @@ async fn publish_in_pipelines(
         // sent any more.
         let now = Instant::now();
         for late in batch.extract_if(.., |request| request.deadline <= now) {
-            late.answer(|_| Err(timed_out(timeout).into()));
+            late.answer(|| Err(timed_out(timeout).into()));
         }
         let Some(deadline) = batch.iter().map(|request| request.deadline).min() else {
             continue;
@@ -166,7 +163,7 @@ async fn publish_in_pipelines(
             });
         let mut answers = replies.drain(..);
         for request in batch.drain(..) {
-            request.answer(|_| match answers.next() {
+            request.answer(|| match answers.next() {
                 Some(Ok(id)) => Ok(id),
                 Some(Err(line)) => Err(RespError::Server(line).into_redis()),
                 None => Err(failed
@@ -210,33 +207,32 @@ enum PipelineFailure {
 
 impl PipelineFailure {
     fn into_redis(self, timeout: Duration) -> redis::RedisError {
-        match self {
-            PipelineFailure::Connect(RespError::Io(error))
-                if error.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                timed_out(timeout).into()
+        let (error, sent) = match self {
+            PipelineFailure::Connect(error) => (error, false),
+            PipelineFailure::Unanswered(error) => (error, true),
+        };
+        let error = match error {
+            RespError::Io(error) if error.kind() == std::io::ErrorKind::TimedOut => {
+                RespError::Io(timed_out(timeout))
             }
-            PipelineFailure::Connect(error) => error.into_redis(),
-            PipelineFailure::Unanswered(error) => {
-                let (kind, cause) = match error {
-                    RespError::Io(error) if error.kind() == std::io::ErrorKind::TimedOut => (
-                        error.kind(),
-                        format!("redis did not answer within {timeout:?}"),
-                    ),
-                    RespError::Io(error) => (error.kind(), error.to_string()),
-                    RespError::Protocol(detail) => (std::io::ErrorKind::InvalidData, detail),
-                    RespError::Server(line) => (
-                        std::io::ErrorKind::InvalidData,
-                        String::from_utf8_lossy(&line).into_owned(),
-                    ),
-                };
-                std::io::Error::new(
-                    kind,
-                    format!("{cause}; the entry was sent and may or may not have been written"),
-                )
-                .into()
-            }
+            other => other,
+        };
+        if !sent {
+            return error.into_redis();
         }
+        let (kind, cause) = match error {
+            RespError::Io(error) => (error.kind(), error.to_string()),
+            RespError::Protocol(detail) => (std::io::ErrorKind::InvalidData, detail),
+            RespError::Server(line) => (
+                std::io::ErrorKind::InvalidData,
+                String::from_utf8_lossy(&line).into_owned(),
+            ),
+        };
+        std::io::Error::new(
+            kind,
+            format!("{cause}; the entry was sent and may or may not have been written"),
+        )
+        .into()
     }
 }
 
@@ -891,7 +887,7 @@ impl Broker for RedisBroker {
         entries
             .into_iter()
             .map(|entry| {
-                parse_entry(entry).map(|d| (d.id, d.fields.map(|f| f.to_raw()).unwrap_or_default()))
+                parse_raw_entry(entry).map(|(id, fields)| (id, fields.unwrap_or_default()))
             })
             .collect::<Result<_, String>>()
             .map_err(|detail| Error::UnexpectedReply {
@@ -1108,9 +1104,20 @@ fn parse_read_reply(reply: Value, streams: &[Arc<str>]) -> Result<Vec<StreamDeli
     Ok(batches)
 }
 
+/// Parses one `[id, [field, value, ...]]` entry into a delivery.
+fn parse_entry(entry: Value) -> Result<Delivery, String> {
+    let (id, fields) = parse_raw_entry(entry)?;
+    Ok(Delivery {
+        id,
+        fields: fields.map(EntryFields::from_pairs),
+        delivery_count: 1,
+        delivered_at: Instant::now(),
+    })
+}
+
 /// Parses one `[id, [field, value, ...]]` entry; the fields are nil when the entry is
 /// pending but was deleted from the stream.
-fn parse_entry(entry: Value) -> Result<Delivery, String> {
+fn parse_raw_entry(entry: Value) -> Result<(EntryId, Option<RawFields>), String> {
     let Value::Array(parts) = entry else {
         return Err(format!("an entry is not an array: {entry:?}"));
     };
@@ -1122,21 +1129,16 @@ fn parse_entry(entry: Value) -> Result<Delivery, String> {
         .ok_or_else(|| "an entry has no valid id".to_owned())?;
     let fields = match parts.next() {
         None | Some(Value::Nil) => None,
-        Some(Value::Array(flat)) => Some(EntryFields::from_pairs(pair_up(flat)?)),
-        Some(Value::Map(pairs)) => Some(EntryFields::from_pairs(
+        Some(Value::Array(flat)) => Some(pair_up(flat)?),
+        Some(Value::Map(pairs)) => Some(
             pairs
                 .into_iter()
                 .map(|(k, v)| Ok((bytes(k)?, bytes(v)?)))
                 .collect::<Result<RawFields, String>>()?,
-        )),
+        ),
         Some(other) => return Err(format!("fields of entry {id} are not an array: {other:?}")),
     };
-    Ok(Delivery {
-        id,
-        fields,
-        delivery_count: 1,
-        delivered_at: Instant::now(),
-    })
+    Ok((id, fields))
 }
 
 fn pair_up(flat: Vec<Value>) -> Result<RawFields, String> {

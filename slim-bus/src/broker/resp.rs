@@ -18,7 +18,7 @@ use redis::{ConnectionAddr, ConnectionInfo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::{Delivery, RawFields, StreamDeliveries};
+use super::{Delivery, StreamDeliveries};
 use crate::codec::EncodedField;
 use crate::event::EntryId;
 
@@ -385,12 +385,6 @@ impl EntryFields {
             },
             left: self.pairs,
         }
-    }
-
-    pub(crate) fn to_raw(&self) -> RawFields {
-        self.pairs()
-            .map(|(name, value)| (name.to_vec(), value.to_vec()))
-            .collect()
     }
 }
 
