@@ -506,9 +506,7 @@ impl State {
                 .take(count)
                 .map(|(id, fields)| Delivery {
                     id: *id,
-                    fields: Some(EntryFields::from_pairs(
-                        fields.iter().map(|(name, value)| (name, value)),
-                    )),
+                    fields: Some(delivered(fields)),
                     delivery_count: 1,
                     delivered_at: now,
                 })
@@ -557,9 +555,7 @@ impl State {
                 nack.delivered_at = now;
                 Delivery {
                     id: *id,
-                    fields: entries.get(id).map(|fields| {
-                        EntryFields::from_pairs(fields.iter().map(|(name, value)| (name, value)))
-                    }),
+                    fields: entries.get(id).map(delivered),
                     delivery_count: nack.delivery_count,
                     delivered_at: now,
                 }
@@ -642,9 +638,7 @@ impl State {
             nack.delivery_count += 1;
             page.deliveries.push(Delivery {
                 id,
-                fields: Some(EntryFields::from_pairs(
-                    fields.iter().map(|(name, value)| (name, value)),
-                )),
+                fields: Some(delivered(fields)),
                 delivery_count: nack.delivery_count,
                 delivered_at: now,
             });
@@ -684,9 +678,7 @@ impl State {
                     nack.consumer = consumer.clone();
                     nack.delivered_at = now;
                     nack.delivery_count += 1;
-                    claimed.push(Some(EntryFields::from_pairs(
-                        fields.iter().map(|(name, value)| (name, value)),
-                    )));
+                    claimed.push(Some(delivered(fields)));
                 }
                 _ => claimed.push(None),
             }
@@ -854,6 +846,11 @@ impl Group {
 }
 
 /// Durations as Redis takes them: whole milliseconds.
+/// A stored entry's fields as a delivery carries them.
+fn delivered(fields: &RawFields) -> EntryFields {
+    EntryFields::from_pairs(fields.iter().map(|(name, value)| (name, value)))
+}
+
 fn whole_millis(duration: Duration) -> Duration {
     Duration::from_millis(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
 }
