@@ -342,7 +342,7 @@ impl EventBus {
                         dead_letters: stats.dead_letters,
                     }),
                     Err(error) => {
-                        tracing::debug!(stream = %route.stream, %error, "health: reading group state failed");
+                        tracing::debug!(stream = %route.stream, error = &error as &dyn std::error::Error, "health: reading group state failed");
                     }
                 }
             }

@@ -88,7 +88,11 @@ pub enum Error {
     },
 
     /// Redis could not be reached or answered with an error.
-    #[error("redis error while {action}: {source}")]
+    ///
+    /// The message says what the bus was doing; the Redis error is its
+    /// [`source`](std::error::Error::source), which error reporters (`anyhow`, `tracing`)
+    /// print after it.
+    #[error("redis error while {action}")]
     Redis {
         /// What the bus was doing, e.g. "publishing to stream `user.created`".
         action: String,
@@ -323,5 +327,46 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         message.clone()
     } else {
         "a panic without a message".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every message of `error`'s chain, as error reporters (`anyhow`'s `{:#}`) join them.
+    fn report(error: &(dyn StdError + 'static)) -> String {
+        let mut messages = vec![error.to_string()];
+        let mut source = error.source();
+        while let Some(cause) = source {
+            messages.push(cause.to_string());
+            source = cause.source();
+        }
+        messages.join(": ")
+    }
+
+    #[test]
+    fn a_report_of_a_redis_error_adds_no_repetition_of_its_cause() {
+        let refused =
+            || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused by peer");
+        let error = Error::redis("publishing to stream `user.created`", refused().into());
+        assert_eq!(
+            error.to_string(),
+            "redis error while publishing to stream `user.created`"
+        );
+        // redis-rs itself prints its I/O cause and also gives it as its source; the bus's
+        // error adds nothing to that.
+        let redis_alone = redis::RedisError::from(refused());
+        let expected = report(&redis_alone).matches("refused by peer").count();
+        let report = report(&error);
+        assert!(
+            report.starts_with("redis error while publishing"),
+            "{report}"
+        );
+        assert_eq!(
+            report.matches("refused by peer").count(),
+            expected,
+            "{report}"
+        );
     }
 }

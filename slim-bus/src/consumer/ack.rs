@@ -85,11 +85,15 @@ impl Acker {
                 Err(error) => {
                     let pending = self.pending();
                     if closed_at.is_some_and(|at| at.elapsed() >= give_up_after) {
-                        tracing::error!(%error, pending, "giving up on acknowledgements at shutdown; these entries will be delivered again");
+                        tracing::error!(
+                            error = &error as &dyn std::error::Error,
+                            pending,
+                            "giving up on acknowledgements at shutdown; these entries will be delivered again"
+                        );
                         return;
                     }
                     let delay = backoff.next_delay();
-                    tracing::warn!(%error, pending, retry_in = ?delay, "acknowledging failed; will retry");
+                    tracing::warn!(error = &error as &dyn std::error::Error, pending, retry_in = ?delay, "acknowledging failed; will retry");
                     tokio::time::sleep(delay).await;
                 }
             }

@@ -295,7 +295,10 @@ impl Task<'_> {
         // it so that it can plan for this retry. A wake that comes just before the read
         // blocks is lost, which delays the retry by at most one block time.
         if let Err(error) = self.shared.broker.wake_reader().await {
-            tracing::debug!(%error, "could not wake the reader for a retry");
+            tracing::debug!(
+                error = &error as &dyn std::error::Error,
+                "could not wake the reader for a retry"
+            );
         }
     }
 
@@ -345,7 +348,7 @@ impl Task<'_> {
             Err(move_error) => {
                 // Still pending with this consumer: try again later, like a failed delivery.
                 let delay = self.backoff(delivery_count);
-                tracing::warn!(stream, entry_id = %id, error = %move_error, retry_in = ?delay, "dead-lettering failed; will retry");
+                tracing::warn!(stream, entry_id = %id, error = &move_error as &dyn std::error::Error, retry_in = ?delay, "dead-lettering failed; will retry");
                 self.retry(id, delivery_count, delivered_at, delay).await;
             }
         }

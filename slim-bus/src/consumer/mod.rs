@@ -514,20 +514,23 @@ impl Reader<'_> {
                 tracing::warn!(
                     group = %c.group,
                     ?streams,
-                    %error,
+                    error = &error as &dyn std::error::Error,
                     "consumer group or stream is gone (deleted, flushed, or Redis restarted without persistence); creating the group again on every stream"
                 );
                 match c.prepare().await {
                     Ok(()) => return Ok(Healed::GroupRecreated),
                     Err(error @ Error::WrongType { .. }) => return Err(error),
-                    Err(error) => tracing::warn!(%error, "recreating the consumer group failed"),
+                    Err(error) => tracing::warn!(
+                        error = &error as &dyn std::error::Error,
+                        "recreating the consumer group failed"
+                    ),
                 }
             }
             _ => {}
         }
         let delay = self.backoff.next_delay();
         // One line per backoff step: a lasting outage logs at a bounded rate.
-        tracing::warn!(%error, attempt = self.backoff.attempts(), retry_in = ?delay, "redis command failed");
+        tracing::warn!(error = &error as &dyn std::error::Error, attempt = self.backoff.attempts(), retry_in = ?delay, "redis command failed");
         tokio::time::sleep(delay).await;
         Ok(Healed::Retry)
     }
