@@ -29,6 +29,11 @@ pub use crate::listener::{Listener, ShutdownHandle};
 /// `#[slim_bus::async_trait]`.
 pub use async_trait::async_trait;
 
+/// The Redis client slim-bus is built on, re-exported so that
+/// [`EventBusBuilder::client`] takes a `slim_bus::redis::Client` without a dependency of
+/// your own (or with one of the same version).
+pub use redis;
+
 #[doc = include_str!("docs/macros/event.md")]
 pub use slim_bus_derive::Event;
 #[doc = include_str!("docs/macros/handlers.md")]
