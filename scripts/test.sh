@@ -70,8 +70,15 @@ if ! redis_server="$(find_redis_server)"; then
   or point REDIS_SERVER_BIN at a redis-server binary."
   fi
 fi
+# A binary that is there but does not run (a broken install, a wrong architecture, a stub)
+# would otherwise fail every test with the same launch error.
+if ! redis_version="$("$redis_server" --version 2>&1)" || [[ "$redis_version" != Redis\ server* ]]; then
+  said="${redis_version%%$'\n'*}"
+  die "$redis_server does not run as a redis-server (\`$redis_server --version\` said: ${said:-nothing}).
+  Repair or remove it, or point REDIS_SERVER_BIN at a working redis-server binary."
+fi
 export REDIS_SERVER_BIN="$redis_server"
-echo "==> using $("$redis_server" --version) ($redis_server)"
+echo "==> using $redis_version ($redis_server)"
 
 if cargo nextest --version >/dev/null 2>&1; then
   echo "==> cargo nextest run --workspace --all-targets $*"

@@ -4,14 +4,12 @@
 //! After changing a message, regenerate the snapshots with `TRYBUILD=overwrite` and read
 //! every changed `.stderr`.
 
+/// One test, so one trybuild project: two tests would each build slim-bus and its
+/// dependencies for their cases, one after the other (they share a lock), doubling the
+/// time a cold run spends here.
 #[test]
-fn macros_accept_the_documented_forms() {
+fn macros_accept_the_documented_forms_and_reject_misuse_with_a_spanned_error() {
     let cases = trybuild::TestCases::new();
     cases.pass("tests/ui/pass/*.rs");
-}
-
-#[test]
-fn macro_misuse_gets_a_spanned_error_that_says_what_to_write() {
-    let cases = trybuild::TestCases::new();
     cases.compile_fail("tests/ui/fail/*.rs");
 }
