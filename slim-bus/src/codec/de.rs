@@ -122,6 +122,13 @@ impl fmt::Display for Shown<'_> {
     }
 }
 
+/// Whether a field value is a JSON object or array (checked whole: text such as
+/// `[draft] notes` stays text).
+fn is_json_container(bytes: &[u8]) -> bool {
+    matches!(bytes.first(), Some(b'{' | b'['))
+        && serde_json::from_slice::<de::IgnoredAny>(bytes).is_ok()
+}
+
 fn json_error(error: serde_json::Error) -> CodecError {
     match error.classify() {
         // A type mismatch inside valid JSON is not "invalid JSON".
@@ -207,8 +214,14 @@ macro_rules! forward_json {
 impl<'de> de::Deserializer<'de> for ValueDeserializer<'de> {
     type Error = CodecError;
 
-    /// The wire carries no types, so "anything" is the text (or raw bytes).
+    /// The wire carries no types, so "anything" is the text (or raw bytes), except a value
+    /// that is a JSON object or array: the encoder writes nested values so, and serde asks
+    /// for "anything" when it buffers a tagged or untagged enum (`#[serde(tag = "...")]`,
+    /// `#[serde(untagged)]`), which then finds its tag and fields.
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, CodecError> {
+        if self.text.is_none() && is_json_container(self.bytes) {
+            return self.json(|json| de::Deserializer::deserialize_any(json, visitor));
+        }
         match self.text() {
             Ok(text) => visitor.visit_borrowed_str(text),
             Err(_) => visitor.visit_borrowed_bytes(self.bytes),

@@ -460,14 +460,18 @@ fn untyped_events_decode_as_string_maps() -> Result<(), CodecError> {
     assert_eq!(strings.get("id").map(String::as_str), Some("7"));
     let borrowed: HashMap<&str, &str> = from_fields(&entry)?;
     assert_eq!(borrowed.get("payload"), Some(&r#"{"k":1}"#));
-    // The wire carries no types: `Value` fields get the text, so re-encoding an
-    // untyped event reproduces its bytes.
+    // The wire carries no types: `Value` fields get the text, except JSON objects and
+    // arrays (nested values), so re-encoding an untyped event reproduces its bytes.
     let values: BTreeMap<String, serde_json::Value> = from_fields(&entry)?;
     assert_eq!(values.get("id"), Some(&serde_json::json!("7")));
+    assert_eq!(values.get("payload"), Some(&serde_json::json!({"k": 1})));
+    let not_json = self::entry(&[("title", "[draft] notes"), ("brace", "{")]);
+    let texts: BTreeMap<String, serde_json::Value> = from_fields(&not_json)?;
     assert_eq!(
-        values.get("payload"),
-        Some(&serde_json::json!(r#"{"k":1}"#))
+        texts.get("title"),
+        Some(&serde_json::json!("[draft] notes"))
     );
+    assert_eq!(texts.get("brace"), Some(&serde_json::json!("{")));
     assert_eq!(
         encode_text(&values)?,
         text(&[("id", "7"), ("payload", r#"{"k":1}"#)])
