@@ -6,10 +6,12 @@ use quote::ToTokens;
 use syn::spanned::Spanned;
 use syn::{
     Attribute, Data, DeriveInput, Fields, FnArg, Generics, Ident, ImplItem, ItemFn, ItemImpl,
-    LitStr, Pat, PatType, Path, Receiver, Signature, Type,
+    LitInt, LitStr, Pat, PatType, Path, Receiver, Signature, Type,
 };
 
-use crate::attr::{self, ArgsOf};
+use std::time::Duration;
+
+use crate::attr::{self, ArgsOf, MacroArgs};
 use crate::ctxt::Errors;
 
 /// `#[derive(Event)]` input.
@@ -19,6 +21,8 @@ pub(crate) struct Event<'a> {
     pub(crate) shape: Shape,
     pub(crate) stream: Option<LitStr>,
     pub(crate) krate: Path,
+    /// The `flatten` keys of `#[serde(...)]` attributes on its fields.
+    pub(crate) flattened: Vec<Path>,
 }
 
 /// What kind of type the event is; only structs with named fields can be events.
@@ -34,9 +38,17 @@ pub(crate) enum Shape {
 impl<'a> Event<'a> {
     pub(crate) fn from_syn(input: &'a DeriveInput, errors: &mut Errors) -> Self {
         let attrs = attr::event_attrs(&input.attrs, errors);
+        let mut flattened = Vec::new();
         let shape = match &input.data {
             Data::Struct(data) => match &data.fields {
-                Fields::Named(_) => Shape::NamedStruct,
+                Fields::Named(fields) => {
+                    flattened = fields
+                        .named
+                        .iter()
+                        .flat_map(|field| attr::serde_flatten_keys(&field.attrs))
+                        .collect();
+                    Shape::NamedStruct
+                }
                 Fields::Unnamed(fields) => Shape::Unsupported {
                     at: fields.to_token_stream(),
                     instead: "name its fields, like `struct UserDeleted { user_id: String }`",
@@ -61,6 +73,7 @@ impl<'a> Event<'a> {
             shape,
             stream: attrs.stream,
             krate: attrs.krate.unwrap_or_else(default_crate),
+            flattened,
         }
     }
 }
@@ -90,17 +103,23 @@ pub(crate) struct Handler {
     pub(crate) attr_span: Span,
     /// Whether the signature can be turned into a handler; set by `valid`.
     pub(crate) usable: bool,
+    /// `max_deliveries = N`, overriding the bus's.
+    pub(crate) max_deliveries: Option<LitInt>,
+    /// `timeout = "5s"`, overriding the bus's handler timeout.
+    pub(crate) timeout: Option<(LitStr, Duration)>,
 }
 
 impl Handler {
-    fn new(kind: Kind, sig: Signature, stream: Option<LitStr>, attr_span: Span) -> Self {
+    fn new(kind: Kind, sig: Signature, args: MacroArgs, attr_span: Span) -> Self {
         Handler {
             kind,
             sig,
-            names_stream: stream.is_some(),
-            stream,
+            names_stream: args.stream.is_some(),
+            stream: args.stream,
             attr_span,
             usable: false,
+            max_deliveries: args.max_deliveries,
+            timeout: args.timeout,
         }
     }
 
@@ -155,12 +174,13 @@ pub(crate) struct FreeHandler {
 
 impl FreeHandler {
     pub(crate) fn from_syn(args: TokenStream, item: ItemFn, errors: &mut Errors) -> Self {
-        let args = attr::macro_args(args, ArgsOf::FreeStream, errors);
-        let handler = Handler::new(Kind::Free, item.sig.clone(), args.stream, Span::call_site());
+        let mut args = attr::macro_args(args, ArgsOf::FreeStream, errors);
+        let krate = args.krate.take().unwrap_or_else(default_crate);
+        let handler = Handler::new(Kind::Free, item.sig.clone(), args, Span::call_site());
         FreeHandler {
             item,
             handler,
-            krate: args.krate.unwrap_or_else(default_crate),
+            krate,
         }
     }
 }
@@ -206,7 +226,7 @@ impl Service {
             handlers.push(Handler::new(
                 Kind::Method,
                 sig.clone(),
-                parsed.stream,
+                parsed,
                 first.path().span(),
             ));
         }

@@ -4,10 +4,12 @@
 //! `valid`.
 
 use proc_macro2::TokenStream;
+use std::time::Duration;
 use syn::ext::IdentExt;
 use syn::meta::ParseNestedMeta;
 use syn::parse::{ParseStream, Parser};
-use syn::{Attribute, Expr, ExprLit, Ident, Lit, LitStr, Meta, Path, Token};
+
+use syn::{Attribute, Expr, ExprLit, Ident, Lit, LitInt, LitStr, Meta, Path, Token};
 
 use crate::ctxt::Errors;
 
@@ -49,6 +51,21 @@ pub(crate) fn event_attrs(attrs: &[Attribute], errors: &mut Errors) -> EventAttr
     parsed
 }
 
+/// The `flatten` keys in a field's `#[serde(...)]` attributes. Other serde keys are serde's
+/// business; what cannot be parsed here is left for serde to report.
+pub(crate) fn serde_flatten_keys(attrs: &[Attribute]) -> Vec<Path> {
+    let mut keys = Vec::new();
+    for attr in attrs.iter().filter(|attr| attr.path().is_ident("serde")) {
+        let _ = attr.parse_nested_meta(|meta| {
+            if meta.path.is_ident("flatten") {
+                keys.push(meta.path.clone());
+            }
+            skip_value(&meta)
+        });
+    }
+    keys
+}
+
 /// The arguments of `#[stream(...)]` or `#[handlers(...)]`.
 #[derive(Default)]
 pub(crate) struct MacroArgs {
@@ -56,6 +73,10 @@ pub(crate) struct MacroArgs {
     pub(crate) stream: Option<LitStr>,
     /// `crate = "..."`.
     pub(crate) krate: Option<Path>,
+    /// `max_deliveries = 3`.
+    pub(crate) max_deliveries: Option<LitInt>,
+    /// `timeout = "5s"`, parsed.
+    pub(crate) timeout: Option<(LitStr, Duration)>,
 }
 
 /// Which arguments an attribute accepts.
@@ -141,19 +162,85 @@ fn macro_arg(args: &mut MacroArgs, of: ArgsOf, key: &Ident, value: Expr, errors:
         }
         return;
     }
+    if of != ArgsOf::Handlers && key == "max_deliveries" {
+        handler_max_deliveries(args, key, value, errors);
+        return;
+    }
+    if of != ArgsOf::Handlers && key == "timeout" {
+        handler_timeout(args, key, value, errors);
+        return;
+    }
     let hint = match of {
         ArgsOf::Handlers => "the only key is `crate = \"...\"`".to_owned(),
         ArgsOf::FreeStream => {
-            "write the stream name alone, `#[stream(\"user.created\")]`; the only key is `crate = \"...\"`".to_owned()
+            "the keys are `max_deliveries = 3`, `timeout = \"5s\"` and `crate = \"...\"`, after the stream name, if any: `#[stream(\"user.created\", timeout = \"5s\")]`".to_owned()
         }
         ArgsOf::MethodStream => {
-            "write the stream name alone, `#[stream(\"user.created\")]`".to_owned()
+            "the keys are `max_deliveries = 3` and `timeout = \"5s\"`, after the stream name, if any: `#[stream(\"user.created\", timeout = \"5s\")]`".to_owned()
         }
     };
     errors.spanned(
         key,
         format_args!("unknown `{name}` attribute `{key}`: {hint}"),
     );
+}
+
+/// `max_deliveries = N`: a whole number of at least 1.
+fn handler_max_deliveries(args: &mut MacroArgs, key: &Ident, value: Expr, errors: &mut Errors) {
+    let example = "max_deliveries = 3";
+    let lit = match value {
+        Expr::Lit(ExprLit {
+            lit: Lit::Int(lit), ..
+        }) => lit,
+        other => {
+            errors.spanned(other, format_args!("expected a whole number: `{example}`"));
+            return;
+        }
+    };
+    match lit.base10_parse::<u64>() {
+        Ok(0) => errors.spanned(
+            &lit,
+            "`max_deliveries` must be at least 1: the first delivery counts",
+        ),
+        Ok(_) => set_once(
+            &mut args.max_deliveries,
+            lit,
+            &Path::from(key.clone()),
+            "max_deliveries",
+            errors,
+        ),
+        Err(_) => errors.spanned(
+            &lit,
+            format_args!("expected a whole number that fits a u64: `{example}`"),
+        ),
+    }
+}
+
+/// `timeout = "5s"`: a duration as config files write them, longer than zero.
+fn handler_timeout(args: &mut MacroArgs, key: &Ident, value: Expr, errors: &mut Errors) {
+    let example = "timeout = \"5s\"";
+    let Some(lit) = lit_str(value, example, errors) else {
+        return;
+    };
+    match humantime::parse_duration(&lit.value()) {
+        Ok(duration) if duration.is_zero() => {
+            errors.spanned(&lit, "the handler timeout must be longer than zero");
+        }
+        Ok(duration) => set_once(
+            &mut args.timeout,
+            (lit, duration),
+            &Path::from(key.clone()),
+            "timeout",
+            errors,
+        ),
+        Err(error) => errors.spanned(
+            &lit,
+            format_args!(
+                "`{}` is not a duration ({error}): write it like `\"5s\"`, `\"250ms\"` or `\"2m 30s\"`",
+                lit.value()
+            ),
+        ),
+    }
 }
 
 /// The arguments of a `#[stream]` attribute on a method inside `#[handlers]`, which that

@@ -142,7 +142,10 @@ pub(crate) fn free_handler(free: &FreeHandler, errors: &Errors) -> TokenStream {
                 Self::#name(#call_args).await
             }
 
+            // A handler must be `async` even when it awaits nothing, so this lint is no
+            // advice the user can take.
             #[doc(hidden)]
+            #[allow(clippy::unused_async)]
             #(#others)*
             #body_sig #body
         }
@@ -290,6 +293,23 @@ fn stream_handler_impl(
             }
         }
     });
+    let max_deliveries = handler.max_deliveries.as_ref().and_then(|lit| {
+        // Checked by parsing; as a `u64` whatever suffix was written.
+        let max: u64 = lit.base10_parse().ok()?;
+        Some(quote! {
+            fn max_deliveries(&self) -> ::core::option::Option<u64> {
+                ::core::option::Option::Some(#max)
+            }
+        })
+    });
+    let timeout = handler.timeout.as_ref().map(|(_, duration)| {
+        let (secs, nanos) = (duration.as_secs(), duration.subsec_nanos());
+        quote! {
+            fn handler_timeout(&self) -> ::core::option::Option<::core::time::Duration> {
+                ::core::option::Option::Some(::core::time::Duration::new(#secs, #nanos))
+            }
+        }
+    });
     // Spanned on the event type: "`X` is not an event" and privacy errors land there.
     let event_assoc = quote_spanned! {event_ty.span()=>
         type Event = #event_ty;
@@ -308,6 +328,8 @@ fn stream_handler_impl(
             }
 
             #stream
+            #max_deliveries
+            #timeout
         }
     }
 }

@@ -19,6 +19,12 @@ pub(crate) fn event(event: &mut Event<'_>, errors: &mut Errors) {
             ),
         );
     }
+    for flatten in &event.flattened {
+        errors.spanned(
+            flatten,
+            "an event can't have `#[serde(flatten)]` fields: a stream entry's fields carry no types, so serde hands a flattened struct every value as text, and a number or bool in it would fail to decode on every delivery; write its fields out in the event, or keep the nested struct in one field (stored as JSON)",
+        );
+    }
     if let Some(lit) = &event.stream {
         let instead = "write a name like `#[event(stream = \"user.created\")]`, or leave `stream` out and publish the event with `publish_to`";
         if !stream_name(lit, instead, errors) {
@@ -142,6 +148,20 @@ pub(crate) fn handler(handler: &mut Handler, errors: &mut Errors) {
             );
             usable = false;
         }
+        Some(event) if is_context(&event.ty) => {
+            let context = event.ty.to_token_stream();
+            let swapped = match handler.kind {
+                Kind::Free => format!("async fn {name}(event: UserCreated, ctx: {context})"),
+                Kind::Method => {
+                    format!("async fn {name}(&self, event: UserCreated, ctx: {context})")
+                }
+            };
+            errors.spanned(
+                &event.ty,
+                format_args!("a handler takes the event first and the context second: `{swapped}`"),
+            );
+            usable = false;
+        }
         Some(event) => {
             if let Some(problem) = event_type_problem(&event.ty) {
                 errors.spanned(&event.ty, problem);
@@ -175,6 +195,20 @@ pub(crate) fn handler(handler: &mut Handler, errors: &mut Errors) {
         }
     }
     handler.usable = usable;
+}
+
+/// Whether `ty` is written as slim-bus's context (`Context`, `slim_bus::Context`), which
+/// is never an event.
+fn is_context(ty: &Type) -> bool {
+    match ty {
+        Type::Path(path) => {
+            path.qself.is_none()
+                && path.path.segments.last().is_some_and(|segment| {
+                    segment.ident == "Context" && segment.arguments.is_none()
+                })
+        }
+        _ => false,
+    }
 }
 
 fn event_type_problem(ty: &Type) -> Option<&'static str> {
@@ -229,6 +263,13 @@ pub(crate) fn service(service: &mut Service, errors: &mut Errors) {
                 .any(|handler| *handler.name() == method.sig.ident);
             if is_handler && method.sig.asyncness.is_none() {
                 method.sig.asyncness = Some(Default::default());
+            }
+            if is_handler {
+                // A handler must be `async` even when it awaits nothing, so this lint is no
+                // advice the user can take.
+                method
+                    .attrs
+                    .push(syn::parse_quote!(#[allow(clippy::unused_async)]));
             }
         }
     }

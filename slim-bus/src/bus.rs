@@ -21,6 +21,7 @@ use crate::event::{EntryId, Event};
 use crate::handler::{Handlers, StreamHandler, StreamService};
 use crate::health::{Health, LastRead, StreamHealth};
 use crate::listener::Listener;
+use crate::publisher::Publisher;
 
 /// A typed event bus over Redis Streams: publishes events, and listens to its streams
 /// through a consumer group.
@@ -264,6 +265,7 @@ impl EventBus {
             retry_max: config.retry_max,
             dead_letter_max_len: config.dead_letter_max_len,
             last_read: self.inner.last_read.clone(),
+            publisher: self.publisher(),
         };
         consumer.prepare().await?;
         tracing::info!(
@@ -353,6 +355,12 @@ impl EventBus {
             since_last_read: inner.last_read.elapsed(),
             streams,
         }
+    }
+
+    /// A handle that publishes through this bus, as handlers get from
+    /// [`Context::publisher`](crate::Context::publisher).
+    pub fn publisher(&self) -> Publisher {
+        Publisher::new(self.clone())
     }
 
     /// The streams this bus handles.
@@ -653,12 +661,37 @@ fn routes(handlers: Handlers, config: &EventBusConfig) -> Result<Arc<[Route]>> {
                 ),
             ));
         }
+        let handler_timeout = registration.handler.handler_timeout();
+        if let Some(timeout) = handler_timeout {
+            handler_timeout_fits(timeout, registration.handler_name, config)?;
+        }
         routes.push(Route {
             dead_letters: dead_letter_stream(&stream, &config.dead_letter_suffix).into(),
             stream: stream.into(),
             handler: registration.handler,
             max_deliveries,
+            handler_timeout: handler_timeout.filter(|timeout| *timeout != config.handler_timeout),
         });
     }
     Ok(routes.into())
+}
+
+/// Checks a handler's own timeout as `build()` checks the bus's.
+fn handler_timeout_fits(timeout: Duration, handler: &str, config: &EventBusConfig) -> Result<()> {
+    if timeout.is_zero() {
+        return Err(Error::config(
+            "handler_timeout",
+            format!("of handler `{handler}` must be longer than zero"),
+        ));
+    }
+    if timeout >= config.claim_min_idle {
+        return Err(Error::config(
+            "handler_timeout",
+            format!(
+                "of handler `{handler}` ({timeout:?}) must be shorter than claim_min_idle ({:?}), or entries still being handled would be claimed and run twice",
+                config.claim_min_idle
+            ),
+        ));
+    }
+    Ok(())
 }

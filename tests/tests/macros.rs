@@ -1,10 +1,13 @@
 //! The macros against a real redis-server: derived events, `#[stream]` functions and
 //! `#[handlers]` services receive what is published, and their outcomes reach the bus.
 #![allow(clippy::unwrap_used)]
+// Handlers that await nothing must not trip it: they must be `async` all the same.
+#![warn(clippy::unused_async)]
 
 mod support;
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use slim_bus::{Context, DeadLetterReason, Event, HandlerError, StreamHandler};
@@ -559,4 +562,88 @@ async fn two_handlers_on_one_stream_are_rejected_at_build() {
         matches!(&error, slim_bus::Error::DuplicateHandler { stream, .. } if stream == "account.opened"),
         "{error}"
     );
+}
+
+/// Settings on the attribute override the bus's for that handler only: the timeout is
+/// honoured by the consumer, and the entry is given up on after that many deliveries.
+#[tokio::test(start_paused = true)]
+async fn stream_attribute_settings_override_the_bus_for_their_handler() {
+    use slim_bus::testing::{Outcome, TestBus};
+
+    #[slim_bus::stream("settings.slow", max_deliveries = 2, timeout = "50ms")]
+    async fn slow(event: AccountAudited) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = event;
+    }
+
+    struct Ledger;
+
+    #[slim_bus::handlers]
+    impl Ledger {
+        #[stream("settings.failing", max_deliveries = 1)]
+        async fn failing(&self, event: AccountAudited) -> anyhow::Result<()> {
+            anyhow::bail!("ledger refused {}", event.account_id)
+        }
+
+        // The bus's settings: a 1 s sleep fits its 5 s timeout.
+        #[stream("settings.default")]
+        async fn patient(&self, event: AccountAudited) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = event;
+        }
+    }
+
+    let builder = slim_bus::EventBus::builder()
+        .handler_timeout(Duration::from_secs(5))
+        .max_deliveries(5)
+        .retry_backoff(Duration::from_millis(10), Duration::from_millis(10))
+        .handler(slow)
+        .service(Arc::new(Ledger));
+    let mut bus = TestBus::new(builder).await.unwrap();
+    let audited = AccountAudited {
+        account_id: "a1".into(),
+        note: "n".into(),
+    };
+    let slow_id = bus
+        .bus()
+        .publish_to("settings.slow", &audited)
+        .await
+        .unwrap();
+    let failing_id = bus
+        .bus()
+        .publish_to("settings.failing", &audited)
+        .await
+        .unwrap();
+    let patient_id = bus
+        .bus()
+        .publish_to("settings.default", &audited)
+        .await
+        .unwrap();
+    bus.run_until_idle().await.unwrap();
+
+    let Outcome::DeadLettered {
+        deliveries: 2,
+        reason: Some(DeadLetterReason::Timeout),
+        error,
+    } = bus.outcome(slow_id)
+    else {
+        panic!(
+            "not given up on after 2 timeouts: {:?}",
+            bus.outcome(slow_id)
+        );
+    };
+    assert!(error.contains("within 50ms"), "{error}");
+    assert!(
+        matches!(
+            bus.outcome(failing_id),
+            Outcome::DeadLettered {
+                deliveries: 1,
+                reason: Some(DeadLetterReason::Handler),
+                ..
+            }
+        ),
+        "{:?}",
+        bus.outcome(failing_id)
+    );
+    assert_eq!(bus.outcome(patient_id), Outcome::Acked { deliveries: 1 });
 }

@@ -20,6 +20,7 @@ use crate::broker::{Broker, DeadLetterMove, Delivery};
 use crate::context::Context;
 use crate::dead_letter::{DeadLetterMeta, DeadLetterReason};
 use crate::error::{DecodeError, HandlerError, Retry, panic_message};
+use crate::publisher::Publisher;
 
 /// The longest wait for a retry; longer delays (`retry_after(Duration::MAX)`) are cut to it.
 /// The entry stays pending meanwhile, so the claim scan of any consumer picks it up after
@@ -45,6 +46,7 @@ pub(super) struct Shared {
     pub(super) dead_letter_max_len: usize,
     pub(super) acks: AckSender,
     pub(super) retries: mpsc::UnboundedSender<RetryRequest>,
+    pub(super) publisher: Publisher,
 }
 
 /// How one delivery ended.
@@ -87,6 +89,9 @@ struct Task<'a> {
     /// Cancelled when the batch's handler timeout has passed.
     timed_out: &'a CancellationToken,
     deadline: Instant,
+    /// Whether the handler has a timeout of its own, timed by this task rather than by
+    /// the batch's timer.
+    own_timeout: bool,
 }
 
 impl Dispatcher {
@@ -104,17 +109,20 @@ impl Dispatcher {
         let shared = self.shared.clone();
         let abandon = self.abandon.clone();
         self.tasks.spawn(async move {
-            let deadline = Instant::now() + shared.handler_timeout;
+            let started = Instant::now();
+            let deadline = started + shared.handler_timeout;
             let timed_out = CancellationToken::new();
             let mut running: FuturesUnordered<_> = jobs
                 .into_iter()
                 .map(|job| {
+                    let own_timeout = shared.routes[job.stream_index].handler_timeout;
                     let task = Task {
                         shared: &shared,
                         stream_index: job.stream_index,
                         cancellation: abandon.child_token(),
                         timed_out: &timed_out,
-                        deadline,
+                        deadline: own_timeout.map_or(deadline, |timeout| started + timeout),
+                        own_timeout: own_timeout.is_some(),
                     };
                     async move {
                         let _slot = job.slot;
@@ -174,6 +182,7 @@ impl Task<'_> {
             delivery.delivery_count,
             self.deadline,
             self.cancellation.clone(),
+            self.shared.publisher.clone(),
         );
         // Decoding runs inside the catch too: a panicking `Deserialize` impl is a bug like
         // any other and must not take the bus down.
@@ -196,7 +205,8 @@ impl Task<'_> {
                 Ok(Err(error)) => Outcome::Decode(error),
                 Err(panic) => Outcome::Panicked(panic_message(&*panic)),
             },
-            () = self.timed_out.cancelled() => Outcome::TimedOut,
+            () = self.timed_out.cancelled(), if !self.own_timeout => Outcome::TimedOut,
+            () = tokio::time::sleep_until(self.deadline), if self.own_timeout => Outcome::TimedOut,
             () = self.cancellation.cancelled() => Outcome::Abandoned,
         };
         if matches!(outcome, Outcome::TimedOut) {
@@ -244,7 +254,9 @@ impl Task<'_> {
                 DeadLetterReason::Timeout,
                 format!(
                     "the handler did not finish within {:?}",
-                    self.shared.handler_timeout
+                    self.route()
+                        .handler_timeout
+                        .unwrap_or(self.shared.handler_timeout)
                 ),
                 None,
             ),

@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::event::EntryId;
 use crate::handler::ErasedHandler;
 use crate::health::LastRead;
+use crate::publisher::Publisher;
 
 use self::ack::Acker;
 pub(crate) use self::backoff::Backoff;
@@ -44,6 +45,8 @@ pub(crate) struct Route {
     pub(crate) handler: Arc<dyn ErasedHandler>,
     pub(crate) dead_letters: Arc<str>,
     pub(crate) max_deliveries: u64,
+    /// The handler's own timeout, when it is not the bus's.
+    pub(crate) handler_timeout: Option<Duration>,
 }
 
 /// Everything one listening run needs.
@@ -65,6 +68,8 @@ pub(crate) struct Consumer {
     pub(crate) retry_max: Duration,
     pub(crate) dead_letter_max_len: usize,
     pub(crate) last_read: Arc<LastRead>,
+    /// What handlers publish through (`Context::publisher`).
+    pub(crate) publisher: Publisher,
 }
 
 impl Consumer {
@@ -100,6 +105,7 @@ impl Consumer {
                 dead_letter_max_len: self.dead_letter_max_len,
                 acks,
                 retries: retry_sender,
+                publisher: self.publisher.clone(),
             }),
             tasks: tasks.clone(),
             abandon: abandon.clone(),

@@ -43,6 +43,12 @@ pub async fn event(fields: HashMap<String, String>) {
     let _ = fields;
 }
 
+/// With settings of its own, and no await (no `clippy::unused_async` for it).
+#[slim_bus::stream("events.timed", max_deliveries = 3, timeout = "2m 30s")]
+pub async fn timed(fields: HashMap<String, String>) {
+    let _ = fields;
+}
+
 /// Through a re-export.
 #[platform::events::stream(crate = "crate::platform::events")]
 pub async fn on_paid(paid: InvoicePaid) {
@@ -67,6 +73,9 @@ impl Service {
 
     #[stream]
     async fn on_changed(&self, _: Changed<String>, _ctx: Context) {}
+
+    #[stream("invoice.paid.audit", timeout = "250ms", max_deliveries = 1)]
+    async fn on_paid_audit(&self, _: InvoicePaid) {}
 }
 
 /// Builds a bus with everything.
@@ -75,6 +84,7 @@ pub async fn build() -> slim_bus::Result<EventBus> {
         .handler(count)
         .handler(event)
         .handler(on_paid)
+        .handler(timed)
         .service(Arc::new(Service))
         .build()
         .await
