@@ -7,6 +7,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::event::EntryId;
+use crate::publisher::Publisher;
 
 /// The delivery a handler is working on: where the entry came from, how often it was
 /// delivered, and how long the handler may take.
@@ -21,6 +22,7 @@ pub struct Context {
     delivery_count: u64,
     deadline: Instant,
     cancellation: CancellationToken,
+    publisher: Publisher,
 }
 
 impl Context {
@@ -32,6 +34,7 @@ impl Context {
         delivery_count: u64,
         deadline: Instant,
         cancellation: CancellationToken,
+        publisher: Publisher,
     ) -> Self {
         Context {
             stream,
@@ -41,7 +44,16 @@ impl Context {
             delivery_count,
             deadline,
             cancellation,
+            publisher,
         }
+    }
+
+    /// Publishes through the bus that delivered this entry, e.g. a follow-up event.
+    ///
+    /// What a handler publishes is not taken back when it fails afterwards: a redelivered
+    /// entry publishes again (see [`Publisher`]'s "At least once").
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
     }
 
     /// The stream the entry was read from.

@@ -12,6 +12,7 @@ mod event;
 mod handler;
 mod health;
 mod listener;
+mod publisher;
 pub mod testing;
 
 pub use crate::broker::memory::MemoryBroker;
@@ -24,6 +25,7 @@ pub use crate::event::{EntryId, Event, ParseEntryIdError};
 pub use crate::handler::{Handlers, StreamHandler, StreamService};
 pub use crate::health::{Health, StreamHealth};
 pub use crate::listener::{Listener, ShutdownHandle};
+pub use crate::publisher::Publisher;
 
 /// Re-exported so that handler impls need no dependency of their own:
 /// `#[slim_bus::async_trait]`.

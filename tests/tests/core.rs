@@ -1024,3 +1024,39 @@ async fn the_listener_stops_with_an_error_when_redis_refuses_the_credentials() {
         "{err}"
     );
 }
+
+conformance!(a_handler_publishes_a_follow_up_event_through_its_context);
+async fn a_handler_publishes_a_follow_up_event_through_its_context(backend: Backend) {
+    let (welcomer, _) = Scripted::<UserCreated>::new(|event, ctx: Context| async move {
+        let follow_up = UserCreated {
+            user_name: format!("welcomed after {}", ctx.entry_id()),
+            ..event
+        };
+        ctx.publisher()
+            .publish_to("user.welcomed", &follow_up)
+            .await?;
+        Ok(())
+    });
+    let (welcomed, mut seen) = Record::<UserCreated>::new();
+    let bus = within(
+        "build",
+        STEP,
+        backend
+            .bus()
+            .handler(welcomer)
+            .handler_on("user.welcomed", welcomed)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    let id = within("publish", STEP, bus.publish(&user(3)))
+        .await
+        .unwrap();
+
+    let delivery = recv(&mut seen, "the follow-up event").await;
+    assert_eq!(delivery.stream, "user.welcomed");
+    assert_eq!(delivery.event.seq, 3);
+    assert_eq!(delivery.event.user_name, format!("welcomed after {id}"));
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
