@@ -334,15 +334,9 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 mod tests {
     use super::*;
 
-    /// Every message of `error`'s chain, as error reporters (`anyhow`'s `{:#}`) join them.
-    fn report(error: &(dyn StdError + 'static)) -> String {
-        let mut messages = vec![error.to_string()];
-        let mut source = error.source();
-        while let Some(cause) = source {
-            messages.push(cause.to_string());
-            source = cause.source();
-        }
-        messages.join(": ")
+    /// Every message of `error`'s chain, as error reporters join them.
+    fn report(error: impl StdError + Send + Sync + 'static) -> String {
+        format!("{:#}", anyhow::Error::new(error))
     }
 
     #[test]
@@ -357,8 +351,8 @@ mod tests {
         // redis-rs itself prints its I/O cause and also gives it as its source; the bus's
         // error adds nothing to that.
         let redis_alone = redis::RedisError::from(refused());
-        let expected = report(&redis_alone).matches("refused by peer").count();
-        let report = report(&error);
+        let expected = report(redis_alone).matches("refused by peer").count();
+        let report = report(error);
         assert!(
             report.starts_with("redis error while publishing"),
             "{report}"

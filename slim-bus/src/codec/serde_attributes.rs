@@ -65,7 +65,7 @@ struct InternallyTagged {
     id: u32,
 }
 
-#[derive(Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(from = "Celsius", into = "Celsius")]
 struct Temperature {
     millidegrees: i64,
@@ -88,14 +88,6 @@ impl From<Temperature> for Celsius {
     fn from(value: Temperature) -> Self {
         Celsius {
             degrees: value.millidegrees as f64 / 1000.0,
-        }
-    }
-}
-
-impl Clone for Temperature {
-    fn clone(&self) -> Self {
-        Temperature {
-            millidegrees: self.millidegrees,
         }
     }
 }
