@@ -13,7 +13,7 @@ use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::codec::{self, EncodedField};
-use crate::config::{EventBusConfig, StartFrom, default_consumer_name};
+use crate::config::{EventBusConfig, StartFrom, default_consumer_name, redacted_url};
 use crate::consumer::{Consumer, Route};
 use crate::dead_letter::{DeadLetters, dead_letter_stream};
 use crate::error::{Error, Result};
@@ -603,7 +603,10 @@ impl EventBusBuilder {
                     None => redis::Client::open(self.config.url.as_str()).map_err(|e| {
                         Error::config(
                             "url",
-                            format!("`{}` is not a Redis URL: {e}", self.config.url),
+                            format!(
+                                "`{}` is not a Redis URL: {e}",
+                                redacted_url(&self.config.url)
+                            ),
                         )
                     })?,
                 };
