@@ -1,5 +1,6 @@
 //! Settings of a bus, as a plain struct that can come from a config file or the environment.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -41,11 +42,19 @@ pub enum StartFrom {
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct EventBusConfig {
-    /// The Redis server, e.g. `redis://127.0.0.1:6379/`, `redis://user:pass@host:6379/2`
-    /// or `redis+unix:///run/redis.sock`. TLS (`rediss://`) is not supported yet.
-    /// Ignored when the builder is given a `redis::Client`.
+    /// The Redis server, e.g. `redis://127.0.0.1:6379/`, `redis://user:pass@host:6379/2`,
+    /// `rediss://user:pass@host:6380/` (TLS, see `tls_ca_cert`) or
+    /// `redis+unix:///run/redis.sock`. Ignored when the builder is given a `redis::Client`.
     #[serde(serialize_with = "serialize_redacted_url")]
     pub url: String,
+    /// A PEM file of the CA (or CAs) that signed the server's certificate, trusted instead
+    /// of the system's root certificates for a `rediss://` URL.
+    pub tls_ca_cert: Option<PathBuf>,
+    /// A PEM file of the client certificate (and its chain) the bus presents to a server
+    /// that authenticates clients (mutual TLS); needs `tls_client_key`.
+    pub tls_client_cert: Option<PathBuf>,
+    /// A PEM file of the private key of `tls_client_cert`. Its contents are never printed.
+    pub tls_client_key: Option<PathBuf>,
     /// The consumer group this service reads its streams through. Required to listen;
     /// every process of one service uses the same group.
     pub consumer_group: Option<String>,
@@ -101,6 +110,9 @@ impl Default for EventBusConfig {
     fn default() -> Self {
         EventBusConfig {
             url: "redis://127.0.0.1:6379/".to_owned(),
+            tls_ca_cert: None,
+            tls_client_cert: None,
+            tls_client_key: None,
             consumer_group: None,
             consumer_name: None,
             max_count: 100,
@@ -127,6 +139,9 @@ impl std::fmt::Debug for EventBusConfig {
         // it may be printed.
         let EventBusConfig {
             url,
+            tls_ca_cert,
+            tls_client_cert,
+            tls_client_key,
             consumer_group,
             consumer_name,
             max_count,
@@ -146,6 +161,9 @@ impl std::fmt::Debug for EventBusConfig {
         } = self;
         f.debug_struct("EventBusConfig")
             .field("url", &redacted_url(url))
+            .field("tls_ca_cert", tls_ca_cert)
+            .field("tls_client_cert", tls_client_cert)
+            .field("tls_client_key", tls_client_key)
             .field("consumer_group", consumer_group)
             .field("consumer_name", consumer_name)
             .field("max_count", max_count)

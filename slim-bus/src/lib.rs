@@ -14,6 +14,7 @@ mod health;
 mod listener;
 mod publisher;
 pub mod testing;
+mod tls;
 
 pub use crate::broker::memory::MemoryBroker;
 pub use crate::bus::{EventBus, EventBusBuilder};

@@ -12,7 +12,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Value};
 use tokio::time::Instant;
 
-use super::resp::{RespConnection, RespError, encode_xadd, xadd_len};
+use super::resp::{Endpoint, RespConnection, RespError, encode_xadd, xadd_len};
 use super::{
     Broker, ClaimPage, DeadLetterMove, Delivery, EntryFields, GroupStats, RawFields,
     StreamDeliveries,
@@ -22,6 +22,7 @@ use crate::config::StartFrom;
 use crate::dead_letter::dlq_error;
 use crate::error::{Error, Result, server_code};
 use crate::event::EntryId;
+use crate::tls::Tls;
 
 /// How often a wake retries before the reader's block reaches the server (1 ms apart).
 const WAKE_ATTEMPTS: usize = 100;
@@ -40,7 +41,8 @@ fn is_unix_socket(_: &redis::ConnectionAddr) -> bool {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct RedisBroker {
-    client: Client,
+    /// Where the read and publish connections go.
+    endpoint: Endpoint,
     /// Acks, claims, scripts and group management. Never blocks on the server, so its
     /// response timeout can stay short.
     commands: ConnectionManager,
@@ -110,7 +112,7 @@ const KEPT_BUFFER: usize = 1 << 20;
 /// on the first publish and again after it broke. A pipeline, connecting included, ends
 /// by the earliest deadline among its requests. Ends when the broker is dropped.
 async fn publish_in_pipelines(
-    info: &redis::ConnectionInfo,
+    endpoint: &Endpoint,
     timeout: Duration,
     requests: &mut mpsc::UnboundedReceiver<PublishRequest>,
 ) {
@@ -154,13 +156,20 @@ async fn publish_in_pipelines(
             wire.extend_from_slice(&request.commands);
         }
         replies.clear();
-        let failed = send_pipeline(&mut connection, info, &wire, count, deadline, &mut replies)
-            .await
-            .err()
-            .map(|failure| {
-                connection = None;
-                failure.into_redis(timeout)
-            });
+        let failed = send_pipeline(
+            &mut connection,
+            endpoint,
+            &wire,
+            count,
+            deadline,
+            &mut replies,
+        )
+        .await
+        .err()
+        .map(|failure| {
+            connection = None;
+            failure.into_redis(timeout)
+        });
         let mut answers = replies.drain(..);
         for request in batch.drain(..) {
             request.answer(|| match answers.next() {
@@ -181,13 +190,13 @@ async fn publish_in_pipelines(
 /// the publishes of its pipeline, not every publish after it: the loop starts again on
 /// a new connection with the requests still queued.
 async fn keep_publishing(
-    info: redis::ConnectionInfo,
+    endpoint: Endpoint,
     timeout: Duration,
     mut requests: mpsc::UnboundedReceiver<PublishRequest>,
 ) {
     use futures_util::FutureExt;
     while let Err(panic) =
-        std::panic::AssertUnwindSafe(publish_in_pipelines(&info, timeout, &mut requests))
+        std::panic::AssertUnwindSafe(publish_in_pipelines(&endpoint, timeout, &mut requests))
             .catch_unwind()
             .await
     {
@@ -246,7 +255,7 @@ fn timed_out(timeout: Duration) -> std::io::Error {
 /// Sends one pipeline of `XADD`s, connecting first if there is no usable connection.
 async fn send_pipeline(
     connection: &mut Option<RespConnection>,
-    info: &redis::ConnectionInfo,
+    endpoint: &Endpoint,
     wire: &[u8],
     count: usize,
     deadline: Instant,
@@ -264,7 +273,7 @@ async fn send_pipeline(
     let open = match connection {
         Some(open) => open,
         None => connection.insert(
-            RespConnection::connect(info, deadline)
+            RespConnection::connect(endpoint, deadline)
                 .await
                 .map_err(PipelineFailure::Connect)?,
         ),
@@ -311,29 +320,34 @@ impl Drop for BlockedReader<'_> {
 }
 
 impl RedisBroker {
-    pub(crate) async fn connect(client: Client, command_timeout: Duration) -> Result<Self> {
-        if !matches!(
-            client.get_connection_info().addr(),
-            redis::ConnectionAddr::Tcp(..)
-        ) && !is_unix_socket(client.get_connection_info().addr())
-        {
+    pub(crate) async fn connect(
+        client: Client,
+        tls: Option<Tls>,
+        command_timeout: Duration,
+    ) -> Result<Self> {
+        let addr = client.get_connection_info().addr();
+        let supported = match addr {
+            redis::ConnectionAddr::Tcp(..) => true,
+            redis::ConnectionAddr::TcpTls { insecure, .. } => !insecure && tls.is_some(),
+            other => is_unix_socket(other),
+        };
+        if !supported {
             return Err(Error::config(
                 "url",
                 format!(
-                    "{} is not supported: use redis:// (TCP without TLS) or a Unix socket",
-                    client.get_connection_info().addr()
+                    "{addr} is not supported: use redis:// (TCP), rediss:// (TLS, without #insecure) or a Unix socket"
                 ),
             ));
         }
+        let endpoint = Endpoint {
+            info: client.get_connection_info().clone(),
+            tls: tls.map(|tls| tls.connector),
+        };
         let commands = manager(&client, command_timeout).await?;
         let (publisher, requests) = mpsc::unbounded_channel();
-        tokio::spawn(keep_publishing(
-            client.get_connection_info().clone(),
-            command_timeout,
-            requests,
-        ));
+        tokio::spawn(keep_publishing(endpoint.clone(), command_timeout, requests));
         Ok(RedisBroker {
-            client,
+            endpoint,
             commands,
             publisher,
             read_connection: tokio::sync::Mutex::new(None),
@@ -431,6 +445,37 @@ impl redis::aio::ConnectionLike for TimedConnection {
     }
 }
 
+/// What a failed first connection may mean when its URL and the port disagree about TLS
+/// (a TLS port closes on the plain bytes of `redis://`, a plain port answers a TLS
+/// handshake with nothing or with something that is not TLS), or when the handshake
+/// failed: which setting to look at.
+fn wrong_transport_hint(addr: &redis::ConnectionAddr, error: &redis::RedisError) -> &'static str {
+    match addr {
+        redis::ConnectionAddr::Tcp(..)
+            if error.is_connection_dropped() && !error.is_connection_refusal() =>
+        {
+            " (the server closed the connection at once: if this port wants TLS, use a rediss:// URL)"
+        }
+        // rustls reports bytes that are not TLS as a corrupt message.
+        redis::ConnectionAddr::TcpTls { .. }
+            if error.is_timeout() || error.to_string().contains("corrupt message") =>
+        {
+            " over TLS (no TLS handshake came back: if this port does not speak TLS, use a redis:// URL)"
+        }
+        redis::ConnectionAddr::TcpTls { .. }
+            if error.to_string().contains("invalid peer certificate") =>
+        {
+            " over TLS (the server's certificate is not trusted: check tls_ca_cert)"
+        }
+        redis::ConnectionAddr::TcpTls { .. }
+            if error.to_string().contains("received fatal alert") =>
+        {
+            " over TLS (the server refused the handshake: check tls_client_cert and tls_client_key)"
+        }
+        _ => "",
+    }
+}
+
 async fn manager(client: &Client, response_timeout: Duration) -> Result<ConnectionManager> {
     // The bus's own loops back off between attempts, so a reconnect tries once and
     // fails within the command timeout rather than holding every caller through rounds
@@ -449,7 +494,10 @@ async fn manager(client: &Client, response_timeout: Duration) -> Result<Connecti
     .await
     {
         Ok(Ok(manager)) => Ok(manager),
-        Ok(Err(source)) => Err(Error::redis(action(), source)),
+        Ok(Err(source)) => {
+            let hint = wrong_transport_hint(client.get_connection_info().addr(), &source);
+            Err(Error::redis(format!("{}{hint}", action()), source))
+        }
         Err(_) => Err(Error::Timeout {
             action: action(),
             timeout: CONNECT_TIMEOUT * 2,
@@ -526,15 +574,12 @@ impl Broker for RedisBroker {
         let mut slot = self.read_connection.lock().await;
         let mut connection = match slot.take() {
             Some(connection) if !connection.is_dirty() => connection,
-            _ => RespConnection::connect_with_id(
-                self.client.get_connection_info(),
-                Instant::now() + CONNECT_TIMEOUT,
-            )
-            .await
-            .map_err(|e| {
-                let addr = self.client.get_connection_info().addr().to_string();
-                Error::redis(format!("connecting to {addr}"), e.into_redis())
-            })?,
+            _ => RespConnection::connect_with_id(&self.endpoint, Instant::now() + CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| {
+                    let addr = self.endpoint.info.addr().to_string();
+                    Error::redis(format!("connecting to {addr}"), e.into_redis())
+                })?,
         };
         let blocked = block.and_then(|block| {
             BlockedReader::set(&self.reader, connection.client_id()).map(|guard| (guard, block))
