@@ -243,3 +243,35 @@ async fn tls_settings_with_a_plain_url_or_an_insecure_url_are_refused() {
     .expect_err("#insecure is refused");
     assert!(error.to_string().contains("#insecure"), "{error}");
 }
+
+/// The read and publish connections verify the server as the redis-rs client does: given
+/// a client that trusts the server, but settings that do not, publishing fails naming the
+/// certificate problem, within the command timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_connection_verifies_the_server_certificate_too() {
+    let (server, certs) = start_tls_server(false).await;
+    let trusting = redis::Client::build_with_tls(
+        server.tls_url(),
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(std::fs::read(certs.ca()).unwrap()),
+        },
+    )
+    .unwrap();
+    let bus = within(
+        "build",
+        STEP,
+        EventBus::builder()
+            .client(trusting)
+            .tls_ca_cert(certs.other_ca())
+            .command_timeout(COMMAND_TIMEOUT)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let error = within("publish", STEP, bus.publish(&user(1)))
+        .await
+        .expect_err("the publish connection does not trust the server");
+    let report = format!("{:#}", anyhow::Error::new(error));
+    assert!(report.contains("UnknownIssuer"), "{report}");
+}
