@@ -1,12 +1,12 @@
 //! Edge cases at the limits: absurd delays, replays of entries that fail again, reads at
-//! shutdown, and unsupported URLs.
+//! shutdown.
 #![allow(clippy::unwrap_used)]
 
 mod support;
 
 use std::time::Duration;
 
-use slim_bus::{Error, EventBus, EventBusBuilder, HandlerError};
+use slim_bus::{EventBusBuilder, HandlerError};
 use slim_bus_tests::{RedisServer, within};
 use support::*;
 
@@ -122,16 +122,4 @@ async fn after_shutdown_returns_the_bus_reads_nothing_more() {
         "no consumer took the entry published after shutdown"
     );
     assert_eq!(health.streams[0].lag, Some(1));
-}
-
-#[tokio::test]
-async fn tls_urls_are_refused_by_name() {
-    let err = within(
-        "build",
-        STEP,
-        EventBus::builder().url("rediss://127.0.0.1:1/").build(),
-    )
-    .await
-    .unwrap_err();
-    assert!(matches!(err, Error::Config { setting: "url", .. }), "{err}");
 }
