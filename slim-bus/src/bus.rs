@@ -9,9 +9,9 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
+use crate::broker::{Broker, GroupStats};
 use crate::codec::{self, EncodedField};
 use crate::config::{EventBusConfig, StartFrom, default_consumer_name};
 use crate::consumer::{Consumer, Route};
@@ -254,6 +254,7 @@ impl EventBus {
             routes: self.inner.routes.clone(),
             max_count: config.max_count,
             max_concurrent: config.max_concurrent,
+            max_in_flight: config.effective_max_in_flight(),
             handler_timeout: config.handler_timeout,
             block_time: config.block_time,
             shutdown_grace: config.effective_shutdown_grace(),
@@ -331,22 +332,24 @@ impl EventBus {
         let mut streams = Vec::new();
         if let (true, Some(group)) = (connected, inner.config.consumer_group.as_deref()) {
             for route in inner.routes.iter() {
-                match inner
+                let stats = inner
                     .broker
                     .group_stats(&route.stream, group, &route.dead_letters)
                     .await
-                {
-                    Ok(stats) => streams.push(StreamHealth {
-                        stream: route.stream.to_string(),
-                        lag: stats.lag,
-                        pending: stats.pending,
-                        oldest_pending_idle: stats.oldest_pending_idle,
-                        dead_letters: stats.dead_letters,
-                    }),
-                    Err(error) => {
+                    .unwrap_or_else(|error| {
                         tracing::debug!(stream = %route.stream, error = &error as &dyn std::error::Error, "health: reading group state failed");
-                    }
-                }
+                        GroupStats::default()
+                    });
+                streams.push(StreamHealth {
+                    stream: route.stream.to_string(),
+                    lag: stats.lag,
+                    pending: stats.pending,
+                    oldest_pending_idle: stats.oldest_pending_idle,
+                    dead_letters: stats.dead_letters,
+                    dead_letters_trimmed: stats.dead_letters_trimmed,
+                    paused: route.state.pause_reason(),
+                    dead_letter_moves_failing: route.state.dead_letter_moves_failing(),
+                });
             }
         }
         Health {
@@ -495,6 +498,14 @@ impl EventBusBuilder {
         self
     }
 
+    /// The most entries this consumer holds pending at once, counting entries being
+    /// handled, waiting for their retry or being dead-lettered (default: four times
+    /// `max_concurrent`); at least `max_concurrent`.
+    pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
+        self.config.max_in_flight = Some(max_in_flight);
+        self
+    }
+
     /// How long one blocking read waits for new entries (default 2 s).
     pub fn block_time(mut self, block_time: Duration) -> Self {
         self.config.block_time = block_time;
@@ -551,9 +562,11 @@ impl EventBusBuilder {
         self
     }
 
-    /// The approximate most entries a dead-letter stream keeps (default 10,000).
+    /// Caps each dead-letter stream at about `max_len` entries, trimming the oldest
+    /// (default: no cap, dead letters are kept until replayed or purged). Trimmed dead
+    /// letters are counted in [`StreamHealth::dead_letters_trimmed`] and logged.
     pub fn dead_letter_max_len(mut self, max_len: usize) -> Self {
-        self.config.dead_letter_max_len = max_len;
+        self.config.dead_letter_max_len = Some(max_len);
         self
     }
 
@@ -671,6 +684,7 @@ fn routes(handlers: Handlers, config: &EventBusConfig) -> Result<Arc<[Route]>> {
             handler: registration.handler,
             max_deliveries,
             handler_timeout: handler_timeout.filter(|timeout| *timeout != config.handler_timeout),
+            state: Arc::default(),
         });
     }
     Ok(routes.into())
