@@ -18,9 +18,10 @@ environment: BENCH_REPS, BENCH_CASES, BENCH_QUICK=1 (arguments win);
              REDIS_URL=redis://HOST:PORT/ uses that server instead of starting a throwaway
              redis-server (the suite only touches keys named slim-bus-bench:*)
 
-cases:  baseline consume poison io-64 io-512 publish-raw publish-raw-seq publish-seq
-        publish-64 publish-batch latency-raw latency rss-raw rss rss-backlog
-groups: all io publish memory";
+cases:  baseline consume poison transient cpu-1 cpu-2 io-64 io-512 publish-raw
+        publish-raw-seq publish-seq publish-64 publish-batch latency-raw latency rss-raw
+        rss rss-backlog
+groups: all failures (consume poison transient) cpu io publish memory";
 
 /// What the process was started to do.
 #[derive(Debug, PartialEq)]

@@ -17,6 +17,8 @@ use crate::report::{self, Report};
 
 /// The wait of the I/O-bound handler.
 const IO_WAIT: Duration = Duration::from_millis(1);
+/// What the handler of the `cpu-1` and `cpu-2` cases computes for per entry.
+const CPU_WORK: Duration = Duration::from_micros(200);
 /// Tasks of the concurrent publish case.
 const PUBLISH_TASKS: u64 = 64;
 
@@ -289,7 +291,7 @@ impl Suite {
             Case::Consume => {
                 let entries = sizes.consume;
                 let observed =
-                    consume_case(url, conn, &stats, stream, entries, false, 64, None).await?;
+                    consume_case(url, conn, &stats, stream, entries, false, &no_op()).await?;
                 let row = Row::new(
                     "consume",
                     format!(
@@ -306,7 +308,7 @@ impl Suite {
                 let entries = sizes.consume;
                 let handled = entries - raw::poisoned_count(entries);
                 let observed =
-                    consume_case(url, conn, &stats, stream, entries, true, 64, None).await?;
+                    consume_case(url, conn, &stats, stream, entries, true, &no_op()).await?;
                 let row = Row::new(
                     "poison",
                     format!(
@@ -319,6 +321,54 @@ impl Suite {
                 let measurement = throughput(row, handled, observed.0);
                 traffic(entries, observed, vec![measurement])
             }
+            Case::Transient => {
+                let entries = sizes.consume;
+                let settings = ConsumeSettings {
+                    fail_once_every: Some(100),
+                    retry_backoff: Some((Duration::from_millis(10), Duration::from_millis(100))),
+                    ..no_op()
+                };
+                let observed =
+                    consume_case(url, conn, &stats, stream, entries, false, &settings).await?;
+                let row = Row::new(
+                    "transient",
+                    format!(
+                        "as consume, 1% of entries fail once and succeed on their retry (backoff 10 to 100 ms); until every entry succeeded, {} backlog",
+                        count(entries)
+                    ),
+                    Unit::EntriesPerSec,
+                )
+                .vs("consume")
+                .target(Target::RatioAtLeast(0.8));
+                rated(entries, observed, row)
+            }
+            Case::Cpu1 | Case::Cpu2 => {
+                let (id, workers) = if case == Case::Cpu1 {
+                    ("cpu-1", 1)
+                } else {
+                    ("cpu-2", 2)
+                };
+                let entries = sizes.cpu;
+                let settings = ConsumeSettings {
+                    cpu_work: Some(CPU_WORK),
+                    workers: Some(workers),
+                    ..no_op()
+                };
+                let observed =
+                    consume_case(url, conn, &stats, stream, entries, false, &settings).await?;
+                let mut row = Row::new(
+                    id,
+                    format!(
+                        "handler computes for 200 µs, max_concurrent 64, runtime with {workers} worker(s), {} backlog",
+                        count(entries)
+                    ),
+                    Unit::EntriesPerSec,
+                );
+                if case == Case::Cpu2 {
+                    row = row.vs("cpu-1").target(Target::RatioAtLeast(1.7));
+                }
+                rated(entries, observed, row)
+            }
             Case::Io64 | Case::Io512 => {
                 let (id, max_concurrent) = if case == Case::Io64 {
                     ("io-64", 64)
@@ -326,17 +376,13 @@ impl Suite {
                     ("io-512", 512)
                 };
                 let entries = sizes.io;
-                let observed = consume_case(
-                    url,
-                    conn,
-                    &stats,
-                    stream,
-                    entries,
-                    false,
+                let settings = ConsumeSettings {
                     max_concurrent,
-                    Some(IO_WAIT),
-                )
-                .await?;
+                    io_wait: Some(IO_WAIT),
+                    ..ConsumeSettings::default()
+                };
+                let observed =
+                    consume_case(url, conn, &stats, stream, entries, false, &settings).await?;
                 let row = Row::new(
                     id,
                     format!(
@@ -503,9 +549,16 @@ async fn expect_len(
     Ok(())
 }
 
+/// The settings of the `consume` case: a no-op handler, `max_concurrent` 64.
+fn no_op() -> ConsumeSettings {
+    ConsumeSettings {
+        max_concurrent: 64,
+        ..ConsumeSettings::default()
+    }
+}
+
 /// Fills `stream`, consumes it with slim-bus and checks that every decodable entry was
 /// handled once and acknowledged, and every poisoned one is left pending.
-#[allow(clippy::too_many_arguments)]
 async fn consume_case(
     url: &str,
     conn: &mut MultiplexedConnection,
@@ -513,8 +566,7 @@ async fn consume_case(
     stream: &str,
     entries: u64,
     poison: bool,
-    max_concurrent: usize,
-    io_wait: Option<Duration>,
+    settings: &ConsumeSettings,
 ) -> anyhow::Result<(Duration, CommandStats)> {
     fill(conn, stream, entries, poison).await?;
     let poisoned = if poison {
@@ -523,11 +575,7 @@ async fn consume_case(
         0
     };
     let expected = entries - poisoned;
-    let settings = ConsumeSettings {
-        max_concurrent,
-        io_wait,
-    };
-    let (run, commands) = observed(stats, bus::consume(url, stream, expected, &settings)).await?;
+    let (run, commands) = observed(stats, bus::consume(url, stream, expected, settings)).await?;
     if run.handled != expected {
         bail!("handled {} entries, expected {expected}", run.handled);
     }

@@ -34,6 +34,10 @@ use self::read_window::ReadWindow;
 use self::retry::{BlockedRead, RetryQueue};
 pub(crate) use self::stream_state::StreamState;
 
+/// How late Redis may end a blocking read: it checks block timeouts about every 100 ms
+/// at the default `hz`.
+const REDIS_TIMER_SLACK: Duration = Duration::from_millis(100);
+
 /// How long shutdown waits for abandoned handlers to stop.
 const ABANDON_WAIT: Duration = Duration::from_secs(1);
 
@@ -547,7 +551,9 @@ impl Reader<'_> {
         }
         let block = (plan.block && until_wake >= Duration::from_millis(1))
             .then(|| c.block_time.min(until_wake));
-        self.blocked_read.set(block.map(|block| now + block));
+        // Redis ends a block on its own timer, up to about 100 ms late (default `hz`).
+        self.blocked_read
+            .set(block.map(|block| now + block + REDIS_TIMER_SLACK));
         let read = c
             .broker
             .read_new(&c.group, &c.consumer, &window, plan.count, block)

@@ -48,9 +48,9 @@ impl ReadWindow {
     /// With fewer, it reads as many streams as there are slots, one entry each, in
     /// rotation, and moves the rotation past them: every stream is read within one
     /// rotation whatever the free counts. Once every stream outside that window was found
-    /// empty, one blocking read waits on all of them instead (entries beyond the free
-    /// slots then wait for a slot, holding a place), so that an idle stream never holds
-    /// back a busy one.
+    /// empty, one read asks all of them instead (entries beyond the free slots then wait
+    /// for a slot, holding a place), so that an idle stream never holds back a busy one.
+    /// A read blocks only when every active stream was found empty.
     pub(crate) fn plan(
         &mut self,
         active: &[bool],
@@ -65,31 +65,34 @@ impl ReadWindow {
             .collect();
         let n = in_rotation.len().max(1);
         let free = free.min(places).max(1);
+        // Blocking is for streams known to be empty: a read that would return entries at
+        // once must not count as blocked, or every retry would try to wake it.
+        let found_empty = |streams: &[usize]| streams.iter().all(|&i| self.found_empty[i]);
         if free >= n {
             return ReadPlan {
+                block: found_empty(&in_rotation),
                 streams: sorted(in_rotation),
                 count: (free / n).min(max_count).max(1),
-                block: true,
             };
         }
         let window: Vec<usize> = in_rotation[..free].to_vec();
-        let others_empty = in_rotation[free..].iter().all(|&i| self.found_empty[i]);
+        let others_empty = found_empty(&in_rotation[free..]);
         if others_empty && places >= n {
-            // Blocking on the window alone would hold back entries that arrive on the
-            // others meanwhile; a stream of the window with entries answers at once.
+            // Waiting on the window alone would hold back entries that arrive on the
+            // others meanwhile: one entry of each stream instead.
             return ReadPlan {
+                block: found_empty(&in_rotation),
                 streams: sorted(in_rotation),
                 count: 1,
-                block: true,
             };
         }
         if let Some(&last) = window.last() {
             self.rotation = (last + 1) % total;
         }
         ReadPlan {
+            block: found_empty(&in_rotation),
             streams: window,
             count: 1,
-            block: others_empty,
         }
     }
 
@@ -144,16 +147,17 @@ mod tests {
         let plan = window.plan(&[true; 3], 64, 1000, 100);
         assert_eq!(plan.streams, [0, 1, 2]);
         assert_eq!(plan.count, 21);
-        assert!(
-            plan.block,
-            "a read of every stream returns as soon as one has entries"
-        );
+        assert!(!plan.block, "nothing is known to be empty yet");
+        for stream in 0..3 {
+            window.record(stream, false);
+        }
         let plan = window.plan(&[true; 3], 64, 1000, 10);
         assert_eq!(plan.count, 10, "no more than max_count per stream");
+        assert!(plan.block, "every stream was found empty");
     }
 
     #[test]
-    fn blocks_only_once_every_other_stream_was_found_empty_and_then_on_all() {
+    fn blocks_only_once_every_stream_was_found_empty_and_then_on_all() {
         let mut window = ReadWindow::new(2);
         let active = [true, true];
         // A busy stream 0 next to an idle stream 1, one free slot.
@@ -161,23 +165,18 @@ mod tests {
         assert_eq!((plan.streams.as_slice(), plan.block), (&[0][..], false));
         window.record(0, true);
         let plan = window.plan(&active, 1, 1000, 100);
-        assert_eq!(plan.streams, [1]);
-        assert!(
-            !plan.block,
-            "stream 0 has entries: reading the idle one must not wait"
-        );
+        assert_eq!((plan.streams.as_slice(), plan.block), (&[1][..], false));
         window.record(1, false);
-        // The other stream was found empty: one blocking read waits on both, one entry
-        // each, and returns at once while stream 0 has entries.
+        // The other stream was found empty: one read asks both, one entry each, without
+        // waiting while stream 0 has entries.
         let plan = window.plan(&active, 1, 1000, 100);
-        assert_eq!(plan.streams, [0, 1]);
-        assert_eq!(plan.count, 1);
-        assert!(plan.block);
+        assert_eq!((plan.streams.as_slice(), plan.count), (&[0, 1][..], 1));
+        assert!(!plan.block, "stream 0 had entries");
         window.record(0, false);
         window.record(1, false);
         let plan = window.plan(&active, 1, 1000, 100);
         assert_eq!((plan.streams.as_slice(), plan.block), (&[0, 1][..], true));
-        // Without a place for an entry of each, it blocks on its window alone.
+        // Without a place for an entry of each, it waits on its window alone.
         let plan = window.plan(&active, 1, 1, 100);
         assert_eq!(plan.streams.len(), 1);
         assert!(plan.block);
