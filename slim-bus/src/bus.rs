@@ -19,7 +19,7 @@ use crate::dead_letter::{DeadLetters, dead_letter_stream};
 use crate::error::{Error, Result};
 use crate::event::{EntryId, Event};
 use crate::handler::{Handlers, StreamHandler, StreamService};
-use crate::health::{Health, LastRead, StreamHealth};
+use crate::health::{Health, LastRead, SetAside, StreamHealth};
 use crate::listener::Listener;
 use crate::publisher::Publisher;
 
@@ -68,6 +68,8 @@ struct Inner {
     routes: Arc<[Route]>,
     listening: Arc<AtomicBool>,
     last_read: Arc<LastRead>,
+    /// The streams the listener does not consume, and why.
+    set_aside: Arc<SetAside>,
 }
 
 impl std::fmt::Debug for EventBus {
@@ -234,7 +236,9 @@ impl EventBus {
     /// # Errors
     ///
     /// [`Error::NoHandlers`], [`Error::AlreadyListening`], and startup errors: Redis
-    /// unreachable, or a stream key that holds another type ([`Error::WrongType`]).
+    /// unreachable, or every stream key holding another type ([`Error::WrongType`]). When
+    /// only some do, those streams are set aside (see [`StreamHealth::error`]) and the
+    /// others are consumed.
     pub async fn listen(&self) -> Result<Listener> {
         if self.inner.routes.is_empty() {
             return Err(Error::NoHandlers);
@@ -265,6 +269,7 @@ impl EventBus {
             retry_max: config.retry_max,
             dead_letter_max_len: config.dead_letter_max_len,
             last_read: self.inner.last_read.clone(),
+            set_aside: self.inner.set_aside.clone(),
             publisher: self.publisher(),
         };
         consumer.prepare().await?;
@@ -322,31 +327,40 @@ impl EventBus {
     }
 
     /// A snapshot of the bus's health: whether Redis answers, when the listener last read,
-    /// and per handled stream the group's lag, pending entries and dead letters. Made for a
-    /// service's health endpoint; it never fails (an unreachable Redis is
+    /// and per handled stream the group's lag, pending entries and dead letters, or the
+    /// error that keeps the stream from being consumed or its state from being read. Made
+    /// for a service's health endpoint; it never fails (an unreachable Redis is
     /// `connected: false`) and each Redis call is bounded by the command timeout.
     pub async fn health(&self) -> Health {
         let inner = &self.inner;
         let connected = inner.broker.ping().await.is_ok();
         let mut streams = Vec::new();
         if let (true, Some(group)) = (connected, inner.config.consumer_group.as_deref()) {
-            for route in inner.routes.iter() {
-                match inner
-                    .broker
-                    .group_stats(&route.stream, group, &route.dead_letters)
-                    .await
-                {
-                    Ok(stats) => streams.push(StreamHealth {
-                        stream: route.stream.to_string(),
-                        lag: stats.lag,
-                        pending: stats.pending,
-                        oldest_pending_idle: stats.oldest_pending_idle,
-                        dead_letters: stats.dead_letters,
-                    }),
-                    Err(error) => {
-                        tracing::debug!(stream = %route.stream, error = &error as &dyn std::error::Error, "health: reading group state failed");
+            for (index, route) in inner.routes.iter().enumerate() {
+                let mut health = StreamHealth {
+                    stream: route.stream.to_string(),
+                    lag: None,
+                    pending: 0,
+                    oldest_pending_idle: None,
+                    dead_letters: 0,
+                    error: inner.set_aside.reason(index),
+                };
+                if health.error.is_none() {
+                    match inner
+                        .broker
+                        .group_stats(&route.stream, group, &route.dead_letters)
+                        .await
+                    {
+                        Ok(stats) => {
+                            health.lag = stats.lag;
+                            health.pending = stats.pending;
+                            health.oldest_pending_idle = stats.oldest_pending_idle;
+                            health.dead_letters = stats.dead_letters;
+                        }
+                        Err(error) => health.error = Some(crate::error::report(&error)),
                     }
                 }
+                streams.push(health);
             }
         }
         Health {
@@ -620,6 +634,7 @@ impl EventBusBuilder {
                 broker,
                 config: self.config,
                 consumer_name: consumer_name.into(),
+                set_aside: Arc::new(SetAside::new(routes.len())),
                 routes,
                 listening: Arc::new(AtomicBool::new(false)),
                 last_read: Arc::new(LastRead::new()),

@@ -319,6 +319,18 @@ impl fmt::Display for HandlerError {
     }
 }
 
+/// `error` and every cause in its source chain, joined as error reporters join them.
+pub(crate) fn report(error: &(dyn StdError + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// What a caught panic said, if it said it with a string.
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(message) = panic.downcast_ref::<&str>() {

@@ -698,6 +698,127 @@ async fn listen_reports_a_stream_key_of_another_type() {
     );
 }
 
+/// A stream whose key is given another type while the bus reads it is set aside: the
+/// error names that key (not the first stream of the read), the other streams go on, and
+/// once the key is gone the stream is consumed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_key_of_another_type_is_set_aside_and_the_other_streams_go_on() {
+    let server = start_server().await;
+    let (users, mut seen_users) = Record::<UserCreated>::new();
+    let (audits, mut seen_audits) = Record::<UserCreated>::new();
+    let bus = within(
+        "build",
+        STEP,
+        bus(&server)
+            .claim_interval(Duration::from_millis(200))
+            .handler(users)
+            .handler_on("audit.user", audits)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let mut listener = within("listen", STEP, bus.listen()).await.unwrap();
+    within("publish", STEP, bus.publish_to("audit.user", &user(1)))
+        .await
+        .unwrap();
+    recv(&mut seen_audits, "the audit entry").await;
+
+    let mut conn = server.connection().await;
+    let _: () = within(
+        "DEL",
+        STEP,
+        redis::AsyncCommands::del(&mut conn, "audit.user"),
+    )
+    .await
+    .unwrap();
+    string_key(&server, "audit.user").await;
+    let health = within("the stream to be set aside", STEP, async {
+        loop {
+            let health = bus.health().await;
+            if health.streams[1].error.is_some() {
+                break health;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(health.streams[0].stream, "user.created");
+    assert_eq!(health.streams[0].error, None, "{health:?}");
+    assert_eq!(health.streams[1].stream, "audit.user");
+    assert_eq!(
+        health.streams[1].error.as_deref(),
+        Some("key `audit.user` holds a Redis string, not a stream: delete or rename it")
+    );
+
+    within("publish", STEP, bus.publish(&user(2)))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut seen_users, "a user entry").await.event.seq, 2);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), &mut listener)
+            .await
+            .is_err(),
+        "the listener goes on"
+    );
+
+    let _: () = within(
+        "DEL",
+        STEP,
+        redis::AsyncCommands::del(&mut conn, "audit.user"),
+    )
+    .await
+    .unwrap();
+    within("publish", STEP, bus.publish_to("audit.user", &user(3)))
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(
+            &mut seen_audits,
+            "the audit entry after the key was deleted"
+        )
+        .await
+        .event
+        .seq,
+        3
+    );
+    let health = within("health", STEP, bus.health()).await;
+    assert_eq!(health.streams[1].error, None, "{health:?}");
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
+/// `health()` shows why a stream's state could not be read, before listening too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_says_why_a_streams_state_could_not_be_read() {
+    let server = start_server().await;
+    string_key(&server, "audit.user").await;
+    let (users, _seen_users) = Record::<UserCreated>::new();
+    let (audits, _seen_audits) = Record::<UserCreated>::new();
+    let bus = within(
+        "build",
+        STEP,
+        bus(&server)
+            .handler(users)
+            .handler_on("audit.user", audits)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let health = within("health", STEP, bus.health()).await;
+    assert_eq!(health.streams.len(), 2, "{health:?}");
+    assert_eq!(health.streams[0].error, None);
+    let error = health.streams[1].error.as_deref().unwrap_or_default();
+    assert!(error.contains("`audit.user`"), "{error}");
+
+    // Listening consumes the healthy stream and sets the other aside.
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    let health = within("health", STEP, bus.health()).await;
+    assert_eq!(
+        health.streams[1].error.as_deref(),
+        Some("key `audit.user` holds a Redis string, not a stream: delete or rename it")
+    );
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
 /// Concurrent publishes travel together in pipelines; each publisher must still get its
 /// own entry's id, or its own error, whatever its neighbours in the pipeline got.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -977,6 +1098,7 @@ async fn health_reports_connection_reads_pending_entries_and_dead_letters(backen
     assert_eq!(stream.stream, "user.created");
     assert_eq!(stream.lag, Some(0));
     assert!(stream.oldest_pending_idle.is_some());
+    assert_eq!(stream.error, None);
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 
     match backend {

@@ -515,10 +515,6 @@ impl Broker for RedisBroker {
         block: Option<Duration>,
     ) -> Result<Vec<StreamDeliveries>> {
         let action = || format!("reading new entries for group `{group}`");
-        let failed = |e: RespError| {
-            let stream = streams.first().map(|s| s.as_ref()).unwrap_or_default();
-            classify(stream, e.into_redis(), action)
-        };
         // The connection is taken out of its slot for the read and put back only after a
         // whole reply: if this future is dropped mid-read (at shutdown), the socket closes,
         // and with it the server's side of a blocked read, which would otherwise go on
@@ -570,7 +566,13 @@ impl Broker for RedisBroker {
                 if matches!(error, RespError::Server(_)) {
                     *slot = Some(connection);
                 }
-                Err(failed(error))
+                drop(slot);
+                let error = error.into_redis();
+                if server_code(&error).as_deref() == Some("WRONGTYPE") {
+                    // The reply does not say which of the streams it is about.
+                    return Err(self.find_wrong_type(streams, error, action).await);
+                }
+                Err(Error::redis(action(), error))
             }
         }
     }
@@ -633,10 +635,10 @@ impl Broker for RedisBroker {
             .arg(stream)
             .arg(after);
         let action = || format!("reading pending entries of stream `{stream}`");
-        let (pending, read): (Value, Value) = pipe
-            .query_async(&mut self.commands())
-            .await
-            .map_err(|e| classify(stream, e, action))?;
+        let (pending, read): (Value, Value) = match pipe.query_async(&mut self.commands()).await {
+            Ok(replies) => replies,
+            Err(e) => return Err(self.name_type(classify(stream, e, action)).await),
+        };
         let counts = parse_pending_counts(pending).map_err(|detail| Error::UnexpectedReply {
             action: action(),
             detail,
@@ -656,16 +658,25 @@ impl Broker for RedisBroker {
 
     async fn ack(&self, group: &str, acks: &[(Arc<str>, Vec<EntryId>)]) -> Result<()> {
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         for (stream, ids) in acks.iter().filter(|(_, ids)| !ids.is_empty()) {
-            pipe.cmd("XACK")
-                .arg(stream.as_ref())
-                .arg(group)
-                .arg(ids)
-                .ignore();
+            pipe.cmd("XACK").arg(stream.as_ref()).arg(group).arg(ids);
         }
-        pipe.query_async::<()>(&mut self.commands())
+        let action = || format!("acknowledging entries for group `{group}`");
+        let replies: Vec<redis::RedisResult<Value>> = pipe
+            .query_async(&mut self.commands())
             .await
-            .map_err(|e| Error::redis(format!("acknowledging entries for group `{group}`"), e))
+            .map_err(|e| Error::redis(action(), e))?;
+        // A key that holds another type by now has no group and no pending entries left
+        // to acknowledge; failing the whole batch for it would retry it for ever.
+        match replies
+            .into_iter()
+            .filter_map(Result::err)
+            .find(|e| server_code(e).as_deref() != Some("WRONGTYPE"))
+        {
+            Some(error) => Err(Error::redis(action(), error)),
+            None => Ok(()),
+        }
     }
 
     async fn claim_stale(
@@ -678,7 +689,7 @@ impl Broker for RedisBroker {
         count: usize,
     ) -> Result<ClaimPage> {
         let action = || format!("claiming stale entries of stream `{stream}`");
-        let reply: Value = redis::cmd("XAUTOCLAIM")
+        let reply: redis::RedisResult<Value> = redis::cmd("XAUTOCLAIM")
             .arg(stream)
             .arg(group)
             .arg(consumer)
@@ -687,8 +698,11 @@ impl Broker for RedisBroker {
             .arg("COUNT")
             .arg(count)
             .query_async(&mut self.commands())
-            .await
-            .map_err(|e| classify(stream, e, action))?;
+            .await;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => return Err(self.name_type(classify(stream, e, action)).await),
+        };
         let mut page = parse_autoclaim(reply).map_err(|detail| Error::UnexpectedReply {
             action: action(),
             detail,
@@ -728,6 +742,7 @@ impl Broker for RedisBroker {
         requests: &[(Arc<str>, EntryId, Duration)],
     ) -> Result<Vec<Option<EntryFields>>> {
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         for (stream, id, min_idle) in requests {
             pipe.cmd("XCLAIM")
                 .arg(stream.as_ref())
@@ -737,13 +752,23 @@ impl Broker for RedisBroker {
                 .arg(*id);
         }
         let action = || format!("claiming entries for their retry in group `{group}`");
-        let replies: Vec<Value> = pipe
+        let replies: Vec<redis::RedisResult<Value>> = pipe
             .query_async(&mut self.commands())
             .await
+            .map_err(|e| Error::redis(action(), e))?;
+        let replies = replies
+            .into_iter()
+            .map(|reply| match reply {
+                // The entry went with its stream when the key was given another type.
+                Err(e) if server_code(&e).as_deref() == Some("WRONGTYPE") => Ok(Value::Nil),
+                other => other,
+            })
+            .collect::<redis::RedisResult<Vec<Value>>>()
             .map_err(|e| Error::redis(action(), e))?;
         replies
             .into_iter()
             .map(|reply| match reply {
+                Value::Nil => Ok(None),
                 Value::Array(entries) => match entries.into_iter().next() {
                     None => Ok(None),
                     Some(entry) => parse_entry(entry).map(|delivery| delivery.fields),
@@ -819,7 +844,7 @@ impl Broker for RedisBroker {
             Ok(reply) => find_group(reply, group),
             // The stream does not exist (yet, or any more): nothing to do there.
             Err(e) if e.code() == Some("ERR") => None,
-            Err(e) => return Err(classify(stream, e, action)),
+            Err(e) => return Err(self.name_type(classify(stream, e, action)).await),
         };
         let mut pipe = redis::pipe();
         pipe.cmd("XPENDING")
@@ -943,6 +968,45 @@ impl Broker for RedisBroker {
 }
 
 impl RedisBroker {
+    /// Names the type found at the key of an [`Error::WrongType`], which the server's
+    /// reply does not say.
+    async fn name_type(&self, error: Error) -> Error {
+        match error {
+            Error::WrongType { stream, .. } => self.wrong_type(&stream).await,
+            other => other,
+        }
+    }
+
+    /// The error for a read of several streams that one holds another type in: names the
+    /// first key that is neither a stream nor missing, or is the read's own error when
+    /// every key is a stream again by now.
+    async fn find_wrong_type(
+        &self,
+        streams: &[Arc<str>],
+        error: redis::RedisError,
+        action: impl FnOnce() -> String,
+    ) -> Error {
+        let mut pipe = redis::pipe();
+        for stream in streams {
+            pipe.cmd("TYPE").arg(stream.as_ref());
+        }
+        let types: Vec<String> = match pipe.query_async(&mut self.commands()).await {
+            Ok(types) => types,
+            Err(_) => return Error::redis(action(), error),
+        };
+        streams
+            .iter()
+            .zip(types)
+            .find(|(_, actual)| actual != "stream" && actual != "none")
+            .map_or_else(
+                || Error::redis(action(), error),
+                |(stream, actual)| Error::WrongType {
+                    stream: stream.to_string(),
+                    actual,
+                },
+            )
+    }
+
     /// The error for a key of the wrong type, naming the type found there.
     async fn wrong_type(&self, stream: &str) -> Error {
         let actual: String = redis::cmd("TYPE")

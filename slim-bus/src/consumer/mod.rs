@@ -20,7 +20,7 @@ use crate::config::StartFrom;
 use crate::error::{Error, Result};
 use crate::event::EntryId;
 use crate::handler::ErasedHandler;
-use crate::health::LastRead;
+use crate::health::{LastRead, SetAside};
 use crate::publisher::Publisher;
 
 use self::ack::Acker;
@@ -68,19 +68,51 @@ pub(crate) struct Consumer {
     pub(crate) retry_max: Duration,
     pub(crate) dead_letter_max_len: usize,
     pub(crate) last_read: Arc<LastRead>,
+    /// The streams not consumed because their key holds another Redis type.
+    pub(crate) set_aside: Arc<SetAside>,
     /// What handlers publish through (`Context::publisher`).
     pub(crate) publisher: Publisher,
 }
 
 impl Consumer {
-    /// Creates the consumer group on every stream; an existing group is fine.
+    /// Creates the consumer group on every stream; an existing group is fine. A stream
+    /// whose key holds another type is set aside, and the others go on; only when every
+    /// stream is set aside is that an error.
     pub(crate) async fn prepare(&self) -> Result<()> {
-        for route in self.routes.iter() {
-            self.broker
+        let mut wrong_type = None;
+        for (index, route) in self.routes.iter().enumerate() {
+            match self
+                .broker
                 .ensure_group(&route.stream, &self.group, self.start_from)
-                .await?;
+                .await
+            {
+                Ok(()) => {
+                    if self.set_aside.clear(index) {
+                        tracing::info!(stream = %route.stream, "the stream's key is a stream again; consuming it");
+                    }
+                }
+                Err(error @ Error::WrongType { .. }) => {
+                    self.set_stream_aside(index, &error);
+                    wrong_type.get_or_insert(error);
+                }
+                Err(error) => return Err(error),
+            }
         }
-        Ok(())
+        match wrong_type {
+            Some(error) if self.set_aside.all() => Err(error),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stops consuming stream `index`, whose key holds another type, logging it once.
+    fn set_stream_aside(&self, index: usize, error: &Error) {
+        if self.set_aside.set(index, error.to_string()) {
+            tracing::error!(
+                stream = %self.routes[index].stream,
+                error = error as &dyn std::error::Error,
+                "not consuming this stream until its key is a stream again; the other streams go on"
+            );
+        }
     }
 
     /// Runs until `shutdown` is cancelled or an error that cannot heal, then shuts down
@@ -211,7 +243,7 @@ impl Reader<'_> {
         let stream = self.streams[stream_index].clone();
         let mut after = EntryId::MIN;
         let mut recovered = 0usize;
-        loop {
+        while !c.set_aside.is_set(stream_index) {
             let mut slots = self.reserve_slots(c.max_count).await;
             let count = slots.num_permits();
             match c
@@ -322,6 +354,28 @@ impl Reader<'_> {
         let c = self.consumer;
         let stream_index = self.claims.stream_index;
         let stream = self.streams[stream_index].clone();
+        if c.set_aside.is_set(stream_index) {
+            // Its turn in the scan is when a set-aside stream is looked at again: once its
+            // key is a stream again (deleted, or renamed away), the group is created there
+            // and it is consumed.
+            let route = &c.routes[stream_index];
+            match c.broker.ensure_group(&stream, &c.group, c.start_from).await {
+                Ok(()) => {
+                    c.set_aside.clear(stream_index);
+                    tracing::info!(stream = %route.stream, "the stream's key is a stream again; consuming it");
+                }
+                Err(Error::WrongType { .. }) => {}
+                Err(error) => {
+                    tracing::debug!(stream = %stream, error = &error as &dyn std::error::Error, "checking a set-aside stream again failed")
+                }
+            }
+            self.claims.cursor = EntryId::MIN;
+            self.claims.stream_index = (stream_index + 1) % self.streams.len();
+            if self.claims.stream_index == 0 {
+                self.claims.next_at = Instant::now() + c.claim_interval;
+            }
+            return Ok(());
+        }
         let mut slots = self.reserve_slots(c.max_count).await;
         let count = slots.num_permits();
         match c
@@ -387,9 +441,18 @@ impl Reader<'_> {
             self.rotation = (self.rotation + free) % self.streams.len();
             (self.rotation, free, 1)
         };
-        let window: Vec<Arc<str>> = (0..taken)
-            .map(|i| self.streams[(first + i) % self.streams.len()].clone())
+        let window: Vec<usize> = (0..taken)
+            .map(|i| (first + i) % self.streams.len())
+            .filter(|&index| !c.set_aside.is_set(index))
             .collect();
+        let window_streams: Vec<Arc<str>> = window
+            .iter()
+            .map(|&index| self.streams[index].clone())
+            .collect();
+        if window.is_empty() {
+            // Every stream of this window is set aside; the next turn reads another.
+            return Ok(());
+        }
         // Wake up in time for the next retry or claim scan: they need the slots this read
         // holds.
         let now = Instant::now();
@@ -409,7 +472,7 @@ impl Reader<'_> {
         let block = (until_wake >= Duration::from_millis(1)).then(|| c.block_time.min(until_wake));
         match c
             .broker
-            .read_new(&c.group, &c.consumer, &window, count, block)
+            .read_new(&c.group, &c.consumer, &window_streams, count, block)
             .await
         {
             Ok(batches) => {
@@ -421,7 +484,7 @@ impl Reader<'_> {
                 let mut dispatched = false;
                 for batch in batches {
                     dispatched |= !batch.deliveries.is_empty();
-                    let stream_index = (first + batch.stream_index) % self.streams.len();
+                    let stream_index = window[batch.stream_index];
                     self.dispatch(stream_index, batch.deliveries, &mut slots)
                         .await;
                 }
@@ -513,7 +576,16 @@ impl Reader<'_> {
     async fn heal(&mut self, error: Error) -> Result<Healed> {
         let c = self.consumer;
         match &error {
-            Error::WrongType { .. } => return Err(error),
+            Error::WrongType { stream, .. } => {
+                let Some(index) = self.streams.iter().position(|s| **s == **stream) else {
+                    return Err(error);
+                };
+                c.set_stream_aside(index, &error);
+                if c.set_aside.all() {
+                    return Err(error);
+                }
+                return Ok(Healed::Retry);
+            }
             Error::Redis { source, .. } if is_refused_access(source) => return Err(error),
             Error::Redis { .. } if error.server_code().as_deref() == Some("NOGROUP") => {
                 let streams: Vec<&str> = self.streams.iter().map(|s| &**s).collect();
