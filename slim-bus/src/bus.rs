@@ -236,7 +236,8 @@ impl EventBus {
     /// # Errors
     ///
     /// [`Error::NoHandlers`], [`Error::AlreadyListening`], and startup errors: Redis
-    /// unreachable, or every stream key holding another type ([`Error::WrongType`]). When
+    /// unreachable, a server older than Redis 7.0 ([`Error::UnsupportedServer`]), or every
+    /// stream key holding another type ([`Error::WrongType`]). When
     /// only some do, those streams are set aside (see [`StreamHealth::error`]) and the
     /// others are consumed.
     pub async fn listen(&self) -> Result<Listener> {
@@ -272,6 +273,7 @@ impl EventBus {
             set_aside: self.inner.set_aside.clone(),
             publisher: self.publisher(),
         };
+        self.inner.broker.check_version().await?;
         consumer.prepare().await?;
         tracing::info!(
             group,
@@ -552,7 +554,8 @@ impl EventBusBuilder {
         self
     }
 
-    /// The first retry delay and the longest one (default 1 s and 30 s).
+    /// The first retry delay and the longest one (default 1 s and 30 s); the longest must
+    /// be shorter than [`claim_min_idle`](Self::claim_min_idle).
     pub fn retry_backoff(mut self, base: Duration, max: Duration) -> Self {
         self.config.retry_base = base;
         self.config.retry_max = max;

@@ -43,12 +43,12 @@ pub struct EventBusConfig {
     /// Ignored when the builder is given a `redis::Client`.
     pub url: String,
     /// The consumer group this service reads its streams through. Required to listen;
-    /// every process of one service uses the same group.
+    /// every process of one service uses the same group. No whitespace at either end.
     pub consumer_group: Option<String>,
     /// This process's name within the group. Defaults to the host name (the pod name on
     /// Kubernetes), which stays the same across restarts so a restarted process finds the
     /// entries it held. Set it when several processes of one service share a host: two
-    /// processes must never share a consumer name.
+    /// processes must never share a consumer name. No whitespace at either end.
     pub consumer_name: Option<String>,
     /// The most entries asked for per stream and read.
     pub max_count: usize,
@@ -82,7 +82,9 @@ pub struct EventBusConfig {
     /// The delay before the first retry of a failed entry; each further retry doubles it.
     #[serde(with = "humantime_serde")]
     pub retry_base: Duration,
-    /// The longest delay between retries.
+    /// The longest delay between retries. Must be shorter than `claim_min_idle`: an entry
+    /// waiting for its retry stays pending with this consumer, and another consumer's
+    /// claim scan would take it.
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
     /// The suffix of dead-letter stream names: the dead letters of `user.created` go to
@@ -195,6 +197,15 @@ impl EventBusConfig {
                 "must not be shorter than retry_base",
             ));
         }
+        if self.retry_max >= self.claim_min_idle {
+            return Err(Error::config(
+                "retry_max",
+                format!(
+                    "must be shorter than claim_min_idle ({:?}), or another consumer's claim scan would take entries waiting for their retry",
+                    self.claim_min_idle
+                ),
+            ));
+        }
         if self.dead_letter_suffix.is_empty() {
             return Err(Error::config(
                 "dead_letter_suffix",
@@ -216,6 +227,11 @@ impl EventBusConfig {
 fn check_name(setting: &'static str, name: Option<&str>) -> Result<()> {
     match name {
         Some(name) if name.trim().is_empty() => Err(Error::config(setting, "must not be empty")),
+        // Redis keeps the whitespace: `" billing"` would be another group than `billing`.
+        Some(name) if name.trim() != name => Err(Error::config(
+            setting,
+            format!("`{name}` must not start or end with whitespace"),
+        )),
         _ => Ok(()),
     }
 }

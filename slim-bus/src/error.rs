@@ -78,6 +78,18 @@ pub enum Error {
     #[error(transparent)]
     Decode(#[from] DecodeError),
 
+    /// The server runs an older Redis than slim-bus needs (7.0, for `XAUTOCLAIM` reporting
+    /// deleted entries).
+    #[error("the server at {addr} runs Redis {version}; slim-bus needs Redis {required} or newer")]
+    UnsupportedServer {
+        /// The server's address.
+        addr: String,
+        /// The `redis_version` it reports in `INFO server`.
+        version: String,
+        /// The oldest version slim-bus works with.
+        required: &'static str,
+    },
+
     /// The key of a stream holds another Redis type, so the bus cannot use it.
     #[error("key `{stream}` holds a Redis {actual}, not a stream: delete or rename it")]
     WrongType {

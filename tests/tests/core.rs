@@ -624,6 +624,20 @@ async fn invalid_settings_are_rejected_by_name() {
         ),
         ("consumer_group", EventBus::builder().consumer_group(" ")),
         ("consumer_name", EventBus::builder().consumer_name("")),
+        // Redis keeps the whitespace: another group, another consumer.
+        (
+            "consumer_group",
+            EventBus::builder().consumer_group(" billing"),
+        ),
+        (
+            "consumer_group",
+            EventBus::builder().consumer_group("billing\n"),
+        ),
+        ("consumer_name", EventBus::builder().consumer_name("pod-1 ")),
+        (
+            "consumer_name",
+            EventBus::builder().consumer_name("\tpod-1"),
+        ),
         ("block_time", EventBus::builder().block_time(Duration::ZERO)),
         ("url", EventBus::builder().url("")),
         ("url", EventBus::builder().url("not a url")),

@@ -789,6 +789,19 @@ async fn claim_and_retry_settings_are_checked() {
             "retry_max",
             EventBus::builder().retry_backoff(Duration::from_secs(2), Duration::from_secs(1)),
         ),
+        // An entry waiting that long for its retry would be claimed by another consumer.
+        (
+            "retry_max",
+            EventBus::builder()
+                .claim_min_idle(Duration::from_secs(60))
+                .retry_backoff(Duration::from_secs(1), Duration::from_secs(60)),
+        ),
+        (
+            "retry_max",
+            EventBus::builder()
+                .claim_min_idle(Duration::from_secs(40))
+                .retry_backoff(Duration::from_secs(1), Duration::from_secs(45)),
+        ),
         (
             "dead_letter_suffix",
             EventBus::builder().dead_letter_suffix(""),

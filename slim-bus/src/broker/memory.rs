@@ -1104,6 +1104,10 @@ impl Broker for MemoryConnection {
         Ok(())
     }
 
+    async fn check_version(&self) -> Result<()> {
+        Ok(())
+    }
+
     async fn group_stats(
         &self,
         stream: &str,

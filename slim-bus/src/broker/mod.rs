@@ -132,6 +132,10 @@ pub(crate) trait Broker: Send + Sync + 'static {
     /// Whether the server answers.
     async fn ping(&self) -> Result<()>;
 
+    /// Fails with [`Error::UnsupportedServer`](crate::Error::UnsupportedServer) when the
+    /// server runs a Redis older than [`MIN_REDIS_VERSION`].
+    async fn check_version(&self) -> Result<()>;
+
     /// How far `group` is behind on `stream`, and how many dead letters it has.
     async fn group_stats(
         &self,
@@ -164,6 +168,21 @@ pub(crate) trait Broker: Send + Sync + 'static {
     async fn delete_key(&self, stream: &str) -> Result<()>;
 }
 
+/// The oldest Redis the runtime works with, as `(major, minor)`: 7.0 is the first whose
+/// `XAUTOCLAIM` reports the pending entries it found deleted.
+pub(crate) const MIN_REDIS_VERSION: (u64, u64) = (7, 0);
+
+/// Whether a `redis_version` is at least [`MIN_REDIS_VERSION`]; a version that does not
+/// read as `MAJOR.MINOR...` counts as new enough, rather than refuse a fork that numbers
+/// its releases otherwise.
+pub(crate) fn is_supported_version(version: &str) -> bool {
+    let mut parts = version.trim().split('.').map(str::parse::<u64>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= MIN_REDIS_VERSION,
+        _ => true,
+    }
+}
+
 /// What a group has left to do on one stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct GroupStats {
@@ -194,4 +213,28 @@ pub(crate) enum DeadLetterMove {
     NotPending,
     /// The entry was deleted from the stream; it was acknowledged, nothing was written.
     Deleted,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_from_redis_7_0_on_are_supported() {
+        for old in ["6.2.14", "6.0.0", "5.0.7", "2.8.24"] {
+            assert!(!is_supported_version(old), "{old}");
+        }
+        // Valkey 8 and 9 report `redis_version:7.2.4`.
+        for new in [
+            "7.0.0", "7.0.15", "7.2.4", "7.4.0", "8.0.2", "10.1.0", " 7.0.0\r",
+        ] {
+            assert!(is_supported_version(new), "{new}");
+        }
+        for unknown in ["", "unstable", "7"] {
+            assert!(
+                is_supported_version(unknown),
+                "{unknown:?} is given the benefit of the doubt"
+            );
+        }
+    }
 }

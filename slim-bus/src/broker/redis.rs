@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::resp::{RespConnection, RespError, encode_xadd, xadd_len};
 use super::{
     Broker, ClaimPage, DeadLetterMove, Delivery, EntryFields, GroupStats, RawFields,
-    StreamDeliveries,
+    StreamDeliveries, is_supported_version,
 };
 use crate::codec::EncodedField;
 use crate::config::StartFrom;
@@ -826,6 +826,40 @@ impl Broker for RedisBroker {
             .query_async::<()>(&mut self.commands())
             .await
             .map_err(|e| Error::redis("pinging the server", e))
+    }
+
+    async fn check_version(&self) -> Result<()> {
+        let addr = self.client.get_connection_info().addr().to_string();
+        let info: String = match redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut self.commands())
+            .await
+        {
+            Ok(info) => info,
+            // A user without the right to INFO may still have all it needs.
+            Err(e) if server_code(&e).as_deref() == Some("NOPERM") => {
+                tracing::debug!(%addr, "INFO is not permitted; not checking the server's version");
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(Error::redis(
+                    format!("reading the version of the server at {addr}"),
+                    e,
+                ));
+            }
+        };
+        // Valkey reports the Redis version it is compatible with here too.
+        match info
+            .lines()
+            .find_map(|line| line.strip_prefix("redis_version:"))
+        {
+            Some(version) if !is_supported_version(version) => Err(Error::UnsupportedServer {
+                addr,
+                version: version.trim().to_owned(),
+                required: "7.0",
+            }),
+            _ => Ok(()),
+        }
     }
 
     async fn group_stats(
