@@ -14,6 +14,7 @@ use crate::config::StartFrom;
 use crate::error::Result;
 use crate::event::EntryId;
 
+mod commands;
 pub(crate) mod memory;
 pub(crate) mod redis;
 mod resp;
@@ -181,6 +182,15 @@ pub(crate) fn is_supported_version(version: &str) -> bool {
         (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= MIN_REDIS_VERSION,
         _ => true,
     }
+}
+
+/// Whether a server error code says the connection reaches a server that cannot serve the
+/// bus now but another one behind the same address may: a replica (`READONLY`, e.g. a
+/// demoted primary after a failover), a server loading its data (`LOADING`), or a replica
+/// that lost its primary (`MASTERDOWN`). Such a connection is replaced by a new one, which
+/// resolves the address again.
+pub(crate) fn is_failover_code(code: &[u8]) -> bool {
+    matches!(code, b"READONLY" | b"LOADING" | b"MASTERDOWN")
 }
 
 /// What a group has left to do on one stream.

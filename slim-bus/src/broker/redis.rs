@@ -12,7 +12,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Value};
 use tokio::time::Instant;
 
-use super::resp::{RespConnection, RespError, encode_xadd, xadd_len};
+use super::commands::{CommandConnection, TimedConnection};
+use super::resp::{RespConnection, RespError, encode_xadd, is_failover_line, xadd_len};
 use super::{
     Broker, ClaimPage, DeadLetterMove, Delivery, EntryFields, GroupStats, RawFields,
     StreamDeliveries, is_supported_version,
@@ -43,7 +44,7 @@ pub(crate) struct RedisBroker {
     client: Client,
     /// Acks, claims, scripts and group management. Never blocks on the server, so its
     /// response timeout can stay short.
-    commands: ConnectionManager,
+    commands: Arc<CommandConnection>,
     /// `XREADGROUP ... BLOCK`, which holds its connection for the whole block time, so it
     /// gets a connection of its own, opened on first use and again after it broke.
     read_connection: tokio::sync::Mutex<Option<RespConnection>>,
@@ -161,6 +162,13 @@ async fn publish_in_pipelines(
                 connection = None;
                 failure.into_redis(timeout)
             });
+        if replies
+            .iter()
+            .any(|reply| matches!(reply, Err(line) if is_failover_line(line)))
+        {
+            tracing::warn!(addr = %info.addr(), "the server refused publishes as a replica, loading, or without its primary; replacing the publishing connection");
+            connection = None;
+        }
         let mut answers = replies.drain(..);
         for request in batch.drain(..) {
             request.answer(|| match answers.next() {
@@ -325,7 +333,7 @@ impl RedisBroker {
                 ),
             ));
         }
-        let commands = manager(&client, command_timeout).await?;
+        let commands = Arc::new(CommandConnection::connect(client.clone(), command_timeout).await?);
         let (publisher, requests) = mpsc::unbounded_channel();
         tokio::spawn(keep_publishing(
             client.get_connection_info().clone(),
@@ -364,10 +372,7 @@ impl RedisBroker {
     }
 
     fn commands(&self) -> TimedConnection {
-        TimedConnection {
-            inner: self.commands.clone(),
-            timeout: self.command_timeout,
-        }
+        self.commands.handle()
     }
 }
 
@@ -377,61 +382,10 @@ fn publisher_stopped() -> Error {
     }
 }
 
-/// The command connection with every request bounded by the command timeout, including
-/// the time it waits for the connection manager to reconnect: against a server that
-/// accepts connections but does not answer, that wait alone took 20 s.
-struct TimedConnection {
-    inner: ConnectionManager,
-    timeout: Duration,
-}
-
-impl TimedConnection {
-    fn timed_out(&self) -> redis::RedisError {
-        std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("redis did not answer within {:?}", self.timeout),
-        )
-        .into()
-    }
-}
-
-impl redis::aio::ConnectionLike for TimedConnection {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
-        Box::pin(async move {
-            let timeout = self.timeout;
-            match tokio::time::timeout(timeout, self.inner.req_packed_command(cmd)).await {
-                Ok(reply) => reply,
-                Err(_) => Err(self.timed_out()),
-            }
-        })
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<Value>> {
-        Box::pin(async move {
-            let timeout = self.timeout;
-            match tokio::time::timeout(
-                timeout,
-                self.inner.req_packed_commands(pipeline, offset, count),
-            )
-            .await
-            {
-                Ok(replies) => replies,
-                Err(_) => Err(self.timed_out()),
-            }
-        })
-    }
-
-    fn get_db(&self) -> i64 {
-        self.inner.get_db()
-    }
-}
-
-async fn manager(client: &Client, response_timeout: Duration) -> Result<ConnectionManager> {
+pub(super) async fn manager(
+    client: &Client,
+    response_timeout: Duration,
+) -> Result<ConnectionManager> {
     // The bus's own loops back off between attempts, so a reconnect tries once and
     // fails within the command timeout rather than holding every caller through rounds
     // of retries.
@@ -563,7 +517,9 @@ impl Broker for RedisBroker {
                 Ok(batches)
             }
             Err(error) => {
-                if matches!(error, RespError::Server(_)) {
+                // An error reply leaves the connection usable, unless it says the server
+                // behind it cannot serve reads now: a new connection may reach one that can.
+                if matches!(&error, RespError::Server(line) if !is_failover_line(line)) {
                     *slot = Some(connection);
                 }
                 drop(slot);

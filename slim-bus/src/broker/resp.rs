@@ -43,6 +43,14 @@ impl From<io::Error> for RespError {
     }
 }
 
+/// Whether an error reply line (`-CODE detail`) carries a code that calls for a new
+/// connection ([`is_failover_code`](super::is_failover_code)).
+pub(crate) fn is_failover_line(line: &[u8]) -> bool {
+    let line = line.strip_prefix(b"-").unwrap_or(line);
+    let code = line.split(|&b| b == b' ').next().unwrap_or_default();
+    super::is_failover_code(code)
+}
+
 impl RespError {
     /// As a redis-rs error, so that callers classify it like any other (e.g. by its code).
     pub(crate) fn into_redis(self) -> redis::RedisError {
@@ -809,6 +817,26 @@ mod tests {
             b":1234567890123456789\r\n",
         ] {
             assert!(matches!(parse_simple(bad), Parsed::Invalid(_)), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn error_lines_of_a_replica_or_a_loading_server_call_for_a_new_connection() {
+        for line in [
+            &b"-READONLY You can't write against a read only replica."[..],
+            b"-LOADING Redis is loading the dataset in memory",
+            b"-MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            b"READONLY",
+        ] {
+            assert!(is_failover_line(line), "{}", String::from_utf8_lossy(line));
+        }
+        for line in [
+            &b"-NOGROUP No such key"[..],
+            b"-ERR READONLY is not the code",
+            b"-READONLYX",
+            b"",
+        ] {
+            assert!(!is_failover_line(line), "{}", String::from_utf8_lossy(line));
         }
     }
 
