@@ -111,10 +111,11 @@ const AUTOCLAIM_ATTEMPTS_PER_COUNT: usize = 10;
 /// ```
 #[derive(Clone)]
 pub struct MemoryBroker {
-    shared: Arc<Shared>,
+    store: Arc<Store>,
 }
 
-struct Shared {
+/// The streams of a broker and the signals about them, shared by every bus on it.
+struct Store {
     state: Mutex<State>,
     /// Woken when an entry is added or a stream deleted: blocked reads look again.
     appended: Notify,
@@ -187,7 +188,7 @@ impl MemoryBroker {
     /// A new, empty broker of its own.
     pub fn new() -> Self {
         MemoryBroker {
-            shared: Arc::new(Shared {
+            store: Arc::new(Store {
                 state: Mutex::new(State::default()),
                 appended: Notify::new(),
                 changed: Notify::new(),
@@ -230,7 +231,7 @@ impl MemoryBroker {
     /// A connection for one bus: its blocking reads and wakes are its own.
     pub(crate) fn connect(&self) -> MemoryConnection {
         MemoryConnection {
-            shared: self.shared.clone(),
+            store: self.store.clone(),
             reader: Mutex::new(ReaderState::default()),
             wake: Notify::new(),
         }
@@ -323,7 +324,7 @@ impl MemoryBroker {
                 .read_new(group, consumer, &[Arc::from(stream)], count, Instant::now())
                 .unwrap_or_default()
         };
-        self.shared.changed.notify_waiters();
+        self.store.changed.notify_waiters();
         delivered
             .into_iter()
             .flat_map(|batch| batch.deliveries)
@@ -335,7 +336,7 @@ impl MemoryBroker {
     /// entries pending in a group stay in its pending list. Returns how many existed.
     pub fn delete_entries(&self, stream: &str, ids: &[EntryId]) -> u64 {
         let deleted = self.lock().delete(stream, ids);
-        self.shared.changed.notify_waiters();
+        self.store.changed.notify_waiters();
         deleted
     }
 
@@ -401,15 +402,15 @@ impl MemoryBroker {
     /// Resolves after the next change to the broker's data; create it before looking at
     /// the data, so that no change is missed.
     pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
-        self.shared.changed.notified()
+        self.store.changed.notified()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.shared.lock()
+        self.store.lock()
     }
 }
 
-impl Shared {
+impl Store {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -881,7 +882,7 @@ fn server_error(code: &str, detail: &str) -> redis::RedisError {
 
 /// One bus's use of a [`MemoryBroker`]: the data is shared, the blocking read is its own.
 pub(crate) struct MemoryConnection {
-    shared: Arc<Shared>,
+    store: Arc<Store>,
     reader: Mutex<ReaderState>,
     /// Ends this connection's blocking read early.
     wake: Notify,
@@ -916,8 +917,8 @@ impl Broker for MemoryConnection {
             .into_iter()
             .map(|(name, value)| (name.into_owned().into_bytes(), value))
             .collect();
-        let id = self.shared.command(|state| state.add(stream, fields));
-        self.shared.appended.notify_waiters();
+        let id = self.store.command(|state| state.add(stream, fields));
+        self.store.appended.notify_waiters();
         Ok(id)
     }
 
@@ -926,7 +927,7 @@ impl Broker for MemoryConnection {
         stream: &str,
         entries: &[Vec<EncodedField>],
     ) -> Result<Vec<EntryId>> {
-        let ids = self.shared.command(|state| {
+        let ids = self.store.command(|state| {
             entries
                 .iter()
                 .map(|fields| {
@@ -938,12 +939,12 @@ impl Broker for MemoryConnection {
                 })
                 .collect()
         });
-        self.shared.appended.notify_waiters();
+        self.store.appended.notify_waiters();
         Ok(ids)
     }
 
     async fn ensure_group(&self, stream: &str, group: &str, start: StartFrom) -> Result<()> {
-        self.shared
+        self.store
             .command(|state| state.ensure_group(stream, group, start));
         Ok(())
     }
@@ -960,7 +961,7 @@ impl Broker for MemoryConnection {
             block.map(|block| Instant::now() + whole_millis(block).max(Duration::from_millis(1)));
         loop {
             let (appended, deadline) = {
-                let mut state = self.shared.lock();
+                let mut state = self.store.lock();
                 let batches = state
                     .read_new(group, consumer, streams, count, Instant::now())
                     .map_err(|e| {
@@ -968,7 +969,7 @@ impl Broker for MemoryConnection {
                     })?;
                 if !batches.is_empty() {
                     drop(state);
-                    self.shared.changed.notify_waiters();
+                    self.store.changed.notify_waiters();
                     return Ok(batches);
                 }
                 let deadline = match deadline {
@@ -976,7 +977,7 @@ impl Broker for MemoryConnection {
                     _ => return Ok(Vec::new()),
                 };
                 // Registered under the lock: an entry added after it wakes this read.
-                (self.shared.appended.notified(), deadline)
+                (self.store.appended.notified(), deadline)
             };
             let woken = {
                 let mut reader = self.reader();
@@ -1013,7 +1014,7 @@ impl Broker for MemoryConnection {
         after: EntryId,
         count: usize,
     ) -> Result<Vec<Delivery>> {
-        self.shared
+        self.store
             .command(|state| {
                 state.read_own_pending(stream, group, consumer, after, count, Instant::now())
             })
@@ -1021,7 +1022,7 @@ impl Broker for MemoryConnection {
     }
 
     async fn ack(&self, group: &str, acks: &[(Arc<str>, Vec<EntryId>)]) -> Result<()> {
-        self.shared.command(|state| {
+        self.store.command(|state| {
             for (stream, ids) in acks {
                 state.ack(stream, group, ids);
             }
@@ -1038,7 +1039,7 @@ impl Broker for MemoryConnection {
         cursor: EntryId,
         count: usize,
     ) -> Result<ClaimPage> {
-        self.shared
+        self.store
             .command(|state| {
                 state.claim_stale(
                     stream,
@@ -1059,7 +1060,7 @@ impl Broker for MemoryConnection {
         consumer: &str,
         requests: &[(Arc<str>, EntryId, Duration)],
     ) -> Result<Vec<Option<EntryFields>>> {
-        self.shared
+        self.store
             .command(|state| state.claim_for_retry(group, consumer, requests, Instant::now()))
             .map_err(|e| {
                 Error::redis(
@@ -1080,20 +1081,20 @@ impl Broker for MemoryConnection {
         max_len: usize,
     ) -> Result<DeadLetterMove> {
         let moved = self
-            .shared
+            .store
             .command(|state| {
                 state.dead_letter(stream, dead_letters, group, consumer, id, meta, max_len)
             })
             .map_err(|e| dlq_error("moving an entry to", dead_letters, e))?;
         if moved == DeadLetterMove::Moved {
-            self.shared.appended.notify_waiters();
+            self.store.appended.notify_waiters();
         }
         Ok(moved)
     }
 
     async fn stream_len(&self, stream: &str) -> Result<u64> {
         Ok(self
-            .shared
+            .store
             .lock()
             .streams
             .get(stream)
@@ -1115,7 +1116,7 @@ impl Broker for MemoryConnection {
         dead_letters: &str,
     ) -> Result<GroupStats> {
         Ok(self
-            .shared
+            .store
             .lock()
             .group_stats(stream, group, dead_letters, Instant::now()))
     }
@@ -1126,7 +1127,7 @@ impl Broker for MemoryConnection {
         after: Option<EntryId>,
         count: usize,
     ) -> Result<Vec<(EntryId, RawFields)>> {
-        let state = self.shared.lock();
+        let state = self.store.lock();
         let Some(stream) = state.streams.get(stream) else {
             return Ok(Vec::new());
         };
@@ -1146,23 +1147,23 @@ impl Broker for MemoryConnection {
         id: EntryId,
     ) -> Result<Option<EntryId>> {
         let replayed = self
-            .shared
+            .store
             .command(|state| state.replay(dead_letters, origin, id))
             .map_err(|e| dlq_error("replaying from", dead_letters, e))?;
         if replayed.is_some() {
-            self.shared.appended.notify_waiters();
+            self.store.appended.notify_waiters();
         }
         Ok(replayed)
     }
 
     async fn delete(&self, stream: &str, ids: &[EntryId]) -> Result<u64> {
-        Ok(self.shared.command(|state| state.delete(stream, ids)))
+        Ok(self.store.command(|state| state.delete(stream, ids)))
     }
 
     async fn delete_key(&self, stream: &str) -> Result<()> {
-        self.shared.command(|state| state.streams.remove(stream));
+        self.store.command(|state| state.streams.remove(stream));
         // A read blocked on the stream looks again, and finds its group gone.
-        self.shared.appended.notify_waiters();
+        self.store.appended.notify_waiters();
         Ok(())
     }
 }

@@ -601,7 +601,7 @@ impl Broker for RedisBroker {
         })?;
         let streams = [Arc::<str>::from(stream)];
         let mut batches =
-            parse_read_reply(read, &streams).map_err(|detail| Error::UnexpectedReply {
+            parse_read_reply_value(read, &streams).map_err(|detail| Error::UnexpectedReply {
                 action: action(),
                 detail,
             })?;
@@ -1108,7 +1108,10 @@ fn entry_id(value: &Value) -> Option<EntryId> {
 
 /// Parses an `XREADGROUP` reply. RESP2 answers an array of `[stream, entries]` pairs,
 /// RESP3 a map; a timed-out block answers nil.
-fn parse_read_reply(reply: Value, streams: &[Arc<str>]) -> Result<Vec<StreamDeliveries>, String> {
+fn parse_read_reply_value(
+    reply: Value,
+    streams: &[Arc<str>],
+) -> Result<Vec<StreamDeliveries>, String> {
     let pairs: Vec<(Value, Value)> = match reply {
         Value::Nil => return Ok(Vec::new()),
         Value::Map(pairs) => pairs,

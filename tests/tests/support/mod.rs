@@ -139,8 +139,6 @@ pub async fn xadd(server: &RedisServer, stream: &str, fields: &[(&str, &[u8])]) 
         .expect("XADD succeeds")
 }
 
-pub type Shared<T> = Arc<T>;
-
 type Behaviour<E> = dyn Fn(
         E,
         Context,
