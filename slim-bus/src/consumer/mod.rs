@@ -25,7 +25,7 @@ use crate::publisher::Publisher;
 
 use self::ack::Acker;
 pub(crate) use self::backoff::Backoff;
-use self::dispatch::{Dispatcher, Job, Shared};
+use self::dispatch::{DeliveryEnv, Dispatcher, Job};
 use self::retry::RetryQueue;
 
 /// How long shutdown waits for abandoned handlers to stop.
@@ -126,7 +126,7 @@ impl Consumer {
         let abandon = CancellationToken::new();
         let (retry_sender, retry_requests) = mpsc::unbounded_channel();
         let dispatcher = Dispatcher {
-            shared: Arc::new(Shared {
+            shared: Arc::new(DeliveryEnv {
                 broker: self.broker.clone(),
                 routes: self.routes.clone(),
                 group: self.group.clone(),
