@@ -266,6 +266,7 @@ impl EventBus {
             start_from: config.start_from,
             claim_min_idle: config.claim_min_idle,
             claim_interval: config.claim_interval,
+            consumer_idle_removal: config.consumer_idle_removal,
             retry_base: config.retry_base,
             retry_max: config.retry_max,
             dead_letter_max_len: config.dead_letter_max_len,
@@ -545,6 +546,14 @@ impl EventBusBuilder {
     /// How often to look for entries of stopped consumers (default 10 s).
     pub fn claim_interval(mut self, interval: Duration) -> Self {
         self.config.claim_interval = interval;
+        self
+    }
+
+    /// How long another consumer of the group must have been idle, holding no pending
+    /// entries, before this one removes it from the group (default one day): pods that
+    /// are gone do not stay in `XINFO CONSUMERS` for ever.
+    pub fn consumer_idle_removal(mut self, idle: Duration) -> Self {
+        self.config.consumer_idle_removal = idle;
         self
     }
 

@@ -76,6 +76,12 @@ pub struct EventBusConfig {
     /// How often the bus looks for entries to claim from dead consumers.
     #[serde(with = "humantime_serde")]
     pub claim_interval: Duration,
+    /// How long another consumer of the group must have been idle (no read, no claim),
+    /// holding no pending entries, before this one removes it from the group, after
+    /// each claim pass over a stream. A check of its pending entries and the removal are
+    /// one atomic step, so no entry is dropped with a consumer.
+    #[serde(with = "humantime_serde")]
+    pub consumer_idle_removal: Duration,
     /// After this many deliveries that failed, an entry is dead-lettered. A handler can
     /// set its own with [`StreamHandler::max_deliveries`](crate::StreamHandler::max_deliveries).
     pub max_deliveries: u64,
@@ -110,6 +116,7 @@ impl Default for EventBusConfig {
             command_timeout: Duration::from_secs(5),
             claim_min_idle: Duration::from_secs(60),
             claim_interval: Duration::from_secs(10),
+            consumer_idle_removal: Duration::from_secs(24 * 3600),
             max_deliveries: 5,
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(30),
@@ -136,6 +143,7 @@ impl EventBusConfig {
             ("command_timeout", Some(self.command_timeout)),
             ("claim_min_idle", Some(self.claim_min_idle)),
             ("claim_interval", Some(self.claim_interval)),
+            ("consumer_idle_removal", Some(self.consumer_idle_removal)),
             ("retry_base", Some(self.retry_base)),
             ("retry_max", Some(self.retry_max)),
         ];
@@ -184,6 +192,12 @@ impl EventBusConfig {
         }
         if self.claim_interval.is_zero() {
             return Err(Error::config("claim_interval", "must be longer than zero"));
+        }
+        if self.consumer_idle_removal.is_zero() {
+            return Err(Error::config(
+                "consumer_idle_removal",
+                "must be longer than zero",
+            ));
         }
         if self.max_deliveries == 0 {
             return Err(Error::config("max_deliveries", "must be at least 1"));

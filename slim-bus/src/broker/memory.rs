@@ -142,6 +142,9 @@ struct Stream {
 struct Group {
     last_delivered: EntryId,
     pending: BTreeMap<EntryId, Nack>,
+    /// Every consumer of the group, with when it last read or claimed (`XINFO CONSUMERS`
+    /// idle time).
+    consumers: BTreeMap<Arc<str>, Instant>,
     /// What became of entries no longer pending, for tests.
     settled: BTreeMap<EntryId, Outcome>,
 }
@@ -332,6 +335,24 @@ impl MemoryBroker {
             .collect()
     }
 
+    /// The consumers of `group` on `stream` by name, like the names in `XINFO CONSUMERS`:
+    /// every consumer that read or claimed since the group was created, until it is
+    /// removed. Empty when the stream or group does not exist.
+    pub fn consumers(&self, stream: &str, group: &str) -> Vec<String> {
+        self.lock()
+            .streams
+            .get(stream)
+            .and_then(|s| s.groups.get(group))
+            .map(|group| {
+                group
+                    .consumers
+                    .keys()
+                    .map(|name| name.to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Deletes entries from `stream`, like `XDEL`, as trimming or an operator would:
     /// entries pending in a group stay in its pending list. Returns how many existed.
     pub fn delete_entries(&self, stream: &str, ids: &[EntryId]) -> u64 {
@@ -466,6 +487,7 @@ impl State {
             .or_insert_with(|| Group {
                 last_delivered,
                 pending: BTreeMap::new(),
+                consumers: BTreeMap::new(),
                 settled: BTreeMap::new(),
             });
     }
@@ -502,6 +524,7 @@ impl State {
         let mut batches = Vec::new();
         for (stream_index, stream) in streams.iter().enumerate() {
             let (entries, group) = self.locate(stream, group, "XREADGROUP")?;
+            group.seen(&consumer, now);
             let deliveries: Vec<Delivery> = entries
                 .range((Bound::Excluded(group.last_delivered), Bound::Unbounded))
                 .take(count)
@@ -546,6 +569,7 @@ impl State {
         now: Instant,
     ) -> Result<Vec<Delivery>, redis::RedisError> {
         let (entries, group) = self.locate(stream, group, "XPENDING")?;
+        group.seen(&consumer.into(), now);
         Ok(group
             .pending
             .range_mut((Bound::Excluded(after), Bound::Unbounded))
@@ -562,6 +586,36 @@ impl State {
                 }
             })
             .collect())
+    }
+
+    /// The idle-consumer script: removes the consumers of `group` other than `except`
+    /// that have been idle for at least `min_idle` and hold no pending entries.
+    fn remove_idle_consumers(
+        &mut self,
+        stream: &str,
+        group: &str,
+        min_idle: Duration,
+        except: &str,
+        now: Instant,
+    ) -> Vec<String> {
+        let Ok((_, group)) = self.locate(stream, group, "XINFO") else {
+            return Vec::new();
+        };
+        let min_idle = whole_millis(min_idle);
+        let idle: Vec<Arc<str>> = group
+            .consumers
+            .iter()
+            .filter(|(name, seen)| {
+                &***name != except
+                    && now.saturating_duration_since(**seen) >= min_idle
+                    && !group.pending.values().any(|nack| nack.consumer == **name)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &idle {
+            group.consumers.remove(name);
+        }
+        idle.iter().map(|name| name.to_string()).collect()
     }
 
     /// `XACK stream group ids...`; a missing stream or group acknowledges nothing.
@@ -596,6 +650,7 @@ impl State {
         let (entries, group) = self.locate(stream, group, "XAUTOCLAIM")?;
         let min_idle = whole_millis(min_idle);
         let consumer: Arc<str> = consumer.into();
+        group.seen(&consumer, now);
         let mut page = ClaimPage {
             deliveries: Vec::new(),
             next_cursor: EntryId::MIN,
@@ -665,6 +720,7 @@ impl State {
         let mut claimed = Vec::with_capacity(requests.len());
         for (stream, id, min_idle) in requests {
             let (entries, group) = self.locate(stream, group, "XCLAIM")?;
+            group.seen(&consumer, now);
             let Some(fields) = entries.get(id) else {
                 group.pending.remove(id);
                 claimed.push(None);
@@ -838,6 +894,11 @@ impl State {
 }
 
 impl Group {
+    /// Records that `consumer` read or claimed just now, adding it to the group if new.
+    fn seen(&mut self, consumer: &Arc<str>, now: Instant) {
+        self.consumers.insert(consumer.clone(), now);
+    }
+
     fn settle(&mut self, id: EntryId, outcome: Outcome) {
         self.settled.insert(id, outcome);
         while self.settled.len() > MAX_SETTLED_PER_GROUP {
@@ -1103,6 +1164,18 @@ impl Broker for MemoryConnection {
 
     async fn ping(&self) -> Result<()> {
         Ok(())
+    }
+
+    async fn remove_idle_consumers(
+        &self,
+        stream: &str,
+        group: &str,
+        min_idle: Duration,
+        except: &str,
+    ) -> Result<Vec<String>> {
+        Ok(self.store.command(|state| {
+            state.remove_idle_consumers(stream, group, min_idle, except, Instant::now())
+        }))
     }
 
     async fn check_version(&self) -> Result<()> {

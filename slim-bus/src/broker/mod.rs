@@ -133,6 +133,17 @@ pub(crate) trait Broker: Send + Sync + 'static {
     /// Whether the server answers.
     async fn ping(&self) -> Result<()>;
 
+    /// Atomically removes the consumers of `group` on `stream`, other than `except`, that
+    /// have been idle for at least `min_idle` and hold no pending entries; returns their
+    /// names.
+    async fn remove_idle_consumers(
+        &self,
+        stream: &str,
+        group: &str,
+        min_idle: Duration,
+        except: &str,
+    ) -> Result<Vec<String>>;
+
     /// Fails with [`Error::UnsupportedServer`](crate::Error::UnsupportedServer) when the
     /// server runs a Redis older than [`MIN_REDIS_VERSION`].
     async fn check_version(&self) -> Result<()>;

@@ -51,6 +51,7 @@ pub(crate) struct RedisBroker {
     command_timeout: Duration,
     dead_letter_script: redis::Script,
     replay_script: redis::Script,
+    idle_consumers_script: redis::Script,
     /// Whether a read blocks, and whether a wake came while none did.
     reader: Mutex<ReaderState>,
     /// Publishes go to a task that sends them in pipelines.
@@ -348,6 +349,7 @@ impl RedisBroker {
             command_timeout,
             dead_letter_script: redis::Script::new(DEAD_LETTER_SCRIPT),
             replay_script: redis::Script::new(REPLAY_SCRIPT),
+            idle_consumers_script: redis::Script::new(IDLE_CONSUMERS_SCRIPT),
             reader: Mutex::new(ReaderState::default()),
         })
     }
@@ -782,6 +784,26 @@ impl Broker for RedisBroker {
             .query_async::<()>(&mut self.commands())
             .await
             .map_err(|e| Error::redis("pinging the server", e))
+    }
+
+    async fn remove_idle_consumers(
+        &self,
+        stream: &str,
+        group: &str,
+        min_idle: Duration,
+        except: &str,
+    ) -> Result<Vec<String>> {
+        let mut invocation = self.idle_consumers_script.key(stream);
+        invocation.arg(group).arg(millis(min_idle)).arg(except);
+        invocation
+            .invoke_async(&mut self.commands())
+            .await
+            .map_err(|e| {
+                Error::redis(
+                    format!("removing idle consumers of group `{group}` on stream `{stream}`"),
+                    e,
+                )
+            })
     }
 
     async fn check_version(&self) -> Result<()> {
@@ -1279,6 +1301,33 @@ end
 redis.call(unpack(args))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 return 1
+";
+
+/// Removes the consumers of a group that have been idle long enough and hold no pending
+/// entries, in one step so that none gets an entry between the check and the removal
+/// (`XGROUP DELCONSUMER` drops a consumer's pending entries with it).
+/// KEYS: stream. ARGV: group, least idle time in ms, the calling consumer (kept).
+/// Returns the names removed.
+const IDLE_CONSUMERS_SCRIPT: &str = r"
+local removed = {}
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if not ok then
+  -- No such stream or group: nothing to remove.
+  return removed
+end
+for _, consumer in ipairs(consumers) do
+  local info = {}
+  for i = 1, #consumer, 2 do
+    info[consumer[i]] = consumer[i + 1]
+  end
+  local name = info['name']
+  if name ~= ARGV[3] and info['idle'] >= tonumber(ARGV[2])
+    and #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, name) == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+    removed[#removed + 1] = name
+  end
+end
+return removed
 ";
 
 /// Moves a dead letter back to its origin stream: original fields only, escaped names

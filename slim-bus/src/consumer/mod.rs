@@ -6,6 +6,7 @@ mod ack;
 mod backoff;
 mod dispatch;
 mod retry;
+mod sweep;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +65,8 @@ pub(crate) struct Consumer {
     pub(crate) start_from: StartFrom,
     pub(crate) claim_min_idle: Duration,
     pub(crate) claim_interval: Duration,
+    /// Other consumers of the group idle this long, holding nothing, are removed.
+    pub(crate) consumer_idle_removal: Duration,
     pub(crate) retry_base: Duration,
     pub(crate) retry_max: Duration,
     pub(crate) dead_letter_max_len: usize,
@@ -406,6 +409,16 @@ impl Reader<'_> {
                     .await;
                 self.claims.cursor = page.next_cursor;
                 if page.next_cursor == EntryId::MIN {
+                    // A claim pass over the stream is done: what is left of stopped
+                    // consumers now is their names.
+                    sweep::remove_idle_consumers(
+                        &*c.broker,
+                        &stream,
+                        &c.group,
+                        &c.consumer,
+                        c.consumer_idle_removal,
+                    )
+                    .await;
                     self.claims.stream_index = (stream_index + 1) % self.streams.len();
                     if self.claims.stream_index == 0 {
                         self.claims.next_at = Instant::now() + c.claim_interval;

@@ -381,6 +381,23 @@ impl Backend {
         }
     }
 
+    /// The names of the consumers of `group` on `stream`, sorted, like `XINFO CONSUMERS`.
+    pub async fn consumers(&self, stream: &str, group: &str) -> Vec<String> {
+        let mut names = match self {
+            Backend::Redis(server) => {
+                let mut conn = server.connection().await;
+                let reply: redis::streams::StreamInfoConsumersReply =
+                    within("XINFO CONSUMERS", STEP, conn.xinfo_consumers(stream, group))
+                        .await
+                        .unwrap();
+                reply.consumers.into_iter().map(|c| c.name).collect()
+            }
+            Backend::Memory(broker) => broker.consumers(stream, group),
+        };
+        names.sort();
+        names
+    }
+
     /// The number of entries in `stream`, like `XLEN`.
     pub async fn stream_len(&self, stream: &str) -> usize {
         match self {
