@@ -15,7 +15,8 @@ pub struct Health {
     /// Whether the bus is listening.
     pub listening: bool,
     /// How long ago the listener last read from Redis successfully (an idle read that
-    /// found nothing counts); `None` before the first read.
+    /// found nothing counts, and so does each page of the entries this consumer held
+    /// when it last stopped, which it reads again first); `None` before the first read.
     pub since_last_read: Option<Duration>,
     /// Each stream the bus handles, in registration order; empty when not connected.
     pub streams: Vec<StreamHealth>,

@@ -1198,3 +1198,79 @@ async fn a_handler_publishes_a_follow_up_event_through_its_context(backend: Back
     assert_eq!(delivery.event.user_name, format!("welcomed after {id}"));
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
+
+conformance!(since_last_read_advances_while_a_long_pending_list_is_recovered);
+async fn since_last_read_advances_while_a_long_pending_list_is_recovered(backend: Backend) {
+    // The entries this consumer held when it last stopped, read again before new ones.
+    let users: Vec<UserCreated> = (0..200).map(user).collect();
+    let publisher = within("build a publisher", STEP, backend.builder().build())
+        .await
+        .unwrap();
+    within("publish", STEP, publisher.publish_batch(&users))
+        .await
+        .unwrap();
+    backend
+        .read_as_dead_consumer("user.created", "tests", "consumer-1", 200)
+        .await;
+
+    // Handlers finish only as the test lets them.
+    let gate = Arc::new(Semaphore::new(0));
+    let (finished, mut done) = mpsc::unbounded_channel();
+    let (handler, _started) = Scripted::new({
+        let gate = gate.clone();
+        move |event: UserCreated, _| {
+            let gate = gate.clone();
+            let finished = finished.clone();
+            async move {
+                gate.acquire().await.unwrap().forget();
+                let _ = finished.send(event.seq);
+                Ok(())
+            }
+        }
+    });
+    let bus = within(
+        "build",
+        STEP,
+        backend
+            .bus()
+            .max_concurrent(4)
+            .max_count(4)
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    finish(&gate, &mut done, 40).await;
+    let health = within("health", STEP, bus.health()).await;
+    assert!(
+        health.since_last_read.is_some(),
+        "the recovery's reads count: {health:?}"
+    );
+    // The recovery waits for free slots; once they come, it reads on and the time
+    // since the last read starts again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stalled = within("health", STEP, bus.health()).await.since_last_read;
+    assert!(stalled >= Some(Duration::from_millis(300)), "{stalled:?}");
+    finish(&gate, &mut done, 20).await;
+    let health = within("health", STEP, bus.health()).await;
+    assert!(
+        health.since_last_read < Some(Duration::from_millis(300)),
+        "{health:?}"
+    );
+    assert!(
+        backend.pending_count("user.created", "tests").await > 100,
+        "still recovering"
+    );
+    gate.add_permits(1_000);
+    backend.until_nothing_pending("user.created", "tests").await;
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
+/// Lets `count` gated handlers finish, and waits until they have.
+async fn finish(gate: &Semaphore, done: &mut mpsc::UnboundedReceiver<u64>, count: usize) {
+    gate.add_permits(count);
+    for _ in 0..count {
+        recv(done, "a recovered entry to be handled").await;
+    }
+}

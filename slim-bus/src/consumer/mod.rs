@@ -256,6 +256,8 @@ impl Reader<'_> {
             {
                 Ok(deliveries) => {
                     self.backoff.reset();
+                    // A liveness probe must see a long recovery make progress.
+                    c.last_read.record();
                     let Some(last) = deliveries.last() else {
                         break;
                     };
