@@ -41,7 +41,6 @@ impl CommandConnection {
     /// A handle to send requests on.
     pub(crate) fn handle(self: &Arc<Self>) -> TimedConnection {
         TimedConnection {
-            inner: self.current(),
             connection: self.clone(),
         }
     }
@@ -105,8 +104,6 @@ impl CommandConnection {
 /// the time it waits for the connection manager to reconnect: against a server that
 /// accepts connections but does not answer, that wait alone took 20 s.
 pub(crate) struct TimedConnection {
-    /// The manager when the handle was made, for `get_db`.
-    inner: ConnectionManager,
     connection: Arc<CommandConnection>,
 }
 
@@ -159,6 +156,6 @@ impl redis::aio::ConnectionLike for TimedConnection {
     }
 
     fn get_db(&self) -> i64 {
-        self.inner.get_db()
+        self.connection.current().get_db()
     }
 }
