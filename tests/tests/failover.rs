@@ -39,7 +39,18 @@ async fn until_linked(replica: &RedisServer) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_failover_the_bus_goes_on_with_the_new_primary_behind_the_same_address() {
-    let primary = start_server().await;
+    slim_bus_tests::init_tracing();
+    // A replica's first sync would otherwise wait 5 s for more replicas to join.
+    let primary = within(
+        "the primary to start",
+        STEP,
+        RedisServer::builder()
+            .arg("--repl-diskless-sync-delay")
+            .arg("0")
+            .start(),
+    )
+    .await
+    .unwrap();
     let replica = within(
         "the replica to start",
         STEP,
