@@ -259,6 +259,7 @@ impl EventBus {
             routes: self.inner.routes.clone(),
             max_count: config.max_count,
             max_concurrent: config.max_concurrent,
+            max_in_flight: config.effective_max_in_flight(),
             handler_timeout: config.handler_timeout,
             block_time: config.block_time,
             shutdown_grace: config.effective_shutdown_grace(),
@@ -346,6 +347,9 @@ impl EventBus {
                     pending: 0,
                     oldest_pending_idle: None,
                     dead_letters: 0,
+                    dead_letters_trimmed: 0,
+                    paused: route.state.pause_reason(),
+                    dead_letter_moves_failing: route.state.dead_letter_moves_failing(),
                     error: inner.set_aside.reason(index),
                 };
                 if health.error.is_none() {
@@ -359,6 +363,7 @@ impl EventBus {
                             health.pending = stats.pending;
                             health.oldest_pending_idle = stats.oldest_pending_idle;
                             health.dead_letters = stats.dead_letters;
+                            health.dead_letters_trimmed = stats.dead_letters_trimmed;
                         }
                         Err(error) => health.error = Some(crate::error::report(&error)),
                     }
@@ -512,6 +517,14 @@ impl EventBusBuilder {
         self
     }
 
+    /// The most entries this consumer holds pending at once, counting entries being
+    /// handled, waiting for their retry or being dead-lettered (default: four times
+    /// `max_concurrent`); at least `max_concurrent`.
+    pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
+        self.config.max_in_flight = Some(max_in_flight);
+        self
+    }
+
     /// How long one blocking read waits for new entries (default 2 s).
     pub fn block_time(mut self, block_time: Duration) -> Self {
         self.config.block_time = block_time;
@@ -577,9 +590,11 @@ impl EventBusBuilder {
         self
     }
 
-    /// The approximate most entries a dead-letter stream keeps (default 10,000).
+    /// Caps each dead-letter stream at about `max_len` entries, trimming the oldest
+    /// (default: no cap, dead letters are kept until replayed or purged). Trimmed dead
+    /// letters are counted in [`StreamHealth::dead_letters_trimmed`] and logged.
     pub fn dead_letter_max_len(mut self, max_len: usize) -> Self {
-        self.config.dead_letter_max_len = max_len;
+        self.config.dead_letter_max_len = Some(max_len);
         self
     }
 
@@ -698,6 +713,7 @@ fn routes(handlers: Handlers, config: &EventBusConfig) -> Result<Arc<[Route]>> {
             handler: registration.handler,
             max_deliveries,
             handler_timeout: handler_timeout.filter(|timeout| *timeout != config.handler_timeout),
+            state: Arc::default(),
         });
     }
     Ok(routes.into())

@@ -57,6 +57,15 @@ pub struct EventBusConfig {
     pub handler_timeout: Duration,
     /// The most handler calls running at once, across all streams of the bus.
     pub max_concurrent: usize,
+    /// The most entries this consumer holds pending at once: entries being handled,
+    /// entries waiting for their retry, entries being dead-lettered, and handled entries
+    /// whose acknowledgement is on its way. The reader never reads or claims past it, so
+    /// a failing handler cannot take more than this from the group. At least
+    /// `max_concurrent`; `None` (the default) means four times `max_concurrent`: room for
+    /// the next read while the acknowledgements of the last one are on the wire, and for
+    /// the few entries that wait for a retry when some fail now and then, without which
+    /// the clean and the transient-failure throughput drop.
+    pub max_in_flight: Option<usize>,
     /// How long one blocking read waits for new entries before it is issued again.
     #[serde(with = "humantime_serde")]
     pub block_time: Duration,
@@ -96,9 +105,10 @@ pub struct EventBusConfig {
     /// The suffix of dead-letter stream names: the dead letters of `user.created` go to
     /// `{user.created}:dlq` (the braces keep both in one Redis Cluster hash slot).
     pub dead_letter_suffix: String,
-    /// The approximate most entries a dead-letter stream keeps (`XADD MAXLEN ~`); older
-    /// dead letters are trimmed.
-    pub dead_letter_max_len: usize,
+    /// An opt-in cap on each dead-letter stream (`XADD MAXLEN ~`, so approximate): older
+    /// dead letters are trimmed, counted in [`StreamHealth::dead_letters_trimmed`](crate::StreamHealth::dead_letters_trimmed)
+    /// and logged. `None` (the default): dead letters are kept until replayed or purged.
+    pub dead_letter_max_len: Option<usize>,
 }
 
 impl Default for EventBusConfig {
@@ -110,6 +120,7 @@ impl Default for EventBusConfig {
             max_count: 100,
             handler_timeout: Duration::from_secs(30),
             max_concurrent: 64,
+            max_in_flight: None,
             block_time: Duration::from_secs(2),
             shutdown_grace: None,
             start_from: StartFrom::Beginning,
@@ -121,7 +132,7 @@ impl Default for EventBusConfig {
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(30),
             dead_letter_suffix: ":dlq".to_owned(),
-            dead_letter_max_len: 10_000,
+            dead_letter_max_len: None,
         }
     }
 }
@@ -168,6 +179,23 @@ impl EventBusConfig {
                 "max_concurrent",
                 "is larger than a semaphore can count",
             ));
+        }
+        if let Some(max_in_flight) = self.max_in_flight {
+            if max_in_flight < self.max_concurrent {
+                return Err(Error::config(
+                    "max_in_flight",
+                    format!(
+                        "must be at least max_concurrent ({}): every running handler holds an entry",
+                        self.max_concurrent
+                    ),
+                ));
+            }
+            if max_in_flight > tokio::sync::Semaphore::MAX_PERMITS {
+                return Err(Error::config(
+                    "max_in_flight",
+                    "is larger than a semaphore can count",
+                ));
+            }
         }
         if self.handler_timeout.is_zero() {
             return Err(Error::config("handler_timeout", "must be longer than zero"));
@@ -226,10 +254,19 @@ impl EventBusConfig {
                 "must not be empty: the dead letters would go to the stream itself",
             ));
         }
-        if self.dead_letter_max_len == 0 {
+        if self.dead_letter_max_len == Some(0) {
             return Err(Error::config("dead_letter_max_len", "must be at least 1"));
         }
         Ok(())
+    }
+
+    /// The most entries one consumer holds pending at once.
+    pub(crate) fn effective_max_in_flight(&self) -> usize {
+        self.max_in_flight.unwrap_or_else(|| {
+            self.max_concurrent
+                .saturating_mul(4)
+                .min(tokio::sync::Semaphore::MAX_PERMITS)
+        })
     }
 
     /// The grace period of shutdown.

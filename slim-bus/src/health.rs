@@ -37,6 +37,15 @@ pub struct StreamHealth {
     pub oldest_pending_idle: Option<Duration>,
     /// Entries in the stream's dead-letter stream.
     pub dead_letters: u64,
+    /// Dead letters deleted by the opt-in `dead_letter_max_len` cap, ever (kept in Redis
+    /// next to the dead-letter stream, so every process reports the same count).
+    pub dead_letters_trimmed: u64,
+    /// Why this consumer has stopped reading new entries of the stream, if it has: every
+    /// recent handler attempt failed. Retries go on, and reading resumes when one succeeds.
+    pub paused: Option<String>,
+    /// Entries of this consumer whose move to the dead-letter stream failed and is being
+    /// tried again (their handler is not run again).
+    pub dead_letter_moves_failing: u64,
     /// Why the stream is not being consumed (its key holds another Redis type), or why
     /// its state could not be read just now; `None` when all is well. When set, the
     /// counts above are those known, zero where none could be read.

@@ -129,6 +129,9 @@ struct State {
     streams: HashMap<String, Stream>,
     /// The last id handed out on any stream.
     last_id: EntryId,
+    /// Dead letters the cap trimmed, by dead-letter stream (the Redis backend's counter
+    /// keys).
+    trimmed: HashMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -755,7 +758,7 @@ impl State {
         consumer: &str,
         id: EntryId,
         meta: &[(&'static str, String)],
-        max_len: usize,
+        max_len: Option<usize>,
     ) -> Result<DeadLetterMove, redis::RedisError> {
         let (entries, group) = self.locate(stream, group, "XPENDING")?;
         let Some(nack) = group
@@ -804,12 +807,17 @@ impl State {
             },
         );
         self.add(dead_letters, fields);
-        if let Some(dead) = self.streams.get_mut(dead_letters) {
+        let mut trimmed = 0;
+        if let (Some(dead), Some(max_len)) = (self.streams.get_mut(dead_letters), max_len) {
             while dead.entries.len() > max_len {
                 dead.entries.pop_first();
+                trimmed += 1;
             }
         }
-        Ok(DeadLetterMove::Moved)
+        if trimmed > 0 {
+            *self.trimmed.entry(dead_letters.to_owned()).or_default() += trimmed;
+        }
+        Ok(DeadLetterMove::Moved { trimmed })
     }
 
     /// The replay script: adds the original fields of dead letter `id` (escaped names
@@ -889,6 +897,7 @@ impl State {
                 .streams
                 .get(dead_letters)
                 .map_or(0, |s| s.entries.len() as u64),
+            dead_letters_trimmed: self.trimmed.get(dead_letters).copied().unwrap_or(0),
         }
     }
 }
@@ -1139,7 +1148,7 @@ impl Broker for MemoryConnection {
         consumer: &str,
         id: EntryId,
         meta: &[(&'static str, String)],
-        max_len: usize,
+        max_len: Option<usize>,
     ) -> Result<DeadLetterMove> {
         let moved = self
             .store
@@ -1147,7 +1156,7 @@ impl Broker for MemoryConnection {
                 state.dead_letter(stream, dead_letters, group, consumer, id, meta, max_len)
             })
             .map_err(|e| dlq_error("moving an entry to", dead_letters, e))?;
-        if moved == DeadLetterMove::Moved {
+        if matches!(moved, DeadLetterMove::Moved { .. }) {
             self.store.appended.notify_waiters();
         }
         Ok(moved)
@@ -1547,13 +1556,13 @@ mod tests {
             let meta = &meta;
             async move {
                 broker
-                    .dead_letter("s", "{s}:dlq", "g", consumer, id, meta, 2)
+                    .dead_letter("s", "{s}:dlq", "g", consumer, id, meta, Some(2))
                     .await
                     .expect("the group exists")
             }
         };
         assert_eq!(moved("someone-else").await, DeadLetterMove::NotPending);
-        assert_eq!(moved("me").await, DeadLetterMove::Moved);
+        assert_eq!(moved("me").await, DeadLetterMove::Moved { trimmed: 0 });
         assert_eq!(moved("me").await, DeadLetterMove::NotPending, "never twice");
         assert!(handle.pending("s", "g").is_empty());
         let letters = handle.entries("{s}:dlq");
@@ -1594,18 +1603,24 @@ mod tests {
         handle.delete_entries("s", &[deleted]);
         assert_eq!(
             broker
-                .dead_letter("s", "{s}:dlq", "g", "me", deleted, &meta, 2)
+                .dead_letter("s", "{s}:dlq", "g", "me", deleted, &meta, Some(2))
                 .await
                 .expect("the group exists"),
             DeadLetterMove::Deleted
         );
         let rest: Vec<EntryId> = handle.pending("s", "g").iter().map(|p| p.id).collect();
+        let mut trimmed = 0;
         for id in &rest {
-            broker
-                .dead_letter("s", "{s}:dlq", "g", "me", *id, &meta, 2)
+            if let DeadLetterMove::Moved { trimmed: t } = broker
+                .dead_letter("s", "{s}:dlq", "g", "me", *id, &meta, Some(2))
                 .await
-                .expect("the group exists");
+                .expect("the group exists")
+            {
+                trimmed += t;
+            }
         }
+        assert_eq!(rest.len(), 5, "the four published and the replayed one");
+        assert_eq!(trimmed, 3, "five dead letters under a cap of two");
         assert_eq!(handle.stream_len("{s}:dlq"), 2);
         let stats = broker
             .group_stats("s", "g", "{s}:dlq")
@@ -1617,7 +1632,8 @@ mod tests {
                 lag: Some(0),
                 pending: 0,
                 oldest_pending_idle: None,
-                dead_letters: 2
+                dead_letters: 2,
+                dead_letters_trimmed: 3,
             }
         );
     }
@@ -1640,10 +1656,10 @@ mod tests {
         let meta = [("@reason", "decode".to_owned())];
         assert_eq!(
             broker
-                .dead_letter("s", "{s}:dlq", "g", "me", id, &meta, 10)
+                .dead_letter("s", "{s}:dlq", "g", "me", id, &meta, None)
                 .await
                 .expect("the group exists"),
-            DeadLetterMove::Moved
+            DeadLetterMove::Moved { trimmed: 0 }
         );
         let letters = handle.entries("{s}:dlq");
         assert_eq!(

@@ -113,8 +113,9 @@ pub(crate) trait Broker: Send + Sync + 'static {
     ) -> Result<Vec<Option<EntryFields>>>;
 
     /// Atomically moves entry `id` of `stream`, pending with `consumer`, to `dead_letters`:
-    /// adds its fields and `meta` there (capped at about `max_len` entries) and
-    /// acknowledges it.
+    /// adds its fields and `meta` there (capped at about `max_len` entries, if given, the
+    /// number trimmed added to the count that [`group_stats`](Broker::group_stats)
+    /// reports) and acknowledges it.
     #[allow(clippy::too_many_arguments)]
     async fn dead_letter(
         &self,
@@ -124,7 +125,7 @@ pub(crate) trait Broker: Send + Sync + 'static {
         consumer: &str,
         id: EntryId,
         meta: &[(&'static str, String)],
-        max_len: usize,
+        max_len: Option<usize>,
     ) -> Result<DeadLetterMove>;
 
     /// The number of entries in a stream (0 when it does not exist).
@@ -204,6 +205,12 @@ pub(crate) fn is_failover_code(code: &[u8]) -> bool {
     matches!(code, b"READONLY" | b"LOADING" | b"MASTERDOWN")
 }
 
+/// The key counting the dead letters the cap trimmed from `dead_letters`: in the same
+/// Redis Cluster hash slot, since `dead_letters` carries its stream's hash tag.
+pub(crate) fn trimmed_count_key(dead_letters: &str) -> String {
+    format!("{dead_letters}:trimmed")
+}
+
 /// What a group has left to do on one stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct GroupStats {
@@ -212,6 +219,8 @@ pub(crate) struct GroupStats {
     pub(crate) pending: u64,
     pub(crate) oldest_pending_idle: Option<Duration>,
     pub(crate) dead_letters: u64,
+    /// Dead letters deleted by the `dead_letter_max_len` cap, ever.
+    pub(crate) dead_letters_trimmed: u64,
 }
 
 /// One page of a claim scan.
@@ -228,7 +237,8 @@ pub(crate) struct ClaimPage {
 /// What became of an attempt to dead-letter an entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum DeadLetterMove {
-    Moved,
+    /// Moved; the cap deleted `trimmed` older dead letters to make room.
+    Moved { trimmed: u64 },
     /// The entry is no longer pending with this consumer: another consumer claimed it, or
     /// it was acknowledged already. Nothing was written.
     NotPending,

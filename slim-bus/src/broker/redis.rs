@@ -16,7 +16,7 @@ use super::commands::{CommandConnection, TimedConnection};
 use super::resp::{RespConnection, RespError, encode_xadd, is_failover_line, xadd_len};
 use super::{
     Broker, ClaimPage, DeadLetterMove, Delivery, EntryFields, GroupStats, RawFields,
-    StreamDeliveries, is_supported_version,
+    StreamDeliveries, is_supported_version, trimmed_count_key,
 };
 use crate::codec::EncodedField;
 use crate::config::StartFrom;
@@ -748,24 +748,25 @@ impl Broker for RedisBroker {
         consumer: &str,
         id: EntryId,
         meta: &[(&'static str, String)],
-        max_len: usize,
+        max_len: Option<usize>,
     ) -> Result<DeadLetterMove> {
         let mut invocation = self.dead_letter_script.key(stream);
         invocation
             .key(dead_letters)
+            .key(trimmed_count_key(dead_letters))
             .arg(group)
             .arg(consumer)
             .arg(id)
-            .arg(max_len);
+            .arg(max_len.map_or_else(String::new, |max_len| max_len.to_string()));
         for (name, value) in meta {
             invocation.arg(*name).arg(value.as_str());
         }
-        let moved: i64 = invocation
+        let (moved, trimmed): (i64, u64) = invocation
             .invoke_async(&mut self.commands())
             .await
             .map_err(|e| dlq_error("moving an entry to", dead_letters, e))?;
         Ok(match moved {
-            1 => DeadLetterMove::Moved,
+            1 => DeadLetterMove::Moved { trimmed },
             -1 => DeadLetterMove::Deleted,
             _ => DeadLetterMove::NotPending,
         })
@@ -866,12 +867,13 @@ impl Broker for RedisBroker {
             .arg("+")
             .arg(1);
         pipe.cmd("XLEN").arg(dead_letters);
-        let (oldest, dead): (Value, u64) = match info {
+        pipe.cmd("GET").arg(trimmed_count_key(dead_letters));
+        let (oldest, dead, trimmed): (Value, u64, Option<u64>) = match info {
             Some(_) => pipe
                 .query_async(&mut self.commands())
                 .await
                 .map_err(|e| classify(stream, e, action))?,
-            None => (Value::Nil, 0),
+            None => (Value::Nil, 0, None),
         };
         let oldest_pending_idle = match oldest {
             Value::Array(rows) => rows.into_iter().next().and_then(|row| match row {
@@ -891,6 +893,7 @@ impl Broker for RedisBroker {
             pending: info.pending,
             oldest_pending_idle,
             dead_letters: dead,
+            dead_letters_trimmed: trimmed.unwrap_or(0),
         })
     }
 
@@ -1265,20 +1268,29 @@ fn parse_pending_counts(reply: Value) -> Result<HashMap<EntryId, u64>, String> {
 
 /// Moves a pending entry to its dead-letter stream, in one step so that it is never both
 /// pending and dead-lettered, nor dead-lettered twice.
-/// KEYS: origin stream, dead-letter stream. ARGV: group, consumer, id, max len, then
-/// metadata names and values. Returns 1 moved, 0 not pending with this consumer, -1 deleted.
+/// KEYS: origin stream, dead-letter stream, trimmed count. ARGV: group, consumer, id, max
+/// len (empty for none), then metadata names and values. Returns {1, trimmed} moved,
+/// {0, 0} not pending with this consumer, {-1, 0} deleted.
 const DEAD_LETTER_SCRIPT: &str = r"
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if #pending == 0 or pending[1][2] ~= ARGV[2] then
-  return 0
+  return {0, 0}
 end
 local entry = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
 if #entry == 0 then
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-  return -1
+  return {-1, 0}
 end
 local fields = entry[1][2]
-local args = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*'}
+local args = {'XADD', KEYS[2]}
+local before = 0
+if ARGV[4] ~= '' then
+  before = redis.call('XLEN', KEYS[2])
+  args[#args + 1] = 'MAXLEN'
+  args[#args + 1] = '~'
+  args[#args + 1] = ARGV[4]
+end
+args[#args + 1] = '*'
 -- unpack() takes about 8000 values at most: a larger entry keeps its metadata only.
 if #fields + #ARGV > 7900 then
   args[#args + 1] = '@fields_omitted'
@@ -1300,7 +1312,14 @@ end
 -- never be acknowledged without having been dead-lettered.
 redis.call(unpack(args))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-return 1
+local trimmed = 0
+if ARGV[4] ~= '' then
+  trimmed = before + 1 - redis.call('XLEN', KEYS[2])
+  if trimmed > 0 then
+    redis.call('INCRBY', KEYS[3], trimmed)
+  end
+end
+return {1, trimmed}
 ";
 
 /// Removes the consumers of a group that have been idle long enough and hold no pending

@@ -309,6 +309,36 @@ impl Backend {
         }
     }
 
+    /// The number of entries `consumer` holds pending on `stream`, like
+    /// `XPENDING stream group - + 100000 consumer`.
+    pub async fn pending_of(&self, stream: &str, group: &str, consumer: &str) -> usize {
+        match self {
+            Backend::Redis(server) => {
+                let mut conn = server.connection().await;
+                let rows: Vec<redis::Value> = within(
+                    "XPENDING of one consumer",
+                    STEP,
+                    redis::cmd("XPENDING")
+                        .arg(stream)
+                        .arg(group)
+                        .arg("-")
+                        .arg("+")
+                        .arg(100_000)
+                        .arg(consumer)
+                        .query_async(&mut conn),
+                )
+                .await
+                .expect("XPENDING succeeds");
+                rows.len()
+            }
+            Backend::Memory(broker) => broker
+                .pending(stream, group)
+                .iter()
+                .filter(|entry| entry.consumer == consumer)
+                .count(),
+        }
+    }
+
     /// Waits until the group has nothing pending on `stream`.
     pub async fn until_nothing_pending(&self, stream: &str, group: &str) {
         within("every entry to be acknowledged", STEP, async {
