@@ -246,11 +246,12 @@ impl Row {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Measurement {
     pub(crate) row: Row,
-    pub(crate) outcome: Outcome,
+    pub(crate) outcome: Reading,
 }
 
+/// What a measurement read.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Outcome {
+pub(crate) enum Reading {
     Value(f64),
 }
 

@@ -9,7 +9,7 @@ use redis::aio::MultiplexedConnection;
 use slim_bus_tests::RedisServer;
 
 use crate::bus::{self, ConsumeSettings};
-use crate::cases::{Case, Measurement, Outcome, Row, Sizes, Target, Unit, count};
+use crate::cases::{Case, Measurement, Reading, Row, Sizes, Target, Unit, count};
 use crate::cli::{ChildKind, Options};
 use crate::memory;
 use crate::raw::{self, CommandStats, PUBLISH_PIPELINE, READ_COUNT};
@@ -117,7 +117,7 @@ fn summary(case: Case, m: &Measurement) -> String {
         format!("{} ", m.row.id)
     };
     match &m.outcome {
-        Outcome::Value(v) => format!("{name}{}", report::format_value(*v, m.row.unit)),
+        Reading::Value(v) => format!("{name}{}", report::format_value(*v, m.row.unit)),
     }
 }
 
@@ -201,7 +201,7 @@ fn rate(entries: u64, elapsed: Duration) -> f64 {
 fn value(row: Row, value: f64) -> Measurement {
     Measurement {
         row,
-        outcome: Outcome::Value(value),
+        outcome: Reading::Value(value),
     }
 }
 

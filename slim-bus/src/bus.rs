@@ -9,9 +9,9 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
-use crate::broker::{Broker, GroupStats};
 use crate::codec::{self, EncodedField};
 use crate::config::{EventBusConfig, StartFrom, default_consumer_name};
 use crate::consumer::{Consumer, Route};
@@ -19,7 +19,7 @@ use crate::dead_letter::{DeadLetters, dead_letter_stream};
 use crate::error::{Error, Result};
 use crate::event::{EntryId, Event};
 use crate::handler::{Handlers, StreamHandler, StreamService};
-use crate::health::{Health, LastRead, StreamHealth};
+use crate::health::{Health, LastRead, SetAside, StreamHealth};
 use crate::listener::Listener;
 use crate::publisher::Publisher;
 
@@ -68,6 +68,8 @@ struct Inner {
     routes: Arc<[Route]>,
     listening: Arc<AtomicBool>,
     last_read: Arc<LastRead>,
+    /// The streams the listener does not consume, and why.
+    set_aside: Arc<SetAside>,
 }
 
 impl std::fmt::Debug for EventBus {
@@ -234,7 +236,10 @@ impl EventBus {
     /// # Errors
     ///
     /// [`Error::NoHandlers`], [`Error::AlreadyListening`], and startup errors: Redis
-    /// unreachable, or a stream key that holds another type ([`Error::WrongType`]).
+    /// unreachable, a server older than Redis 7.0 ([`Error::UnsupportedServer`]), or every
+    /// stream key holding another type ([`Error::WrongType`]). When
+    /// only some do, those streams are set aside (see [`StreamHealth::error`]) and the
+    /// others are consumed.
     pub async fn listen(&self) -> Result<Listener> {
         if self.inner.routes.is_empty() {
             return Err(Error::NoHandlers);
@@ -262,12 +267,15 @@ impl EventBus {
             start_from: config.start_from,
             claim_min_idle: config.claim_min_idle,
             claim_interval: config.claim_interval,
+            consumer_idle_removal: config.consumer_idle_removal,
             retry_base: config.retry_base,
             retry_max: config.retry_max,
             dead_letter_max_len: config.dead_letter_max_len,
             last_read: self.inner.last_read.clone(),
+            set_aside: self.inner.set_aside.clone(),
             publisher: self.publisher(),
         };
+        self.inner.broker.check_version().await?;
         consumer.prepare().await?;
         tracing::info!(
             group,
@@ -323,33 +331,44 @@ impl EventBus {
     }
 
     /// A snapshot of the bus's health: whether Redis answers, when the listener last read,
-    /// and per handled stream the group's lag, pending entries and dead letters. Made for a
-    /// service's health endpoint; it never fails (an unreachable Redis is
+    /// and per handled stream the group's lag, pending entries and dead letters, or the
+    /// error that keeps the stream from being consumed or its state from being read. Made
+    /// for a service's health endpoint; it never fails (an unreachable Redis is
     /// `connected: false`) and each Redis call is bounded by the command timeout.
     pub async fn health(&self) -> Health {
         let inner = &self.inner;
         let connected = inner.broker.ping().await.is_ok();
         let mut streams = Vec::new();
         if let (true, Some(group)) = (connected, inner.config.consumer_group.as_deref()) {
-            for route in inner.routes.iter() {
-                let stats = inner
-                    .broker
-                    .group_stats(&route.stream, group, &route.dead_letters)
-                    .await
-                    .unwrap_or_else(|error| {
-                        tracing::debug!(stream = %route.stream, error = &error as &dyn std::error::Error, "health: reading group state failed");
-                        GroupStats::default()
-                    });
-                streams.push(StreamHealth {
+            for (index, route) in inner.routes.iter().enumerate() {
+                let mut health = StreamHealth {
                     stream: route.stream.to_string(),
-                    lag: stats.lag,
-                    pending: stats.pending,
-                    oldest_pending_idle: stats.oldest_pending_idle,
-                    dead_letters: stats.dead_letters,
-                    dead_letters_trimmed: stats.dead_letters_trimmed,
+                    lag: None,
+                    pending: 0,
+                    oldest_pending_idle: None,
+                    dead_letters: 0,
+                    dead_letters_trimmed: 0,
                     paused: route.state.pause_reason(),
                     dead_letter_moves_failing: route.state.dead_letter_moves_failing(),
-                });
+                    error: inner.set_aside.reason(index),
+                };
+                if health.error.is_none() {
+                    match inner
+                        .broker
+                        .group_stats(&route.stream, group, &route.dead_letters)
+                        .await
+                    {
+                        Ok(stats) => {
+                            health.lag = stats.lag;
+                            health.pending = stats.pending;
+                            health.oldest_pending_idle = stats.oldest_pending_idle;
+                            health.dead_letters = stats.dead_letters;
+                            health.dead_letters_trimmed = stats.dead_letters_trimmed;
+                        }
+                        Err(error) => health.error = Some(crate::error::report(&error)),
+                    }
+                }
+                streams.push(health);
             }
         }
         Health {
@@ -543,13 +562,22 @@ impl EventBusBuilder {
         self
     }
 
+    /// How long another consumer of the group must have been idle, holding no pending
+    /// entries, before this one removes it from the group (default one day): pods that
+    /// are gone do not stay in `XINFO CONSUMERS` for ever.
+    pub fn consumer_idle_removal(mut self, idle: Duration) -> Self {
+        self.config.consumer_idle_removal = idle;
+        self
+    }
+
     /// Failed deliveries before an entry is dead-lettered (default 5).
     pub fn max_deliveries(mut self, max_deliveries: u64) -> Self {
         self.config.max_deliveries = max_deliveries;
         self
     }
 
-    /// The first retry delay and the longest one (default 1 s and 30 s).
+    /// The first retry delay and the longest one (default 1 s and 30 s); the longest must
+    /// be shorter than [`claim_min_idle`](Self::claim_min_idle).
     pub fn retry_backoff(mut self, base: Duration, max: Duration) -> Self {
         self.config.retry_base = base;
         self.config.retry_max = max;
@@ -633,6 +661,7 @@ impl EventBusBuilder {
                 broker,
                 config: self.config,
                 consumer_name: consumer_name.into(),
+                set_aside: Arc::new(SetAside::new(routes.len())),
                 routes,
                 listening: Arc::new(AtomicBool::new(false)),
                 last_read: Arc::new(LastRead::new()),

@@ -43,12 +43,12 @@ pub struct EventBusConfig {
     /// Ignored when the builder is given a `redis::Client`.
     pub url: String,
     /// The consumer group this service reads its streams through. Required to listen;
-    /// every process of one service uses the same group.
+    /// every process of one service uses the same group. No whitespace at either end.
     pub consumer_group: Option<String>,
     /// This process's name within the group. Defaults to the host name (the pod name on
     /// Kubernetes), which stays the same across restarts so a restarted process finds the
     /// entries it held. Set it when several processes of one service share a host: two
-    /// processes must never share a consumer name.
+    /// processes must never share a consumer name. No whitespace at either end.
     pub consumer_name: Option<String>,
     /// The most entries asked for per stream and read.
     pub max_count: usize,
@@ -85,13 +85,21 @@ pub struct EventBusConfig {
     /// How often the bus looks for entries to claim from dead consumers.
     #[serde(with = "humantime_serde")]
     pub claim_interval: Duration,
+    /// How long another consumer of the group must have been idle (no read, no claim),
+    /// holding no pending entries, before this one removes it from the group, after
+    /// each claim pass over a stream. A check of its pending entries and the removal are
+    /// one atomic step, so no entry is dropped with a consumer.
+    #[serde(with = "humantime_serde")]
+    pub consumer_idle_removal: Duration,
     /// After this many deliveries that failed, an entry is dead-lettered. A handler can
     /// set its own with [`StreamHandler::max_deliveries`](crate::StreamHandler::max_deliveries).
     pub max_deliveries: u64,
     /// The delay before the first retry of a failed entry; each further retry doubles it.
     #[serde(with = "humantime_serde")]
     pub retry_base: Duration,
-    /// The longest delay between retries.
+    /// The longest delay between retries. Must be shorter than `claim_min_idle`: an entry
+    /// waiting for its retry stays pending with this consumer, and another consumer's
+    /// claim scan would take it.
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
     /// The suffix of dead-letter stream names: the dead letters of `user.created` go to
@@ -119,6 +127,7 @@ impl Default for EventBusConfig {
             command_timeout: Duration::from_secs(5),
             claim_min_idle: Duration::from_secs(60),
             claim_interval: Duration::from_secs(10),
+            consumer_idle_removal: Duration::from_secs(24 * 3600),
             max_deliveries: 5,
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(30),
@@ -145,6 +154,7 @@ impl EventBusConfig {
             ("command_timeout", Some(self.command_timeout)),
             ("claim_min_idle", Some(self.claim_min_idle)),
             ("claim_interval", Some(self.claim_interval)),
+            ("consumer_idle_removal", Some(self.consumer_idle_removal)),
             ("retry_base", Some(self.retry_base)),
             ("retry_max", Some(self.retry_max)),
         ];
@@ -211,6 +221,12 @@ impl EventBusConfig {
         if self.claim_interval.is_zero() {
             return Err(Error::config("claim_interval", "must be longer than zero"));
         }
+        if self.consumer_idle_removal.is_zero() {
+            return Err(Error::config(
+                "consumer_idle_removal",
+                "must be longer than zero",
+            ));
+        }
         if self.max_deliveries == 0 {
             return Err(Error::config("max_deliveries", "must be at least 1"));
         }
@@ -221,6 +237,15 @@ impl EventBusConfig {
             return Err(Error::config(
                 "retry_max",
                 "must not be shorter than retry_base",
+            ));
+        }
+        if self.retry_max >= self.claim_min_idle {
+            return Err(Error::config(
+                "retry_max",
+                format!(
+                    "must be shorter than claim_min_idle ({:?}), or another consumer's claim scan would take entries waiting for their retry",
+                    self.claim_min_idle
+                ),
             ));
         }
         if self.dead_letter_suffix.is_empty() {
@@ -253,6 +278,11 @@ impl EventBusConfig {
 fn check_name(setting: &'static str, name: Option<&str>) -> Result<()> {
     match name {
         Some(name) if name.trim().is_empty() => Err(Error::config(setting, "must not be empty")),
+        // Redis keeps the whitespace: `" billing"` would be another group than `billing`.
+        Some(name) if name.trim() != name => Err(Error::config(
+            setting,
+            format!("`{name}` must not start or end with whitespace"),
+        )),
         _ => Ok(()),
     }
 }

@@ -14,6 +14,7 @@ use crate::config::StartFrom;
 use crate::error::Result;
 use crate::event::EntryId;
 
+mod commands;
 pub(crate) mod memory;
 pub(crate) mod redis;
 mod resp;
@@ -133,6 +134,21 @@ pub(crate) trait Broker: Send + Sync + 'static {
     /// Whether the server answers.
     async fn ping(&self) -> Result<()>;
 
+    /// Atomically removes the consumers of `group` on `stream`, other than `except`, that
+    /// have been idle for at least `min_idle` and hold no pending entries; returns their
+    /// names.
+    async fn remove_idle_consumers(
+        &self,
+        stream: &str,
+        group: &str,
+        min_idle: Duration,
+        except: &str,
+    ) -> Result<Vec<String>>;
+
+    /// Fails with [`Error::UnsupportedServer`](crate::Error::UnsupportedServer) when the
+    /// server runs a Redis older than [`MIN_REDIS_VERSION`].
+    async fn check_version(&self) -> Result<()>;
+
     /// How far `group` is behind on `stream`, and how many dead letters it has.
     async fn group_stats(
         &self,
@@ -163,6 +179,30 @@ pub(crate) trait Broker: Send + Sync + 'static {
 
     /// Deletes a whole stream.
     async fn delete_key(&self, stream: &str) -> Result<()>;
+}
+
+/// The oldest Redis the runtime works with, as `(major, minor)`: 7.0 is the first whose
+/// `XAUTOCLAIM` reports the pending entries it found deleted.
+pub(crate) const MIN_REDIS_VERSION: (u64, u64) = (7, 0);
+
+/// Whether a `redis_version` is at least [`MIN_REDIS_VERSION`]; a version that does not
+/// read as `MAJOR.MINOR...` counts as new enough, rather than refuse a fork that numbers
+/// its releases otherwise.
+pub(crate) fn is_supported_version(version: &str) -> bool {
+    let mut parts = version.trim().split('.').map(str::parse::<u64>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= MIN_REDIS_VERSION,
+        _ => true,
+    }
+}
+
+/// Whether a server error code says the connection reaches a server that cannot serve the
+/// bus now but another one behind the same address may: a replica (`READONLY`, e.g. a
+/// demoted primary after a failover), a server loading its data (`LOADING`), or a replica
+/// that lost its primary (`MASTERDOWN`). Such a connection is replaced by a new one, which
+/// resolves the address again.
+pub(crate) fn is_failover_code(code: &[u8]) -> bool {
+    matches!(code, b"READONLY" | b"LOADING" | b"MASTERDOWN")
 }
 
 /// The key counting the dead letters the cap trimmed from `dead_letters`: in the same
@@ -204,4 +244,28 @@ pub(crate) enum DeadLetterMove {
     NotPending,
     /// The entry was deleted from the stream; it was acknowledged, nothing was written.
     Deleted,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_from_redis_7_0_on_are_supported() {
+        for old in ["6.2.14", "6.0.0", "5.0.7", "2.8.24"] {
+            assert!(!is_supported_version(old), "{old}");
+        }
+        // Valkey 8 and 9 report `redis_version:7.2.4`.
+        for new in [
+            "7.0.0", "7.0.15", "7.2.4", "7.4.0", "8.0.2", "10.1.0", " 7.0.0\r",
+        ] {
+            assert!(is_supported_version(new), "{new}");
+        }
+        for unknown in ["", "unstable", "7"] {
+            assert!(
+                is_supported_version(unknown),
+                "{unknown:?} is given the benefit of the doubt"
+            );
+        }
+    }
 }

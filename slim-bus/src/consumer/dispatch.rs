@@ -31,13 +31,13 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Starts handler work for batches of deliveries.
 pub(super) struct Dispatcher {
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<DeliveryEnv>,
     pub(super) tasks: TaskTracker,
     pub(super) abandon: CancellationToken,
 }
 
 /// What every delivery's handling needs, shared by all of them.
-pub(super) struct Shared {
+pub(super) struct DeliveryEnv {
     pub(super) broker: Arc<dyn Broker>,
     pub(super) routes: Arc<[Route]>,
     pub(super) group: Arc<str>,
@@ -55,7 +55,7 @@ pub(super) struct Shared {
 }
 
 /// How one delivery ended.
-enum Outcome {
+enum AttemptOutcome {
     Handled,
     /// The entry was deleted or trimmed from the stream while pending.
     Deleted,
@@ -88,7 +88,7 @@ pub(super) struct Job {
 
 /// The handling of one delivery.
 struct Task<'a> {
-    shared: &'a Shared,
+    shared: &'a DeliveryEnv,
     stream_index: usize,
     /// Cancelled when this attempt is abandoned; the handler's context holds it.
     cancellation: CancellationToken,
@@ -197,28 +197,30 @@ impl Task<'_> {
 
     /// Counts the attempt towards pausing reads of the stream: failures that may heal
     /// count, decode and permanent failures say nothing about the handler's health.
-    fn record_attempt(&self, outcome: &Outcome) {
+    fn record_attempt(&self, outcome: &AttemptOutcome) {
         let stream = &*self.route().stream;
         match outcome {
-            Outcome::Handled => self.state().record_success(stream),
-            Outcome::Failed(error) if !matches!(error.retry(), Retry::Never) => {
+            AttemptOutcome::Handled => self.state().record_success(stream),
+            AttemptOutcome::Failed(error) if !matches!(error.retry(), Retry::Never) => {
                 self.state().record_failure(stream, &error.to_string());
             }
-            Outcome::TimedOut => self.state().record_failure(stream, "the handler timed out"),
-            Outcome::Panicked(message) => self
+            AttemptOutcome::TimedOut => {
+                self.state().record_failure(stream, "the handler timed out")
+            }
+            AttemptOutcome::Panicked(message) => self
                 .state()
                 .record_failure(stream, &format!("the handler panicked: {message}")),
             _ => {}
         }
     }
 
-    async fn call(&self, delivery: Delivery) -> Outcome {
+    async fn call(&self, delivery: Delivery) -> AttemptOutcome {
         let route = self.route();
         let Some(fields) = delivery.fields else {
-            return Outcome::Deleted;
+            return AttemptOutcome::Deleted;
         };
         if delivery.delivery_count > route.max_deliveries {
-            return Outcome::Exhausted;
+            return AttemptOutcome::Exhausted;
         }
         let ctx = Context::new(
             route.stream.clone(),
@@ -246,23 +248,23 @@ impl Task<'_> {
         .catch_unwind();
         let outcome = tokio::select! {
             result = call => match result {
-                Ok(Ok(Ok(()))) => Outcome::Handled,
-                Ok(Ok(Err(error))) => Outcome::Failed(error),
-                Ok(Err(error)) => Outcome::Decode(error),
-                Err(panic) => Outcome::Panicked(panic_message(&*panic)),
+                Ok(Ok(Ok(()))) => AttemptOutcome::Handled,
+                Ok(Ok(Err(error))) => AttemptOutcome::Failed(error),
+                Ok(Err(error)) => AttemptOutcome::Decode(error),
+                Err(panic) => AttemptOutcome::Panicked(panic_message(&*panic)),
             },
-            () = self.timed_out.cancelled(), if !self.own_timeout => Outcome::TimedOut,
-            () = tokio::time::sleep_until(self.deadline), if self.own_timeout => Outcome::TimedOut,
-            () = self.cancellation.cancelled() => Outcome::Abandoned,
+            () = self.timed_out.cancelled(), if !self.own_timeout => AttemptOutcome::TimedOut,
+            () = tokio::time::sleep_until(self.deadline), if self.own_timeout => AttemptOutcome::TimedOut,
+            () = self.cancellation.cancelled() => AttemptOutcome::Abandoned,
         };
-        if matches!(outcome, Outcome::TimedOut) {
+        if matches!(outcome, AttemptOutcome::TimedOut) {
             // The handler's future is gone; this stops what it spawned and tied to its context.
             self.cancellation.cancel();
         }
         outcome
     }
 
-    fn verdict(&self, outcome: Outcome, id: crate::EntryId, delivery_count: u64) -> Verdict {
+    fn verdict(&self, outcome: AttemptOutcome, id: crate::EntryId, delivery_count: u64) -> Verdict {
         let stream = &*self.route().stream;
         let max_deliveries = self.route().max_deliveries;
         let retry_or_give_up = |reason: DeadLetterReason,
@@ -277,16 +279,16 @@ impl Task<'_> {
             Verdict::Retry(delay)
         };
         match outcome {
-            Outcome::Handled => Verdict::Ack,
-            Outcome::Deleted => {
+            AttemptOutcome::Handled => Verdict::Ack,
+            AttemptOutcome::Deleted => {
                 tracing::warn!(stream, entry_id = %id, "pending entry was deleted from the stream; acknowledging it");
                 Verdict::Ack
             }
-            Outcome::Decode(error) => {
+            AttemptOutcome::Decode(error) => {
                 tracing::error!(stream, entry_id = %id, %error, "entry does not decode; dead-lettering");
                 Verdict::DeadLetter(DeadLetterReason::Decode, error.to_string())
             }
-            Outcome::Failed(error) => match error.retry() {
+            AttemptOutcome::Failed(error) => match error.retry() {
                 Retry::Never => {
                     tracing::warn!(stream, entry_id = %id, %error, "permanent failure; dead-lettering");
                     Verdict::DeadLetter(DeadLetterReason::Permanent, error.to_string())
@@ -296,7 +298,7 @@ impl Task<'_> {
                 }
                 _ => retry_or_give_up(DeadLetterReason::Handler, error.to_string(), None),
             },
-            Outcome::TimedOut => retry_or_give_up(
+            AttemptOutcome::TimedOut => retry_or_give_up(
                 DeadLetterReason::Timeout,
                 format!(
                     "the handler did not finish within {:?}",
@@ -306,19 +308,19 @@ impl Task<'_> {
                 ),
                 None,
             ),
-            Outcome::Panicked(message) => retry_or_give_up(
+            AttemptOutcome::Panicked(message) => retry_or_give_up(
                 DeadLetterReason::Panic,
                 format!("the handler panicked: {message}"),
                 None,
             ),
-            Outcome::Exhausted => {
+            AttemptOutcome::Exhausted => {
                 let error = format!(
                     "delivered {delivery_count} times without an outcome: the consumers that held it stopped while handling it"
                 );
                 tracing::warn!(stream, entry_id = %id, delivery_count, "{error}; dead-lettering");
                 Verdict::DeadLetter(DeadLetterReason::Handler, error)
             }
-            Outcome::Abandoned => {
+            AttemptOutcome::Abandoned => {
                 tracing::warn!(stream, entry_id = %id, "handler abandoned at shutdown; the entry stays pending");
                 Verdict::Leave
             }

@@ -9,6 +9,7 @@ mod in_flight;
 mod read_window;
 mod retry;
 mod stream_state;
+mod sweep;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,12 +24,12 @@ use crate::config::StartFrom;
 use crate::error::{Error, Result};
 use crate::event::EntryId;
 use crate::handler::ErasedHandler;
-use crate::health::LastRead;
+use crate::health::{LastRead, SetAside};
 use crate::publisher::Publisher;
 
 use self::ack::Acker;
 pub(crate) use self::backoff::Backoff;
-use self::dispatch::{Dispatcher, Job, Shared};
+use self::dispatch::{DeliveryEnv, Dispatcher, Job};
 use self::in_flight::{Held, take_free};
 use self::read_window::ReadWindow;
 use self::retry::{BlockedRead, RetryQueue};
@@ -77,23 +78,57 @@ pub(crate) struct Consumer {
     pub(crate) start_from: StartFrom,
     pub(crate) claim_min_idle: Duration,
     pub(crate) claim_interval: Duration,
+    /// Other consumers of the group idle this long, holding nothing, are removed.
+    pub(crate) consumer_idle_removal: Duration,
     pub(crate) retry_base: Duration,
     pub(crate) retry_max: Duration,
     pub(crate) dead_letter_max_len: Option<usize>,
     pub(crate) last_read: Arc<LastRead>,
+    /// The streams not consumed because their key holds another Redis type.
+    pub(crate) set_aside: Arc<SetAside>,
     /// What handlers publish through (`Context::publisher`).
     pub(crate) publisher: Publisher,
 }
 
 impl Consumer {
-    /// Creates the consumer group on every stream; an existing group is fine.
+    /// Creates the consumer group on every stream; an existing group is fine. A stream
+    /// whose key holds another type is set aside, and the others go on; only when every
+    /// stream is set aside is that an error.
     pub(crate) async fn prepare(&self) -> Result<()> {
-        for route in self.routes.iter() {
-            self.broker
+        let mut wrong_type = None;
+        for (index, route) in self.routes.iter().enumerate() {
+            match self
+                .broker
                 .ensure_group(&route.stream, &self.group, self.start_from)
-                .await?;
+                .await
+            {
+                Ok(()) => {
+                    if self.set_aside.clear(index) {
+                        tracing::info!(stream = %route.stream, "the stream's key is a stream again; consuming it");
+                    }
+                }
+                Err(error @ Error::WrongType { .. }) => {
+                    self.set_stream_aside(index, &error);
+                    wrong_type.get_or_insert(error);
+                }
+                Err(error) => return Err(error),
+            }
         }
-        Ok(())
+        match wrong_type {
+            Some(error) if self.set_aside.all() => Err(error),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stops consuming stream `index`, whose key holds another type, logging it once.
+    fn set_stream_aside(&self, index: usize, error: &Error) {
+        if self.set_aside.set(index, error.to_string()) {
+            tracing::error!(
+                stream = %self.routes[index].stream,
+                error = error as &dyn std::error::Error,
+                "not consuming this stream until its key is a stream again; the other streams go on"
+            );
+        }
     }
 
     /// Runs until `shutdown` is cancelled or an error that cannot heal, then shuts down
@@ -112,7 +147,7 @@ impl Consumer {
         let (retry_sender, retry_requests) = mpsc::unbounded_channel();
         let blocked_read = Arc::new(BlockedRead::default());
         let dispatcher = Dispatcher {
-            shared: Arc::new(Shared {
+            shared: Arc::new(DeliveryEnv {
                 broker: self.broker.clone(),
                 routes: self.routes.clone(),
                 group: self.group.clone(),
@@ -271,6 +306,10 @@ impl Reader<'_> {
             return Ok(());
         };
         let (stream_index, after) = (recovery.stream_index, recovery.after);
+        if c.set_aside.is_set(stream_index) {
+            self.next_recovery_stream();
+            return Ok(());
+        }
         let stream = self.streams[stream_index].clone();
         let Some(mut reservation) = self.reserve(c.max_count).await else {
             return Ok(());
@@ -423,6 +462,23 @@ impl Reader<'_> {
             return Ok(());
         }
         let stream = self.streams[stream_index].clone();
+        if c.set_aside.is_set(stream_index) {
+            // Its turn in the scan is when a set-aside stream is looked at again: once its
+            // key is a stream again (deleted, or renamed away), the group is created there
+            // and it is consumed.
+            match c.broker.ensure_group(&stream, &c.group, c.start_from).await {
+                Ok(()) => {
+                    c.set_aside.clear(stream_index);
+                    tracing::info!(stream = %stream, "the stream's key is a stream again; consuming it");
+                }
+                Err(Error::WrongType { .. }) => {}
+                Err(error) => {
+                    tracing::debug!(stream = %stream, error = &error as &dyn std::error::Error, "checking a set-aside stream again failed")
+                }
+            }
+            self.next_claim_stream(EntryId::MIN);
+            return Ok(());
+        }
         let Some(mut reservation) = self.take_reservation(c.max_count).await else {
             // Every place is taken: this consumer has enough to do.
             self.claims.next_at = Instant::now() + c.claim_interval;
@@ -455,6 +511,18 @@ impl Reader<'_> {
                 }
                 self.dispatch(stream_index, page.deliveries, &mut reservation)
                     .await;
+                if page.next_cursor == EntryId::MIN {
+                    // A claim pass over the stream is done: what is left of stopped
+                    // consumers now is their names.
+                    sweep::remove_idle_consumers(
+                        &*c.broker,
+                        &stream,
+                        &c.group,
+                        &c.consumer,
+                        c.consumer_idle_removal,
+                    )
+                    .await;
+                }
                 self.next_claim_stream(page.next_cursor);
                 Ok(())
             }
@@ -504,10 +572,11 @@ impl Reader<'_> {
         // handler recovered (when no retry of it is under way, which would tell as well).
         let probe = (0..self.streams.len()).find(|&i| {
             let state = &self.route(i).state;
-            state.is_paused() && state.take_probe(now, c.retry_max)
+            !c.set_aside.is_set(i) && state.is_paused() && state.take_probe(now, c.retry_max)
         });
+        // A stream set aside (its key holds another type) is not read at all.
         let active: Vec<bool> = (0..self.streams.len())
-            .map(|i| !self.route(i).state.is_paused())
+            .map(|i| !self.route(i).state.is_paused() && !c.set_aside.is_set(i))
             .collect();
         if probe.is_none() && !active.contains(&true) {
             drop(reservation);
@@ -732,7 +801,16 @@ impl Reader<'_> {
     async fn heal(&mut self, error: Error) -> Result<Healed> {
         let c = self.consumer;
         match &error {
-            Error::WrongType { .. } => return Err(error),
+            Error::WrongType { stream, .. } => {
+                let Some(index) = self.streams.iter().position(|s| **s == **stream) else {
+                    return Err(error);
+                };
+                c.set_stream_aside(index, &error);
+                if c.set_aside.all() {
+                    return Err(error);
+                }
+                return Ok(Healed::Retry);
+            }
             Error::Redis { source, .. } if is_refused_access(source) => return Err(error),
             Error::Redis { .. } if error.server_code().as_deref() == Some("NOGROUP") => {
                 let streams: Vec<&str> = self.streams.iter().map(|s| &**s).collect();

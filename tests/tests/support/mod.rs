@@ -139,8 +139,6 @@ pub async fn xadd(server: &RedisServer, stream: &str, fields: &[(&str, &[u8])]) 
         .expect("XADD succeeds")
 }
 
-pub type Shared<T> = Arc<T>;
-
 type Behaviour<E> = dyn Fn(
         E,
         Context,
@@ -411,6 +409,23 @@ impl Backend {
                 })
                 .collect(),
         }
+    }
+
+    /// The names of the consumers of `group` on `stream`, sorted, like `XINFO CONSUMERS`.
+    pub async fn consumers(&self, stream: &str, group: &str) -> Vec<String> {
+        let mut names = match self {
+            Backend::Redis(server) => {
+                let mut conn = server.connection().await;
+                let reply: redis::streams::StreamInfoConsumersReply =
+                    within("XINFO CONSUMERS", STEP, conn.xinfo_consumers(stream, group))
+                        .await
+                        .unwrap();
+                reply.consumers.into_iter().map(|c| c.name).collect()
+            }
+            Backend::Memory(broker) => broker.consumers(stream, group),
+        };
+        names.sort();
+        names
     }
 
     /// The number of entries in `stream`, like `XLEN`.
