@@ -63,23 +63,46 @@ impl Counter {
     }
 }
 
-/// The typed handler of the consume cases: no-op, or an I/O-bound service's wait.
+/// The typed handler of the consume cases: no-op, an I/O-bound service's wait, a
+/// CPU-bound computation, or a failure on the first delivery of some entries.
 struct Counting {
     counter: Arc<Counter>,
     io_wait: Option<Duration>,
+    cpu_work: Option<Duration>,
+    fail_once_every: Option<u64>,
 }
 
 #[slim_bus::async_trait]
 impl StreamHandler for Counting {
     type Event = UserEvent;
 
-    async fn handle(&self, event: UserEvent, _ctx: Context) -> Result<(), HandlerError> {
+    async fn handle(&self, event: UserEvent, ctx: Context) -> Result<(), HandlerError> {
         std::hint::black_box(&event);
+        if let Some(every) = self.fail_once_every
+            && event.seq.is_multiple_of(every)
+            && ctx.delivery_count() == 1
+        {
+            return Err(HandlerError::new(std::io::Error::other("transient")));
+        }
         if let Some(wait) = self.io_wait {
             tokio::time::sleep(wait).await;
         }
+        if let Some(work) = self.cpu_work {
+            compute_for(work);
+        }
         self.counter.count();
         Ok(())
+    }
+}
+
+/// Keeps the thread busy for `duration`, as a handler that parses or hashes would.
+fn compute_for(duration: Duration) {
+    let start = Instant::now();
+    let mut x = 0u64;
+    while start.elapsed() < duration {
+        for _ in 0..64 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
     }
 }
 
@@ -92,9 +115,17 @@ pub(crate) struct ConsumeRun {
 }
 
 /// Settings of a consume run.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct ConsumeSettings {
     pub(crate) max_concurrent: usize,
     pub(crate) io_wait: Option<Duration>,
+    pub(crate) cpu_work: Option<Duration>,
+    /// Entries whose `seq` is a multiple of this fail on their first delivery.
+    pub(crate) fail_once_every: Option<u64>,
+    /// Retry backoff (base, max), when not the default.
+    pub(crate) retry_backoff: Option<(Duration, Duration)>,
+    /// Run on a runtime of its own with this many workers, not the suite's.
+    pub(crate) workers: Option<usize>,
 }
 
 /// Consumes the backlog of `stream` (group [`GROUP`] already created) with slim-bus until
@@ -105,17 +136,46 @@ pub(crate) async fn consume(
     expected: u64,
     settings: &ConsumeSettings,
 ) -> anyhow::Result<ConsumeRun> {
+    let Some(workers) = settings.workers else {
+        return consume_here(url, stream, expected, settings).await;
+    };
+    let (url, stream, settings) = (url.to_owned(), stream.to_owned(), settings.clone());
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+            .context("starting a runtime for the case")?;
+        runtime.block_on(consume_here(&url, &stream, expected, &settings))
+    })
+    .await
+    .context("the case's runtime panicked")?
+}
+
+/// [`consume`] on the current runtime.
+async fn consume_here(
+    url: &str,
+    stream: &str,
+    expected: u64,
+    settings: &ConsumeSettings,
+) -> anyhow::Result<ConsumeRun> {
     let counter = Counter::new(expected);
-    let bus = builder(url)
+    let mut builder = builder(url)
         .consumer_group(GROUP)
         .consumer_name(CONSUMER)
         .max_count(READ_COUNT)
-        .max_concurrent(settings.max_concurrent)
+        .max_concurrent(settings.max_concurrent);
+    if let Some((base, max)) = settings.retry_backoff {
+        builder = builder.retry_backoff(base, max);
+    }
+    let bus = builder
         .handler_on(
             stream,
             Counting {
                 counter: counter.clone(),
                 io_wait: settings.io_wait,
+                cpu_work: settings.cpu_work,
+                fail_once_every: settings.fail_once_every,
             },
         )
         .build();

@@ -12,6 +12,12 @@ pub(crate) enum Case {
     Consume,
     /// As `Consume`, with 1% of entries undecodable.
     Poison,
+    /// As `Consume`, with 1% of entries failing once and succeeding on their retry.
+    Transient,
+    /// Handler computing for 200 µs, on a runtime with one worker.
+    Cpu1,
+    /// Handler computing for 200 µs, on a runtime with two workers.
+    Cpu2,
     /// Handler awaiting 1 ms, `max_concurrent` 64.
     Io64,
     /// Handler awaiting 1 ms, `max_concurrent` 512.
@@ -47,10 +53,13 @@ pub(crate) enum Case {
 }
 
 impl Case {
-    pub(crate) const ALL: [Case; 19] = [
+    pub(crate) const ALL: [Case; 22] = [
         Case::Baseline,
         Case::Consume,
         Case::Poison,
+        Case::Transient,
+        Case::Cpu1,
+        Case::Cpu2,
         Case::Io64,
         Case::Io512,
         Case::PublishRaw,
@@ -74,6 +83,9 @@ impl Case {
             Case::Baseline => "baseline",
             Case::Consume => "consume",
             Case::Poison => "poison",
+            Case::Transient => "transient",
+            Case::Cpu1 => "cpu-1",
+            Case::Cpu2 => "cpu-2",
             Case::Io64 => "io-64",
             Case::Io512 => "io-512",
             Case::PublishRaw => "publish-raw",
@@ -106,6 +118,8 @@ impl Case {
         let group: &[Case] = match word {
             "all" => &Case::ALL,
             "io" => &[Case::Io64, Case::Io512],
+            "failures" => &[Case::Consume, Case::Poison, Case::Transient],
+            "cpu" => &[Case::Cpu1, Case::Cpu2],
             "publish" => &[
                 Case::PublishRaw,
                 Case::PublishRawSeq,
@@ -150,6 +164,8 @@ pub(crate) struct Sizes {
     pub(crate) consume: u64,
     /// Backlog of the 1 ms handler cases.
     pub(crate) io: u64,
+    /// Backlog of the 200 µs CPU handler cases.
+    pub(crate) cpu: u64,
     /// Entries of the pipelined and the 64-task publish cases.
     pub(crate) publish: u64,
     /// Entries of the one-at-a-time publish cases (each is a round trip).
@@ -169,6 +185,7 @@ impl Sizes {
         name: "full",
         consume: 200_000,
         io: 20_000,
+        cpu: 20_000,
         publish: 200_000,
         publish_seq: 20_000,
         latency_rate: 1_000,
@@ -182,6 +199,7 @@ impl Sizes {
         name: "quick",
         consume: 20_000,
         io: 4_000,
+        cpu: 4_000,
         publish: 20_000,
         publish_seq: 4_000,
         latency_rate: 1_000,
@@ -195,6 +213,7 @@ impl Sizes {
         name: "smoke",
         consume: 2_000,
         io: 500,
+        cpu: 500,
         publish: 2_000,
         publish_seq: 500,
         latency_rate: 1_000,
@@ -262,11 +281,12 @@ impl Row {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Measurement {
     pub(crate) row: Row,
-    pub(crate) outcome: Outcome,
+    pub(crate) outcome: Reading,
 }
 
+/// What a measurement read.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Outcome {
+pub(crate) enum Reading {
     Value(f64),
 }
 

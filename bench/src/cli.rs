@@ -19,10 +19,11 @@ environment: BENCH_REPS, BENCH_CASES, BENCH_QUICK=1 (arguments win);
              redis-server (the suite only touches keys named slim-bus-bench:*; the *-tls
              cases need the throwaway server, which then also listens with TLS)
 
-cases:  baseline consume poison io-64 io-512 publish-raw publish-raw-seq publish-seq
-        publish-64 publish-batch latency-raw latency rss-raw rss rss-backlog
-        baseline-tls consume-tls publish-raw-tls publish-64-tls
-groups: all io publish memory tls (the *-tls cases and the plain ones they compare with)";
+cases:  baseline consume poison transient cpu-1 cpu-2 io-64 io-512 publish-raw
+        publish-raw-seq publish-seq publish-64 publish-batch latency-raw latency rss-raw
+        rss rss-backlog baseline-tls consume-tls publish-raw-tls publish-64-tls
+groups: all failures (consume poison transient) cpu io publish memory
+        tls (the *-tls cases and the plain ones they compare with)";
 
 /// What the process was started to do.
 #[derive(Debug, PartialEq)]

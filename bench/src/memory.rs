@@ -116,7 +116,7 @@ async fn child(args: &ChildArgs) -> anyhow::Result<()> {
         ChildKind::Consume => {
             let settings = ConsumeSettings {
                 max_concurrent: 64,
-                io_wait: None,
+                ..ConsumeSettings::default()
             };
             let run = bus::consume(&args.url, &args.stream, args.entries, &settings).await?;
             (run.handled, run.elapsed)

@@ -3,14 +3,14 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use crate::cases::{Measurement, Outcome, Row, Target, Unit};
+use crate::cases::{Measurement, Reading, Row, Target, Unit};
 
 #[derive(Debug, Default)]
 pub(crate) struct Report {
     /// Rows in the order they were first measured.
     rows: Vec<Row>,
     /// Per repetition: row id -> outcome.
-    reps: Vec<HashMap<String, Outcome>>,
+    reps: Vec<HashMap<String, Reading>>,
 }
 
 impl Report {
@@ -30,7 +30,7 @@ impl Report {
         self.reps
             .iter()
             .filter_map(|rep| match rep.get(id) {
-                Some(Outcome::Value(v)) => Some(*v),
+                Some(Reading::Value(v)) => Some(*v),
                 _ => None,
             })
             .collect()
@@ -42,7 +42,7 @@ impl Report {
         self.reps
             .iter()
             .filter_map(|rep| match (rep.get(id), rep.get(reference)) {
-                (Some(Outcome::Value(v)), Some(Outcome::Value(r))) if *r > 0.0 => Some(v / r),
+                (Some(Reading::Value(v)), Some(Reading::Value(r))) if *r > 0.0 => Some(v / r),
                 _ => None,
             })
             .collect()
@@ -169,7 +169,7 @@ mod tests {
     fn measurement(id: &str, unit: Unit, value: f64) -> Measurement {
         Measurement {
             row: Row::new(id, id, unit),
-            outcome: Outcome::Value(value),
+            outcome: Reading::Value(value),
         }
     }
 
@@ -193,7 +193,7 @@ mod tests {
             row: Row::new("consume", "c", Unit::EntriesPerSec)
                 .vs("baseline")
                 .target(Target::RatioAtLeast(1.3)),
-            outcome: Outcome::Value(v),
+            outcome: Reading::Value(v),
         };
         report.add(
             1,

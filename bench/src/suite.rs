@@ -9,7 +9,7 @@ use redis::aio::MultiplexedConnection;
 use slim_bus_tests::{RedisServer, TestCertificates};
 
 use crate::bus::{self, ConsumeSettings};
-use crate::cases::{Case, Measurement, Outcome, Row, Sizes, Target, Unit, count};
+use crate::cases::{Case, Measurement, Reading, Row, Sizes, Target, Unit, count};
 use crate::cli::{ChildKind, Options};
 use crate::memory;
 use crate::raw::{self, CommandStats, PUBLISH_PIPELINE, READ_COUNT};
@@ -17,6 +17,8 @@ use crate::report::{self, Report};
 
 /// The wait of the I/O-bound handler.
 const IO_WAIT: Duration = Duration::from_millis(1);
+/// What the handler of the `cpu-1` and `cpu-2` cases computes for per entry.
+const CPU_WORK: Duration = Duration::from_micros(200);
 /// Tasks of the concurrent publish case.
 const PUBLISH_TASKS: u64 = 64;
 
@@ -135,7 +137,7 @@ fn summary(case: Case, m: &Measurement) -> String {
         format!("{} ", m.row.id)
     };
     match &m.outcome {
-        Outcome::Value(v) => format!("{name}{}", report::format_value(*v, m.row.unit)),
+        Reading::Value(v) => format!("{name}{}", report::format_value(*v, m.row.unit)),
     }
 }
 
@@ -221,7 +223,7 @@ fn rate(entries: u64, elapsed: Duration) -> f64 {
 fn value(row: Row, value: f64) -> Measurement {
     Measurement {
         row,
-        outcome: Outcome::Value(value),
+        outcome: Reading::Value(value),
     }
 }
 
@@ -317,7 +319,7 @@ impl Suite {
             Case::Consume => {
                 let entries = sizes.consume;
                 let observed =
-                    consume_case(url, conn, &stats, stream, entries, false, 64, None).await?;
+                    consume_case(url, conn, &stats, stream, entries, false, &no_op()).await?;
                 let row = Row::new(
                     "consume",
                     format!(
@@ -334,7 +336,7 @@ impl Suite {
                 let entries = sizes.consume;
                 let handled = entries - raw::poisoned_count(entries);
                 let observed =
-                    consume_case(url, conn, &stats, stream, entries, true, 64, None).await?;
+                    consume_case(url, conn, &stats, stream, entries, true, &no_op()).await?;
                 let row = Row::new(
                     "poison",
                     format!(
@@ -347,6 +349,54 @@ impl Suite {
                 let measurement = throughput(row, handled, observed.0);
                 traffic(entries, observed, vec![measurement])
             }
+            Case::Transient => {
+                let entries = sizes.consume;
+                let settings = ConsumeSettings {
+                    fail_once_every: Some(100),
+                    retry_backoff: Some((Duration::from_millis(10), Duration::from_millis(100))),
+                    ..no_op()
+                };
+                let observed =
+                    consume_case(url, conn, &stats, stream, entries, false, &settings).await?;
+                let row = Row::new(
+                    "transient",
+                    format!(
+                        "as consume, 1% of entries fail once and succeed on their retry (backoff 10 to 100 ms); until every entry succeeded, {} backlog",
+                        count(entries)
+                    ),
+                    Unit::EntriesPerSec,
+                )
+                .vs("consume")
+                .target(Target::RatioAtLeast(0.8));
+                rated(entries, observed, row)
+            }
+            Case::Cpu1 | Case::Cpu2 => {
+                let (id, workers) = if case == Case::Cpu1 {
+                    ("cpu-1", 1)
+                } else {
+                    ("cpu-2", 2)
+                };
+                let entries = sizes.cpu;
+                let settings = ConsumeSettings {
+                    cpu_work: Some(CPU_WORK),
+                    workers: Some(workers),
+                    ..no_op()
+                };
+                let observed =
+                    consume_case(url, conn, &stats, stream, entries, false, &settings).await?;
+                let mut row = Row::new(
+                    id,
+                    format!(
+                        "handler computes for 200 µs, max_concurrent 64, runtime with {workers} worker(s), {} backlog",
+                        count(entries)
+                    ),
+                    Unit::EntriesPerSec,
+                );
+                if case == Case::Cpu2 {
+                    row = row.vs("cpu-1").target(Target::RatioAtLeast(1.7));
+                }
+                rated(entries, observed, row)
+            }
             Case::Io64 | Case::Io512 => {
                 let (id, max_concurrent) = if case == Case::Io64 {
                     ("io-64", 64)
@@ -354,17 +404,13 @@ impl Suite {
                     ("io-512", 512)
                 };
                 let entries = sizes.io;
-                let observed = consume_case(
-                    url,
-                    conn,
-                    &stats,
-                    stream,
-                    entries,
-                    false,
+                let settings = ConsumeSettings {
                     max_concurrent,
-                    Some(IO_WAIT),
-                )
-                .await?;
+                    io_wait: Some(IO_WAIT),
+                    ..ConsumeSettings::default()
+                };
+                let observed =
+                    consume_case(url, conn, &stats, stream, entries, false, &settings).await?;
                 let row = Row::new(
                     id,
                     format!(
@@ -486,7 +532,7 @@ impl Suite {
             Case::ConsumeTls => {
                 let entries = sizes.consume;
                 let observed =
-                    consume_case(url, conn, &stats, stream, entries, false, 64, None).await?;
+                    consume_case(url, conn, &stats, stream, entries, false, &no_op()).await?;
                 let row = Row::new(
                     "consume-tls",
                     format!("as consume, over TLS, {} backlog", count(entries)),
@@ -615,9 +661,16 @@ async fn expect_len(
     Ok(())
 }
 
+/// The settings of the `consume` case: a no-op handler, `max_concurrent` 64.
+fn no_op() -> ConsumeSettings {
+    ConsumeSettings {
+        max_concurrent: 64,
+        ..ConsumeSettings::default()
+    }
+}
+
 /// Fills `stream`, consumes it with slim-bus and checks that every decodable entry was
 /// handled once and acknowledged, and every poisoned one is left pending.
-#[allow(clippy::too_many_arguments)]
 async fn consume_case(
     url: &str,
     conn: &mut MultiplexedConnection,
@@ -625,8 +678,7 @@ async fn consume_case(
     stream: &str,
     entries: u64,
     poison: bool,
-    max_concurrent: usize,
-    io_wait: Option<Duration>,
+    settings: &ConsumeSettings,
 ) -> anyhow::Result<(Duration, CommandStats)> {
     fill(conn, stream, entries, poison).await?;
     let poisoned = if poison {
@@ -635,11 +687,7 @@ async fn consume_case(
         0
     };
     let expected = entries - poisoned;
-    let settings = ConsumeSettings {
-        max_concurrent,
-        io_wait,
-    };
-    let (run, commands) = observed(stats, bus::consume(url, stream, expected, &settings)).await?;
+    let (run, commands) = observed(stats, bus::consume(url, stream, expected, settings)).await?;
     if run.handled != expected {
         bail!("handled {} entries, expected {expected}", run.handled);
     }

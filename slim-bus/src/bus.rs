@@ -20,7 +20,7 @@ use crate::dead_letter::{DeadLetters, dead_letter_stream};
 use crate::error::{Error, Result};
 use crate::event::{EntryId, Event};
 use crate::handler::{Handlers, StreamHandler, StreamService};
-use crate::health::{Health, LastRead, StreamHealth};
+use crate::health::{Health, LastRead, SetAside, StreamHealth};
 use crate::listener::Listener;
 use crate::publisher::Publisher;
 use crate::tls::{Tls, reject_without_tls};
@@ -70,6 +70,8 @@ struct Inner {
     routes: Arc<[Route]>,
     listening: Arc<AtomicBool>,
     last_read: Arc<LastRead>,
+    /// The streams the listener does not consume, and why.
+    set_aside: Arc<SetAside>,
 }
 
 impl std::fmt::Debug for EventBus {
@@ -236,7 +238,10 @@ impl EventBus {
     /// # Errors
     ///
     /// [`Error::NoHandlers`], [`Error::AlreadyListening`], and startup errors: Redis
-    /// unreachable, or a stream key that holds another type ([`Error::WrongType`]).
+    /// unreachable, a server older than Redis 7.0 ([`Error::UnsupportedServer`]), or every
+    /// stream key holding another type ([`Error::WrongType`]). When
+    /// only some do, those streams are set aside (see [`StreamHealth::error`]) and the
+    /// others are consumed.
     pub async fn listen(&self) -> Result<Listener> {
         if self.inner.routes.is_empty() {
             return Err(Error::NoHandlers);
@@ -256,6 +261,7 @@ impl EventBus {
             routes: self.inner.routes.clone(),
             max_count: config.max_count,
             max_concurrent: config.max_concurrent,
+            max_in_flight: config.effective_max_in_flight(),
             handler_timeout: config.handler_timeout,
             block_time: config.block_time,
             shutdown_grace: config.effective_shutdown_grace(),
@@ -263,12 +269,15 @@ impl EventBus {
             start_from: config.start_from,
             claim_min_idle: config.claim_min_idle,
             claim_interval: config.claim_interval,
+            consumer_idle_removal: config.consumer_idle_removal,
             retry_base: config.retry_base,
             retry_max: config.retry_max,
             dead_letter_max_len: config.dead_letter_max_len,
             last_read: self.inner.last_read.clone(),
+            set_aside: self.inner.set_aside.clone(),
             publisher: self.publisher(),
         };
+        self.inner.broker.check_version().await?;
         consumer.prepare().await?;
         tracing::info!(
             group,
@@ -324,31 +333,44 @@ impl EventBus {
     }
 
     /// A snapshot of the bus's health: whether Redis answers, when the listener last read,
-    /// and per handled stream the group's lag, pending entries and dead letters. Made for a
-    /// service's health endpoint; it never fails (an unreachable Redis is
+    /// and per handled stream the group's lag, pending entries and dead letters, or the
+    /// error that keeps the stream from being consumed or its state from being read. Made
+    /// for a service's health endpoint; it never fails (an unreachable Redis is
     /// `connected: false`) and each Redis call is bounded by the command timeout.
     pub async fn health(&self) -> Health {
         let inner = &self.inner;
         let connected = inner.broker.ping().await.is_ok();
         let mut streams = Vec::new();
         if let (true, Some(group)) = (connected, inner.config.consumer_group.as_deref()) {
-            for route in inner.routes.iter() {
-                match inner
-                    .broker
-                    .group_stats(&route.stream, group, &route.dead_letters)
-                    .await
-                {
-                    Ok(stats) => streams.push(StreamHealth {
-                        stream: route.stream.to_string(),
-                        lag: stats.lag,
-                        pending: stats.pending,
-                        oldest_pending_idle: stats.oldest_pending_idle,
-                        dead_letters: stats.dead_letters,
-                    }),
-                    Err(error) => {
-                        tracing::debug!(stream = %route.stream, error = &error as &dyn std::error::Error, "health: reading group state failed");
+            for (index, route) in inner.routes.iter().enumerate() {
+                let mut health = StreamHealth {
+                    stream: route.stream.to_string(),
+                    lag: None,
+                    pending: 0,
+                    oldest_pending_idle: None,
+                    dead_letters: 0,
+                    dead_letters_trimmed: 0,
+                    paused: route.state.pause_reason(),
+                    dead_letter_moves_failing: route.state.dead_letter_moves_failing(),
+                    error: inner.set_aside.reason(index),
+                };
+                if health.error.is_none() {
+                    match inner
+                        .broker
+                        .group_stats(&route.stream, group, &route.dead_letters)
+                        .await
+                    {
+                        Ok(stats) => {
+                            health.lag = stats.lag;
+                            health.pending = stats.pending;
+                            health.oldest_pending_idle = stats.oldest_pending_idle;
+                            health.dead_letters = stats.dead_letters;
+                            health.dead_letters_trimmed = stats.dead_letters_trimmed;
+                        }
+                        Err(error) => health.error = Some(crate::error::report(&error)),
                     }
                 }
+                streams.push(health);
             }
         }
         Health {
@@ -519,6 +541,14 @@ impl EventBusBuilder {
         self
     }
 
+    /// The most entries this consumer holds pending at once, counting entries being
+    /// handled, waiting for their retry or being dead-lettered (default: four times
+    /// `max_concurrent`); at least `max_concurrent`.
+    pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
+        self.config.max_in_flight = Some(max_in_flight);
+        self
+    }
+
     /// How long one blocking read waits for new entries (default 2 s).
     pub fn block_time(mut self, block_time: Duration) -> Self {
         self.config.block_time = block_time;
@@ -556,13 +586,22 @@ impl EventBusBuilder {
         self
     }
 
+    /// How long another consumer of the group must have been idle, holding no pending
+    /// entries, before this one removes it from the group (default one day): pods that
+    /// are gone do not stay in `XINFO CONSUMERS` for ever.
+    pub fn consumer_idle_removal(mut self, idle: Duration) -> Self {
+        self.config.consumer_idle_removal = idle;
+        self
+    }
+
     /// Failed deliveries before an entry is dead-lettered (default 5).
     pub fn max_deliveries(mut self, max_deliveries: u64) -> Self {
         self.config.max_deliveries = max_deliveries;
         self
     }
 
-    /// The first retry delay and the longest one (default 1 s and 30 s).
+    /// The first retry delay and the longest one (default 1 s and 30 s); the longest must
+    /// be shorter than [`claim_min_idle`](Self::claim_min_idle).
     pub fn retry_backoff(mut self, base: Duration, max: Duration) -> Self {
         self.config.retry_base = base;
         self.config.retry_max = max;
@@ -575,9 +614,11 @@ impl EventBusBuilder {
         self
     }
 
-    /// The approximate most entries a dead-letter stream keeps (default 10,000).
+    /// Caps each dead-letter stream at about `max_len` entries, trimming the oldest
+    /// (default: no cap, dead letters are kept until replayed or purged). Trimmed dead
+    /// letters are counted in [`StreamHealth::dead_letters_trimmed`] and logged.
     pub fn dead_letter_max_len(mut self, max_len: usize) -> Self {
-        self.config.dead_letter_max_len = max_len;
+        self.config.dead_letter_max_len = Some(max_len);
         self
     }
 
@@ -648,6 +689,7 @@ impl EventBusBuilder {
                 broker,
                 config: self.config,
                 consumer_name: consumer_name.into(),
+                set_aside: Arc::new(SetAside::new(routes.len())),
                 routes,
                 listening: Arc::new(AtomicBool::new(false)),
                 last_read: Arc::new(LastRead::new()),
@@ -725,6 +767,7 @@ fn routes(handlers: Handlers, config: &EventBusConfig) -> Result<Arc<[Route]>> {
             handler: registration.handler,
             max_deliveries,
             handler_timeout: handler_timeout.filter(|timeout| *timeout != config.handler_timeout),
+            state: Arc::default(),
         });
     }
     Ok(routes.into())

@@ -56,12 +56,12 @@ pub struct EventBusConfig {
     /// A PEM file of the private key of `tls_client_cert`. Its contents are never printed.
     pub tls_client_key: Option<PathBuf>,
     /// The consumer group this service reads its streams through. Required to listen;
-    /// every process of one service uses the same group.
+    /// every process of one service uses the same group. No whitespace at either end.
     pub consumer_group: Option<String>,
     /// This process's name within the group. Defaults to the host name (the pod name on
     /// Kubernetes), which stays the same across restarts so a restarted process finds the
     /// entries it held. Set it when several processes of one service share a host: two
-    /// processes must never share a consumer name.
+    /// processes must never share a consumer name. No whitespace at either end.
     pub consumer_name: Option<String>,
     /// The most entries asked for per stream and read.
     pub max_count: usize,
@@ -70,6 +70,15 @@ pub struct EventBusConfig {
     pub handler_timeout: Duration,
     /// The most handler calls running at once, across all streams of the bus.
     pub max_concurrent: usize,
+    /// The most entries this consumer holds pending at once: entries being handled,
+    /// entries waiting for their retry, entries being dead-lettered, and handled entries
+    /// whose acknowledgement is on its way. The reader never reads or claims past it, so
+    /// a failing handler cannot take more than this from the group. At least
+    /// `max_concurrent`; `None` (the default) means four times `max_concurrent`: room for
+    /// the next read while the acknowledgements of the last one are on the wire, and for
+    /// the few entries that wait for a retry when some fail now and then, without which
+    /// the clean and the transient-failure throughput drop.
+    pub max_in_flight: Option<usize>,
     /// How long one blocking read waits for new entries before it is issued again.
     #[serde(with = "humantime_serde")]
     pub block_time: Duration,
@@ -89,21 +98,30 @@ pub struct EventBusConfig {
     /// How often the bus looks for entries to claim from dead consumers.
     #[serde(with = "humantime_serde")]
     pub claim_interval: Duration,
+    /// How long another consumer of the group must have been idle (no read, no claim),
+    /// holding no pending entries, before this one removes it from the group, after
+    /// each claim pass over a stream. A check of its pending entries and the removal are
+    /// one atomic step, so no entry is dropped with a consumer.
+    #[serde(with = "humantime_serde")]
+    pub consumer_idle_removal: Duration,
     /// After this many deliveries that failed, an entry is dead-lettered. A handler can
     /// set its own with [`StreamHandler::max_deliveries`](crate::StreamHandler::max_deliveries).
     pub max_deliveries: u64,
     /// The delay before the first retry of a failed entry; each further retry doubles it.
     #[serde(with = "humantime_serde")]
     pub retry_base: Duration,
-    /// The longest delay between retries.
+    /// The longest delay between retries. Must be shorter than `claim_min_idle`: an entry
+    /// waiting for its retry stays pending with this consumer, and another consumer's
+    /// claim scan would take it.
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
     /// The suffix of dead-letter stream names: the dead letters of `user.created` go to
     /// `{user.created}:dlq` (the braces keep both in one Redis Cluster hash slot).
     pub dead_letter_suffix: String,
-    /// The approximate most entries a dead-letter stream keeps (`XADD MAXLEN ~`); older
-    /// dead letters are trimmed.
-    pub dead_letter_max_len: usize,
+    /// An opt-in cap on each dead-letter stream (`XADD MAXLEN ~`, so approximate): older
+    /// dead letters are trimmed, counted in [`StreamHealth::dead_letters_trimmed`](crate::StreamHealth::dead_letters_trimmed)
+    /// and logged. `None` (the default): dead letters are kept until replayed or purged.
+    pub dead_letter_max_len: Option<usize>,
 }
 
 impl Default for EventBusConfig {
@@ -118,17 +136,19 @@ impl Default for EventBusConfig {
             max_count: 100,
             handler_timeout: Duration::from_secs(30),
             max_concurrent: 64,
+            max_in_flight: None,
             block_time: Duration::from_secs(2),
             shutdown_grace: None,
             start_from: StartFrom::Beginning,
             command_timeout: Duration::from_secs(5),
             claim_min_idle: Duration::from_secs(60),
             claim_interval: Duration::from_secs(10),
+            consumer_idle_removal: Duration::from_secs(24 * 3600),
             max_deliveries: 5,
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(30),
             dead_letter_suffix: ":dlq".to_owned(),
-            dead_letter_max_len: 10_000,
+            dead_letter_max_len: None,
         }
     }
 }
@@ -147,12 +167,14 @@ impl std::fmt::Debug for EventBusConfig {
             max_count,
             handler_timeout,
             max_concurrent,
+            max_in_flight,
             block_time,
             shutdown_grace,
             start_from,
             command_timeout,
             claim_min_idle,
             claim_interval,
+            consumer_idle_removal,
             max_deliveries,
             retry_base,
             retry_max,
@@ -169,12 +191,14 @@ impl std::fmt::Debug for EventBusConfig {
             .field("max_count", max_count)
             .field("handler_timeout", handler_timeout)
             .field("max_concurrent", max_concurrent)
+            .field("max_in_flight", max_in_flight)
             .field("block_time", block_time)
             .field("shutdown_grace", shutdown_grace)
             .field("start_from", start_from)
             .field("command_timeout", command_timeout)
             .field("claim_min_idle", claim_min_idle)
             .field("claim_interval", claim_interval)
+            .field("consumer_idle_removal", consumer_idle_removal)
             .field("max_deliveries", max_deliveries)
             .field("retry_base", retry_base)
             .field("retry_max", retry_max)
@@ -262,6 +286,7 @@ impl EventBusConfig {
             ("command_timeout", Some(self.command_timeout)),
             ("claim_min_idle", Some(self.claim_min_idle)),
             ("claim_interval", Some(self.claim_interval)),
+            ("consumer_idle_removal", Some(self.consumer_idle_removal)),
             ("retry_base", Some(self.retry_base)),
             ("retry_max", Some(self.retry_max)),
         ];
@@ -287,6 +312,23 @@ impl EventBusConfig {
                 "is larger than a semaphore can count",
             ));
         }
+        if let Some(max_in_flight) = self.max_in_flight {
+            if max_in_flight < self.max_concurrent {
+                return Err(Error::config(
+                    "max_in_flight",
+                    format!(
+                        "must be at least max_concurrent ({}): every running handler holds an entry",
+                        self.max_concurrent
+                    ),
+                ));
+            }
+            if max_in_flight > tokio::sync::Semaphore::MAX_PERMITS {
+                return Err(Error::config(
+                    "max_in_flight",
+                    "is larger than a semaphore can count",
+                ));
+            }
+        }
         if self.handler_timeout.is_zero() {
             return Err(Error::config("handler_timeout", "must be longer than zero"));
         }
@@ -311,6 +353,12 @@ impl EventBusConfig {
         if self.claim_interval.is_zero() {
             return Err(Error::config("claim_interval", "must be longer than zero"));
         }
+        if self.consumer_idle_removal.is_zero() {
+            return Err(Error::config(
+                "consumer_idle_removal",
+                "must be longer than zero",
+            ));
+        }
         if self.max_deliveries == 0 {
             return Err(Error::config("max_deliveries", "must be at least 1"));
         }
@@ -323,16 +371,34 @@ impl EventBusConfig {
                 "must not be shorter than retry_base",
             ));
         }
+        if self.retry_max >= self.claim_min_idle {
+            return Err(Error::config(
+                "retry_max",
+                format!(
+                    "must be shorter than claim_min_idle ({:?}), or another consumer's claim scan would take entries waiting for their retry",
+                    self.claim_min_idle
+                ),
+            ));
+        }
         if self.dead_letter_suffix.is_empty() {
             return Err(Error::config(
                 "dead_letter_suffix",
                 "must not be empty: the dead letters would go to the stream itself",
             ));
         }
-        if self.dead_letter_max_len == 0 {
+        if self.dead_letter_max_len == Some(0) {
             return Err(Error::config("dead_letter_max_len", "must be at least 1"));
         }
         Ok(())
+    }
+
+    /// The most entries one consumer holds pending at once.
+    pub(crate) fn effective_max_in_flight(&self) -> usize {
+        self.max_in_flight.unwrap_or_else(|| {
+            self.max_concurrent
+                .saturating_mul(4)
+                .min(tokio::sync::Semaphore::MAX_PERMITS)
+        })
     }
 
     /// The grace period of shutdown.
@@ -344,6 +410,11 @@ impl EventBusConfig {
 fn check_name(setting: &'static str, name: Option<&str>) -> Result<()> {
     match name {
         Some(name) if name.trim().is_empty() => Err(Error::config(setting, "must not be empty")),
+        // Redis keeps the whitespace: `" billing"` would be another group than `billing`.
+        Some(name) if name.trim() != name => Err(Error::config(
+            setting,
+            format!("`{name}` must not start or end with whitespace"),
+        )),
         _ => Ok(()),
     }
 }

@@ -78,6 +78,18 @@ pub enum Error {
     #[error(transparent)]
     Decode(#[from] DecodeError),
 
+    /// The server runs an older Redis than slim-bus needs (7.0, for `XAUTOCLAIM` reporting
+    /// deleted entries).
+    #[error("the server at {addr} runs Redis {version}; slim-bus needs Redis {required} or newer")]
+    UnsupportedServer {
+        /// The server's address.
+        addr: String,
+        /// The `redis_version` it reports in `INFO server`.
+        version: String,
+        /// The oldest version slim-bus works with.
+        required: &'static str,
+    },
+
     /// The key of a stream holds another Redis type, so the bus cannot use it.
     #[error("key `{stream}` holds a Redis {actual}, not a stream: delete or rename it")]
     WrongType {
@@ -317,6 +329,18 @@ impl fmt::Display for HandlerError {
         }
         Ok(())
     }
+}
+
+/// `error` and every cause in its source chain, joined as error reporters join them.
+pub(crate) fn report(error: &(dyn StdError + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// What a caught panic said, if it said it with a string.

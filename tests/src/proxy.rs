@@ -3,8 +3,8 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -15,8 +15,10 @@ use tokio::task::JoinHandle;
 /// Every accepted connection is forwarded to the upstream over a connection of its own.
 /// [`drop_connections`](Self::drop_connections) resets all of them at once (both sides see
 /// a TCP reset, as when a NAT or load balancer forgets them); connections made afterwards
-/// are forwarded normally. A client that cannot reach the upstream through the proxy sees
-/// its connection accepted and then reset.
+/// are forwarded normally. [`set_upstream`](Self::set_upstream) sends the connections made
+/// from then on to another server, as a DNS name that moves after a failover does, and
+/// leaves those open where they are. A client that cannot reach the upstream through the
+/// proxy sees its connection accepted and then reset.
 ///
 /// Dropping the proxy stops accepting and resets every connection.
 ///
@@ -40,6 +42,7 @@ pub struct Proxy {
     /// when the sender is dropped with the proxy.
     generation: watch::Sender<u64>,
     counters: Arc<Counters>,
+    upstream: Arc<Mutex<SocketAddr>>,
     accept: JoinHandle<()>,
 }
 
@@ -60,14 +63,14 @@ impl Proxy {
     ///
     /// Outside a tokio runtime.
     pub async fn start(upstream: impl Into<SocketAddr>) -> io::Result<Proxy> {
-        let upstream = upstream.into();
+        let upstream = Arc::new(Mutex::new(upstream.into()));
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = listener.local_addr()?;
         let (generation, _) = watch::channel(0);
         let counters = Arc::new(Counters::default());
         let accept = tokio::spawn(accept_loop(
             listener,
-            upstream,
+            upstream.clone(),
             generation.clone(),
             counters.clone(),
         ));
@@ -75,6 +78,7 @@ impl Proxy {
             addr,
             generation,
             counters,
+            upstream,
             accept,
         })
     }
@@ -95,6 +99,15 @@ impl Proxy {
         let open = self.counters.open.load(Ordering::Acquire);
         self.generation.send_modify(|generation| *generation += 1);
         open
+    }
+
+    /// Forwards the connections accepted from now on to `upstream`; those open stay with
+    /// the server they reach.
+    pub fn set_upstream(&self, upstream: impl Into<SocketAddr>) {
+        *self
+            .upstream
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = upstream.into();
     }
 
     /// How many connections the proxy has accepted so far: a client that reconnects shows
@@ -118,7 +131,7 @@ impl Drop for Proxy {
 
 async fn accept_loop(
     listener: TcpListener,
-    upstream: SocketAddr,
+    upstream: Arc<Mutex<SocketAddr>>,
     generation: watch::Sender<u64>,
     counters: Arc<Counters>,
 ) {
@@ -134,6 +147,9 @@ async fn accept_loop(
         counters.accepted.fetch_add(1, Ordering::AcqRel);
         // Subscribing before the task starts means a drop ordered from now on reaches it.
         let dropped = generation.subscribe();
+        let upstream = *upstream
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         tokio::spawn(forward(client, upstream, dropped, counters.clone()));
     }
 }

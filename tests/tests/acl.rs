@@ -17,8 +17,9 @@ const PUBLISHER_RULE: &str = "resetkeys ~user.created resetchannels -@all +ping 
 /// The README's rule for a service that consumes `user.created` (its dead letters go to
 /// `{user.created}:dlq`).
 const CONSUMER_RULE: &str = "resetkeys ~user.created ~{user.created}:* resetchannels -@all \
-    +ping +type +client|id +client|unblock +xgroup|create +xreadgroup +xack +xpending \
-    +xclaim +xautoclaim +xadd +xrange +xdel +xlen +xinfo|groups +del +evalsha +script|load";
+    +ping +info +type +client|id +client|unblock +xgroup|create +xgroup|delconsumer \
+    +xreadgroup +xack +xpending +xclaim +xautoclaim +xadd +xrange +xdel +xlen +xinfo|groups \
+    +xinfo|consumers +del +get +incrby +evalsha +script|load";
 
 const README: &str = include_str!("../../README.md");
 
@@ -135,6 +136,7 @@ async fn a_publisher_and_a_consumer_with_the_minimal_rules_do_everything() {
     assert!(health.connected, "{health:?}");
     assert_eq!(health.streams.len(), 1, "{health:?}");
     assert_eq!(health.streams[0].dead_letters, 1, "{health:?}");
+    assert_eq!(health.streams[0].error, None, "{health:?}");
     let dead = consumer.dead_letters("user.created");
     let letters = within("list dead letters", STEP, dead.list(None, 10))
         .await

@@ -633,6 +633,20 @@ async fn invalid_settings_are_rejected_by_name() {
         ),
         ("consumer_group", EventBus::builder().consumer_group(" ")),
         ("consumer_name", EventBus::builder().consumer_name("")),
+        // Redis keeps the whitespace: another group, another consumer.
+        (
+            "consumer_group",
+            EventBus::builder().consumer_group(" billing"),
+        ),
+        (
+            "consumer_group",
+            EventBus::builder().consumer_group("billing\n"),
+        ),
+        ("consumer_name", EventBus::builder().consumer_name("pod-1 ")),
+        (
+            "consumer_name",
+            EventBus::builder().consumer_name("\tpod-1"),
+        ),
         ("block_time", EventBus::builder().block_time(Duration::ZERO)),
         ("url", EventBus::builder().url("")),
         ("url", EventBus::builder().url("not a url")),
@@ -705,6 +719,127 @@ async fn listen_reports_a_stream_key_of_another_type() {
         err.to_string(),
         "key `user.created` holds a Redis string, not a stream: delete or rename it"
     );
+}
+
+/// A stream whose key is given another type while the bus reads it is set aside: the
+/// error names that key (not the first stream of the read), the other streams go on, and
+/// once the key is gone the stream is consumed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_key_of_another_type_is_set_aside_and_the_other_streams_go_on() {
+    let server = start_server().await;
+    let (users, mut seen_users) = Record::<UserCreated>::new();
+    let (audits, mut seen_audits) = Record::<UserCreated>::new();
+    let bus = within(
+        "build",
+        STEP,
+        bus(&server)
+            .claim_interval(Duration::from_millis(200))
+            .handler(users)
+            .handler_on("audit.user", audits)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let mut listener = within("listen", STEP, bus.listen()).await.unwrap();
+    within("publish", STEP, bus.publish_to("audit.user", &user(1)))
+        .await
+        .unwrap();
+    recv(&mut seen_audits, "the audit entry").await;
+
+    let mut conn = server.connection().await;
+    let _: () = within(
+        "DEL",
+        STEP,
+        redis::AsyncCommands::del(&mut conn, "audit.user"),
+    )
+    .await
+    .unwrap();
+    string_key(&server, "audit.user").await;
+    let health = within("the stream to be set aside", STEP, async {
+        loop {
+            let health = bus.health().await;
+            if health.streams[1].error.is_some() {
+                break health;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(health.streams[0].stream, "user.created");
+    assert_eq!(health.streams[0].error, None, "{health:?}");
+    assert_eq!(health.streams[1].stream, "audit.user");
+    assert_eq!(
+        health.streams[1].error.as_deref(),
+        Some("key `audit.user` holds a Redis string, not a stream: delete or rename it")
+    );
+
+    within("publish", STEP, bus.publish(&user(2)))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut seen_users, "a user entry").await.event.seq, 2);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), &mut listener)
+            .await
+            .is_err(),
+        "the listener goes on"
+    );
+
+    let _: () = within(
+        "DEL",
+        STEP,
+        redis::AsyncCommands::del(&mut conn, "audit.user"),
+    )
+    .await
+    .unwrap();
+    within("publish", STEP, bus.publish_to("audit.user", &user(3)))
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(
+            &mut seen_audits,
+            "the audit entry after the key was deleted"
+        )
+        .await
+        .event
+        .seq,
+        3
+    );
+    let health = within("health", STEP, bus.health()).await;
+    assert_eq!(health.streams[1].error, None, "{health:?}");
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
+/// `health()` shows why a stream's state could not be read, before listening too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_says_why_a_streams_state_could_not_be_read() {
+    let server = start_server().await;
+    string_key(&server, "audit.user").await;
+    let (users, _seen_users) = Record::<UserCreated>::new();
+    let (audits, _seen_audits) = Record::<UserCreated>::new();
+    let bus = within(
+        "build",
+        STEP,
+        bus(&server)
+            .handler(users)
+            .handler_on("audit.user", audits)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let health = within("health", STEP, bus.health()).await;
+    assert_eq!(health.streams.len(), 2, "{health:?}");
+    assert_eq!(health.streams[0].error, None);
+    let error = health.streams[1].error.as_deref().unwrap_or_default();
+    assert!(error.contains("`audit.user`"), "{error}");
+
+    // Listening consumes the healthy stream and sets the other aside.
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    let health = within("health", STEP, bus.health()).await;
+    assert_eq!(
+        health.streams[1].error.as_deref(),
+        Some("key `audit.user` holds a Redis string, not a stream: delete or rename it")
+    );
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
 /// Concurrent publishes travel together in pipelines; each publisher must still get its
@@ -989,6 +1124,7 @@ async fn health_reports_connection_reads_pending_entries_and_dead_letters(backen
     assert_eq!(stream.stream, "user.created");
     assert_eq!(stream.lag, Some(0));
     assert!(stream.oldest_pending_idle.is_some());
+    assert_eq!(stream.error, None);
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 
     match backend {
@@ -1073,4 +1209,80 @@ async fn a_handler_publishes_a_follow_up_event_through_its_context(backend: Back
     assert_eq!(delivery.event.seq, 3);
     assert_eq!(delivery.event.user_name, format!("welcomed after {id}"));
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
+conformance!(since_last_read_advances_while_a_long_pending_list_is_recovered);
+async fn since_last_read_advances_while_a_long_pending_list_is_recovered(backend: Backend) {
+    // The entries this consumer held when it last stopped, read again before new ones.
+    let users: Vec<UserCreated> = (0..200).map(user).collect();
+    let publisher = within("build a publisher", STEP, backend.builder().build())
+        .await
+        .unwrap();
+    within("publish", STEP, publisher.publish_batch(&users))
+        .await
+        .unwrap();
+    backend
+        .read_as_dead_consumer("user.created", "tests", "consumer-1", 200)
+        .await;
+
+    // Handlers finish only as the test lets them.
+    let gate = Arc::new(Semaphore::new(0));
+    let (finished, mut done) = mpsc::unbounded_channel();
+    let (handler, _started) = Scripted::new({
+        let gate = gate.clone();
+        move |event: UserCreated, _| {
+            let gate = gate.clone();
+            let finished = finished.clone();
+            async move {
+                gate.acquire().await.unwrap().forget();
+                let _ = finished.send(event.seq);
+                Ok(())
+            }
+        }
+    });
+    let bus = within(
+        "build",
+        STEP,
+        backend
+            .bus()
+            .max_concurrent(4)
+            .max_count(4)
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    finish(&gate, &mut done, 40).await;
+    let health = within("health", STEP, bus.health()).await;
+    assert!(
+        health.since_last_read.is_some(),
+        "the recovery's reads count: {health:?}"
+    );
+    // The recovery waits for free slots; once they come, it reads on and the time
+    // since the last read starts again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stalled = within("health", STEP, bus.health()).await.since_last_read;
+    assert!(stalled >= Some(Duration::from_millis(300)), "{stalled:?}");
+    finish(&gate, &mut done, 20).await;
+    let health = within("health", STEP, bus.health()).await;
+    assert!(
+        health.since_last_read < Some(Duration::from_millis(300)),
+        "{health:?}"
+    );
+    assert!(
+        backend.pending_count("user.created", "tests").await > 100,
+        "still recovering"
+    );
+    gate.add_permits(1_000);
+    backend.until_nothing_pending("user.created", "tests").await;
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
+/// Lets `count` gated handlers finish, and waits until they have.
+async fn finish(gate: &Semaphore, done: &mut mpsc::UnboundedReceiver<u64>, count: usize) {
+    gate.add_permits(count);
+    for _ in 0..count {
+        recv(done, "a recovered entry to be handled").await;
+    }
 }

@@ -794,12 +794,29 @@ async fn claim_and_retry_settings_are_checked() {
         ),
         ("max_deliveries", EventBus::builder().max_deliveries(0)),
         (
+            "consumer_idle_removal",
+            EventBus::builder().consumer_idle_removal(Duration::ZERO),
+        ),
+        (
             "retry_base",
             EventBus::builder().retry_backoff(Duration::ZERO, Duration::from_secs(1)),
         ),
         (
             "retry_max",
             EventBus::builder().retry_backoff(Duration::from_secs(2), Duration::from_secs(1)),
+        ),
+        // An entry waiting that long for its retry would be claimed by another consumer.
+        (
+            "retry_max",
+            EventBus::builder()
+                .claim_min_idle(Duration::from_secs(60))
+                .retry_backoff(Duration::from_secs(1), Duration::from_secs(60)),
+        ),
+        (
+            "retry_max",
+            EventBus::builder()
+                .claim_min_idle(Duration::from_secs(40))
+                .retry_backoff(Duration::from_secs(1), Duration::from_secs(45)),
         ),
         (
             "dead_letter_suffix",
@@ -909,5 +926,66 @@ async fn a_retry_is_not_held_back_by_an_idle_blocking_read(backend: Backend) {
     .await
     .unwrap();
     assert_eq!(retry.delivery_count, 2);
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
+conformance!(consumers_idle_for_long_and_holding_nothing_are_removed_from_the_group);
+async fn consumers_idle_for_long_and_holding_nothing_are_removed_from_the_group(backend: Backend) {
+    // A pod that read once from an empty stream, and one that died holding an entry.
+    backend
+        .read_as_dead_consumer("user.created", "tests", "gone-pod", 1)
+        .await;
+    if let Some(server) = backend.server() {
+        // Redis 7.0 creates a consumer only when a read delivers to it.
+        let mut conn = server.connection().await;
+        let _: i64 = within(
+            "XGROUP CREATECONSUMER",
+            STEP,
+            redis::cmd("XGROUP")
+                .arg("CREATECONSUMER")
+                .arg("user.created")
+                .arg("tests")
+                .arg("gone-pod")
+                .query_async(&mut conn),
+        )
+        .await
+        .unwrap();
+    }
+    let fields: &[(&str, &[u8])] = &[("user_id", b"u1"), ("user_name", b"One"), ("seq", b"1")];
+    backend.xadd("user.created", fields).await;
+    backend
+        .read_as_dead_consumer("user.created", "tests", "crashed-pod", 1)
+        .await;
+    assert_eq!(
+        backend.consumers("user.created", "tests").await,
+        ["crashed-pod", "gone-pod"]
+    );
+
+    let (handler, _seen) = Record::<UserCreated>::new();
+    let bus = within(
+        "build",
+        STEP,
+        backend
+            .bus()
+            // Its entry is not claimed from the crashed pod (claim_min_idle is a minute).
+            .claim_interval(Duration::from_millis(100))
+            .consumer_idle_removal(Duration::from_millis(500))
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    within("the idle consumer to be removed", STEP, async {
+        while backend.consumers("user.created", "tests").await != ["consumer-1", "crashed-pod"] {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        backend.pending_count("user.created", "tests").await,
+        1,
+        "the consumer holding an entry keeps it"
+    );
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }

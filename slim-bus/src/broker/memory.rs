@@ -111,10 +111,11 @@ const AUTOCLAIM_ATTEMPTS_PER_COUNT: usize = 10;
 /// ```
 #[derive(Clone)]
 pub struct MemoryBroker {
-    shared: Arc<Shared>,
+    store: Arc<Store>,
 }
 
-struct Shared {
+/// The streams of a broker and the signals about them, shared by every bus on it.
+struct Store {
     state: Mutex<State>,
     /// Woken when an entry is added or a stream deleted: blocked reads look again.
     appended: Notify,
@@ -128,6 +129,9 @@ struct State {
     streams: HashMap<String, Stream>,
     /// The last id handed out on any stream.
     last_id: EntryId,
+    /// Dead letters the cap trimmed, by dead-letter stream (the Redis backend's counter
+    /// keys).
+    trimmed: HashMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -141,6 +145,9 @@ struct Stream {
 struct Group {
     last_delivered: EntryId,
     pending: BTreeMap<EntryId, Nack>,
+    /// Every consumer of the group, with when it last read or claimed (`XINFO CONSUMERS`
+    /// idle time).
+    consumers: BTreeMap<Arc<str>, Instant>,
     /// What became of entries no longer pending, for tests.
     settled: BTreeMap<EntryId, Outcome>,
 }
@@ -187,7 +194,7 @@ impl MemoryBroker {
     /// A new, empty broker of its own.
     pub fn new() -> Self {
         MemoryBroker {
-            shared: Arc::new(Shared {
+            store: Arc::new(Store {
                 state: Mutex::new(State::default()),
                 appended: Notify::new(),
                 changed: Notify::new(),
@@ -230,7 +237,7 @@ impl MemoryBroker {
     /// A connection for one bus: its blocking reads and wakes are its own.
     pub(crate) fn connect(&self) -> MemoryConnection {
         MemoryConnection {
-            shared: self.shared.clone(),
+            store: self.store.clone(),
             reader: Mutex::new(ReaderState::default()),
             wake: Notify::new(),
         }
@@ -323,7 +330,7 @@ impl MemoryBroker {
                 .read_new(group, consumer, &[Arc::from(stream)], count, Instant::now())
                 .unwrap_or_default()
         };
-        self.shared.changed.notify_waiters();
+        self.store.changed.notify_waiters();
         delivered
             .into_iter()
             .flat_map(|batch| batch.deliveries)
@@ -331,11 +338,29 @@ impl MemoryBroker {
             .collect()
     }
 
+    /// The consumers of `group` on `stream` by name, like the names in `XINFO CONSUMERS`:
+    /// every consumer that read or claimed since the group was created, until it is
+    /// removed. Empty when the stream or group does not exist.
+    pub fn consumers(&self, stream: &str, group: &str) -> Vec<String> {
+        self.lock()
+            .streams
+            .get(stream)
+            .and_then(|s| s.groups.get(group))
+            .map(|group| {
+                group
+                    .consumers
+                    .keys()
+                    .map(|name| name.to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Deletes entries from `stream`, like `XDEL`, as trimming or an operator would:
     /// entries pending in a group stay in its pending list. Returns how many existed.
     pub fn delete_entries(&self, stream: &str, ids: &[EntryId]) -> u64 {
         let deleted = self.lock().delete(stream, ids);
-        self.shared.changed.notify_waiters();
+        self.store.changed.notify_waiters();
         deleted
     }
 
@@ -401,15 +426,15 @@ impl MemoryBroker {
     /// Resolves after the next change to the broker's data; create it before looking at
     /// the data, so that no change is missed.
     pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
-        self.shared.changed.notified()
+        self.store.changed.notified()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.shared.lock()
+        self.store.lock()
     }
 }
 
-impl Shared {
+impl Store {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -465,6 +490,7 @@ impl State {
             .or_insert_with(|| Group {
                 last_delivered,
                 pending: BTreeMap::new(),
+                consumers: BTreeMap::new(),
                 settled: BTreeMap::new(),
             });
     }
@@ -501,6 +527,7 @@ impl State {
         let mut batches = Vec::new();
         for (stream_index, stream) in streams.iter().enumerate() {
             let (entries, group) = self.locate(stream, group, "XREADGROUP")?;
+            group.seen(&consumer, now);
             let deliveries: Vec<Delivery> = entries
                 .range((Bound::Excluded(group.last_delivered), Bound::Unbounded))
                 .take(count)
@@ -545,6 +572,7 @@ impl State {
         now: Instant,
     ) -> Result<Vec<Delivery>, redis::RedisError> {
         let (entries, group) = self.locate(stream, group, "XPENDING")?;
+        group.seen(&consumer.into(), now);
         Ok(group
             .pending
             .range_mut((Bound::Excluded(after), Bound::Unbounded))
@@ -561,6 +589,36 @@ impl State {
                 }
             })
             .collect())
+    }
+
+    /// The idle-consumer script: removes the consumers of `group` other than `except`
+    /// that have been idle for at least `min_idle` and hold no pending entries.
+    fn remove_idle_consumers(
+        &mut self,
+        stream: &str,
+        group: &str,
+        min_idle: Duration,
+        except: &str,
+        now: Instant,
+    ) -> Vec<String> {
+        let Ok((_, group)) = self.locate(stream, group, "XINFO") else {
+            return Vec::new();
+        };
+        let min_idle = whole_millis(min_idle);
+        let idle: Vec<Arc<str>> = group
+            .consumers
+            .iter()
+            .filter(|(name, seen)| {
+                &***name != except
+                    && now.saturating_duration_since(**seen) >= min_idle
+                    && !group.pending.values().any(|nack| nack.consumer == **name)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &idle {
+            group.consumers.remove(name);
+        }
+        idle.iter().map(|name| name.to_string()).collect()
     }
 
     /// `XACK stream group ids...`; a missing stream or group acknowledges nothing.
@@ -595,6 +653,7 @@ impl State {
         let (entries, group) = self.locate(stream, group, "XAUTOCLAIM")?;
         let min_idle = whole_millis(min_idle);
         let consumer: Arc<str> = consumer.into();
+        group.seen(&consumer, now);
         let mut page = ClaimPage {
             deliveries: Vec::new(),
             next_cursor: EntryId::MIN,
@@ -664,6 +723,7 @@ impl State {
         let mut claimed = Vec::with_capacity(requests.len());
         for (stream, id, min_idle) in requests {
             let (entries, group) = self.locate(stream, group, "XCLAIM")?;
+            group.seen(&consumer, now);
             let Some(fields) = entries.get(id) else {
                 group.pending.remove(id);
                 claimed.push(None);
@@ -698,7 +758,7 @@ impl State {
         consumer: &str,
         id: EntryId,
         meta: &[(&'static str, String)],
-        max_len: usize,
+        max_len: Option<usize>,
     ) -> Result<DeadLetterMove, redis::RedisError> {
         let (entries, group) = self.locate(stream, group, "XPENDING")?;
         let Some(nack) = group
@@ -747,12 +807,17 @@ impl State {
             },
         );
         self.add(dead_letters, fields);
-        if let Some(dead) = self.streams.get_mut(dead_letters) {
+        let mut trimmed = 0;
+        if let (Some(dead), Some(max_len)) = (self.streams.get_mut(dead_letters), max_len) {
             while dead.entries.len() > max_len {
                 dead.entries.pop_first();
+                trimmed += 1;
             }
         }
-        Ok(DeadLetterMove::Moved)
+        if trimmed > 0 {
+            *self.trimmed.entry(dead_letters.to_owned()).or_default() += trimmed;
+        }
+        Ok(DeadLetterMove::Moved { trimmed })
     }
 
     /// The replay script: adds the original fields of dead letter `id` (escaped names
@@ -832,11 +897,17 @@ impl State {
                 .streams
                 .get(dead_letters)
                 .map_or(0, |s| s.entries.len() as u64),
+            dead_letters_trimmed: self.trimmed.get(dead_letters).copied().unwrap_or(0),
         }
     }
 }
 
 impl Group {
+    /// Records that `consumer` read or claimed just now, adding it to the group if new.
+    fn seen(&mut self, consumer: &Arc<str>, now: Instant) {
+        self.consumers.insert(consumer.clone(), now);
+    }
+
     fn settle(&mut self, id: EntryId, outcome: Outcome) {
         self.settled.insert(id, outcome);
         while self.settled.len() > MAX_SETTLED_PER_GROUP {
@@ -881,7 +952,7 @@ fn server_error(code: &str, detail: &str) -> redis::RedisError {
 
 /// One bus's use of a [`MemoryBroker`]: the data is shared, the blocking read is its own.
 pub(crate) struct MemoryConnection {
-    shared: Arc<Shared>,
+    store: Arc<Store>,
     reader: Mutex<ReaderState>,
     /// Ends this connection's blocking read early.
     wake: Notify,
@@ -916,8 +987,8 @@ impl Broker for MemoryConnection {
             .into_iter()
             .map(|(name, value)| (name.into_owned().into_bytes(), value))
             .collect();
-        let id = self.shared.command(|state| state.add(stream, fields));
-        self.shared.appended.notify_waiters();
+        let id = self.store.command(|state| state.add(stream, fields));
+        self.store.appended.notify_waiters();
         Ok(id)
     }
 
@@ -926,7 +997,7 @@ impl Broker for MemoryConnection {
         stream: &str,
         entries: &[Vec<EncodedField>],
     ) -> Result<Vec<EntryId>> {
-        let ids = self.shared.command(|state| {
+        let ids = self.store.command(|state| {
             entries
                 .iter()
                 .map(|fields| {
@@ -938,12 +1009,12 @@ impl Broker for MemoryConnection {
                 })
                 .collect()
         });
-        self.shared.appended.notify_waiters();
+        self.store.appended.notify_waiters();
         Ok(ids)
     }
 
     async fn ensure_group(&self, stream: &str, group: &str, start: StartFrom) -> Result<()> {
-        self.shared
+        self.store
             .command(|state| state.ensure_group(stream, group, start));
         Ok(())
     }
@@ -960,7 +1031,7 @@ impl Broker for MemoryConnection {
             block.map(|block| Instant::now() + whole_millis(block).max(Duration::from_millis(1)));
         loop {
             let (appended, deadline) = {
-                let mut state = self.shared.lock();
+                let mut state = self.store.lock();
                 let batches = state
                     .read_new(group, consumer, streams, count, Instant::now())
                     .map_err(|e| {
@@ -968,7 +1039,7 @@ impl Broker for MemoryConnection {
                     })?;
                 if !batches.is_empty() {
                     drop(state);
-                    self.shared.changed.notify_waiters();
+                    self.store.changed.notify_waiters();
                     return Ok(batches);
                 }
                 let deadline = match deadline {
@@ -976,7 +1047,7 @@ impl Broker for MemoryConnection {
                     _ => return Ok(Vec::new()),
                 };
                 // Registered under the lock: an entry added after it wakes this read.
-                (self.shared.appended.notified(), deadline)
+                (self.store.appended.notified(), deadline)
             };
             let woken = {
                 let mut reader = self.reader();
@@ -1013,7 +1084,7 @@ impl Broker for MemoryConnection {
         after: EntryId,
         count: usize,
     ) -> Result<Vec<Delivery>> {
-        self.shared
+        self.store
             .command(|state| {
                 state.read_own_pending(stream, group, consumer, after, count, Instant::now())
             })
@@ -1021,7 +1092,7 @@ impl Broker for MemoryConnection {
     }
 
     async fn ack(&self, group: &str, acks: &[(Arc<str>, Vec<EntryId>)]) -> Result<()> {
-        self.shared.command(|state| {
+        self.store.command(|state| {
             for (stream, ids) in acks {
                 state.ack(stream, group, ids);
             }
@@ -1038,7 +1109,7 @@ impl Broker for MemoryConnection {
         cursor: EntryId,
         count: usize,
     ) -> Result<ClaimPage> {
-        self.shared
+        self.store
             .command(|state| {
                 state.claim_stale(
                     stream,
@@ -1059,7 +1130,7 @@ impl Broker for MemoryConnection {
         consumer: &str,
         requests: &[(Arc<str>, EntryId, Duration)],
     ) -> Result<Vec<Option<EntryFields>>> {
-        self.shared
+        self.store
             .command(|state| state.claim_for_retry(group, consumer, requests, Instant::now()))
             .map_err(|e| {
                 Error::redis(
@@ -1077,23 +1148,23 @@ impl Broker for MemoryConnection {
         consumer: &str,
         id: EntryId,
         meta: &[(&'static str, String)],
-        max_len: usize,
+        max_len: Option<usize>,
     ) -> Result<DeadLetterMove> {
         let moved = self
-            .shared
+            .store
             .command(|state| {
                 state.dead_letter(stream, dead_letters, group, consumer, id, meta, max_len)
             })
             .map_err(|e| dlq_error("moving an entry to", dead_letters, e))?;
-        if moved == DeadLetterMove::Moved {
-            self.shared.appended.notify_waiters();
+        if matches!(moved, DeadLetterMove::Moved { .. }) {
+            self.store.appended.notify_waiters();
         }
         Ok(moved)
     }
 
     async fn stream_len(&self, stream: &str) -> Result<u64> {
         Ok(self
-            .shared
+            .store
             .lock()
             .streams
             .get(stream)
@@ -1104,6 +1175,22 @@ impl Broker for MemoryConnection {
         Ok(())
     }
 
+    async fn remove_idle_consumers(
+        &self,
+        stream: &str,
+        group: &str,
+        min_idle: Duration,
+        except: &str,
+    ) -> Result<Vec<String>> {
+        Ok(self.store.command(|state| {
+            state.remove_idle_consumers(stream, group, min_idle, except, Instant::now())
+        }))
+    }
+
+    async fn check_version(&self) -> Result<()> {
+        Ok(())
+    }
+
     async fn group_stats(
         &self,
         stream: &str,
@@ -1111,7 +1198,7 @@ impl Broker for MemoryConnection {
         dead_letters: &str,
     ) -> Result<GroupStats> {
         Ok(self
-            .shared
+            .store
             .lock()
             .group_stats(stream, group, dead_letters, Instant::now()))
     }
@@ -1122,7 +1209,7 @@ impl Broker for MemoryConnection {
         after: Option<EntryId>,
         count: usize,
     ) -> Result<Vec<(EntryId, RawFields)>> {
-        let state = self.shared.lock();
+        let state = self.store.lock();
         let Some(stream) = state.streams.get(stream) else {
             return Ok(Vec::new());
         };
@@ -1142,23 +1229,23 @@ impl Broker for MemoryConnection {
         id: EntryId,
     ) -> Result<Option<EntryId>> {
         let replayed = self
-            .shared
+            .store
             .command(|state| state.replay(dead_letters, origin, id))
             .map_err(|e| dlq_error("replaying from", dead_letters, e))?;
         if replayed.is_some() {
-            self.shared.appended.notify_waiters();
+            self.store.appended.notify_waiters();
         }
         Ok(replayed)
     }
 
     async fn delete(&self, stream: &str, ids: &[EntryId]) -> Result<u64> {
-        Ok(self.shared.command(|state| state.delete(stream, ids)))
+        Ok(self.store.command(|state| state.delete(stream, ids)))
     }
 
     async fn delete_key(&self, stream: &str) -> Result<()> {
-        self.shared.command(|state| state.streams.remove(stream));
+        self.store.command(|state| state.streams.remove(stream));
         // A read blocked on the stream looks again, and finds its group gone.
-        self.shared.appended.notify_waiters();
+        self.store.appended.notify_waiters();
         Ok(())
     }
 }
@@ -1469,13 +1556,13 @@ mod tests {
             let meta = &meta;
             async move {
                 broker
-                    .dead_letter("s", "{s}:dlq", "g", consumer, id, meta, 2)
+                    .dead_letter("s", "{s}:dlq", "g", consumer, id, meta, Some(2))
                     .await
                     .expect("the group exists")
             }
         };
         assert_eq!(moved("someone-else").await, DeadLetterMove::NotPending);
-        assert_eq!(moved("me").await, DeadLetterMove::Moved);
+        assert_eq!(moved("me").await, DeadLetterMove::Moved { trimmed: 0 });
         assert_eq!(moved("me").await, DeadLetterMove::NotPending, "never twice");
         assert!(handle.pending("s", "g").is_empty());
         let letters = handle.entries("{s}:dlq");
@@ -1516,18 +1603,24 @@ mod tests {
         handle.delete_entries("s", &[deleted]);
         assert_eq!(
             broker
-                .dead_letter("s", "{s}:dlq", "g", "me", deleted, &meta, 2)
+                .dead_letter("s", "{s}:dlq", "g", "me", deleted, &meta, Some(2))
                 .await
                 .expect("the group exists"),
             DeadLetterMove::Deleted
         );
         let rest: Vec<EntryId> = handle.pending("s", "g").iter().map(|p| p.id).collect();
+        let mut trimmed = 0;
         for id in &rest {
-            broker
-                .dead_letter("s", "{s}:dlq", "g", "me", *id, &meta, 2)
+            if let DeadLetterMove::Moved { trimmed: t } = broker
+                .dead_letter("s", "{s}:dlq", "g", "me", *id, &meta, Some(2))
                 .await
-                .expect("the group exists");
+                .expect("the group exists")
+            {
+                trimmed += t;
+            }
         }
+        assert_eq!(rest.len(), 5, "the four published and the replayed one");
+        assert_eq!(trimmed, 3, "five dead letters under a cap of two");
         assert_eq!(handle.stream_len("{s}:dlq"), 2);
         let stats = broker
             .group_stats("s", "g", "{s}:dlq")
@@ -1539,7 +1632,8 @@ mod tests {
                 lag: Some(0),
                 pending: 0,
                 oldest_pending_idle: None,
-                dead_letters: 2
+                dead_letters: 2,
+                dead_letters_trimmed: 3,
             }
         );
     }
@@ -1562,10 +1656,10 @@ mod tests {
         let meta = [("@reason", "decode".to_owned())];
         assert_eq!(
             broker
-                .dead_letter("s", "{s}:dlq", "g", "me", id, &meta, 10)
+                .dead_letter("s", "{s}:dlq", "g", "me", id, &meta, None)
                 .await
                 .expect("the group exists"),
-            DeadLetterMove::Moved
+            DeadLetterMove::Moved { trimmed: 0 }
         );
         let letters = handle.entries("{s}:dlq");
         assert_eq!(

@@ -14,6 +14,7 @@ use crate::config::StartFrom;
 use crate::error::Result;
 use crate::event::EntryId;
 
+mod commands;
 pub(crate) mod memory;
 pub(crate) mod redis;
 mod resp;
@@ -112,8 +113,9 @@ pub(crate) trait Broker: Send + Sync + 'static {
     ) -> Result<Vec<Option<EntryFields>>>;
 
     /// Atomically moves entry `id` of `stream`, pending with `consumer`, to `dead_letters`:
-    /// adds its fields and `meta` there (capped at about `max_len` entries) and
-    /// acknowledges it.
+    /// adds its fields and `meta` there (capped at about `max_len` entries, if given, the
+    /// number trimmed added to the count that [`group_stats`](Broker::group_stats)
+    /// reports) and acknowledges it.
     #[allow(clippy::too_many_arguments)]
     async fn dead_letter(
         &self,
@@ -123,7 +125,7 @@ pub(crate) trait Broker: Send + Sync + 'static {
         consumer: &str,
         id: EntryId,
         meta: &[(&'static str, String)],
-        max_len: usize,
+        max_len: Option<usize>,
     ) -> Result<DeadLetterMove>;
 
     /// The number of entries in a stream (0 when it does not exist).
@@ -131,6 +133,21 @@ pub(crate) trait Broker: Send + Sync + 'static {
 
     /// Whether the server answers.
     async fn ping(&self) -> Result<()>;
+
+    /// Atomically removes the consumers of `group` on `stream`, other than `except`, that
+    /// have been idle for at least `min_idle` and hold no pending entries; returns their
+    /// names.
+    async fn remove_idle_consumers(
+        &self,
+        stream: &str,
+        group: &str,
+        min_idle: Duration,
+        except: &str,
+    ) -> Result<Vec<String>>;
+
+    /// Fails with [`Error::UnsupportedServer`](crate::Error::UnsupportedServer) when the
+    /// server runs a Redis older than [`MIN_REDIS_VERSION`].
+    async fn check_version(&self) -> Result<()>;
 
     /// How far `group` is behind on `stream`, and how many dead letters it has.
     async fn group_stats(
@@ -164,6 +181,36 @@ pub(crate) trait Broker: Send + Sync + 'static {
     async fn delete_key(&self, stream: &str) -> Result<()>;
 }
 
+/// The oldest Redis the runtime works with, as `(major, minor)`: 7.0 is the first whose
+/// `XAUTOCLAIM` reports the pending entries it found deleted.
+pub(crate) const MIN_REDIS_VERSION: (u64, u64) = (7, 0);
+
+/// Whether a `redis_version` is at least [`MIN_REDIS_VERSION`]; a version that does not
+/// read as `MAJOR.MINOR...` counts as new enough, rather than refuse a fork that numbers
+/// its releases otherwise.
+pub(crate) fn is_supported_version(version: &str) -> bool {
+    let mut parts = version.trim().split('.').map(str::parse::<u64>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= MIN_REDIS_VERSION,
+        _ => true,
+    }
+}
+
+/// Whether a server error code says the connection reaches a server that cannot serve the
+/// bus now but another one behind the same address may: a replica (`READONLY`, e.g. a
+/// demoted primary after a failover), a server loading its data (`LOADING`), or a replica
+/// that lost its primary (`MASTERDOWN`). Such a connection is replaced by a new one, which
+/// resolves the address again.
+pub(crate) fn is_failover_code(code: &[u8]) -> bool {
+    matches!(code, b"READONLY" | b"LOADING" | b"MASTERDOWN")
+}
+
+/// The key counting the dead letters the cap trimmed from `dead_letters`: in the same
+/// Redis Cluster hash slot, since `dead_letters` carries its stream's hash tag.
+pub(crate) fn trimmed_count_key(dead_letters: &str) -> String {
+    format!("{dead_letters}:trimmed")
+}
+
 /// What a group has left to do on one stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct GroupStats {
@@ -172,6 +219,8 @@ pub(crate) struct GroupStats {
     pub(crate) pending: u64,
     pub(crate) oldest_pending_idle: Option<Duration>,
     pub(crate) dead_letters: u64,
+    /// Dead letters deleted by the `dead_letter_max_len` cap, ever.
+    pub(crate) dead_letters_trimmed: u64,
 }
 
 /// One page of a claim scan.
@@ -188,10 +237,35 @@ pub(crate) struct ClaimPage {
 /// What became of an attempt to dead-letter an entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum DeadLetterMove {
-    Moved,
+    /// Moved; the cap deleted `trimmed` older dead letters to make room.
+    Moved { trimmed: u64 },
     /// The entry is no longer pending with this consumer: another consumer claimed it, or
     /// it was acknowledged already. Nothing was written.
     NotPending,
     /// The entry was deleted from the stream; it was acknowledged, nothing was written.
     Deleted,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_from_redis_7_0_on_are_supported() {
+        for old in ["6.2.14", "6.0.0", "5.0.7", "2.8.24"] {
+            assert!(!is_supported_version(old), "{old}");
+        }
+        // Valkey 8 and 9 report `redis_version:7.2.4`.
+        for new in [
+            "7.0.0", "7.0.15", "7.2.4", "7.4.0", "8.0.2", "10.1.0", " 7.0.0\r",
+        ] {
+            assert!(is_supported_version(new), "{new}");
+        }
+        for unknown in ["", "unstable", "7"] {
+            assert!(
+                is_supported_version(unknown),
+                "{unknown:?} is given the benefit of the doubt"
+            );
+        }
+    }
 }

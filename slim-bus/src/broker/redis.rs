@@ -12,10 +12,11 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Value};
 use tokio::time::Instant;
 
-use super::resp::{Endpoint, RespConnection, RespError, encode_xadd, xadd_len};
+use super::commands::{CommandConnection, TimedConnection};
+use super::resp::{Endpoint, RespConnection, RespError, encode_xadd, is_failover_line, xadd_len};
 use super::{
     Broker, ClaimPage, DeadLetterMove, Delivery, EntryFields, GroupStats, RawFields,
-    StreamDeliveries,
+    StreamDeliveries, is_supported_version, trimmed_count_key,
 };
 use crate::codec::EncodedField;
 use crate::config::StartFrom;
@@ -45,13 +46,14 @@ pub(crate) struct RedisBroker {
     endpoint: Endpoint,
     /// Acks, claims, scripts and group management. Never blocks on the server, so its
     /// response timeout can stay short.
-    commands: ConnectionManager,
+    commands: Arc<CommandConnection>,
     /// `XREADGROUP ... BLOCK`, which holds its connection for the whole block time, so it
     /// gets a connection of its own, opened on first use and again after it broke.
     read_connection: tokio::sync::Mutex<Option<RespConnection>>,
     command_timeout: Duration,
     dead_letter_script: redis::Script,
     replay_script: redis::Script,
+    idle_consumers_script: redis::Script,
     /// Whether a read blocks, and whether a wake came while none did.
     reader: Mutex<ReaderState>,
     /// Publishes go to a task that sends them in pipelines.
@@ -170,6 +172,13 @@ async fn publish_in_pipelines(
             connection = None;
             failure.into_redis(timeout)
         });
+        if replies
+            .iter()
+            .any(|reply| matches!(reply, Err(line) if is_failover_line(line)))
+        {
+            tracing::warn!(addr = %endpoint.info.addr(), "the server refused publishes as a replica, loading, or without its primary; replacing the publishing connection");
+            connection = None;
+        }
         let mut answers = replies.drain(..);
         for request in batch.drain(..) {
             request.answer(|| match answers.next() {
@@ -343,7 +352,7 @@ impl RedisBroker {
             info: client.get_connection_info().clone(),
             tls: tls.map(|tls| tls.connector),
         };
-        let commands = manager(&client, command_timeout).await?;
+        let commands = Arc::new(CommandConnection::connect(client.clone(), command_timeout).await?);
         let (publisher, requests) = mpsc::unbounded_channel();
         tokio::spawn(keep_publishing(endpoint.clone(), command_timeout, requests));
         Ok(RedisBroker {
@@ -354,6 +363,7 @@ impl RedisBroker {
             command_timeout,
             dead_letter_script: redis::Script::new(DEAD_LETTER_SCRIPT),
             replay_script: redis::Script::new(REPLAY_SCRIPT),
+            idle_consumers_script: redis::Script::new(IDLE_CONSUMERS_SCRIPT),
             reader: Mutex::new(ReaderState::default()),
         })
     }
@@ -378,70 +388,13 @@ impl RedisBroker {
     }
 
     fn commands(&self) -> TimedConnection {
-        TimedConnection {
-            inner: self.commands.clone(),
-            timeout: self.command_timeout,
-        }
+        self.commands.handle()
     }
 }
 
 fn publisher_stopped() -> Error {
     Error::Internal {
         detail: "the publishing task stopped".to_owned(),
-    }
-}
-
-/// The command connection with every request bounded by the command timeout, including
-/// the time it waits for the connection manager to reconnect: against a server that
-/// accepts connections but does not answer, that wait alone took 20 s.
-struct TimedConnection {
-    inner: ConnectionManager,
-    timeout: Duration,
-}
-
-impl TimedConnection {
-    fn timed_out(&self) -> redis::RedisError {
-        std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("redis did not answer within {:?}", self.timeout),
-        )
-        .into()
-    }
-}
-
-impl redis::aio::ConnectionLike for TimedConnection {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
-        Box::pin(async move {
-            let timeout = self.timeout;
-            match tokio::time::timeout(timeout, self.inner.req_packed_command(cmd)).await {
-                Ok(reply) => reply,
-                Err(_) => Err(self.timed_out()),
-            }
-        })
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<Value>> {
-        Box::pin(async move {
-            let timeout = self.timeout;
-            match tokio::time::timeout(
-                timeout,
-                self.inner.req_packed_commands(pipeline, offset, count),
-            )
-            .await
-            {
-                Ok(replies) => replies,
-                Err(_) => Err(self.timed_out()),
-            }
-        })
-    }
-
-    fn get_db(&self) -> i64 {
-        self.inner.get_db()
     }
 }
 
@@ -476,7 +429,10 @@ fn wrong_transport_hint(addr: &redis::ConnectionAddr, error: &redis::RedisError)
     }
 }
 
-async fn manager(client: &Client, response_timeout: Duration) -> Result<ConnectionManager> {
+pub(super) async fn manager(
+    client: &Client,
+    response_timeout: Duration,
+) -> Result<ConnectionManager> {
     // The bus's own loops back off between attempts, so a reconnect tries once and
     // fails within the command timeout rather than holding every caller through rounds
     // of retries.
@@ -563,10 +519,6 @@ impl Broker for RedisBroker {
         block: Option<Duration>,
     ) -> Result<Vec<StreamDeliveries>> {
         let action = || format!("reading new entries for group `{group}`");
-        let failed = |e: RespError| {
-            let stream = streams.first().map(|s| s.as_ref()).unwrap_or_default();
-            classify(stream, e.into_redis(), action)
-        };
         // The connection is taken out of its slot for the read and put back only after a
         // whole reply: if this future is dropped mid-read (at shutdown), the socket closes,
         // and with it the server's side of a blocked read, which would otherwise go on
@@ -612,10 +564,18 @@ impl Broker for RedisBroker {
                 Ok(batches)
             }
             Err(error) => {
-                if matches!(error, RespError::Server(_)) {
+                // An error reply leaves the connection usable, unless it says the server
+                // behind it cannot serve reads now: a new connection may reach one that can.
+                if matches!(&error, RespError::Server(line) if !is_failover_line(line)) {
                     *slot = Some(connection);
                 }
-                Err(failed(error))
+                drop(slot);
+                let error = error.into_redis();
+                if server_code(&error).as_deref() == Some("WRONGTYPE") {
+                    // The reply does not say which of the streams it is about.
+                    return Err(self.find_wrong_type(streams, error, action).await);
+                }
+                Err(Error::redis(action(), error))
             }
         }
     }
@@ -678,17 +638,17 @@ impl Broker for RedisBroker {
             .arg(stream)
             .arg(after);
         let action = || format!("reading pending entries of stream `{stream}`");
-        let (pending, read): (Value, Value) = pipe
-            .query_async(&mut self.commands())
-            .await
-            .map_err(|e| classify(stream, e, action))?;
+        let (pending, read): (Value, Value) = match pipe.query_async(&mut self.commands()).await {
+            Ok(replies) => replies,
+            Err(e) => return Err(self.name_type(classify(stream, e, action)).await),
+        };
         let counts = parse_pending_counts(pending).map_err(|detail| Error::UnexpectedReply {
             action: action(),
             detail,
         })?;
         let streams = [Arc::<str>::from(stream)];
         let mut batches =
-            parse_read_reply(read, &streams).map_err(|detail| Error::UnexpectedReply {
+            parse_read_reply_value(read, &streams).map_err(|detail| Error::UnexpectedReply {
                 action: action(),
                 detail,
             })?;
@@ -701,16 +661,25 @@ impl Broker for RedisBroker {
 
     async fn ack(&self, group: &str, acks: &[(Arc<str>, Vec<EntryId>)]) -> Result<()> {
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         for (stream, ids) in acks.iter().filter(|(_, ids)| !ids.is_empty()) {
-            pipe.cmd("XACK")
-                .arg(stream.as_ref())
-                .arg(group)
-                .arg(ids)
-                .ignore();
+            pipe.cmd("XACK").arg(stream.as_ref()).arg(group).arg(ids);
         }
-        pipe.query_async::<()>(&mut self.commands())
+        let action = || format!("acknowledging entries for group `{group}`");
+        let replies: Vec<redis::RedisResult<Value>> = pipe
+            .query_async(&mut self.commands())
             .await
-            .map_err(|e| Error::redis(format!("acknowledging entries for group `{group}`"), e))
+            .map_err(|e| Error::redis(action(), e))?;
+        // A key that holds another type by now has no group and no pending entries left
+        // to acknowledge; failing the whole batch for it would retry it for ever.
+        match replies
+            .into_iter()
+            .filter_map(Result::err)
+            .find(|e| server_code(e).as_deref() != Some("WRONGTYPE"))
+        {
+            Some(error) => Err(Error::redis(action(), error)),
+            None => Ok(()),
+        }
     }
 
     async fn claim_stale(
@@ -723,7 +692,7 @@ impl Broker for RedisBroker {
         count: usize,
     ) -> Result<ClaimPage> {
         let action = || format!("claiming stale entries of stream `{stream}`");
-        let reply: Value = redis::cmd("XAUTOCLAIM")
+        let reply: redis::RedisResult<Value> = redis::cmd("XAUTOCLAIM")
             .arg(stream)
             .arg(group)
             .arg(consumer)
@@ -732,8 +701,11 @@ impl Broker for RedisBroker {
             .arg("COUNT")
             .arg(count)
             .query_async(&mut self.commands())
-            .await
-            .map_err(|e| classify(stream, e, action))?;
+            .await;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => return Err(self.name_type(classify(stream, e, action)).await),
+        };
         let mut page = parse_autoclaim(reply).map_err(|detail| Error::UnexpectedReply {
             action: action(),
             detail,
@@ -773,6 +745,7 @@ impl Broker for RedisBroker {
         requests: &[(Arc<str>, EntryId, Duration)],
     ) -> Result<Vec<Option<EntryFields>>> {
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         for (stream, id, min_idle) in requests {
             pipe.cmd("XCLAIM")
                 .arg(stream.as_ref())
@@ -782,13 +755,23 @@ impl Broker for RedisBroker {
                 .arg(*id);
         }
         let action = || format!("claiming entries for their retry in group `{group}`");
-        let replies: Vec<Value> = pipe
+        let replies: Vec<redis::RedisResult<Value>> = pipe
             .query_async(&mut self.commands())
             .await
+            .map_err(|e| Error::redis(action(), e))?;
+        let replies = replies
+            .into_iter()
+            .map(|reply| match reply {
+                // The entry went with its stream when the key was given another type.
+                Err(e) if server_code(&e).as_deref() == Some("WRONGTYPE") => Ok(Value::Nil),
+                other => other,
+            })
+            .collect::<redis::RedisResult<Vec<Value>>>()
             .map_err(|e| Error::redis(action(), e))?;
         replies
             .into_iter()
             .map(|reply| match reply {
+                Value::Nil => Ok(None),
                 Value::Array(entries) => match entries.into_iter().next() {
                     None => Ok(None),
                     Some(entry) => parse_entry(entry).map(|delivery| delivery.fields),
@@ -810,24 +793,25 @@ impl Broker for RedisBroker {
         consumer: &str,
         id: EntryId,
         meta: &[(&'static str, String)],
-        max_len: usize,
+        max_len: Option<usize>,
     ) -> Result<DeadLetterMove> {
         let mut invocation = self.dead_letter_script.key(stream);
         invocation
             .key(dead_letters)
+            .key(trimmed_count_key(dead_letters))
             .arg(group)
             .arg(consumer)
             .arg(id)
-            .arg(max_len);
+            .arg(max_len.map_or_else(String::new, |max_len| max_len.to_string()));
         for (name, value) in meta {
             invocation.arg(*name).arg(value.as_str());
         }
-        let moved: i64 = invocation
+        let (moved, trimmed): (i64, u64) = invocation
             .invoke_async(&mut self.commands())
             .await
             .map_err(|e| dlq_error("moving an entry to", dead_letters, e))?;
         Ok(match moved {
-            1 => DeadLetterMove::Moved,
+            1 => DeadLetterMove::Moved { trimmed },
             -1 => DeadLetterMove::Deleted,
             _ => DeadLetterMove::NotPending,
         })
@@ -848,6 +832,60 @@ impl Broker for RedisBroker {
             .map_err(|e| Error::redis("pinging the server", e))
     }
 
+    async fn remove_idle_consumers(
+        &self,
+        stream: &str,
+        group: &str,
+        min_idle: Duration,
+        except: &str,
+    ) -> Result<Vec<String>> {
+        let mut invocation = self.idle_consumers_script.key(stream);
+        invocation.arg(group).arg(millis(min_idle)).arg(except);
+        invocation
+            .invoke_async(&mut self.commands())
+            .await
+            .map_err(|e| {
+                Error::redis(
+                    format!("removing idle consumers of group `{group}` on stream `{stream}`"),
+                    e,
+                )
+            })
+    }
+
+    async fn check_version(&self) -> Result<()> {
+        let addr = self.endpoint.info.addr().to_string();
+        let info: String = match redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut self.commands())
+            .await
+        {
+            Ok(info) => info,
+            // A user without the right to INFO may still have all it needs.
+            Err(e) if server_code(&e).as_deref() == Some("NOPERM") => {
+                tracing::debug!(%addr, "INFO is not permitted; not checking the server's version");
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(Error::redis(
+                    format!("reading the version of the server at {addr}"),
+                    e,
+                ));
+            }
+        };
+        // Valkey reports the Redis version it is compatible with here too.
+        match info
+            .lines()
+            .find_map(|line| line.strip_prefix("redis_version:"))
+        {
+            Some(version) if !is_supported_version(version) => Err(Error::UnsupportedServer {
+                addr,
+                version: version.trim().to_owned(),
+                required: "7.0",
+            }),
+            _ => Ok(()),
+        }
+    }
+
     async fn group_stats(
         &self,
         stream: &str,
@@ -864,7 +902,7 @@ impl Broker for RedisBroker {
             Ok(reply) => find_group(reply, group),
             // The stream does not exist (yet, or any more): nothing to do there.
             Err(e) if e.code() == Some("ERR") => None,
-            Err(e) => return Err(classify(stream, e, action)),
+            Err(e) => return Err(self.name_type(classify(stream, e, action)).await),
         };
         let mut pipe = redis::pipe();
         pipe.cmd("XPENDING")
@@ -874,12 +912,13 @@ impl Broker for RedisBroker {
             .arg("+")
             .arg(1);
         pipe.cmd("XLEN").arg(dead_letters);
-        let (oldest, dead): (Value, u64) = match info {
+        pipe.cmd("GET").arg(trimmed_count_key(dead_letters));
+        let (oldest, dead, trimmed): (Value, u64, Option<u64>) = match info {
             Some(_) => pipe
                 .query_async(&mut self.commands())
                 .await
                 .map_err(|e| classify(stream, e, action))?,
-            None => (Value::Nil, 0),
+            None => (Value::Nil, 0, None),
         };
         let oldest_pending_idle = match oldest {
             Value::Array(rows) => rows.into_iter().next().and_then(|row| match row {
@@ -899,6 +938,7 @@ impl Broker for RedisBroker {
             pending: info.pending,
             oldest_pending_idle,
             dead_letters: dead,
+            dead_letters_trimmed: trimmed.unwrap_or(0),
         })
     }
 
@@ -988,6 +1028,45 @@ impl Broker for RedisBroker {
 }
 
 impl RedisBroker {
+    /// Names the type found at the key of an [`Error::WrongType`], which the server's
+    /// reply does not say.
+    async fn name_type(&self, error: Error) -> Error {
+        match error {
+            Error::WrongType { stream, .. } => self.wrong_type(&stream).await,
+            other => other,
+        }
+    }
+
+    /// The error for a read of several streams that one holds another type in: names the
+    /// first key that is neither a stream nor missing, or is the read's own error when
+    /// every key is a stream again by now.
+    async fn find_wrong_type(
+        &self,
+        streams: &[Arc<str>],
+        error: redis::RedisError,
+        action: impl FnOnce() -> String,
+    ) -> Error {
+        let mut pipe = redis::pipe();
+        for stream in streams {
+            pipe.cmd("TYPE").arg(stream.as_ref());
+        }
+        let types: Vec<String> = match pipe.query_async(&mut self.commands()).await {
+            Ok(types) => types,
+            Err(_) => return Error::redis(action(), error),
+        };
+        streams
+            .iter()
+            .zip(types)
+            .find(|(_, actual)| actual != "stream" && actual != "none")
+            .map_or_else(
+                || Error::redis(action(), error),
+                |(stream, actual)| Error::WrongType {
+                    stream: stream.to_string(),
+                    actual,
+                },
+            )
+    }
+
     /// The error for a key of the wrong type, naming the type found there.
     async fn wrong_type(&self, stream: &str) -> Error {
         let actual: String = redis::cmd("TYPE")
@@ -1099,7 +1178,10 @@ fn entry_id(value: &Value) -> Option<EntryId> {
 
 /// Parses an `XREADGROUP` reply. RESP2 answers an array of `[stream, entries]` pairs,
 /// RESP3 a map; a timed-out block answers nil.
-fn parse_read_reply(reply: Value, streams: &[Arc<str>]) -> Result<Vec<StreamDeliveries>, String> {
+fn parse_read_reply_value(
+    reply: Value,
+    streams: &[Arc<str>],
+) -> Result<Vec<StreamDeliveries>, String> {
     let pairs: Vec<(Value, Value)> = match reply {
         Value::Nil => return Ok(Vec::new()),
         Value::Map(pairs) => pairs,
@@ -1231,20 +1313,29 @@ fn parse_pending_counts(reply: Value) -> Result<HashMap<EntryId, u64>, String> {
 
 /// Moves a pending entry to its dead-letter stream, in one step so that it is never both
 /// pending and dead-lettered, nor dead-lettered twice.
-/// KEYS: origin stream, dead-letter stream. ARGV: group, consumer, id, max len, then
-/// metadata names and values. Returns 1 moved, 0 not pending with this consumer, -1 deleted.
+/// KEYS: origin stream, dead-letter stream, trimmed count. ARGV: group, consumer, id, max
+/// len (empty for none), then metadata names and values. Returns {1, trimmed} moved,
+/// {0, 0} not pending with this consumer, {-1, 0} deleted.
 const DEAD_LETTER_SCRIPT: &str = r"
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if #pending == 0 or pending[1][2] ~= ARGV[2] then
-  return 0
+  return {0, 0}
 end
 local entry = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
 if #entry == 0 then
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-  return -1
+  return {-1, 0}
 end
 local fields = entry[1][2]
-local args = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*'}
+local args = {'XADD', KEYS[2]}
+local before = 0
+if ARGV[4] ~= '' then
+  before = redis.call('XLEN', KEYS[2])
+  args[#args + 1] = 'MAXLEN'
+  args[#args + 1] = '~'
+  args[#args + 1] = ARGV[4]
+end
+args[#args + 1] = '*'
 -- unpack() takes about 8000 values at most: a larger entry keeps its metadata only.
 if #fields + #ARGV > 7900 then
   args[#args + 1] = '@fields_omitted'
@@ -1266,7 +1357,41 @@ end
 -- never be acknowledged without having been dead-lettered.
 redis.call(unpack(args))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-return 1
+local trimmed = 0
+if ARGV[4] ~= '' then
+  trimmed = before + 1 - redis.call('XLEN', KEYS[2])
+  if trimmed > 0 then
+    redis.call('INCRBY', KEYS[3], trimmed)
+  end
+end
+return {1, trimmed}
+";
+
+/// Removes the consumers of a group that have been idle long enough and hold no pending
+/// entries, in one step so that none gets an entry between the check and the removal
+/// (`XGROUP DELCONSUMER` drops a consumer's pending entries with it).
+/// KEYS: stream. ARGV: group, least idle time in ms, the calling consumer (kept).
+/// Returns the names removed.
+const IDLE_CONSUMERS_SCRIPT: &str = r"
+local removed = {}
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if not ok then
+  -- No such stream or group: nothing to remove.
+  return removed
+end
+for _, consumer in ipairs(consumers) do
+  local info = {}
+  for i = 1, #consumer, 2 do
+    info[consumer[i]] = consumer[i + 1]
+  end
+  local name = info['name']
+  if name ~= ARGV[3] and info['idle'] >= tonumber(ARGV[2])
+    and #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, name) == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+    removed[#removed + 1] = name
+  end
+end
+return removed
 ";
 
 /// Moves a dead letter back to its origin stream: original fields only, escaped names

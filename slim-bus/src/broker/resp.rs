@@ -55,6 +55,14 @@ impl From<io::Error> for RespError {
     }
 }
 
+/// Whether an error reply line (`-CODE detail`) carries a code that calls for a new
+/// connection ([`is_failover_code`](super::is_failover_code)).
+pub(crate) fn is_failover_line(line: &[u8]) -> bool {
+    let line = line.strip_prefix(b"-").unwrap_or(line);
+    let code = line.split(|&b| b == b' ').next().unwrap_or_default();
+    super::is_failover_code(code)
+}
+
 impl RespError {
     /// As a redis-rs error, so that callers classify it like any other (e.g. by its code).
     pub(crate) fn into_redis(self) -> redis::RedisError {
@@ -203,7 +211,7 @@ impl RespConnection {
     ) -> Result<Vec<StreamDeliveries>, RespError> {
         self.send(args, deadline).await?;
         let batches = self
-            .receive(deadline, |bytes| parse_read_reply(bytes, streams))
+            .receive(deadline, |bytes| parse_read_reply_bytes(bytes, streams))
             .await;
         self.settle(batches)
     }
@@ -674,7 +682,7 @@ fn parse_entry_id(bytes: &[u8]) -> Parsed<EntryId> {
 /// Parses an `XREADGROUP` reply: nil when a block timed out, else `[stream, entries]`
 /// pairs, each entry `[id, [field, value, ...]]` (the fields nil for an entry that is
 /// pending but was deleted).
-fn parse_read_reply(bytes: &[u8], streams: &[Arc<str>]) -> Parsed<Vec<StreamDeliveries>> {
+fn parse_read_reply_bytes(bytes: &[u8], streams: &[Arc<str>]) -> Parsed<Vec<StreamDeliveries>> {
     parse_reply(bytes, |cursor| {
         let Some(count) = cursor.array()? else {
             return Ok(Vec::new());
@@ -757,6 +765,10 @@ fn parse_read_reply(bytes: &[u8], streams: &[Arc<str>]) -> Parsed<Vec<StreamDeli
 }
 
 #[cfg(test)]
+#[path = "resp_proptests.rs"]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -770,7 +782,7 @@ mod tests {
 
     #[test]
     fn a_read_reply_parses_into_deliveries_by_stream() {
-        let Parsed::Done(batches, used) = parse_read_reply(REPLY, &streams()) else {
+        let Parsed::Done(batches, used) = parse_read_reply_bytes(REPLY, &streams()) else {
             panic!("the reply did not parse");
         };
         assert_eq!(used, REPLY.len());
@@ -801,7 +813,7 @@ mod tests {
         for end in 0..REPLY.len() {
             assert!(
                 matches!(
-                    parse_read_reply(&REPLY[..end], &streams()),
+                    parse_read_reply_bytes(&REPLY[..end], &streams()),
                     Parsed::Incomplete
                 ),
                 "cut at {end}"
@@ -810,17 +822,17 @@ mod tests {
         let mut two = REPLY.to_vec();
         two.extend_from_slice(b"*-1\r\n");
         assert!(
-            matches!(parse_read_reply(&two, &streams()), Parsed::Done(_, used) if used == REPLY.len())
+            matches!(parse_read_reply_bytes(&two, &streams()), Parsed::Done(_, used) if used == REPLY.len())
         );
     }
 
     #[test]
     fn nil_errors_and_other_replies_are_told_apart() {
         assert!(
-            matches!(parse_read_reply(b"*-1\r\n", &streams()), Parsed::Done(b, 5) if b.is_empty())
+            matches!(parse_read_reply_bytes(b"*-1\r\n", &streams()), Parsed::Done(b, 5) if b.is_empty())
         );
         let error = b"-NOGROUP No such key 'x' or consumer group 'g'\r\n";
-        match parse_read_reply(error, &streams()) {
+        match parse_read_reply_bytes(error, &streams()) {
             Parsed::ServerError(line, used) => {
                 assert_eq!(used, error.len());
                 let redis_error = RespError::Server(line).into_redis();
@@ -829,11 +841,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            parse_read_reply(b"+OK\r\n", &streams()),
+            parse_read_reply_bytes(b"+OK\r\n", &streams()),
             Parsed::Invalid(_)
         ));
         assert!(matches!(
-            parse_read_reply(b"*1\r\n*2\r\n$1\r\nz\r\n*0\r\n", &streams()),
+            parse_read_reply_bytes(b"*1\r\n*2\r\n$1\r\nz\r\n*0\r\n", &streams()),
             Parsed::Invalid(detail) if detail.contains("`z`")
         ));
         assert_eq!(parse_simple(b"+OK\r\n"), Parsed::Done(Simple::Status, 5));
@@ -849,6 +861,26 @@ mod tests {
             b":1234567890123456789\r\n",
         ] {
             assert!(matches!(parse_simple(bad), Parsed::Invalid(_)), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn error_lines_of_a_replica_or_a_loading_server_call_for_a_new_connection() {
+        for line in [
+            &b"-READONLY You can't write against a read only replica."[..],
+            b"-LOADING Redis is loading the dataset in memory",
+            b"-MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            b"READONLY",
+        ] {
+            assert!(is_failover_line(line), "{}", String::from_utf8_lossy(line));
+        }
+        for line in [
+            &b"-NOGROUP No such key"[..],
+            b"-ERR READONLY is not the code",
+            b"-READONLYX",
+            b"",
+        ] {
+            assert!(!is_failover_line(line), "{}", String::from_utf8_lossy(line));
         }
     }
 

@@ -58,6 +58,8 @@ mod de;
 mod ser;
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod serde_attributes;
 #[cfg(test)]
 mod tests;

@@ -14,8 +14,10 @@ use tokio_util::task::TaskTracker;
 
 use super::Route;
 use super::ack::AckSender;
-use super::backoff::exponential;
-use super::retry::RetryRequest;
+use super::backoff::{Backoff, exponential};
+use super::in_flight::Held;
+use super::retry::{BlockedRead, RetryRequest};
+use super::stream_state::StreamState;
 use crate::broker::{Broker, DeadLetterMove, Delivery};
 use crate::context::Context;
 use crate::dead_letter::{DeadLetterMeta, DeadLetterReason};
@@ -29,13 +31,13 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Starts handler work for batches of deliveries.
 pub(super) struct Dispatcher {
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<DeliveryEnv>,
     pub(super) tasks: TaskTracker,
     pub(super) abandon: CancellationToken,
 }
 
 /// What every delivery's handling needs, shared by all of them.
-pub(super) struct Shared {
+pub(super) struct DeliveryEnv {
     pub(super) broker: Arc<dyn Broker>,
     pub(super) routes: Arc<[Route]>,
     pub(super) group: Arc<str>,
@@ -43,14 +45,17 @@ pub(super) struct Shared {
     pub(super) handler_timeout: Duration,
     pub(super) retry_base: Duration,
     pub(super) retry_max: Duration,
-    pub(super) dead_letter_max_len: usize,
+    pub(super) dead_letter_max_len: Option<usize>,
     pub(super) acks: AckSender,
     pub(super) retries: mpsc::UnboundedSender<RetryRequest>,
+    /// Until when the reader's blocking read waits, so that a retry due before then can
+    /// wake it (and only such a retry).
+    pub(super) blocked_read: Arc<BlockedRead>,
     pub(super) publisher: Publisher,
 }
 
 /// How one delivery ended.
-enum Outcome {
+enum AttemptOutcome {
     Handled,
     /// The entry was deleted or trimmed from the stream while pending.
     Deleted,
@@ -73,16 +78,17 @@ enum Verdict {
     Leave,
 }
 
-/// One delivery with its slot, ready to run.
+/// One delivery with its handler slot and its place among the held entries, ready to run.
 pub(super) struct Job {
     pub(super) stream_index: usize,
     pub(super) delivery: Delivery,
     pub(super) slot: OwnedSemaphorePermit,
+    pub(super) held: Held,
 }
 
 /// The handling of one delivery.
 struct Task<'a> {
-    shared: &'a Shared,
+    shared: &'a DeliveryEnv,
     stream_index: usize,
     /// Cancelled when this attempt is abandoned; the handler's context holds it.
     cancellation: CancellationToken,
@@ -95,17 +101,32 @@ struct Task<'a> {
 }
 
 impl Dispatcher {
-    /// Runs a batch of deliveries that start together, in one task.
+    /// Runs deliveries that start together: split into one task per runtime worker, each
+    /// running its part concurrently.
     ///
-    /// A task per batch rather than per delivery, and one timer for the batch's common
+    /// A task per worker rather than per delivery, and one timer per task for the common
     /// deadline rather than one per handler: with the no-op handler of the `consume`
     /// benchmark, spawning, timing and tearing down a task per entry took about a fifth
-    /// of the consumer's instructions. Handlers of a batch still run concurrently, and
-    /// each releases its slot as soon as it is done.
-    pub(super) fn spawn(&self, jobs: Vec<Job>) {
+    /// of the consumer's instructions. Splitting by worker still lets the handlers of one
+    /// read run in parallel on a multi-threaded runtime (the `cpu-2` benchmark case), and
+    /// each handler releases its slot as soon as it is done.
+    pub(super) fn spawn(&self, mut jobs: Vec<Job>) {
         if jobs.is_empty() {
             return;
         }
+        let workers = tokio::runtime::Handle::current()
+            .metrics()
+            .num_workers()
+            .max(1);
+        let part = jobs.len().div_ceil(workers);
+        while jobs.len() > part {
+            let rest = jobs.split_off(part);
+            self.spawn_part(std::mem::replace(&mut jobs, rest));
+        }
+        self.spawn_part(jobs);
+    }
+
+    fn spawn_part(&self, jobs: Vec<Job>) {
         let shared = self.shared.clone();
         let abandon = self.abandon.clone();
         self.tasks.spawn(async move {
@@ -124,10 +145,7 @@ impl Dispatcher {
                         deadline: own_timeout.map_or(deadline, |timeout| started + timeout),
                         own_timeout: own_timeout.is_some(),
                     };
-                    async move {
-                        let _slot = job.slot;
-                        task.run(job.delivery).await;
-                    }
+                    task.run(job.delivery, job.slot, job.held)
                 })
                 .collect();
             let timer = tokio::time::sleep_until(deadline);
@@ -150,29 +168,59 @@ impl Task<'_> {
         &self.shared.routes[self.stream_index]
     }
 
-    async fn run(self, delivery: Delivery) {
+    fn state(&self) -> &StreamState {
+        &self.route().state
+    }
+
+    async fn run(self, delivery: Delivery, slot: OwnedSemaphorePermit, held: Held) {
         let id = delivery.id;
         let delivery_count = delivery.delivery_count;
         let delivered_at = delivery.delivered_at;
         let outcome = self.call(delivery).await;
+        // What follows the handler (a retry's wait, a dead-letter move) holds no slot: the
+        // entry stays among the held ones until it is settled.
+        // Counted before the slot is free: the reader, waiting for the slot, then knows.
+        self.record_attempt(&outcome);
+        drop(slot);
         match self.verdict(outcome, id, delivery_count) {
-            Verdict::Ack => self.shared.acks.ack(self.stream_index, id),
+            Verdict::Ack => self.shared.acks.ack(self.stream_index, id, held),
             Verdict::Leave => {}
-            Verdict::Retry(delay) => self.retry(id, delivery_count, delivered_at, delay).await,
+            Verdict::Retry(delay) => {
+                self.retry(id, delivery_count, delivered_at, delay, held)
+                    .await;
+            }
             Verdict::DeadLetter(reason, error) => {
-                self.dead_letter(id, delivery_count, delivered_at, reason, &error)
-                    .await
+                self.dead_letter(id, delivery_count, reason, &error).await;
             }
         }
     }
 
-    async fn call(&self, delivery: Delivery) -> Outcome {
+    /// Counts the attempt towards pausing reads of the stream: failures that may heal
+    /// count, decode and permanent failures say nothing about the handler's health.
+    fn record_attempt(&self, outcome: &AttemptOutcome) {
+        let stream = &*self.route().stream;
+        match outcome {
+            AttemptOutcome::Handled => self.state().record_success(stream),
+            AttemptOutcome::Failed(error) if !matches!(error.retry(), Retry::Never) => {
+                self.state().record_failure(stream, &error.to_string());
+            }
+            AttemptOutcome::TimedOut => {
+                self.state().record_failure(stream, "the handler timed out")
+            }
+            AttemptOutcome::Panicked(message) => self
+                .state()
+                .record_failure(stream, &format!("the handler panicked: {message}")),
+            _ => {}
+        }
+    }
+
+    async fn call(&self, delivery: Delivery) -> AttemptOutcome {
         let route = self.route();
         let Some(fields) = delivery.fields else {
-            return Outcome::Deleted;
+            return AttemptOutcome::Deleted;
         };
         if delivery.delivery_count > route.max_deliveries {
-            return Outcome::Exhausted;
+            return AttemptOutcome::Exhausted;
         }
         let ctx = Context::new(
             route.stream.clone(),
@@ -200,23 +248,23 @@ impl Task<'_> {
         .catch_unwind();
         let outcome = tokio::select! {
             result = call => match result {
-                Ok(Ok(Ok(()))) => Outcome::Handled,
-                Ok(Ok(Err(error))) => Outcome::Failed(error),
-                Ok(Err(error)) => Outcome::Decode(error),
-                Err(panic) => Outcome::Panicked(panic_message(&*panic)),
+                Ok(Ok(Ok(()))) => AttemptOutcome::Handled,
+                Ok(Ok(Err(error))) => AttemptOutcome::Failed(error),
+                Ok(Err(error)) => AttemptOutcome::Decode(error),
+                Err(panic) => AttemptOutcome::Panicked(panic_message(&*panic)),
             },
-            () = self.timed_out.cancelled(), if !self.own_timeout => Outcome::TimedOut,
-            () = tokio::time::sleep_until(self.deadline), if self.own_timeout => Outcome::TimedOut,
-            () = self.cancellation.cancelled() => Outcome::Abandoned,
+            () = self.timed_out.cancelled(), if !self.own_timeout => AttemptOutcome::TimedOut,
+            () = tokio::time::sleep_until(self.deadline), if self.own_timeout => AttemptOutcome::TimedOut,
+            () = self.cancellation.cancelled() => AttemptOutcome::Abandoned,
         };
-        if matches!(outcome, Outcome::TimedOut) {
+        if matches!(outcome, AttemptOutcome::TimedOut) {
             // The handler's future is gone; this stops what it spawned and tied to its context.
             self.cancellation.cancel();
         }
         outcome
     }
 
-    fn verdict(&self, outcome: Outcome, id: crate::EntryId, delivery_count: u64) -> Verdict {
+    fn verdict(&self, outcome: AttemptOutcome, id: crate::EntryId, delivery_count: u64) -> Verdict {
         let stream = &*self.route().stream;
         let max_deliveries = self.route().max_deliveries;
         let retry_or_give_up = |reason: DeadLetterReason,
@@ -231,16 +279,16 @@ impl Task<'_> {
             Verdict::Retry(delay)
         };
         match outcome {
-            Outcome::Handled => Verdict::Ack,
-            Outcome::Deleted => {
+            AttemptOutcome::Handled => Verdict::Ack,
+            AttemptOutcome::Deleted => {
                 tracing::warn!(stream, entry_id = %id, "pending entry was deleted from the stream; acknowledging it");
                 Verdict::Ack
             }
-            Outcome::Decode(error) => {
+            AttemptOutcome::Decode(error) => {
                 tracing::error!(stream, entry_id = %id, %error, "entry does not decode; dead-lettering");
                 Verdict::DeadLetter(DeadLetterReason::Decode, error.to_string())
             }
-            Outcome::Failed(error) => match error.retry() {
+            AttemptOutcome::Failed(error) => match error.retry() {
                 Retry::Never => {
                     tracing::warn!(stream, entry_id = %id, %error, "permanent failure; dead-lettering");
                     Verdict::DeadLetter(DeadLetterReason::Permanent, error.to_string())
@@ -250,7 +298,7 @@ impl Task<'_> {
                 }
                 _ => retry_or_give_up(DeadLetterReason::Handler, error.to_string(), None),
             },
-            Outcome::TimedOut => retry_or_give_up(
+            AttemptOutcome::TimedOut => retry_or_give_up(
                 DeadLetterReason::Timeout,
                 format!(
                     "the handler did not finish within {:?}",
@@ -260,19 +308,19 @@ impl Task<'_> {
                 ),
                 None,
             ),
-            Outcome::Panicked(message) => retry_or_give_up(
+            AttemptOutcome::Panicked(message) => retry_or_give_up(
                 DeadLetterReason::Panic,
                 format!("the handler panicked: {message}"),
                 None,
             ),
-            Outcome::Exhausted => {
+            AttemptOutcome::Exhausted => {
                 let error = format!(
                     "delivered {delivery_count} times without an outcome: the consumers that held it stopped while handling it"
                 );
                 tracing::warn!(stream, entry_id = %id, delivery_count, "{error}; dead-lettering");
                 Verdict::DeadLetter(DeadLetterReason::Handler, error)
             }
-            Outcome::Abandoned => {
+            AttemptOutcome::Abandoned => {
                 tracing::warn!(stream, entry_id = %id, "handler abandoned at shutdown; the entry stays pending");
                 Verdict::Leave
             }
@@ -291,21 +339,27 @@ impl Task<'_> {
         delivery_count: u64,
         delivered_at: Instant,
         delay: Duration,
+        held: Held,
     ) {
+        let due = Instant::now() + delay.min(MAX_RETRY_DELAY);
         let request = RetryRequest {
-            due: Instant::now() + delay.min(MAX_RETRY_DELAY),
+            due,
             stream_index: self.stream_index,
             id,
             delivery_count,
             delivered_at,
+            held,
         };
         if self.shared.retries.send(request).is_err() {
             // The reader is gone at shutdown: the entry simply stays pending.
             return;
         }
-        // The reader may be blocked reading an idle stream for up to its block time; wake
-        // it so that it can plan for this retry. A wake that comes just before the read
+        // The reader may be blocked reading an idle stream; wake it only if the retry is
+        // due before that read returns on its own. A wake that comes just before the read
         // blocks is lost, which delays the retry by at most one block time.
+        if !self.shared.blocked_read.returns_after(due) {
+            return;
+        }
         if let Err(error) = self.shared.broker.wake_reader().await {
             tracing::debug!(
                 error = &error as &dyn std::error::Error,
@@ -314,11 +368,13 @@ impl Task<'_> {
         }
     }
 
+    /// Moves the entry to its dead-letter stream. A failed move is tried again on a
+    /// backoff, never by running the handler again, until it succeeds or the attempt is
+    /// abandoned at shutdown (the entry then stays pending).
     async fn dead_letter(
         &self,
         id: crate::EntryId,
         delivery_count: u64,
-        delivered_at: Instant,
         reason: DeadLetterReason,
         error: &str,
     ) {
@@ -333,35 +389,57 @@ impl Task<'_> {
             error,
         }
         .fields();
-        let moved = self
-            .shared
-            .broker
-            .dead_letter(
-                &route.stream,
-                &route.dead_letters,
-                &self.shared.group,
-                &self.shared.consumer,
-                id,
-                &meta,
-                self.shared.dead_letter_max_len,
-            )
-            .await;
         let stream = &*route.stream;
-        match moved {
-            Ok(DeadLetterMove::Moved) => {
-                tracing::info!(stream, entry_id = %id, dead_letters = %route.dead_letters, %reason, "dead-lettered")
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.shared.retry_max);
+        let mut failing = false;
+        let moved = loop {
+            let moved = self
+                .shared
+                .broker
+                .dead_letter(
+                    &route.stream,
+                    &route.dead_letters,
+                    &self.shared.group,
+                    &self.shared.consumer,
+                    id,
+                    &meta,
+                    self.shared.dead_letter_max_len,
+                )
+                .await;
+            match moved {
+                Ok(moved) => break Some(moved),
+                Err(move_error) => {
+                    if !failing {
+                        failing = true;
+                        self.state().add_failing_move();
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(stream, entry_id = %id, %reason, attempt = backoff.attempts(), error = &move_error as &dyn std::error::Error, retry_in = ?delay, "moving the entry to its dead-letter stream failed; will try the move again");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.cancellation.cancelled() => break None,
+                    }
+                }
             }
-            Ok(DeadLetterMove::Deleted) => {
+        };
+        if failing {
+            self.state().remove_failing_move();
+        }
+        match moved {
+            Some(DeadLetterMove::Moved { trimmed }) => {
+                tracing::info!(stream, entry_id = %id, dead_letters = %route.dead_letters, %reason, "dead-lettered");
+                if trimmed > 0 {
+                    tracing::warn!(stream, dead_letters = %route.dead_letters, trimmed, max_len = ?self.shared.dead_letter_max_len, "dead_letter_max_len reached: deleted the oldest dead letters");
+                }
+            }
+            Some(DeadLetterMove::Deleted) => {
                 tracing::warn!(stream, entry_id = %id, "entry to dead-letter was deleted from the stream; acknowledged it")
             }
-            Ok(DeadLetterMove::NotPending) => {
+            Some(DeadLetterMove::NotPending) => {
                 tracing::info!(stream, entry_id = %id, "entry to dead-letter is no longer pending with this consumer; leaving it")
             }
-            Err(move_error) => {
-                // Still pending with this consumer: try again later, like a failed delivery.
-                let delay = self.backoff(delivery_count);
-                tracing::warn!(stream, entry_id = %id, error = &move_error as &dyn std::error::Error, retry_in = ?delay, "dead-lettering failed; will retry");
-                self.retry(id, delivery_count, delivered_at, delay).await;
+            None => {
+                tracing::warn!(stream, entry_id = %id, "shutting down before the entry could be dead-lettered; it stays pending")
             }
         }
     }

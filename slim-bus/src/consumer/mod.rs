@@ -5,7 +5,11 @@
 mod ack;
 mod backoff;
 mod dispatch;
+mod in_flight;
+mod read_window;
 mod retry;
+mod stream_state;
+mod sweep;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,13 +24,20 @@ use crate::config::StartFrom;
 use crate::error::{Error, Result};
 use crate::event::EntryId;
 use crate::handler::ErasedHandler;
-use crate::health::LastRead;
+use crate::health::{LastRead, SetAside};
 use crate::publisher::Publisher;
 
 use self::ack::Acker;
 pub(crate) use self::backoff::Backoff;
-use self::dispatch::{Dispatcher, Job, Shared};
-use self::retry::RetryQueue;
+use self::dispatch::{DeliveryEnv, Dispatcher, Job};
+use self::in_flight::{Held, take_free};
+use self::read_window::ReadWindow;
+use self::retry::{BlockedRead, RetryQueue};
+pub(crate) use self::stream_state::StreamState;
+
+/// How late Redis may end a blocking read: it checks block timeouts about every 100 ms
+/// at the default `hz`.
+const REDIS_TIMER_SLACK: Duration = Duration::from_millis(100);
 
 /// How long shutdown waits for abandoned handlers to stop.
 const ABANDON_WAIT: Duration = Duration::from_secs(1);
@@ -47,6 +58,8 @@ pub(crate) struct Route {
     pub(crate) max_deliveries: u64,
     /// The handler's own timeout, when it is not the bus's.
     pub(crate) handler_timeout: Option<Duration>,
+    /// What the consumer knows of the stream right now; `health()` reads it.
+    pub(crate) state: Arc<StreamState>,
 }
 
 /// Everything one listening run needs.
@@ -57,6 +70,7 @@ pub(crate) struct Consumer {
     pub(crate) routes: Arc<[Route]>,
     pub(crate) max_count: usize,
     pub(crate) max_concurrent: usize,
+    pub(crate) max_in_flight: usize,
     pub(crate) handler_timeout: Duration,
     pub(crate) block_time: Duration,
     pub(crate) shutdown_grace: Duration,
@@ -64,37 +78,76 @@ pub(crate) struct Consumer {
     pub(crate) start_from: StartFrom,
     pub(crate) claim_min_idle: Duration,
     pub(crate) claim_interval: Duration,
+    /// Other consumers of the group idle this long, holding nothing, are removed.
+    pub(crate) consumer_idle_removal: Duration,
     pub(crate) retry_base: Duration,
     pub(crate) retry_max: Duration,
-    pub(crate) dead_letter_max_len: usize,
+    pub(crate) dead_letter_max_len: Option<usize>,
     pub(crate) last_read: Arc<LastRead>,
+    /// The streams not consumed because their key holds another Redis type.
+    pub(crate) set_aside: Arc<SetAside>,
     /// What handlers publish through (`Context::publisher`).
     pub(crate) publisher: Publisher,
 }
 
 impl Consumer {
-    /// Creates the consumer group on every stream; an existing group is fine.
+    /// Creates the consumer group on every stream; an existing group is fine. A stream
+    /// whose key holds another type is set aside, and the others go on; only when every
+    /// stream is set aside is that an error.
     pub(crate) async fn prepare(&self) -> Result<()> {
-        for route in self.routes.iter() {
-            self.broker
+        let mut wrong_type = None;
+        for (index, route) in self.routes.iter().enumerate() {
+            match self
+                .broker
                 .ensure_group(&route.stream, &self.group, self.start_from)
-                .await?;
+                .await
+            {
+                Ok(()) => {
+                    if self.set_aside.clear(index) {
+                        tracing::info!(stream = %route.stream, "the stream's key is a stream again; consuming it");
+                    }
+                }
+                Err(error @ Error::WrongType { .. }) => {
+                    self.set_stream_aside(index, &error);
+                    wrong_type.get_or_insert(error);
+                }
+                Err(error) => return Err(error),
+            }
         }
-        Ok(())
+        match wrong_type {
+            Some(error) if self.set_aside.all() => Err(error),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stops consuming stream `index`, whose key holds another type, logging it once.
+    fn set_stream_aside(&self, index: usize, error: &Error) {
+        if self.set_aside.set(index, error.to_string()) {
+            tracing::error!(
+                stream = %self.routes[index].stream,
+                error = error as &dyn std::error::Error,
+                "not consuming this stream until its key is a stream again; the other streams go on"
+            );
+        }
     }
 
     /// Runs until `shutdown` is cancelled or an error that cannot heal, then shuts down
     /// gracefully: no new reads, running handlers get the grace period, acks are flushed.
     pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        for route in self.routes.iter() {
+            route.state.reset();
+        }
         let streams: Arc<[Arc<str>]> = self.routes.iter().map(|r| r.stream.clone()).collect();
         let (acker, acks) = Acker::new(self.broker.clone(), self.group.clone(), &streams);
-        let acker = tokio::spawn(acker.run(self.command_timeout));
+        let close_acks = CancellationToken::new();
+        let acker = tokio::spawn(acker.run(close_acks.clone(), self.command_timeout));
         let tasks = TaskTracker::new();
         // Cancelled when the grace period is over: handlers still running are abandoned.
         let abandon = CancellationToken::new();
         let (retry_sender, retry_requests) = mpsc::unbounded_channel();
+        let blocked_read = Arc::new(BlockedRead::default());
         let dispatcher = Dispatcher {
-            shared: Arc::new(Shared {
+            shared: Arc::new(DeliveryEnv {
                 broker: self.broker.clone(),
                 routes: self.routes.clone(),
                 group: self.group.clone(),
@@ -105,6 +158,7 @@ impl Consumer {
                 dead_letter_max_len: self.dead_letter_max_len,
                 acks,
                 retries: retry_sender,
+                blocked_read: blocked_read.clone(),
                 publisher: self.publisher.clone(),
             }),
             tasks: tasks.clone(),
@@ -113,23 +167,30 @@ impl Consumer {
         let reader = Reader {
             consumer: &self,
             slots: Arc::new(Semaphore::new(self.max_concurrent)),
+            places: Arc::new(Semaphore::new(self.max_in_flight)),
             claims: ClaimScan {
                 next_at: Instant::now() + self.claim_interval,
                 stream_index: 0,
                 cursor: EntryId::MIN,
             },
+            recovery: Some(Recovery {
+                stream_index: 0,
+                after: EntryId::MIN,
+                recovered: 0,
+            }),
             retries: RetryQueue::new(retry_requests),
+            window: ReadWindow::new(streams.len()),
             streams,
             dispatcher,
+            blocked_read,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
-            rotation: 0,
         };
         let outcome = tokio::select! {
             outcome = reader.run() => outcome,
             () = shutdown.cancelled() => Ok(()),
         };
-        // The reader, and with it the dispatcher's ack sender, is dropped by now; handler
-        // tasks hold the remaining senders. Entries waiting for a retry stay pending.
+        // The reader is dropped by now, and with it the entries waiting for a retry: they
+        // stay pending.
         tracing::info!(group = %self.group, consumer = %self.consumer, running = tasks.len(), "shutting down");
         tasks.close();
         if tokio::time::timeout(self.shutdown_grace, tasks.wait())
@@ -154,8 +215,10 @@ impl Consumer {
                 );
             }
         }
-        // Every ack sender is gone, so the acker flushes what it has and stops.
-        if tokio::time::timeout(self.command_timeout * 3, acker)
+        // The acker flushes what the handlers sent and stops, giving up after the command
+        // timeout if Redis refuses; the margin covers the flush in progress.
+        close_acks.cancel();
+        if tokio::time::timeout(self.command_timeout * 2, acker)
             .await
             .is_err()
         {
@@ -177,72 +240,136 @@ struct ClaimScan {
     cursor: EntryId,
 }
 
-/// The read loop. It alone takes handler slots for new work (new entries, own pending
-/// entries, claims, retries), so that nothing is fetched that could not start at once.
+/// Where the delivery of the entries this consumer held when it last stopped stands: a
+/// page per turn of the read loop, one stream after the other, before any new entry.
+struct Recovery {
+    stream_index: usize,
+    after: EntryId,
+    recovered: usize,
+}
+
+/// Handler slots and places among the held entries, taken together for one read: one of
+/// each per entry it may return.
+struct Reservation {
+    slots: OwnedSemaphorePermit,
+    places: OwnedSemaphorePermit,
+}
+
+impl Reservation {
+    /// How many entries the reservation covers.
+    fn len(&self) -> usize {
+        self.places.num_permits()
+    }
+}
+
+/// The read loop. It alone takes handler slots and places for new work (new entries, own
+/// pending entries, claims, retries), so that nothing is fetched that could not be held.
 struct Reader<'a> {
     consumer: &'a Consumer,
     streams: Arc<[Arc<str>]>,
+    /// Handler slots: `max_concurrent`.
     slots: Arc<Semaphore>,
+    /// Places among the entries this consumer holds pending: `max_in_flight`.
+    places: Arc<Semaphore>,
     dispatcher: Dispatcher,
     retries: RetryQueue,
     claims: ClaimScan,
+    recovery: Option<Recovery>,
+    window: ReadWindow,
+    blocked_read: Arc<BlockedRead>,
     backoff: Backoff,
-    /// Where the next read starts when there are fewer free slots than streams.
-    rotation: usize,
 }
 
 impl Reader<'_> {
     async fn run(mut self) -> Result<()> {
-        for stream_index in 0..self.streams.len() {
-            self.recover_own_pending(stream_index).await?;
-        }
         loop {
             self.retries.collect();
             self.run_due_retries().await?;
             self.claim_if_due().await?;
-            self.read_new().await?;
+            if self.recovery.is_some() {
+                self.recover_own_pending().await?;
+            } else {
+                self.read_new().await?;
+            }
         }
     }
 
-    /// Delivers again what this consumer held when it last stopped: entries it read but
-    /// never acknowledged. They come before new entries.
-    async fn recover_own_pending(&mut self, stream_index: usize) -> Result<()> {
+    fn route(&self, stream_index: usize) -> &Route {
+        &self.consumer.routes[stream_index]
+    }
+
+    /// Delivers again a page of what this consumer held when it last stopped: entries it
+    /// read but never acknowledged. They come before new entries.
+    async fn recover_own_pending(&mut self) -> Result<()> {
         let c = self.consumer;
+        let Some(recovery) = &self.recovery else {
+            return Ok(());
+        };
+        let (stream_index, after) = (recovery.stream_index, recovery.after);
+        if c.set_aside.is_set(stream_index) {
+            self.next_recovery_stream();
+            return Ok(());
+        }
         let stream = self.streams[stream_index].clone();
-        let mut after = EntryId::MIN;
-        let mut recovered = 0usize;
-        loop {
-            let mut slots = self.reserve_slots(c.max_count).await;
-            let count = slots.num_permits();
-            match c
-                .broker
-                .read_own_pending(&stream, &c.group, &c.consumer, after, count)
-                .await
-            {
-                Ok(deliveries) => {
-                    self.backoff.reset();
-                    let Some(last) = deliveries.last() else {
-                        break;
-                    };
-                    after = last.id;
-                    recovered += deliveries.len();
-                    self.dispatch(stream_index, deliveries, &mut slots).await;
-                }
-                Err(error) => {
-                    if self.heal(error).await? == Healed::GroupRecreated {
-                        // A new group has no pending entries.
-                        break;
+        let Some(mut reservation) = self.reserve(c.max_count).await else {
+            return Ok(());
+        };
+        let count = reservation.len();
+        match c
+            .broker
+            .read_own_pending(&stream, &c.group, &c.consumer, after, count)
+            .await
+        {
+            Ok(deliveries) => {
+                self.backoff.reset();
+                // Recovering a long pending list is reading: a liveness probe watching
+                // `since_last_read` must not take it for a stuck listener.
+                c.last_read.record();
+                match deliveries.last() {
+                    Some(last) => {
+                        let last = last.id;
+                        if let Some(recovery) = &mut self.recovery {
+                            recovery.after = last;
+                            recovery.recovered += deliveries.len();
+                        }
+                        self.dispatch(stream_index, deliveries, &mut reservation)
+                            .await;
                     }
+                    None => self.next_recovery_stream(),
                 }
+                Ok(())
+            }
+            Err(error) => {
+                drop(reservation);
+                if self.heal(error).await? == Healed::GroupRecreated {
+                    // A new group has no pending entries.
+                    self.next_recovery_stream();
+                }
+                Ok(())
             }
         }
-        if recovered > 0 {
-            tracing::info!(stream = %stream, recovered, "delivered this consumer's pending entries again");
+    }
+
+    fn next_recovery_stream(&mut self) {
+        let Some(recovery) = &mut self.recovery else {
+            return;
+        };
+        if recovery.recovered > 0 {
+            tracing::info!(stream = %self.streams[recovery.stream_index], recovered = recovery.recovered, "delivered this consumer's pending entries again");
         }
-        Ok(())
+        if recovery.stream_index + 1 < self.streams.len() {
+            *recovery = Recovery {
+                stream_index: recovery.stream_index + 1,
+                after: EntryId::MIN,
+                recovered: 0,
+            };
+        } else {
+            self.recovery = None;
+        }
     }
 
     /// Claims the entries whose retry is due back to this consumer and runs them again.
+    /// They hold their places already, so only handler slots are taken here.
     async fn run_due_retries(&mut self) -> Result<()> {
         if self
             .retries
@@ -281,17 +408,24 @@ impl Reader<'_> {
         {
             Ok(claimed) => {
                 self.backoff.reset();
+                let mut jobs = Vec::with_capacity(taken.len());
                 for (request, fields) in taken.into_iter().zip(claimed) {
                     match fields {
                         Some(fields) => {
-                            let delivery = Delivery {
-                                id: request.id,
-                                fields: Some(fields),
-                                delivery_count: request.delivery_count + 1,
-                                delivered_at: Instant::now(),
+                            let Some(slot) = slots.split(1) else {
+                                unreachable!("no more requests are taken than slots reserved")
                             };
-                            self.dispatch(request.stream_index, vec![delivery], &mut slots)
-                                .await;
+                            jobs.push(Job {
+                                stream_index: request.stream_index,
+                                delivery: Delivery {
+                                    id: request.id,
+                                    fields: Some(fields),
+                                    delivery_count: request.delivery_count + 1,
+                                    delivered_at: Instant::now(),
+                                },
+                                slot,
+                                held: request.held,
+                            });
                         }
                         None => tracing::debug!(
                             stream = %self.streams[request.stream_index],
@@ -300,6 +434,7 @@ impl Reader<'_> {
                         ),
                     }
                 }
+                self.dispatcher.spawn(jobs);
                 Ok(())
             }
             Err(error) => {
@@ -314,16 +449,42 @@ impl Reader<'_> {
     }
 
     /// Claims a page of entries that other consumers have held for longer than
-    /// `claim_min_idle`, when a scan is due.
+    /// `claim_min_idle`, when a scan is due. Streams whose reading is paused are skipped:
+    /// their handler would fail those entries too.
     async fn claim_if_due(&mut self) -> Result<()> {
         if Instant::now() < self.claims.next_at {
             return Ok(());
         }
         let c = self.consumer;
         let stream_index = self.claims.stream_index;
+        if self.route(stream_index).state.is_paused() {
+            self.next_claim_stream(EntryId::MIN);
+            return Ok(());
+        }
         let stream = self.streams[stream_index].clone();
-        let mut slots = self.reserve_slots(c.max_count).await;
-        let count = slots.num_permits();
+        if c.set_aside.is_set(stream_index) {
+            // Its turn in the scan is when a set-aside stream is looked at again: once its
+            // key is a stream again (deleted, or renamed away), the group is created there
+            // and it is consumed.
+            match c.broker.ensure_group(&stream, &c.group, c.start_from).await {
+                Ok(()) => {
+                    c.set_aside.clear(stream_index);
+                    tracing::info!(stream = %stream, "the stream's key is a stream again; consuming it");
+                }
+                Err(Error::WrongType { .. }) => {}
+                Err(error) => {
+                    tracing::debug!(stream = %stream, error = &error as &dyn std::error::Error, "checking a set-aside stream again failed")
+                }
+            }
+            self.next_claim_stream(EntryId::MIN);
+            return Ok(());
+        }
+        let Some(mut reservation) = self.take_reservation(c.max_count).await else {
+            // Every place is taken: this consumer has enough to do.
+            self.claims.next_at = Instant::now() + c.claim_interval;
+            return Ok(());
+        };
+        let count = reservation.len();
         match c
             .broker
             .claim_stale(
@@ -348,19 +509,25 @@ impl Reader<'_> {
                 if !page.deliveries.is_empty() {
                     tracing::info!(stream = %stream, claimed = page.deliveries.len(), "claimed entries from stopped consumers");
                 }
-                self.dispatch(stream_index, page.deliveries, &mut slots)
+                self.dispatch(stream_index, page.deliveries, &mut reservation)
                     .await;
-                self.claims.cursor = page.next_cursor;
                 if page.next_cursor == EntryId::MIN {
-                    self.claims.stream_index = (stream_index + 1) % self.streams.len();
-                    if self.claims.stream_index == 0 {
-                        self.claims.next_at = Instant::now() + c.claim_interval;
-                    }
+                    // A claim pass over the stream is done: what is left of stopped
+                    // consumers now is their names.
+                    sweep::remove_idle_consumers(
+                        &*c.broker,
+                        &stream,
+                        &c.group,
+                        &c.consumer,
+                        c.consumer_idle_removal,
+                    )
+                    .await;
                 }
+                self.next_claim_stream(page.next_cursor);
                 Ok(())
             }
             Err(error) => {
-                drop(slots);
+                drop(reservation);
                 // Try again at the next interval, not on every turn of the loop.
                 self.claims.next_at = Instant::now() + c.claim_interval;
                 self.heal(error).await.map(drop)
@@ -368,83 +535,160 @@ impl Reader<'_> {
         }
     }
 
-    async fn read_new(&mut self) -> Result<()> {
-        let c = self.consumer;
-        let mut slots = self
-            .reserve_batch(c.max_count.saturating_mul(self.streams.len()))
-            .await;
-        // COUNT applies to each stream of a read, so a read may return up to COUNT times
-        // the number of streams: it asks no stream for more than its share of the free
-        // slots, so nothing is read that could not start at once.
-        let free = slots.num_permits();
-        let (first, taken, count) = if free >= self.streams.len() {
-            (
-                0,
-                self.streams.len(),
-                (free / self.streams.len()).min(c.max_count),
-            )
-        } else {
-            self.rotation = (self.rotation + free) % self.streams.len();
-            (self.rotation, free, 1)
-        };
-        let window: Vec<Arc<str>> = (0..taken)
-            .map(|i| self.streams[(first + i) % self.streams.len()].clone())
-            .collect();
-        // Wake up in time for the next retry or claim scan: they need the slots this read
-        // holds.
-        let now = Instant::now();
+    /// Moves the claim scan on to `cursor`, or to the next stream once a stream's scan
+    /// is through; after the last stream the scan rests until the next interval.
+    fn next_claim_stream(&mut self, cursor: EntryId) {
+        self.claims.cursor = cursor;
+        if cursor == EntryId::MIN {
+            self.claims.stream_index = (self.claims.stream_index + 1) % self.streams.len();
+            if self.claims.stream_index == 0 {
+                self.claims.next_at = Instant::now() + self.consumer.claim_interval;
+            }
+        }
+    }
+
+    /// When the reader must be back from a blocking read or a wait: the next retry or
+    /// claim scan needs it.
+    fn wake_at(&self) -> Instant {
         let mut wake_at = self.claims.next_at;
         if let Some(due) = self.retries.next_due() {
             wake_at = wake_at.min(due);
         }
+        wake_at
+    }
+
+    async fn read_new(&mut self) -> Result<()> {
+        let c = self.consumer;
+        let Some(mut reservation) = self
+            .reserve_batch(c.max_count.saturating_mul(self.streams.len()))
+            .await
+        else {
+            return Ok(());
+        };
+        // Decided once the slots are reserved: the handlers that freed them have counted
+        // their failures by then.
+        let now = Instant::now();
+        // A paused stream is read for one entry now and then, to find out whether its
+        // handler recovered (when no retry of it is under way, which would tell as well).
+        let probe = (0..self.streams.len()).find(|&i| {
+            let state = &self.route(i).state;
+            !c.set_aside.is_set(i) && state.is_paused() && state.take_probe(now, c.retry_max)
+        });
+        // A stream set aside (its key holds another type) is not read at all.
+        let active: Vec<bool> = (0..self.streams.len())
+            .map(|i| !self.route(i).state.is_paused() && !c.set_aside.is_set(i))
+            .collect();
+        if probe.is_none() && !active.contains(&true) {
+            drop(reservation);
+            self.wait_while_paused().await;
+            return Ok(());
+        }
+        let plan = match probe {
+            Some(stream_index) => read_window::ReadPlan::probe(stream_index),
+            None => self.window.plan(
+                &active,
+                reservation.slots.num_permits(),
+                reservation.len(),
+                c.max_count,
+            ),
+        };
+        // Only what the plan may return stays reserved.
+        let wanted = plan.count * plan.streams.len();
+        if reservation.len() > wanted {
+            drop(reservation.places.split(reservation.len() - wanted));
+        }
+        let slots = reservation.slots.num_permits();
+        if slots > wanted {
+            drop(reservation.slots.split(slots - wanted));
+        }
+        let window: Vec<Arc<str>> = plan
+            .streams
+            .iter()
+            .map(|&i| self.streams[i].clone())
+            .collect();
+        // Wake up in time for the next retry or claim scan: they need the slots this read
+        // holds.
+        let now = Instant::now();
+        let until_wake = self.wake_at().saturating_duration_since(now);
         // Redis checks block timeouts on its own clock (about every 100 ms at the default
         // `hz`), so a very short block can last far longer than asked: when something is
         // due already, read without blocking instead.
-        let until_wake = wake_at.saturating_duration_since(now);
         // Less than a millisecond to go is slept off rather than spun away in reads: a paused
         // tokio clock (tests on the in-memory backend) only advances when nothing spins.
-        if !until_wake.is_zero() && until_wake < Duration::from_millis(1) {
+        if plan.block && !until_wake.is_zero() && until_wake < Duration::from_millis(1) {
             tokio::time::sleep(until_wake).await;
         }
-        let block = (until_wake >= Duration::from_millis(1)).then(|| c.block_time.min(until_wake));
-        match c
+        let block = (plan.block && until_wake >= Duration::from_millis(1))
+            .then(|| c.block_time.min(until_wake));
+        // Redis ends a block on its own timer, up to about 100 ms late (default `hz`).
+        self.blocked_read
+            .set(block.map(|block| now + block + REDIS_TIMER_SLACK));
+        let read = c
             .broker
-            .read_new(&c.group, &c.consumer, &window, count, block)
-            .await
-        {
+            .read_new(&c.group, &c.consumer, &window, plan.count, block)
+            .await;
+        self.blocked_read.set(None);
+        match read {
             Ok(batches) => {
                 self.backoff.reset();
                 c.last_read.record();
+                let mut returned = vec![0; plan.streams.len()];
+                for batch in &batches {
+                    returned[batch.stream_index] = batch.deliveries.len();
+                }
+                for (&stream_index, &returned) in plan.streams.iter().zip(&returned) {
+                    self.window.record(stream_index, returned >= plan.count);
+                }
                 // Fewer entries than asked for: the streams are drained, so the next read
                 // will only wait for new entries.
-                let drained = batches.iter().all(|b| b.deliveries.len() < count);
-                let mut dispatched = false;
+                let drained = returned.iter().all(|&n| n < plan.count);
+                let dispatched = returned.iter().any(|&n| n > 0);
                 for batch in batches {
-                    dispatched |= !batch.deliveries.is_empty();
-                    let stream_index = (first + batch.stream_index) % self.streams.len();
-                    self.dispatch(stream_index, batch.deliveries, &mut slots)
+                    let stream_index = plan.streams[batch.stream_index];
+                    self.dispatch(stream_index, batch.deliveries, &mut reservation)
                         .await;
                 }
                 if drained && dispatched {
                     // Slots left over are not needed while waiting.
-                    drop(slots);
+                    drop(reservation);
                     let_handlers_start().await;
                 }
                 Ok(())
             }
             Err(error) => {
-                drop(slots);
+                drop(reservation);
                 self.heal(error).await.map(drop)
             }
         }
     }
 
-    /// Reserves slots for a read of new entries: like [`reserve_slots`](Self::reserve_slots),
-    /// but when only a few slots are free while handlers run, it lets them finish for a
-    /// moment first, so that a busy bus reads in batches instead of one entry per freed
-    /// slot. Measured with the no-op handler of the benchmark, reading as soon as one slot
-    /// was free made reads a third of the size they could be and cost 3x the round trips.
-    async fn reserve_batch(&self, wanted: usize) -> OwnedSemaphorePermit {
+    /// Every stream is paused: waits for a retry, a claim scan or a probe to be due, for
+    /// reading to resume, or for a new retry request, but no longer than a blocking read.
+    async fn wait_while_paused(&mut self) {
+        let c = self.consumer;
+        let mut until = self.wake_at().min(Instant::now() + c.block_time);
+        for route in c.routes.iter() {
+            if let Some(probe) = route.state.next_probe() {
+                until = until.min(probe);
+            }
+        }
+        let resumed = futures_util::future::select_all(
+            c.routes.iter().map(|route| Box::pin(route.state.resumed())),
+        );
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => {}
+            _ = resumed => {}
+            () = self.retries.wait_incoming() => {}
+        }
+    }
+
+    /// Reserves slots and places for a read of new entries: like
+    /// [`reserve`](Self::reserve), but when only a few slots are free while handlers run,
+    /// it lets them finish for a moment first, so that a busy bus reads in batches instead
+    /// of one entry per freed slot. Measured with the no-op handler of the benchmark,
+    /// reading as soon as one slot was free made reads a third of the size they could be
+    /// and cost 3x the round trips.
+    async fn reserve_batch(&mut self, wanted: usize) -> Option<Reservation> {
         let target = wanted.min((self.consumer.max_concurrent / 2).max(1));
         let mut slots = self.reserve_slots(wanted).await;
         for _ in 0..BATCH_YIELDS {
@@ -452,22 +696,58 @@ impl Reader<'_> {
                 break;
             }
             tokio::task::yield_now().await;
-            self.take_free(&mut slots, wanted);
+            self.take_free_slots(&mut slots, wanted);
         }
-        slots
+        // A read of every stream at once may bring more entries than there are free slots
+        // (they wait for a slot, held): it reserves a place for each.
+        let places_wanted = wanted.max(self.streams.len());
+        self.with_places(slots, places_wanted).await
+    }
+
+    /// Waits for one free slot, takes up to `wanted` of those free right now, and as many
+    /// places; waits for a place only as long as nothing else is due.
+    async fn reserve(&mut self, wanted: usize) -> Option<Reservation> {
+        let slots = self.reserve_slots(wanted).await;
+        let wanted = slots.num_permits();
+        self.with_places(slots, wanted).await
+    }
+
+    /// As [`reserve`](Self::reserve), for work that is due now: gives up at once when no
+    /// place is free.
+    async fn take_reservation(&mut self, wanted: usize) -> Option<Reservation> {
+        let mut slots = self.reserve_slots(wanted).await;
+        let places = take_free(&self.places, slots.num_permits())?;
+        if slots.num_permits() > places.num_permits() {
+            drop(slots.split(slots.num_permits() - places.num_permits()));
+        }
+        Some(Reservation { slots, places })
+    }
+
+    /// Adds up to `wanted` places to `slots`. When every place is taken (entries wait for
+    /// their retry or their acknowledgement), it waits for one to free up, for a retry or
+    /// claim scan to be due, or for a new retry request, and returns `None`: the read loop
+    /// goes round again.
+    async fn with_places(
+        &mut self,
+        slots: OwnedSemaphorePermit,
+        wanted: usize,
+    ) -> Option<Reservation> {
+        if let Some(places) = take_free(&self.places, wanted) {
+            return Some(Reservation { slots, places });
+        }
+        drop(slots);
+        let wake_at = self.wake_at();
+        tokio::select! {
+            place = self.places.clone().acquire_owned() => drop(place),
+            () = tokio::time::sleep_until(wake_at) => {}
+            () = self.retries.wait_incoming() => {}
+        }
+        None
     }
 
     /// Adds the slots free right now to `slots`, up to `wanted` in all.
-    fn take_free(&self, slots: &mut OwnedSemaphorePermit, wanted: usize) {
-        let more = wanted
-            .saturating_sub(slots.num_permits())
-            .min(self.slots.available_permits());
-        if more > 0
-            && let Ok(extra) = self
-                .slots
-                .clone()
-                .try_acquire_many_owned(u32::try_from(more).unwrap_or(u32::MAX))
-        {
+    fn take_free_slots(&self, slots: &mut OwnedSemaphorePermit, wanted: usize) {
+        if let Some(extra) = take_free(&self.slots, wanted.saturating_sub(slots.num_permits())) {
             slots.merge(extra);
         }
     }
@@ -477,22 +757,29 @@ impl Reader<'_> {
         let Ok(mut slots) = self.slots.clone().acquire_owned().await else {
             unreachable!("the semaphore is never closed")
         };
-        self.take_free(&mut slots, wanted);
+        self.take_free_slots(&mut slots, wanted);
         slots
     }
 
-    /// Starts handling `deliveries`, each with one of `slots`. A well-behaved server
-    /// returns no more entries than were asked for, so a slot is always there; if not,
-    /// the rest wait here for free slots rather than exceed the limit.
+    /// Starts handling `deliveries`, each with a slot and a place of `reservation`. A
+    /// well-behaved server returns no more entries than were asked for, so a place is
+    /// always there; an entry beyond them stays pending with this consumer unhandled (it
+    /// is delivered again when the consumer restarts, or claimed by another) rather than
+    /// exceed `max_in_flight`. An entry without a free slot waits for one.
     async fn dispatch(
         &mut self,
         stream_index: usize,
         deliveries: Vec<Delivery>,
-        slots: &mut OwnedSemaphorePermit,
+        reservation: &mut Reservation,
     ) {
+        let state = self.route(stream_index).state.clone();
         let mut jobs = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
-            let slot = match slots.split(1) {
+            let Some(place) = reservation.places.split(1) else {
+                tracing::error!(stream = %self.streams[stream_index], entry_id = %delivery.id, "the server returned more entries than were asked for; leaving this one pending");
+                continue;
+            };
+            let slot = match reservation.slots.split(1) {
                 Some(slot) => slot,
                 None => {
                     self.dispatcher.spawn(std::mem::take(&mut jobs));
@@ -503,6 +790,7 @@ impl Reader<'_> {
                 stream_index,
                 delivery,
                 slot,
+                held: Held::new(place, state.clone()),
             });
         }
         self.dispatcher.spawn(jobs);
@@ -513,7 +801,16 @@ impl Reader<'_> {
     async fn heal(&mut self, error: Error) -> Result<Healed> {
         let c = self.consumer;
         match &error {
-            Error::WrongType { .. } => return Err(error),
+            Error::WrongType { stream, .. } => {
+                let Some(index) = self.streams.iter().position(|s| **s == **stream) else {
+                    return Err(error);
+                };
+                c.set_stream_aside(index, &error);
+                if c.set_aside.all() {
+                    return Err(error);
+                }
+                return Ok(Healed::Retry);
+            }
             Error::Redis { source, .. } if is_refused_access(source) => return Err(error),
             Error::Redis { .. } if error.server_code().as_deref() == Some("NOGROUP") => {
                 let streams: Vec<&str> = self.streams.iter().map(|s| &**s).collect();

@@ -1,16 +1,19 @@
 //! Entries waiting for their retry: failed deliveries that stay pending with this consumer
-//! until their backoff has passed, holding no handler slot meanwhile.
+//! until their backoff has passed, holding no handler slot meanwhile (but their place
+//! among the held entries).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::Mutex;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::in_flight::Held;
 use crate::event::EntryId;
 
 /// A failed delivery to run again at `due`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) struct RetryRequest {
     pub(crate) due: Instant,
     pub(crate) stream_index: usize,
@@ -19,7 +22,17 @@ pub(crate) struct RetryRequest {
     pub(crate) delivery_count: u64,
     /// When this consumer got the entry for that attempt.
     pub(crate) delivered_at: Instant,
+    /// The entry's place among those this consumer holds.
+    pub(crate) held: Held,
 }
+
+impl PartialEq for RetryRequest {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for RetryRequest {}
 
 impl Ord for RetryRequest {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
@@ -30,6 +43,27 @@ impl Ord for RetryRequest {
 impl PartialOrd for RetryRequest {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
+    }
+}
+
+/// When the reader's blocking read returns on its own, while one is on the wire.
+#[derive(Debug, Default)]
+pub(crate) struct BlockedRead(Mutex<Option<Instant>>);
+
+impl BlockedRead {
+    pub(crate) fn set(&self, until: Option<Instant>) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = until;
+    }
+
+    /// Whether a blocking read is on the wire that returns after `at`.
+    pub(crate) fn returns_after(&self, at: Instant) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|until| until > at)
     }
 }
 
@@ -51,6 +85,15 @@ impl RetryQueue {
     pub(crate) fn collect(&mut self) {
         while let Ok(request) = self.incoming.try_recv() {
             self.waiting.push(Reverse(request));
+        }
+    }
+
+    /// Waits for the next request from a handler task and takes it in. Never resolves
+    /// once every sender is gone.
+    pub(crate) async fn wait_incoming(&mut self) {
+        match self.incoming.recv().await {
+            Some(request) => self.waiting.push(Reverse(request)),
+            None => std::future::pending().await,
         }
     }
 
@@ -88,15 +131,23 @@ impl RetryQueue {
 mod tests {
     use std::time::Duration;
 
+    use std::sync::Arc;
+
+    use tokio::sync::Semaphore;
+
     use super::*;
 
     fn request(due: Instant, seq: u64) -> RetryRequest {
+        let permit = Arc::new(Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("a fresh semaphore has a permit");
         RetryRequest {
             due,
             stream_index: 0,
             id: EntryId::new(1, seq),
             delivery_count: 1,
             delivered_at: due,
+            held: Held::new(permit, Arc::default()),
         }
     }
 
@@ -120,5 +171,17 @@ mod tests {
         assert_eq!(queue.next_due(), Some(now + Duration::from_secs(5)));
         assert!(queue.pop_due(now, 10).is_empty(), "only two were due");
         assert_eq!(queue.len(), 1);
+    }
+
+    #[test]
+    fn only_a_retry_due_before_the_blocking_read_returns_wakes_the_reader() {
+        let blocked = BlockedRead::default();
+        let now = Instant::now();
+        assert!(!blocked.returns_after(now), "no read is blocking");
+        blocked.set(Some(now + Duration::from_secs(2)));
+        assert!(blocked.returns_after(now + Duration::from_secs(1)));
+        assert!(!blocked.returns_after(now + Duration::from_secs(3)));
+        blocked.set(None);
+        assert!(!blocked.returns_after(now));
     }
 }

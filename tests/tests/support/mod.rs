@@ -139,8 +139,6 @@ pub async fn xadd(server: &RedisServer, stream: &str, fields: &[(&str, &[u8])]) 
         .expect("XADD succeeds")
 }
 
-pub type Shared<T> = Arc<T>;
-
 type Behaviour<E> = dyn Fn(
         E,
         Context,
@@ -346,6 +344,36 @@ impl Backend {
         }
     }
 
+    /// The number of entries `consumer` holds pending on `stream`, like
+    /// `XPENDING stream group - + 100000 consumer`.
+    pub async fn pending_of(&self, stream: &str, group: &str, consumer: &str) -> usize {
+        match self {
+            Backend::Redis(server) | Backend::Tls(server, _) => {
+                let mut conn = server.connection().await;
+                let rows: Vec<redis::Value> = within(
+                    "XPENDING of one consumer",
+                    STEP,
+                    redis::cmd("XPENDING")
+                        .arg(stream)
+                        .arg(group)
+                        .arg("-")
+                        .arg("+")
+                        .arg(100_000)
+                        .arg(consumer)
+                        .query_async(&mut conn),
+                )
+                .await
+                .expect("XPENDING succeeds");
+                rows.len()
+            }
+            Backend::Memory(broker) => broker
+                .pending(stream, group)
+                .iter()
+                .filter(|entry| entry.consumer == consumer)
+                .count(),
+        }
+    }
+
     /// Waits until the group has nothing pending on `stream`.
     pub async fn until_nothing_pending(&self, stream: &str, group: &str) {
         within("every entry to be acknowledged", STEP, async {
@@ -416,6 +444,23 @@ impl Backend {
                 })
                 .collect(),
         }
+    }
+
+    /// The names of the consumers of `group` on `stream`, sorted, like `XINFO CONSUMERS`.
+    pub async fn consumers(&self, stream: &str, group: &str) -> Vec<String> {
+        let mut names = match self {
+            Backend::Redis(server) | Backend::Tls(server, _) => {
+                let mut conn = server.connection().await;
+                let reply: redis::streams::StreamInfoConsumersReply =
+                    within("XINFO CONSUMERS", STEP, conn.xinfo_consumers(stream, group))
+                        .await
+                        .unwrap();
+                reply.consumers.into_iter().map(|c| c.name).collect()
+            }
+            Backend::Memory(broker) => broker.consumers(stream, group),
+        };
+        names.sort();
+        names
     }
 
     /// The number of entries in `stream`, like `XLEN`.
