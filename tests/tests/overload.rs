@@ -501,7 +501,7 @@ async fn failures_while_a_backlog_is_read_do_not_send_client_unblock() {
         let handled = handled.clone();
         move |event: UserCreated, ctx: slim_bus::Context| {
             // One entry in ten fails once.
-            let result = if event.seq % 10 == 0 && ctx.delivery_count() == 1 {
+            let result = if event.seq.is_multiple_of(10) && ctx.delivery_count() == 1 {
                 Err(HandlerError::new(std::io::Error::other("transient")))
             } else {
                 handled.fetch_add(1, Ordering::Relaxed);
