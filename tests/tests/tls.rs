@@ -119,12 +119,20 @@ async fn a_plain_url_at_a_tls_port_and_a_tls_url_at_a_plain_port_fail_fast() {
     let report = build_error(EventBus::builder().url(plain_at_tls)).await;
     assert!(report.contains("use a rediss:// URL"), "{report}");
 
+    // The plain server waits for the end of a command that never comes: the handshake
+    // fails at the command timeout, not after rounds of retries.
     let plain = start_server().await;
     let tls_at_plain = format!("rediss://127.0.0.1:{}/", plain.port());
-    let report = build_error(
-        EventBus::builder()
-            .url(tls_at_plain)
-            .tls_ca_cert(certs.ca()),
+    let command_timeout = Duration::from_secs(1);
+    let report = within(
+        "the error within the command timeout",
+        command_timeout + Duration::from_millis(500),
+        build_error(
+            EventBus::builder()
+                .url(tls_at_plain)
+                .tls_ca_cert(certs.ca())
+                .command_timeout(command_timeout),
+        ),
     )
     .await;
     assert!(report.contains("connecting to"), "{report}");

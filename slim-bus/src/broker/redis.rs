@@ -464,15 +464,15 @@ pub(super) async fn manager(
     client: &Client,
     response_timeout: Duration,
 ) -> Result<ConnectionManager> {
-    // The bus's own loops back off between attempts, so a reconnect tries once and
-    // fails within the command timeout rather than holding every caller through rounds
-    // of retries.
+    // The bus's own loops back off between attempts, so a reconnect fails within the
+    // command timeout rather than holding every caller through rounds of retries: redis-rs
+    // makes two connection attempts even without retries, each given half of it.
     let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(CONNECT_TIMEOUT.min(response_timeout)))
+        .set_connection_timeout(Some(CONNECT_TIMEOUT.min(response_timeout / 2)))
         .set_response_timeout(Some(response_timeout))
         .set_min_delay(Duration::from_millis(50))
         .set_max_delay(Duration::from_secs(1))
-        .set_number_of_retries(1);
+        .set_number_of_retries(0);
     let action = || format!("connecting to {}", client.get_connection_info().addr());
     match tokio::time::timeout(
         CONNECT_TIMEOUT * 2,
