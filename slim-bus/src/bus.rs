@@ -9,12 +9,13 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
+use crate::broker::{Broker, is_failover_code};
 use crate::codec::{self, EncodedField};
 use crate::config::{EventBusConfig, StartFrom, default_consumer_name};
-use crate::consumer::{Consumer, Route};
+use crate::consumer::Backoff;
+use crate::consumer::{Consumer, Route, is_refused_access};
 use crate::dead_letter::{DeadLetters, dead_letter_stream};
 use crate::error::{Error, Result};
 use crate::event::{EntryId, Event};
@@ -236,7 +237,9 @@ impl EventBus {
     /// # Errors
     ///
     /// [`Error::NoHandlers`], [`Error::AlreadyListening`], and startup errors: Redis
-    /// unreachable, a server older than Redis 7.0 ([`Error::UnsupportedServer`]), or every
+    /// unreachable (only with [`wait_for_redis`](EventBusBuilder::wait_for_redis) off;
+    /// by default `listen()` waits for it), refused credentials, a server older than
+    /// Redis 7.0 ([`Error::UnsupportedServer`]), or every
     /// stream key holding another type ([`Error::WrongType`]). When
     /// only some do, those streams are set aside (see [`StreamHealth::error`]) and the
     /// others are consumed.
@@ -275,8 +278,7 @@ impl EventBus {
             set_aside: self.inner.set_aside.clone(),
             publisher: self.publisher(),
         };
-        self.inner.broker.check_version().await?;
-        consumer.prepare().await?;
+        self.prepare_when_reachable(&consumer).await?;
         tracing::info!(
             group,
             consumer = %self.inner.consumer_name,
@@ -294,14 +296,46 @@ impl EventBus {
         Ok(Listener::new(task, shutdown))
     }
 
+    /// Checks the server's version and creates the consumer groups; while Redis does not
+    /// answer, waits for it with backoff when [`wait_for_redis`](EventBusBuilder::wait_for_redis)
+    /// is set.
+    async fn prepare_when_reachable(&self, consumer: &Consumer) -> Result<()> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let attempt = async {
+                self.inner.broker.check_version().await?;
+                consumer.prepare().await
+            }
+            .await;
+            match attempt {
+                Err(error) if self.inner.config.wait_for_redis && is_unreachable(&error) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        error = &error as &dyn std::error::Error,
+                        attempt = backoff.attempts(),
+                        retry_in = ?delay,
+                        "redis does not answer; waiting for it to listen (wait_for_redis)"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Listens until `signal` resolves, then shuts down gracefully: the one-liner for a
-    /// service's `main`.
+    /// service's `main`. The signal also ends the wait for Redis at startup, if
+    /// `listen()` waits ([`wait_for_redis`](EventBusBuilder::wait_for_redis)).
     ///
     /// # Errors
     ///
     /// As [`listen`](Self::listen), and the error that stopped the listener early, if any.
     pub async fn run_until(&self, signal: impl Future<Output = ()>) -> Result<()> {
-        let mut listener = self.listen().await?;
+        let mut signal = std::pin::pin!(signal);
+        let mut listener = tokio::select! {
+            listener = self.listen() => listener?,
+            () = &mut signal => return Ok(()),
+        };
         tokio::select! {
             result = &mut listener => result,
             () = signal => listener.shutdown().await,
@@ -398,6 +432,26 @@ impl EventBus {
     /// This process's consumer name within the group.
     pub fn consumer_name(&self) -> &str {
         &self.inner.consumer_name
+    }
+}
+
+/// Whether `error` says Redis is down or cannot be reached for now (refused, timed out,
+/// dropped connections, or a server still loading its data), rather than refusing the
+/// bus for good.
+fn is_unreachable(error: &Error) -> bool {
+    match error {
+        Error::Timeout { .. } => true,
+        Error::Redis { source, .. } => {
+            !is_refused_access(source)
+                && (source.is_io_error()
+                    || source.is_connection_refusal()
+                    || source.is_timeout()
+                    || source.is_connection_dropped()
+                    || error
+                        .server_code()
+                        .is_some_and(|code| is_failover_code(code.as_bytes())))
+        }
+        _ => false,
     }
 }
 
@@ -570,6 +624,15 @@ impl EventBusBuilder {
         self
     }
 
+    /// Whether [`EventBus::listen`] waits for Redis when it does not answer (default
+    /// `true`): it retries with backoff, one log line per step, until Redis answers, and
+    /// can be cancelled by dropping it ([`EventBus::run_until`]'s signal does). With
+    /// `false`, `listen()` fails at once with the connection error.
+    pub fn wait_for_redis(mut self, wait: bool) -> Self {
+        self.config.wait_for_redis = wait;
+        self
+    }
+
     /// Failed deliveries before an entry is dead-lettered (default 5).
     pub fn max_deliveries(mut self, max_deliveries: u64) -> Self {
         self.config.max_deliveries = max_deliveries;
@@ -616,12 +679,19 @@ impl EventBusBuilder {
         self
     }
 
-    /// Checks the settings and handlers, and connects to Redis (or to the in-memory broker).
+    /// Checks the settings and handlers, and starts connecting to Redis in the background
+    /// (or connects to the in-memory broker). It does not wait for Redis: a service
+    /// starts, and serves [`EventBus::health`] (`connected: false`), while Redis is down;
+    /// the connection is retried with backoff, one log line per step. Until it is open,
+    /// a publish fails within [`command_timeout`](Self::command_timeout), and
+    /// [`EventBus::listen`] waits or fails as [`wait_for_redis`](Self::wait_for_redis)
+    /// says.
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] naming an invalid setting, [`Error::DuplicateHandler`],
-    /// [`Error::NoHandlerStream`], [`Error::EmptyStream`], and connection errors.
+    /// [`Error::Config`] naming an invalid setting (a URL that is not a Redis URL or uses
+    /// an unsupported scheme included), [`Error::DuplicateHandler`],
+    /// [`Error::NoHandlerStream`] and [`Error::EmptyStream`].
     pub async fn build(self) -> Result<EventBus> {
         self.config.validate()?;
         let routes = routes(self.handlers, &self.config)?;
@@ -648,7 +718,7 @@ impl EventBusBuilder {
                         )
                     })?,
                 };
-                Arc::new(RedisBroker::connect(client, self.config.command_timeout).await?)
+                Arc::new(RedisBroker::new(client, self.config.command_timeout)?)
             }
         };
         let consumer_name = self

@@ -91,6 +91,9 @@ pub struct EventBusConfig {
     /// one atomic step, so no entry is dropped with a consumer.
     #[serde(with = "humantime_serde")]
     pub consumer_idle_removal: Duration,
+    /// Whether `listen()` waits for Redis when it does not answer, retrying with backoff
+    /// (the default), or fails at once with the connection error.
+    pub wait_for_redis: bool,
     /// After this many deliveries that failed, an entry is dead-lettered. A handler can
     /// set its own with [`StreamHandler::max_deliveries`](crate::StreamHandler::max_deliveries).
     pub max_deliveries: u64,
@@ -128,6 +131,7 @@ impl Default for EventBusConfig {
             claim_min_idle: Duration::from_secs(60),
             claim_interval: Duration::from_secs(10),
             consumer_idle_removal: Duration::from_secs(24 * 3600),
+            wait_for_redis: true,
             max_deliveries: 5,
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(30),

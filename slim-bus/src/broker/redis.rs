@@ -161,7 +161,7 @@ async fn publish_in_pipelines(
             .err()
             .map(|failure| {
                 connection = None;
-                failure.into_redis(timeout)
+                failure.into_redis(info.addr(), timeout)
             });
         if replies
             .iter()
@@ -215,7 +215,7 @@ enum PipelineFailure {
 }
 
 impl PipelineFailure {
-    fn into_redis(self, timeout: Duration) -> redis::RedisError {
+    fn into_redis(self, addr: &redis::ConnectionAddr, timeout: Duration) -> redis::RedisError {
         let (error, sent) = match self {
             PipelineFailure::Connect(error) => (error, false),
             PipelineFailure::Unanswered(error) => (error, true),
@@ -227,7 +227,15 @@ impl PipelineFailure {
             other => other,
         };
         if !sent {
-            return error.into_redis();
+            // Redis is down, or not up yet: say so, nothing was written.
+            return match error {
+                RespError::Io(error) => std::io::Error::new(
+                    error.kind(),
+                    format!("not connected to {addr}: {error}; nothing was written"),
+                )
+                .into(),
+                other => other.into_redis(),
+            };
         }
         let (kind, cause) = match error {
             RespError::Io(error) => (error.kind(), error.to_string()),
@@ -320,7 +328,9 @@ impl Drop for BlockedReader<'_> {
 }
 
 impl RedisBroker {
-    pub(crate) async fn connect(client: Client, command_timeout: Duration) -> Result<Self> {
+    /// A broker for the server `client` names, connecting in the background: this
+    /// fails only for an address the bus cannot use, never because Redis is down.
+    pub(crate) fn new(client: Client, command_timeout: Duration) -> Result<Self> {
         if !matches!(
             client.get_connection_info().addr(),
             redis::ConnectionAddr::Tcp(..)
@@ -334,7 +344,7 @@ impl RedisBroker {
                 ),
             ));
         }
-        let commands = Arc::new(CommandConnection::connect(client.clone(), command_timeout).await?);
+        let commands = CommandConnection::open_in_background(client.clone(), command_timeout);
         let (publisher, requests) = mpsc::unbounded_channel();
         tokio::spawn(keep_publishing(
             client.get_connection_info().clone(),
