@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::event::{EntryId, Event};
 use crate::handler::{Handlers, StreamHandler, StreamService};
 use crate::health::{Health, LastRead, SetAside, StreamHealth};
+use crate::lease::ConsumerLease;
 use crate::listener::Listener;
 use crate::publisher::Publisher;
 
@@ -236,7 +237,10 @@ impl EventBus {
     ///
     /// # Errors
     ///
-    /// [`Error::NoHandlers`], [`Error::AlreadyListening`], and startup errors: Redis
+    /// [`Error::NoHandlers`], [`Error::AlreadyListening`],
+    /// [`Error::ConsumerNameTaken`] while another live process listens under this
+    /// consumer name (see [`consumer_lease_ttl`](EventBusBuilder::consumer_lease_ttl)),
+    /// and startup errors: Redis
     /// unreachable (only with [`wait_for_redis`](EventBusBuilder::wait_for_redis) off;
     /// by default `listen()` waits for it), refused credentials, a server older than
     /// Redis 7.0 ([`Error::UnsupportedServer`]), or every
@@ -278,7 +282,13 @@ impl EventBus {
             set_aside: self.inner.set_aside.clone(),
             publisher: self.publisher(),
         };
-        self.prepare_when_reachable(&consumer).await?;
+        let lease = ConsumerLease::new(
+            self.inner.broker.clone(),
+            group.into(),
+            self.inner.consumer_name.clone(),
+            config.consumer_lease_ttl,
+        );
+        self.prepare_when_reachable(&consumer, &lease).await?;
         tracing::info!(
             group,
             consumer = %self.inner.consumer_name,
@@ -290,21 +300,42 @@ impl EventBus {
             let shutdown = shutdown.clone();
             async move {
                 let _guard = guard;
-                consumer.run(shutdown).await
+                let run = consumer.run(shutdown.clone());
+                tokio::pin!(run);
+                let outcome = tokio::select! {
+                    outcome = &mut run => outcome,
+                    error = lease.keep() => {
+                        shutdown.cancel();
+                        let _ = run.await;
+                        Err(error)
+                    }
+                };
+                lease.release().await;
+                outcome
             }
         });
         Ok(Listener::new(task, shutdown))
     }
 
-    /// Checks the server's version and creates the consumer groups; while Redis does not
+    /// Checks the server's version, takes the consumer name's lease and creates the
+    /// consumer groups; while Redis does not
     /// answer, waits for it with backoff when [`wait_for_redis`](EventBusBuilder::wait_for_redis)
     /// is set.
-    async fn prepare_when_reachable(&self, consumer: &Consumer) -> Result<()> {
+    async fn prepare_when_reachable(
+        &self,
+        consumer: &Consumer,
+        lease: &ConsumerLease,
+    ) -> Result<()> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let attempt = async {
                 self.inner.broker.check_version().await?;
-                consumer.prepare().await
+                lease.acquire().await?;
+                let prepared = consumer.prepare().await;
+                if prepared.is_err() {
+                    lease.release().await;
+                }
+                prepared
             }
             .await;
             match attempt {
@@ -547,7 +578,10 @@ impl EventBusBuilder {
     }
 
     /// This process's name within the group (default: the host name). Two processes must
-    /// never share a consumer name, so set it when several run on one host.
+    /// never share a consumer name, so set it when several run on one host; a listening
+    /// bus holds a lease on its name, and `listen()` fails with
+    /// [`Error::ConsumerNameTaken`] under a name another live process holds (see
+    /// [`consumer_lease_ttl`](Self::consumer_lease_ttl)).
     pub fn consumer_name(mut self, name: impl Into<String>) -> Self {
         self.config.consumer_name = Some(name.into());
         self
@@ -630,6 +664,17 @@ impl EventBusBuilder {
     /// `false`, `listen()` fails at once with the connection error.
     pub fn wait_for_redis(mut self, wait: bool) -> Self {
         self.config.wait_for_redis = wait;
+        self
+    }
+
+    /// How long the lease of the consumer name lasts without renewal (default 5 s; at
+    /// least 100 ms). While a bus listens, the key `slim-bus:consumer:{group}:{name}`
+    /// holds a token of this process, renewed every third of this TTL and deleted at
+    /// shutdown; `listen()` fails with [`Error::ConsumerNameTaken`] while another live
+    /// process holds it, and after a crash the restarted process waits up to this long
+    /// for its previous lease to lapse, then recovers its pending entries.
+    pub fn consumer_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.config.consumer_lease_ttl = ttl;
         self
     }
 

@@ -91,6 +91,12 @@ pub struct EventBusConfig {
     /// one atomic step, so no entry is dropped with a consumer.
     #[serde(with = "humantime_serde")]
     pub consumer_idle_removal: Duration,
+    /// How long the lease of this consumer name lasts without renewal. A listening bus
+    /// holds it (renewing it every third of it) so that no other live process listens
+    /// under the same name; a process restarted after a crash waits up to this long for
+    /// the lease of its previous life to lapse.
+    #[serde(with = "humantime_serde")]
+    pub consumer_lease_ttl: Duration,
     /// Whether `listen()` waits for Redis when it does not answer, retrying with backoff
     /// (the default), or fails at once with the connection error.
     pub wait_for_redis: bool,
@@ -131,6 +137,7 @@ impl Default for EventBusConfig {
             claim_min_idle: Duration::from_secs(60),
             claim_interval: Duration::from_secs(10),
             consumer_idle_removal: Duration::from_secs(24 * 3600),
+            consumer_lease_ttl: Duration::from_secs(5),
             wait_for_redis: true,
             max_deliveries: 5,
             retry_base: Duration::from_secs(1),
@@ -159,6 +166,7 @@ impl EventBusConfig {
             ("claim_min_idle", Some(self.claim_min_idle)),
             ("claim_interval", Some(self.claim_interval)),
             ("consumer_idle_removal", Some(self.consumer_idle_removal)),
+            ("consumer_lease_ttl", Some(self.consumer_lease_ttl)),
             ("retry_base", Some(self.retry_base)),
             ("retry_max", Some(self.retry_max)),
         ];
@@ -229,6 +237,12 @@ impl EventBusConfig {
             return Err(Error::config(
                 "consumer_idle_removal",
                 "must be longer than zero",
+            ));
+        }
+        if self.consumer_lease_ttl < Duration::from_millis(100) {
+            return Err(Error::config(
+                "consumer_lease_ttl",
+                "must be at least 100ms",
             ));
         }
         if self.max_deliveries == 0 {
