@@ -48,7 +48,9 @@ pub struct EventBusConfig {
     /// This process's name within the group. Defaults to the host name (the pod name on
     /// Kubernetes), which stays the same across restarts so a restarted process finds the
     /// entries it held. Set it when several processes of one service share a host: two
-    /// processes must never share a consumer name. No whitespace at either end.
+    /// processes must never share a consumer name: a listening bus holds a lease on it
+    /// (see `consumer_lease_ttl`), and `listen()` refuses a name another live process
+    /// holds. No whitespace at either end.
     pub consumer_name: Option<String>,
     /// The most entries asked for per stream and read.
     pub max_count: usize,
