@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "error".into()),
         )
         .init();
-    let (url, _server) = slim_bus_examples::redis_for_the_example().await?;
+    let (url, server) = slim_bus_examples::redis_for_the_example().await?;
 
     let ledger_up = Arc::new(AtomicBool::new(false));
     let (done, mut finished) = mpsc::unbounded_channel();
@@ -131,14 +131,23 @@ async fn main() -> anyhow::Result<()> {
             letter.error,
         );
     }
-    if !url.starts_with("memory://") {
-        println!(
-            "look at them with: redis-cli XRANGE '{}' - +",
-            dead.stream()
-        );
-    }
-
     listener.shutdown().await?;
+    // Only a Redis that outlives this run still holds them.
+    match (&server, url.starts_with("memory://")) {
+        (None, false) => println!(
+            "look at them with: redis-cli -u '{url}' XRANGE '{}' - +",
+            dead.stream()
+        ),
+        _ => println!(
+            "the dead letters went with {}; run with REDIS_URL set to keep them and look at them with redis-cli",
+            if server.is_some() {
+                "the example's throwaway redis-server"
+            } else {
+                "the in-memory backend"
+            }
+        ),
+    }
+    drop(server);
     Ok(())
 }
 

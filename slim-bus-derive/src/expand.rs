@@ -25,7 +25,15 @@ pub(crate) fn event(event: &Event<'_>, errors: &Errors) -> TokenStream {
     let stream = optional_str(stream.as_ref());
     // A generic event is an event for those arguments that make it (de)serializable.
     let where_clause = if generics.params.is_empty() {
-        quote!(#where_clause)
+        // A concrete one states the serde bounds higher-ranked, which rustc does not check
+        // at the impl: a type without serde's derives then gets the errors of the checks
+        // below, which name the fix, instead of errors about `Event`'s supertraits, which
+        // rustc calls "sealed" (they come from serde_core, which users cannot name).
+        quote! {
+            where
+                for<'__de> #ident: #krate::__private::serde::Serialize
+                    + #krate::__private::serde::Deserialize<'__de>,
+        }
     } else {
         let predicates = where_clause.map(|clause| &clause.predicates);
         quote! {
@@ -38,9 +46,18 @@ pub(crate) fn event(event: &Event<'_>, errors: &Errors) -> TokenStream {
                 #predicates
         }
     };
+    let serde_checks = generics.params.is_empty().then(|| {
+        quote_spanned! {ident.span()=>
+            const _: () = {
+                #krate::__private::event_derives_serialize::<#ident>();
+                #krate::__private::event_derives_deserialize::<#ident>();
+            };
+        }
+    });
     let errors = errors.to_compile_errors();
     quote! {
         #errors
+        #serde_checks
         #[automatically_derived]
         impl #impl_generics #krate::__private::Event for #ident #ty_generics #where_clause {
             const STREAM: ::core::option::Option<&'static str> = #stream;

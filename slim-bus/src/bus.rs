@@ -10,17 +10,19 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
+use crate::broker::{Broker, is_failover_code};
 use crate::codec::{self, EncodedField};
 use crate::config::{EventBusConfig, StartFrom, default_consumer_name, redacted_url};
-use crate::consumer::{Consumer, Route};
+use crate::consumer::Backoff;
+use crate::consumer::{Consumer, Route, is_refused_access};
 use crate::dead_letter::{DeadLetters, dead_letter_stream};
 use crate::error::{Error, Result};
 use crate::event::{EntryId, Event};
 use crate::handler::{Handlers, StreamHandler, StreamService};
 use crate::health::{Health, LastRead, SetAside, StreamHealth};
+use crate::lease::ConsumerLease;
 use crate::listener::Listener;
 use crate::publisher::Publisher;
 use crate::tls::{Tls, reject_without_tls};
@@ -237,8 +239,13 @@ impl EventBus {
     ///
     /// # Errors
     ///
-    /// [`Error::NoHandlers`], [`Error::AlreadyListening`], and startup errors: Redis
-    /// unreachable, a server older than Redis 7.0 ([`Error::UnsupportedServer`]), or every
+    /// [`Error::NoHandlers`], [`Error::AlreadyListening`],
+    /// [`Error::ConsumerNameTaken`] while another live process listens under this
+    /// consumer name (see [`consumer_lease_ttl`](EventBusBuilder::consumer_lease_ttl)),
+    /// and startup errors: Redis
+    /// unreachable (only with [`wait_for_redis`](EventBusBuilder::wait_for_redis) off;
+    /// by default `listen()` waits for it), refused credentials, a server older than
+    /// Redis 7.0 ([`Error::UnsupportedServer`]), or every
     /// stream key holding another type ([`Error::WrongType`]). When
     /// only some do, those streams are set aside (see [`StreamHealth::error`]) and the
     /// others are consumed.
@@ -277,8 +284,13 @@ impl EventBus {
             set_aside: self.inner.set_aside.clone(),
             publisher: self.publisher(),
         };
-        self.inner.broker.check_version().await?;
-        consumer.prepare().await?;
+        let lease = ConsumerLease::new(
+            self.inner.broker.clone(),
+            group.into(),
+            self.inner.consumer_name.clone(),
+            config.consumer_lease_ttl,
+        );
+        self.prepare_when_reachable(&consumer, &lease).await?;
         tracing::info!(
             group,
             consumer = %self.inner.consumer_name,
@@ -290,20 +302,73 @@ impl EventBus {
             let shutdown = shutdown.clone();
             async move {
                 let _guard = guard;
-                consumer.run(shutdown).await
+                let run = consumer.run(shutdown.clone());
+                tokio::pin!(run);
+                let outcome = tokio::select! {
+                    outcome = &mut run => outcome,
+                    error = lease.keep() => {
+                        shutdown.cancel();
+                        let _ = run.await;
+                        Err(error)
+                    }
+                };
+                lease.release().await;
+                outcome
             }
         });
         Ok(Listener::new(task, shutdown))
     }
 
+    /// Checks the server's version, takes the consumer name's lease and creates the
+    /// consumer groups; while Redis does not
+    /// answer, waits for it with backoff when [`wait_for_redis`](EventBusBuilder::wait_for_redis)
+    /// is set.
+    async fn prepare_when_reachable(
+        &self,
+        consumer: &Consumer,
+        lease: &ConsumerLease,
+    ) -> Result<()> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let attempt = async {
+                self.inner.broker.check_version().await?;
+                lease.acquire().await?;
+                let prepared = consumer.prepare().await;
+                if prepared.is_err() {
+                    lease.release().await;
+                }
+                prepared
+            }
+            .await;
+            match attempt {
+                Err(error) if self.inner.config.wait_for_redis && is_unreachable(&error) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        error = &error as &dyn std::error::Error,
+                        attempt = backoff.attempts(),
+                        retry_in = ?delay,
+                        "redis does not answer; waiting for it to listen (wait_for_redis)"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Listens until `signal` resolves, then shuts down gracefully: the one-liner for a
-    /// service's `main`.
+    /// service's `main`. The signal also ends the wait for Redis at startup, if
+    /// `listen()` waits ([`wait_for_redis`](EventBusBuilder::wait_for_redis)).
     ///
     /// # Errors
     ///
     /// As [`listen`](Self::listen), and the error that stopped the listener early, if any.
     pub async fn run_until(&self, signal: impl Future<Output = ()>) -> Result<()> {
-        let mut listener = self.listen().await?;
+        let mut signal = std::pin::pin!(signal);
+        let mut listener = tokio::select! {
+            listener = self.listen() => listener?,
+            () = &mut signal => return Ok(()),
+        };
         tokio::select! {
             result = &mut listener => result,
             () = signal => listener.shutdown().await,
@@ -401,6 +466,51 @@ impl EventBus {
     pub fn consumer_name(&self) -> &str {
         &self.inner.consumer_name
     }
+}
+
+/// Whether `error` says Redis is down or cannot be reached for now (refused, timed out,
+/// dropped connections, or a server still loading its data), rather than refusing the
+/// bus for good.
+fn is_unreachable(error: &Error) -> bool {
+    if is_misconfigured(error) {
+        return false;
+    }
+    match error {
+        Error::Timeout { .. } => true,
+        Error::Redis { source, .. } => {
+            !is_refused_access(source)
+                && (source.is_io_error()
+                    || source.is_connection_refusal()
+                    || source.is_timeout()
+                    || source.is_connection_dropped()
+                    || error
+                        .server_code()
+                        .is_some_and(|code| is_failover_code(code.as_bytes())))
+        }
+        _ => false,
+    }
+}
+
+/// Whether `error` comes from settings that waiting cannot fix: a TLS handshake that
+/// failed on a certificate (refused by either side), or a URL whose scheme does not match
+/// the port (`redis://` at a TLS port, `rediss://` at a plain one). rustls reports these as
+/// I/O errors, so they are told apart by what their chain says.
+fn is_misconfigured(error: &Error) -> bool {
+    const MARKS: [&str; 4] = [
+        "invalid peer certificate",
+        "received fatal alert",
+        "use a rediss:// URL",
+        "use a redis:// URL",
+    ];
+    let mut cause: Option<&dyn std::error::Error> = Some(error);
+    while let Some(current) = cause {
+        let text = current.to_string();
+        if MARKS.iter().any(|mark| text.contains(mark)) {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
 }
 
 /// The error for an entry without fields, which Redis cannot store.
@@ -517,7 +627,10 @@ impl EventBusBuilder {
     }
 
     /// This process's name within the group (default: the host name). Two processes must
-    /// never share a consumer name, so set it when several run on one host.
+    /// never share a consumer name, so set it when several run on one host; a listening
+    /// bus holds a lease on its name, and `listen()` fails with
+    /// [`Error::ConsumerNameTaken`] under a name another live process holds (see
+    /// [`consumer_lease_ttl`](Self::consumer_lease_ttl)).
     pub fn consumer_name(mut self, name: impl Into<String>) -> Self {
         self.config.consumer_name = Some(name.into());
         self
@@ -594,6 +707,26 @@ impl EventBusBuilder {
         self
     }
 
+    /// Whether [`EventBus::listen`] waits for Redis when it does not answer (default
+    /// `true`): it retries with backoff, one log line per step, until Redis answers, and
+    /// can be cancelled by dropping it ([`EventBus::run_until`]'s signal does). With
+    /// `false`, `listen()` fails at once with the connection error.
+    pub fn wait_for_redis(mut self, wait: bool) -> Self {
+        self.config.wait_for_redis = wait;
+        self
+    }
+
+    /// How long the lease of the consumer name lasts without renewal (default 5 s; at
+    /// least 100 ms). While a bus listens, the key `slim-bus:consumer:{group}:{name}`
+    /// holds a token of this process, renewed every third of this TTL and deleted at
+    /// shutdown; `listen()` fails with [`Error::ConsumerNameTaken`] while another live
+    /// process holds it, and after a crash the restarted process waits up to this long
+    /// for its previous lease to lapse, then recovers its pending entries.
+    pub fn consumer_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.config.consumer_lease_ttl = ttl;
+        self
+    }
+
     /// Failed deliveries before an entry is dead-lettered (default 5).
     pub fn max_deliveries(mut self, max_deliveries: u64) -> Self {
         self.config.max_deliveries = max_deliveries;
@@ -640,12 +773,19 @@ impl EventBusBuilder {
         self
     }
 
-    /// Checks the settings and handlers, and connects to Redis (or to the in-memory broker).
+    /// Checks the settings and handlers, and starts connecting to Redis in the background
+    /// (or connects to the in-memory broker). It does not wait for Redis: a service
+    /// starts, and serves [`EventBus::health`] (`connected: false`), while Redis is down;
+    /// the connection is retried with backoff, one log line per step. Until it is open,
+    /// a publish fails within [`command_timeout`](Self::command_timeout), and
+    /// [`EventBus::listen`] waits or fails as [`wait_for_redis`](Self::wait_for_redis)
+    /// says.
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] naming an invalid setting, [`Error::DuplicateHandler`],
-    /// [`Error::NoHandlerStream`], [`Error::EmptyStream`], and connection errors.
+    /// [`Error::Config`] naming an invalid setting (a URL that is not a Redis URL or uses
+    /// an unsupported scheme included), [`Error::DuplicateHandler`],
+    /// [`Error::NoHandlerStream`] and [`Error::EmptyStream`].
     pub async fn build(self) -> Result<EventBus> {
         self.config.validate()?;
         let routes = routes(self.handlers, &self.config)?;
@@ -676,7 +816,7 @@ impl EventBusBuilder {
                     }
                     None => open_client(&self.config)?,
                 };
-                Arc::new(RedisBroker::connect(client, tls, self.config.command_timeout).await?)
+                Arc::new(RedisBroker::new(client, tls, self.config.command_timeout)?)
             }
         };
         let consumer_name = self

@@ -61,7 +61,9 @@ pub struct EventBusConfig {
     /// This process's name within the group. Defaults to the host name (the pod name on
     /// Kubernetes), which stays the same across restarts so a restarted process finds the
     /// entries it held. Set it when several processes of one service share a host: two
-    /// processes must never share a consumer name. No whitespace at either end.
+    /// processes must never share a consumer name: a listening bus holds a lease on it
+    /// (see `consumer_lease_ttl`), and `listen()` refuses a name another live process
+    /// holds. No whitespace at either end.
     pub consumer_name: Option<String>,
     /// The most entries asked for per stream and read.
     pub max_count: usize,
@@ -104,6 +106,15 @@ pub struct EventBusConfig {
     /// one atomic step, so no entry is dropped with a consumer.
     #[serde(with = "humantime_serde")]
     pub consumer_idle_removal: Duration,
+    /// How long the lease of this consumer name lasts without renewal. A listening bus
+    /// holds it (renewing it every third of it) so that no other live process listens
+    /// under the same name; a process restarted after a crash waits up to this long for
+    /// the lease of its previous life to lapse.
+    #[serde(with = "humantime_serde")]
+    pub consumer_lease_ttl: Duration,
+    /// Whether `listen()` waits for Redis when it does not answer, retrying with backoff
+    /// (the default), or fails at once with the connection error.
+    pub wait_for_redis: bool,
     /// After this many deliveries that failed, an entry is dead-lettered. A handler can
     /// set its own with [`StreamHandler::max_deliveries`](crate::StreamHandler::max_deliveries).
     pub max_deliveries: u64,
@@ -144,6 +155,8 @@ impl Default for EventBusConfig {
             claim_min_idle: Duration::from_secs(60),
             claim_interval: Duration::from_secs(10),
             consumer_idle_removal: Duration::from_secs(24 * 3600),
+            consumer_lease_ttl: Duration::from_secs(5),
+            wait_for_redis: true,
             max_deliveries: 5,
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(30),
@@ -180,6 +193,8 @@ impl std::fmt::Debug for EventBusConfig {
             retry_max,
             dead_letter_suffix,
             dead_letter_max_len,
+            wait_for_redis,
+            consumer_lease_ttl,
         } = self;
         f.debug_struct("EventBusConfig")
             .field("url", &redacted_url(url))
@@ -204,6 +219,8 @@ impl std::fmt::Debug for EventBusConfig {
             .field("retry_max", retry_max)
             .field("dead_letter_suffix", dead_letter_suffix)
             .field("dead_letter_max_len", dead_letter_max_len)
+            .field("wait_for_redis", wait_for_redis)
+            .field("consumer_lease_ttl", consumer_lease_ttl)
             .finish()
     }
 }
@@ -287,6 +304,7 @@ impl EventBusConfig {
             ("claim_min_idle", Some(self.claim_min_idle)),
             ("claim_interval", Some(self.claim_interval)),
             ("consumer_idle_removal", Some(self.consumer_idle_removal)),
+            ("consumer_lease_ttl", Some(self.consumer_lease_ttl)),
             ("retry_base", Some(self.retry_base)),
             ("retry_max", Some(self.retry_max)),
         ];
@@ -357,6 +375,12 @@ impl EventBusConfig {
             return Err(Error::config(
                 "consumer_idle_removal",
                 "must be longer than zero",
+            ));
+        }
+        if self.consumer_lease_ttl < Duration::from_millis(100) {
+            return Err(Error::config(
+                "consumer_lease_ttl",
+                "must be at least 100ms",
             ));
         }
         if self.max_deliveries == 0 {

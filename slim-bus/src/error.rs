@@ -90,6 +90,20 @@ pub enum Error {
         required: &'static str,
     },
 
+    /// Another live process listens under this consumer name in this group: two
+    /// processes sharing a name would take each other's entries for their own.
+    #[error(
+        "consumer name `{consumer}` of group `{group}` is in use by another live process ({holder}): give each process its own consumer_name"
+    )]
+    ConsumerNameTaken {
+        /// The consumer group.
+        group: String,
+        /// The consumer name.
+        consumer: String,
+        /// The process holding the name's lease: its pid and host.
+        holder: String,
+    },
+
     /// The key of a stream holds another Redis type, so the bus cannot use it.
     #[error("key `{stream}` holds a Redis {actual}, not a stream: delete or rename it")]
     WrongType {

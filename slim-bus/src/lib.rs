@@ -11,6 +11,7 @@ mod error;
 mod event;
 mod handler;
 mod health;
+mod lease;
 mod listener;
 mod publisher;
 pub mod testing;

@@ -14,6 +14,36 @@ pub use crate::error::HandlerError;
 pub use crate::event::Event;
 pub use crate::handler::{Handlers, StreamHandler, StreamService};
 
+/// A type `#[derive(Event)]` is given must derive `Serialize`; this says so when it does
+/// not. The bound alone would be reported as one of `Event`'s supertraits, which rustc
+/// calls "sealed" (serde_core, where it lives, is out of the user's reach).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` derives `slim_bus::Event` but not `serde::Serialize`",
+    label = "an event needs `Serialize`",
+    note = "an event's fields are written to stream entries with serde: derive `Serialize` and `Deserialize` too, `#[derive(serde::Serialize, serde::Deserialize, slim_bus::Event)]`"
+)]
+pub trait EventSerialize {}
+
+impl<T: serde::Serialize> EventSerialize for T {}
+
+/// As [`EventSerialize`], for `Deserialize`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` derives `slim_bus::Event` but not `serde::Deserialize`",
+    label = "an event needs `Deserialize`",
+    note = "an event's fields are read from stream entries with serde: derive `Serialize` and `Deserialize` too, `#[derive(serde::Serialize, serde::Deserialize, slim_bus::Event)]`"
+)]
+pub trait EventDeserialize {}
+
+impl<T: serde::de::DeserializeOwned> EventDeserialize for T {}
+
+/// Compiles only for a type that implements `Serialize`, else fails with
+/// [`EventSerialize`]'s message.
+pub const fn event_derives_serialize<T: EventSerialize>() {}
+
+/// Compiles only for a type that implements `Deserialize`, else fails with
+/// [`EventDeserialize`]'s message.
+pub const fn event_derives_deserialize<T: EventDeserialize>() {}
+
 /// What a handler function may return: `()` or `Result<(), E>` for any error that
 /// converts into [`HandlerError`] (so `HandlerError` itself, std errors, `anyhow::Error`,
 /// `String`, `&str`).

@@ -142,7 +142,10 @@ async fn refused_credentials_and_a_working_bus_show_no_password() {
     .unwrap();
 
     let refused = format!("redis://:{PASSWORD}@127.0.0.1:{}/", server.port());
-    let error = within("build", STEP, EventBus::builder().url(refused).build())
+    let bus = within("build", STEP, EventBus::builder().url(refused).build())
+        .await
+        .unwrap();
+    let error = within("a command", STEP, bus.dead_letters("s").list(None, 1))
         .await
         .expect_err("the server refuses the password");
     let report = format!("{error:?}");

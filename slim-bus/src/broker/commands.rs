@@ -1,10 +1,10 @@
 //! The connection for every command but reads of new entries and publishes: a redis-rs
-//! connection manager, each request bounded by the command timeout, and replaced by a new
-//! one (the address resolved again) once the server it reaches stops being a writable
-//! primary.
+//! connection manager, opened in the background with backoff (so a bus is built while
+//! Redis is down), each request bounded by the command timeout, and replaced by a new one
+//! (the address resolved again) once the server it reaches stops being a writable primary.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -12,13 +12,15 @@ use redis::{Client, Value};
 
 use super::is_failover_code;
 use super::redis::manager;
-use crate::error::{Result, server_code};
+use crate::consumer::Backoff;
+use crate::error::{Error, server_code};
 
 /// The connection manager of a broker, and what replacing it takes.
 pub(crate) struct CommandConnection {
     client: Client,
     timeout: Duration,
-    manager: std::sync::Mutex<ConnectionManager>,
+    /// `None` until the first connection succeeds.
+    manager: std::sync::Mutex<Option<ConnectionManager>>,
     /// A reply said the server is a replica, loading, or without its primary: the next
     /// request opens a new connection first.
     stale: AtomicBool,
@@ -27,15 +29,35 @@ pub(crate) struct CommandConnection {
 }
 
 impl CommandConnection {
-    pub(crate) async fn connect(client: Client, timeout: Duration) -> Result<Self> {
-        let manager = manager(&client, timeout).await?;
-        Ok(CommandConnection {
+    /// A connection not opened yet: a background task opens it, retrying with backoff
+    /// until it succeeds or the connection is dropped, and a request sent before opens it
+    /// itself (or waits for the attempt in progress), within its timeout.
+    pub(crate) fn open_in_background(client: Client, timeout: Duration) -> Arc<Self> {
+        let connection = Arc::new(CommandConnection {
             client,
             timeout,
-            manager: std::sync::Mutex::new(manager),
+            manager: std::sync::Mutex::new(None),
             stale: AtomicBool::new(false),
             replacing: tokio::sync::Mutex::new(()),
-        })
+        });
+        tokio::spawn(keep_connecting(Arc::downgrade(&connection)));
+        connection
+    }
+
+    /// Opens the first connection unless one is open.
+    async fn connect_first(&self) -> std::result::Result<(), Error> {
+        let _replacing = self.replacing.lock().await;
+        if self.is_open() {
+            return Ok(());
+        }
+        let fresh = manager(&self.client, self.timeout).await?;
+        *self.slot() = Some(fresh);
+        tracing::info!(addr = %self.client.get_connection_info().addr(), "connected to redis");
+        Ok(())
+    }
+
+    fn is_open(&self) -> bool {
+        self.slot().is_some()
     }
 
     /// A handle to send requests on.
@@ -45,35 +67,53 @@ impl CommandConnection {
         }
     }
 
-    fn current(&self) -> ConnectionManager {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<ConnectionManager>> {
         self.manager
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+    }
+
+    fn current(&self) -> Option<ConnectionManager> {
+        self.slot().clone()
     }
 
     /// The manager to send on: a new one when the current one reached a server that can
     /// no longer take writes. A manager reconnects by itself after I/O errors only; these
     /// replies come on a healthy socket, from a primary that was demoted or from a replica
     /// behind a DNS name that moved, and only a new connection can reach the new primary.
+    ///
+    /// Before the first connection is open, a request opens it, or waits for the attempt
+    /// in progress and makes one of its own if that failed.
     async fn usable(&self) -> redis::RedisResult<ConnectionManager> {
-        if !self.stale.load(Ordering::Acquire) {
-            return Ok(self.current());
+        if !self.stale.load(Ordering::Acquire)
+            && let Some(current) = self.current()
+        {
+            return Ok(current);
         }
         let _replacing = self.replacing.lock().await;
-        if self.stale.load(Ordering::Acquire) {
-            let addr = self.client.get_connection_info().addr().to_string();
+        let addr = self.client.get_connection_info().addr().to_string();
+        let not_connected = |error: Error| {
+            redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                format!("not connected to {addr}: {}", crate::error::report(&error)),
+            ))
+        };
+        if self.stale.load(Ordering::Acquire) || !self.is_open() {
             let fresh = manager(&self.client, self.timeout)
                 .await
-                .map_err(|error| std::io::Error::other(crate::error::report(&error)))?;
-            *self
-                .manager
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
-            self.stale.store(false, Ordering::Release);
-            tracing::info!(%addr, "opened a new command connection after the server stopped taking writes");
+                .map_err(not_connected)?;
+            let first = self.slot().replace(fresh).is_none();
+            if self.stale.swap(false, Ordering::AcqRel) {
+                tracing::info!(%addr, "opened a new command connection after the server stopped taking writes");
+            } else if first {
+                tracing::info!(%addr, "connected to redis");
+            }
         }
-        Ok(self.current())
+        self.current().ok_or_else(|| {
+            not_connected(Error::Internal {
+                detail: "the command connection was not kept".to_owned(),
+            })
+        })
     }
 
     fn timed_out(&self) -> redis::RedisError {
@@ -156,6 +196,34 @@ impl redis::aio::ConnectionLike for TimedConnection {
     }
 
     fn get_db(&self) -> i64 {
-        self.connection.current().get_db()
+        self.connection
+            .client
+            .get_connection_info()
+            .redis_settings()
+            .db()
+    }
+}
+
+/// Opens the first command connection, retrying with backoff (one log line per step),
+/// until it is open or the broker is gone.
+async fn keep_connecting(connection: Weak<CommandConnection>) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let Some(strong) = connection.upgrade() else {
+            return;
+        };
+        let error = match strong.connect_first().await {
+            Ok(()) => return,
+            Err(error) => error,
+        };
+        drop(strong);
+        let delay = backoff.next_delay();
+        tracing::warn!(
+            error = &error as &dyn std::error::Error,
+            attempt = backoff.attempts(),
+            retry_in = ?delay,
+            "cannot connect to redis yet; publishes and listening wait or fail until it answers"
+        );
+        tokio::time::sleep(delay).await;
     }
 }

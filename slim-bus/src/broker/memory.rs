@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    Broker, ClaimPage, DeadLetterMove, Delivery, EntryFields, GroupStats, RawFields,
+    Broker, ClaimPage, DeadLetterMove, Delivery, EntryFields, GroupStats, LeaseState, RawFields,
     StreamDeliveries,
 };
 use crate::codec::EncodedField;
@@ -133,6 +133,8 @@ struct State {
     /// Dead letters the cap trimmed, by dead-letter stream (the Redis backend's counter
     /// keys).
     trimmed: HashMap<String, u64>,
+    /// Leases by key: the holder, and when the lease lapses on tokio's clock.
+    leases: HashMap<String, (String, Instant)>,
 }
 
 #[derive(Default)]
@@ -1247,6 +1249,38 @@ impl Broker for MemoryConnection {
 
     async fn delete(&self, stream: &str, ids: &[EntryId]) -> Result<u64> {
         Ok(self.store.command(|state| state.delete(stream, ids)))
+    }
+
+    async fn hold_lease(&self, key: &str, holder: &str, ttl: Duration) -> Result<LeaseState> {
+        let now = Instant::now();
+        // Leases are not entries: no change a test waiting for idleness should see.
+        let mut state = self.store.lock();
+        match state.leases.get(key) {
+            Some((current, lapses)) if current != holder && *lapses > now => {
+                Ok(LeaseState::Taken {
+                    holder: current.clone(),
+                    remaining: *lapses - now,
+                })
+            }
+            _ => {
+                state
+                    .leases
+                    .insert(key.to_owned(), (holder.to_owned(), now + ttl));
+                Ok(LeaseState::Held)
+            }
+        }
+    }
+
+    async fn release_lease(&self, key: &str, holder: &str) -> Result<()> {
+        let mut state = self.store.lock();
+        if state
+            .leases
+            .get(key)
+            .is_some_and(|(current, _)| current == holder)
+        {
+            state.leases.remove(key);
+        }
+        Ok(())
     }
 
     async fn delete_key(&self, stream: &str) -> Result<()> {

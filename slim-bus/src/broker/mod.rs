@@ -179,6 +179,22 @@ pub(crate) trait Broker: Send + Sync + 'static {
 
     /// Deletes a whole stream.
     async fn delete_key(&self, stream: &str) -> Result<()>;
+
+    /// Takes or renews the lease at `key` for `holder`, for `ttl` from now: sets it when
+    /// it is free or already `holder`'s, in one atomic step.
+    async fn hold_lease(&self, key: &str, holder: &str, ttl: Duration) -> Result<LeaseState>;
+
+    /// Deletes the lease at `key` if `holder` has it.
+    async fn release_lease(&self, key: &str, holder: &str) -> Result<()>;
+}
+
+/// Who has a lease, after [`Broker::hold_lease`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LeaseState {
+    /// The caller has it, for the TTL it asked for.
+    Held,
+    /// Another holder has it, for `remaining` more unless renewed.
+    Taken { holder: String, remaining: Duration },
 }
 
 /// The oldest Redis the runtime works with, as `(major, minor)`: 7.0 is the first whose

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::commands::{CommandConnection, TimedConnection};
 use super::resp::{Endpoint, RespConnection, RespError, encode_xadd, is_failover_line, xadd_len};
 use super::{
-    Broker, ClaimPage, DeadLetterMove, Delivery, EntryFields, GroupStats, RawFields,
+    Broker, ClaimPage, DeadLetterMove, Delivery, EntryFields, GroupStats, LeaseState, RawFields,
     StreamDeliveries, is_supported_version, trimmed_count_key,
 };
 use crate::codec::EncodedField;
@@ -54,6 +54,8 @@ pub(crate) struct RedisBroker {
     dead_letter_script: redis::Script,
     replay_script: redis::Script,
     idle_consumers_script: redis::Script,
+    hold_lease_script: redis::Script,
+    release_lease_script: redis::Script,
     /// Whether a read blocks, and whether a wake came while none did.
     reader: Mutex<ReaderState>,
     /// Publishes go to a task that sends them in pipelines.
@@ -170,7 +172,7 @@ async fn publish_in_pipelines(
         .err()
         .map(|failure| {
             connection = None;
-            failure.into_redis(timeout)
+            failure.into_redis(endpoint.info.addr(), timeout)
         });
         if replies
             .iter()
@@ -224,7 +226,7 @@ enum PipelineFailure {
 }
 
 impl PipelineFailure {
-    fn into_redis(self, timeout: Duration) -> redis::RedisError {
+    fn into_redis(self, addr: &redis::ConnectionAddr, timeout: Duration) -> redis::RedisError {
         let (error, sent) = match self {
             PipelineFailure::Connect(error) => (error, false),
             PipelineFailure::Unanswered(error) => (error, true),
@@ -236,7 +238,15 @@ impl PipelineFailure {
             other => other,
         };
         if !sent {
-            return error.into_redis();
+            // Redis is down, or not up yet: say so, nothing was written.
+            return match error {
+                RespError::Io(error) => std::io::Error::new(
+                    error.kind(),
+                    format!("not connected to {addr}: {error}; nothing was written"),
+                )
+                .into(),
+                other => other.into_redis(),
+            };
         }
         let (kind, cause) = match error {
             RespError::Io(error) => (error.kind(), error.to_string()),
@@ -360,11 +370,9 @@ impl RedisBroker {
         })
     }
 
-    pub(crate) async fn connect(
-        client: Client,
-        tls: Option<Tls>,
-        command_timeout: Duration,
-    ) -> Result<Self> {
+    /// A broker for the server `client` names, connecting in the background: this
+    /// fails only for an address the bus cannot use, never because Redis is down.
+    pub(crate) fn new(client: Client, tls: Option<Tls>, command_timeout: Duration) -> Result<Self> {
         let addr = client.get_connection_info().addr();
         let supported = match addr {
             redis::ConnectionAddr::Tcp(..) => true,
@@ -383,7 +391,7 @@ impl RedisBroker {
             info: client.get_connection_info().clone(),
             tls: tls.map(|tls| tls.connector),
         };
-        let commands = Arc::new(CommandConnection::connect(client.clone(), command_timeout).await?);
+        let commands = CommandConnection::open_in_background(client.clone(), command_timeout);
         let (publisher, requests) = mpsc::unbounded_channel();
         tokio::spawn(keep_publishing(endpoint.clone(), command_timeout, requests));
         Ok(RedisBroker {
@@ -395,6 +403,8 @@ impl RedisBroker {
             dead_letter_script: redis::Script::new(DEAD_LETTER_SCRIPT),
             replay_script: redis::Script::new(REPLAY_SCRIPT),
             idle_consumers_script: redis::Script::new(IDLE_CONSUMERS_SCRIPT),
+            hold_lease_script: redis::Script::new(HOLD_LEASE_SCRIPT),
+            release_lease_script: redis::Script::new(RELEASE_LEASE_SCRIPT),
             reader: Mutex::new(ReaderState::default()),
         })
     }
@@ -1065,6 +1075,43 @@ impl Broker for RedisBroker {
             })
     }
 
+    async fn hold_lease(&self, key: &str, holder: &str, ttl: Duration) -> Result<LeaseState> {
+        let mut invocation = self.hold_lease_script.key(key);
+        invocation.arg(holder).arg(millis(ttl).max(1));
+        let action = || format!("taking the lease `{key}`");
+        let reply: Value = invocation
+            .invoke_async(&mut self.commands())
+            .await
+            .map_err(|e| Error::redis(action(), e))?;
+        match reply {
+            Value::Array(items) => match items.as_slice() {
+                [Value::Int(1)] => Ok(LeaseState::Held),
+                [Value::Int(0), holder, Value::Int(remaining)] => {
+                    let holder = match holder {
+                        Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                        other => format!("{other:?}"),
+                    };
+                    Ok(LeaseState::Taken {
+                        holder,
+                        remaining: Duration::from_millis(u64::try_from(*remaining).unwrap_or(0)),
+                    })
+                }
+                _ => Err(unexpected(action(), "a lease state", &Value::Array(items))),
+            },
+            other => Err(unexpected(action(), "a lease state", &other)),
+        }
+    }
+
+    async fn release_lease(&self, key: &str, holder: &str) -> Result<()> {
+        let mut invocation = self.release_lease_script.key(key);
+        invocation.arg(holder);
+        invocation
+            .invoke_async::<i64>(&mut self.commands())
+            .await
+            .map(drop)
+            .map_err(|e| Error::redis(format!("releasing the lease `{key}`"), e))
+    }
+
     async fn delete_key(&self, stream: &str) -> Result<()> {
         redis::cmd("DEL")
             .arg(stream)
@@ -1477,4 +1524,23 @@ end
 local id = redis.call(unpack(args))
 redis.call('XDEL', KEYS[1], ARGV[1])
 return id
+";
+
+/// Takes or renews a lease (KEYS[1]) for holder ARGV[1], for ARGV[2] ms: `{1}` when the
+/// caller has it now, else `{0, holder, remaining ms}`.
+const HOLD_LEASE_SCRIPT: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current == false or current == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    return {1}
+end
+return {0, current, redis.call('PTTL', KEYS[1])}
+";
+
+/// Deletes a lease (KEYS[1]) if holder ARGV[1] has it.
+const RELEASE_LEASE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
 ";

@@ -30,6 +30,7 @@ use self::ack::Acker;
 pub(crate) use self::backoff::Backoff;
 use self::dispatch::{DeliveryEnv, Dispatcher};
 use self::reader::Reader;
+pub(crate) use self::reader::is_refused_access;
 use self::retry::BlockedRead;
 pub(crate) use self::stream_state::StreamState;
 

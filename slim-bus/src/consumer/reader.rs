@@ -685,7 +685,7 @@ async fn let_handlers_start() {
 }
 
 /// Errors that waiting cannot heal: the server refuses these credentials or commands.
-fn is_refused_access(error: &redis::RedisError) -> bool {
+pub(crate) fn is_refused_access(error: &redis::RedisError) -> bool {
     error.kind() == redis::ErrorKind::AuthenticationFailed
         || matches!(
             crate::error::server_code(error).as_deref(),
