@@ -375,8 +375,21 @@ impl EventBus {
             connected,
             listening: inner.listening.load(Ordering::Acquire),
             since_last_read: inner.last_read.elapsed(),
+            read_stall_after: self.read_stall_after(),
             streams,
         }
+    }
+
+    /// See [`Health::read_stall_after`].
+    fn read_stall_after(&self) -> Duration {
+        let config = &self.inner.config;
+        let longest_handler = self
+            .inner
+            .routes
+            .iter()
+            .filter_map(|route| route.handler_timeout)
+            .fold(config.handler_timeout, Duration::max);
+        (config.block_time + config.command_timeout) * 2 + longest_handler
     }
 
     /// A handle that publishes through this bus, as handlers get from
