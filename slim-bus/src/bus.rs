@@ -22,6 +22,7 @@ use crate::handler::{Handlers, StreamHandler, StreamService};
 use crate::health::{Health, LastRead, SetAside, StreamHealth};
 use crate::listener::Listener;
 use crate::publisher::Publisher;
+use crate::telemetry;
 
 /// A typed event bus over Redis Streams: publishes events, and listens to its streams
 /// through a consumer group.
@@ -185,7 +186,10 @@ impl EventBus {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        self.inner.broker.publish_batch(stream, &entries).await
+        let started = tokio::time::Instant::now();
+        let published = self.inner.broker.publish_batch(stream, &entries).await;
+        telemetry::sent(stream, entries.len(), started.elapsed(), published.is_ok());
+        published
     }
 
     /// Appends an entry of untyped fields to `stream`, like the Go original's `Send`.
@@ -226,7 +230,10 @@ impl EventBus {
         if fields.is_empty() {
             return Err(empty_entry(stream));
         }
-        self.inner.broker.publish(stream, fields).await
+        let started = tokio::time::Instant::now();
+        let published = self.inner.broker.publish(stream, fields).await;
+        telemetry::sent(stream, 1, started.elapsed(), published.is_ok());
+        published
     }
 
     /// Starts listening: creates the consumer group on every stream (an existing group is
@@ -284,14 +291,32 @@ impl EventBus {
             "listening"
         );
         let shutdown = CancellationToken::new();
+        let gauges = CancellationToken::new();
+        tokio::spawn(self.clone().refresh_gauges(gauges.clone()));
         let task = tokio::spawn({
             let shutdown = shutdown.clone();
             async move {
                 let _guard = guard;
+                let _gauges = gauges.drop_guard();
                 consumer.run(shutdown).await
             }
         });
         Ok(Listener::new(task, shutdown))
+    }
+
+    /// Refreshes the per-stream gauges every [`GAUGE_REFRESH`](telemetry::GAUGE_REFRESH)
+    /// until `stop` is cancelled (when the listener's run ends).
+    async fn refresh_gauges(self, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(telemetry::GAUGE_REFRESH) => {}
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = self.health() => {}
+            }
+        }
     }
 
     /// Listens until `signal` resolves, then shuts down gracefully: the one-liner for a
@@ -368,6 +393,7 @@ impl EventBus {
                         Err(error) => health.error = Some(crate::error::report(&error)),
                     }
                 }
+                telemetry::stream_gauges(&health, group);
                 streams.push(health);
             }
         }
@@ -637,6 +663,7 @@ impl EventBusBuilder {
     /// [`Error::NoHandlerStream`], [`Error::EmptyStream`], and connection errors.
     pub async fn build(self) -> Result<EventBus> {
         self.config.validate()?;
+        telemetry::describe();
         let routes = routes(self.handlers, &self.config)?;
         if !routes.is_empty() && self.config.consumer_group.is_none() {
             return Err(Error::config(

@@ -13,6 +13,7 @@ mod handler;
 mod health;
 mod listener;
 mod publisher;
+mod telemetry;
 pub mod testing;
 
 pub use crate::broker::memory::MemoryBroker;

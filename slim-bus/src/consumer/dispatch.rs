@@ -23,6 +23,7 @@ use crate::context::Context;
 use crate::dead_letter::{DeadLetterMeta, DeadLetterReason};
 use crate::error::{DecodeError, HandlerError, Retry, panic_message};
 use crate::publisher::Publisher;
+use crate::telemetry::{Outcome, StreamMetrics};
 
 /// The longest wait for a retry; longer delays (`retry_after(Duration::MAX)`) are cut to it.
 /// The entry stays pending meanwhile, so the claim scan of any consumer picks it up after
@@ -52,6 +53,8 @@ pub(super) struct DeliveryEnv {
     /// wake it (and only such a retry).
     pub(super) blocked_read: Arc<BlockedRead>,
     pub(super) publisher: Publisher,
+    /// Each route's metric handles, by stream index.
+    pub(super) metrics: Box<[StreamMetrics]>,
 }
 
 /// How one delivery ended.
@@ -172,6 +175,10 @@ impl Task<'_> {
         &self.route().state
     }
 
+    fn metrics(&self) -> &StreamMetrics {
+        &self.shared.metrics[self.stream_index]
+    }
+
     async fn run(self, delivery: Delivery, slot: OwnedSemaphorePermit, held: Held) {
         let id = delivery.id;
         let delivery_count = delivery.delivery_count;
@@ -186,6 +193,7 @@ impl Task<'_> {
             Verdict::Ack => self.shared.acks.ack(self.stream_index, id, held),
             Verdict::Leave => {}
             Verdict::Retry(delay) => {
+                self.metrics().retried();
                 self.retry(id, delivery_count, delivered_at, delay, held)
                     .await;
             }
@@ -232,6 +240,9 @@ impl Task<'_> {
             self.cancellation.clone(),
             self.shared.publisher.clone(),
         );
+        let metrics = self.metrics();
+        metrics.started(delivery.id);
+        let started = Instant::now();
         // Decoding runs inside the catch too: a panicking `Deserialize` impl is a bug like
         // any other and must not take the bus down.
         let call = AssertUnwindSafe(async {
@@ -257,6 +268,17 @@ impl Task<'_> {
             () = tokio::time::sleep_until(self.deadline), if self.own_timeout => AttemptOutcome::TimedOut,
             () = self.cancellation.cancelled() => AttemptOutcome::Abandoned,
         };
+        metrics.finished(
+            started.elapsed(),
+            match &outcome {
+                AttemptOutcome::Handled => Some(Outcome::Ok),
+                AttemptOutcome::Failed(_) => Some(Outcome::Error),
+                AttemptOutcome::TimedOut => Some(Outcome::Timeout),
+                AttemptOutcome::Panicked(_) => Some(Outcome::Panic),
+                AttemptOutcome::Decode(_) => Some(Outcome::Decode),
+                _ => None,
+            },
+        );
         if matches!(outcome, AttemptOutcome::TimedOut) {
             // The handler's future is gone; this stops what it spawned and tied to its context.
             self.cancellation.cancel();
@@ -427,6 +449,7 @@ impl Task<'_> {
         }
         match moved {
             Some(DeadLetterMove::Moved { trimmed }) => {
+                self.metrics().dead_lettered(reason);
                 tracing::info!(stream, entry_id = %id, dead_letters = %route.dead_letters, %reason, "dead-lettered");
                 if trimmed > 0 {
                     tracing::warn!(stream, dead_letters = %route.dead_letters, trimmed, max_len = ?self.shared.dead_letter_max_len, "dead_letter_max_len reached: deleted the oldest dead letters");

@@ -26,6 +26,7 @@ use crate::event::EntryId;
 use crate::handler::ErasedHandler;
 use crate::health::{LastRead, SetAside};
 use crate::publisher::Publisher;
+use crate::telemetry::{self, StreamMetrics};
 
 use self::ack::Acker;
 pub(crate) use self::backoff::Backoff;
@@ -160,6 +161,11 @@ impl Consumer {
                 retries: retry_sender,
                 blocked_read: blocked_read.clone(),
                 publisher: self.publisher.clone(),
+                metrics: self
+                    .routes
+                    .iter()
+                    .map(|route| StreamMetrics::new(&route.stream, &self.group))
+                    .collect(),
             }),
             tasks: tasks.clone(),
             abandon: abandon.clone(),
@@ -508,6 +514,7 @@ impl Reader<'_> {
                 }
                 if !page.deliveries.is_empty() {
                     tracing::info!(stream = %stream, claimed = page.deliveries.len(), "claimed entries from stopped consumers");
+                    telemetry::claimed(&stream, &c.group, page.deliveries.len());
                 }
                 self.dispatch(stream_index, page.deliveries, &mut reservation)
                     .await;
