@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
@@ -186,8 +187,14 @@ impl EventBus {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
+        let span = send_span(stream, entries.len());
         let started = tokio::time::Instant::now();
-        let published = self.inner.broker.publish_batch(stream, &entries).await;
+        let published = self
+            .inner
+            .broker
+            .publish_batch(stream, &entries)
+            .instrument(span)
+            .await;
         telemetry::sent(stream, entries.len(), started.elapsed(), published.is_ok());
         published
     }
@@ -230,8 +237,17 @@ impl EventBus {
         if fields.is_empty() {
             return Err(empty_entry(stream));
         }
+        let span = send_span(stream, 1);
         let started = tokio::time::Instant::now();
-        let published = self.inner.broker.publish(stream, fields).await;
+        let published = self
+            .inner
+            .broker
+            .publish(stream, fields)
+            .instrument(span.clone())
+            .await;
+        if let Ok(id) = &published {
+            span.record("messaging.message.id", tracing::field::display(id));
+        }
         telemetry::sent(stream, 1, started.elapsed(), published.is_ok());
         published
     }
@@ -298,7 +314,16 @@ impl EventBus {
             async move {
                 let _guard = guard;
                 let _gauges = gauges.drop_guard();
-                consumer.run(shutdown).await
+                let group = consumer.group.clone();
+                let outcome = consumer.run(shutdown).await;
+                if let Err(error) = &outcome {
+                    tracing::error!(
+                        group = %group,
+                        error = error as &dyn std::error::Error,
+                        "the listener stopped on an error it cannot recover from; nothing is consumed until listen() is called again"
+                    );
+                }
+                outcome
             }
         });
         Ok(Listener::new(task, shutdown))
@@ -446,6 +471,18 @@ fn empty_entry(stream: &str) -> Error {
         stream: stream.to_owned(),
         reason: "an entry needs at least one field (every field is empty or None)".to_owned(),
     }
+}
+
+/// The span of one publish of `entries` entries; the entry id is recorded when known.
+fn send_span(stream: &str, entries: usize) -> tracing::Span {
+    tracing::info_span!(
+        "slim_bus.send",
+        messaging.system = "redis",
+        messaging.operation.type = "send",
+        messaging.destination.name = stream,
+        messaging.batch.message_count = entries,
+        messaging.message.id = tracing::field::Empty,
+    )
 }
 
 /// Clears the listening flag when a listener's run ends, however it ends.

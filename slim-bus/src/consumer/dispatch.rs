@@ -11,6 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::Route;
 use super::ack::AckSender;
@@ -71,6 +72,23 @@ enum AttemptOutcome {
     Exhausted,
     /// Shutdown's grace period ended first.
     Abandoned,
+}
+
+impl AttemptOutcome {
+    /// The outcome as the DEBUG line of each attempt says it: the `outcome` label of the
+    /// metrics where there is one.
+    fn word(&self) -> &'static str {
+        match self {
+            AttemptOutcome::Handled => "ok",
+            AttemptOutcome::Deleted => "deleted",
+            AttemptOutcome::Decode(_) => "decode",
+            AttemptOutcome::Failed(_) => "error",
+            AttemptOutcome::TimedOut => "timeout",
+            AttemptOutcome::Panicked(_) => "panic",
+            AttemptOutcome::Exhausted => "exhausted",
+            AttemptOutcome::Abandoned => "abandoned",
+        }
+    }
 }
 
 /// What the task does with the entry after the handler.
@@ -179,11 +197,28 @@ impl Task<'_> {
         &self.shared.metrics[self.stream_index]
     }
 
+    /// Runs the delivery in its span, which the handler's own events and spans nest under.
     async fn run(self, delivery: Delivery, slot: OwnedSemaphorePermit, held: Held) {
+        let span = tracing::info_span!(
+            "slim_bus.process",
+            messaging.system = "redis",
+            messaging.operation.type = "process",
+            messaging.destination.name = &*self.route().stream,
+            messaging.consumer.group.name = &*self.shared.group,
+            consumer = &*self.shared.consumer,
+            messaging.message.id = %delivery.id,
+            delivery_count = delivery.delivery_count,
+        );
+        self.settle(delivery, slot, held).instrument(span).await;
+    }
+
+    async fn settle(self, delivery: Delivery, slot: OwnedSemaphorePermit, held: Held) {
         let id = delivery.id;
         let delivery_count = delivery.delivery_count;
         let delivered_at = delivery.delivered_at;
+        let started = Instant::now();
         let outcome = self.call(delivery).await;
+        tracing::debug!(outcome = outcome.word(), took = ?started.elapsed(), "delivery attempt ended");
         // What follows the handler (a retry's wait, a dead-letter move) holds no slot: the
         // entry stays among the held ones until it is settled.
         // Counted before the slot is free: the reader, waiting for the slot, then knows.
