@@ -20,6 +20,43 @@ pub(crate) const META_DELIVERY_COUNT: &str = "@delivery_count";
 pub(crate) const META_REASON: &str = "@reason";
 pub(crate) const META_ERROR: &str = "@error";
 pub(crate) const META_FAILED_AT: &str = "@failed_at_ms";
+/// The original fields of an entry too large to copy field by field (a Redis script can
+/// pass at most about 8000 values to one command), packed into one value by
+/// [`pack_fields`].
+pub(crate) const META_PACKED_FIELDS: &str = "@fields";
+
+/// Packs fields into one value: each name and value as its length in decimal, a `:`, and
+/// its bytes, one after the other. The dead-letter script writes the same.
+pub(crate) fn pack_fields(fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    let mut packed = Vec::new();
+    for part in fields.iter().flat_map(|(name, value)| [name, value]) {
+        packed.extend_from_slice(part.len().to_string().as_bytes());
+        packed.push(b':');
+        packed.extend_from_slice(part);
+    }
+    packed
+}
+
+/// The fields [`pack_fields`] packed; `None` when `packed` is not such a value.
+pub(crate) fn unpack_fields(mut packed: &[u8]) -> Option<RawFields> {
+    let mut parts = Vec::new();
+    while !packed.is_empty() {
+        let colon = packed.iter().position(|&b| b == b':')?;
+        let len: usize = std::str::from_utf8(&packed[..colon]).ok()?.parse().ok()?;
+        let rest = &packed[colon + 1..];
+        parts.push(rest.get(..len)?.to_vec());
+        packed = &rest[len..];
+    }
+    if parts.len() % 2 != 0 {
+        return None;
+    }
+    let mut parts = parts.into_iter();
+    let mut fields = Vec::new();
+    while let (Some(name), Some(value)) = (parts.next(), parts.next()) {
+        fields.push((name, value));
+    }
+    Some(fields)
+}
 
 /// Error texts are cut to this many bytes, so one huge error cannot bloat Redis.
 pub(crate) const MAX_ERROR_LEN: usize = 1024;
@@ -178,6 +215,16 @@ impl DeadLetter {
             if let Some(original) = name.strip_prefix(META_PREFIX) {
                 if original.starts_with(META_PREFIX) {
                     letter.fields.push((original.to_owned(), value));
+                    continue;
+                }
+                if name == META_PACKED_FIELDS
+                    && let Some(fields) = unpack_fields(&value)
+                {
+                    letter.fields.extend(
+                        fields.into_iter().map(|(name, value)| {
+                            (String::from_utf8_lossy(&name).into_owned(), value)
+                        }),
+                    );
                     continue;
                 }
                 let text = String::from_utf8_lossy(&value).into_owned();
@@ -352,6 +399,20 @@ pub(crate) fn dlq_error(action: &str, stream: &str, source: redis::RedisError) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packed_fields_unpack_to_the_same_fields() {
+        let fields: RawFields = vec![
+            (b"user_id".to_vec(), b"u:1".to_vec()),
+            (b"@tag".to_vec(), Vec::new()),
+            (b"bin".to_vec(), vec![0, 58, 255, 10]),
+        ];
+        assert_eq!(unpack_fields(&pack_fields(&fields)), Some(fields));
+        assert_eq!(unpack_fields(b""), Some(Vec::new()));
+        assert_eq!(unpack_fields(b"3:abc"), None, "a name without a value");
+        assert_eq!(unpack_fields(b"9:abc"), None, "cut short");
+        assert_eq!(unpack_fields(b"x:abc"), None);
+    }
 
     #[test]
     fn dead_letter_streams_share_the_hash_slot_of_their_origin() {

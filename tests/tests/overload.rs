@@ -473,3 +473,68 @@ async fn shutdown_does_not_wait_for_a_handler_that_blocks_its_thread_to_flush_ac
     .unwrap();
     drop(unblock);
 }
+
+/// How often the server has run `CLIENT UNBLOCK`, from `INFO commandstats`.
+async fn client_unblock_calls(server: &slim_bus_tests::RedisServer) -> u64 {
+    let mut conn = server.connection().await;
+    let info: String = within(
+        "INFO commandstats",
+        STEP,
+        redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn),
+    )
+    .await
+    .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_client|unblock:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_while_a_backlog_is_read_do_not_send_client_unblock() {
+    const ENTRIES: u64 = 1_000;
+    let server = start_server().await;
+    let handled = Arc::new(AtomicUsize::new(0));
+    let (handler, _seen) = Scripted::new({
+        let handled = handled.clone();
+        move |event: UserCreated, ctx: slim_bus::Context| {
+            // One entry in ten fails once.
+            let result = if event.seq.is_multiple_of(10) && ctx.delivery_count() == 1 {
+                Err(HandlerError::new(std::io::Error::other("transient")))
+            } else {
+                handled.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            };
+            std::future::ready(result)
+        }
+    });
+    let bus = within(
+        "build",
+        STEP,
+        bus(&server)
+            .retry_backoff(Duration::from_millis(10), Duration::from_millis(50))
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    publish_users(&bus, ENTRIES).await;
+    let before = client_unblock_calls(&server).await;
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    until("every entry to be handled", STEP, async || {
+        handled.load(Ordering::Relaxed) as u64 == ENTRIES
+    })
+    .await;
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+    // A failure wakes the reader only when it blocks on empty streams and the retry is due
+    // before the read returns: not while the backlog is read. Once it is drained, the last
+    // retries may wake the blocked read.
+    let calls = client_unblock_calls(&server).await - before;
+    assert!(
+        calls <= 10,
+        "{calls} CLIENT UNBLOCK calls for {} failed attempts",
+        ENTRIES / 10
+    );
+}

@@ -22,7 +22,9 @@ use super::{
 };
 use crate::codec::EncodedField;
 use crate::config::StartFrom;
-use crate::dead_letter::{DeadLetter, META_PREFIX, dlq_error};
+use crate::dead_letter::{
+    DeadLetter, META_PACKED_FIELDS, META_PREFIX, dlq_error, pack_fields, unpack_fields,
+};
 use crate::error::{Error, Result};
 use crate::event::EntryId;
 use crate::testing::Outcome;
@@ -36,11 +38,10 @@ pub(crate) const URL_SCHEME: &str = "memory://";
 /// so a long-running demo does not grow without bound.
 const MAX_SETTLED_PER_GROUP: usize = 100_000;
 
-/// The Redis backend's dead-letter script keeps only the metadata of an entry whose field
-/// names and values plus the script's arguments exceed this (what Lua's `unpack` takes),
-/// noting how many fields it left out; this backend writes the same dead letter.
+/// The Redis backend's dead-letter script packs the fields of an entry whose field names
+/// and values plus the script's arguments exceed this (what Lua's `unpack` takes) into one
+/// value; this backend writes the same dead letter.
 const DEAD_LETTER_SCRIPT_MAX_VALUES: usize = 7900;
-const FIELDS_OMITTED: &str = "@fields_omitted";
 
 /// XAUTOCLAIM looks at no more than this many pending entries per entry it may return.
 const AUTOCLAIM_ATTEMPTS_PER_COUNT: usize = 10;
@@ -777,8 +778,8 @@ impl State {
         let script_values = 2 * original.len() + 4 + 2 * meta.len();
         let mut fields: RawFields = if script_values > DEAD_LETTER_SCRIPT_MAX_VALUES {
             vec![(
-                FIELDS_OMITTED.as_bytes().to_vec(),
-                original.len().to_string().into_bytes(),
+                META_PACKED_FIELDS.as_bytes().to_vec(),
+                pack_fields(original),
             )]
         } else {
             original
@@ -836,14 +837,20 @@ impl State {
             return Ok(None);
         };
         let prefix = META_PREFIX.as_bytes();
-        let fields: RawFields = letter
+        let packed = letter
             .iter()
-            .filter_map(|(name, value)| match name.strip_prefix(prefix) {
-                Some(rest) if rest.starts_with(prefix) => Some((rest.to_vec(), value.clone())),
-                Some(_) => None,
-                None => Some((name.clone(), value.clone())),
-            })
-            .collect();
+            .find(|(name, _)| name == META_PACKED_FIELDS.as_bytes())
+            .and_then(|(_, packed)| unpack_fields(packed));
+        let fields: RawFields = packed.unwrap_or_else(|| {
+            letter
+                .iter()
+                .filter_map(|(name, value)| match name.strip_prefix(prefix) {
+                    Some(rest) if rest.starts_with(prefix) => Some((rest.to_vec(), value.clone())),
+                    Some(_) => None,
+                    None => Some((name.clone(), value.clone())),
+                })
+                .collect()
+        });
         if fields.is_empty() {
             return Err(server_error(
                 "ERR",
@@ -1639,7 +1646,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_entry_too_large_for_the_redis_script_keeps_only_its_metadata_like_there() {
+    async fn an_entry_too_large_for_the_redis_script_has_its_fields_packed_like_there() {
         let handle = MemoryBroker::new();
         let broker = handle.connect();
         broker
@@ -1662,10 +1669,14 @@ mod tests {
             DeadLetterMove::Moved { trimmed: 0 }
         );
         let letters = handle.entries("{s}:dlq");
+        let original: RawFields = names
+            .iter()
+            .map(|name| (name.as_bytes().to_vec(), b"v".to_vec()))
+            .collect();
         assert_eq!(
             letters[0].1,
             [
-                ("@fields_omitted".to_owned(), b"4000".to_vec()),
+                ("@fields".to_owned(), pack_fields(&original)),
                 ("@reason".to_owned(), b"decode".to_vec())
             ]
         );

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::codec::EncodedField;
 use crate::config::StartFrom;
-use crate::dead_letter::dlq_error;
+use crate::dead_letter::{dlq_error, unpack_fields};
 use crate::error::{Error, Result, server_code};
 use crate::event::EntryId;
 
@@ -320,6 +320,37 @@ impl Drop for BlockedReader<'_> {
 }
 
 impl RedisBroker {
+    /// Replays a dead letter whose original fields were packed into one value: adds them
+    /// to `origin` and deletes the dead letter in one `MULTI`/`EXEC`, from here because a
+    /// script cannot pass that many values to one command. Two replays of the same dead
+    /// letter at the same moment can both add it.
+    async fn replay_packed(
+        &self,
+        dead_letters: &str,
+        origin: &str,
+        id: EntryId,
+        fields: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<EntryId> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let add = pipe.cmd("XADD").arg(origin).arg("*");
+        for (name, value) in fields {
+            add.arg(name.as_slice()).arg(value.as_slice());
+        }
+        pipe.cmd("XDEL").arg(dead_letters).arg(id).ignore();
+        let (new_id,): (Value,) = pipe
+            .query_async(&mut self.commands())
+            .await
+            .map_err(|e| dlq_error("replaying from", dead_letters, e))?;
+        entry_id(&new_id).ok_or_else(|| {
+            unexpected(
+                format!("replaying from dead-letter stream `{dead_letters}`"),
+                "XADD did not return an entry id",
+                &new_id,
+            )
+        })
+    }
+
     pub(crate) async fn connect(client: Client, command_timeout: Duration) -> Result<Self> {
         if !matches!(
             client.get_connection_info().addr(),
@@ -950,6 +981,22 @@ impl Broker for RedisBroker {
             .map_err(|e| dlq_error("replaying from", dead_letters, e))?;
         match reply {
             Value::Nil => Ok(None),
+            Value::Array(parts) if parts.len() == 2 => {
+                let fields = match &parts[1] {
+                    Value::BulkString(packed) => unpack_fields(packed),
+                    _ => None,
+                };
+                let Some(fields) = fields else {
+                    return Err(unexpected(
+                        format!("replaying from dead-letter stream `{dead_letters}`"),
+                        "a dead letter's packed fields do not unpack",
+                        &Value::Array(parts),
+                    ));
+                };
+                self.replay_packed(dead_letters, origin, id, &fields)
+                    .await
+                    .map(Some)
+            }
             other => entry_id(&other).map(Some).ok_or_else(|| {
                 unexpected(
                     format!("replaying from dead-letter stream `{dead_letters}`"),
@@ -1291,10 +1338,15 @@ if ARGV[4] ~= '' then
   args[#args + 1] = ARGV[4]
 end
 args[#args + 1] = '*'
--- unpack() takes about 8000 values at most: a larger entry keeps its metadata only.
+-- unpack() takes about 8000 values at most: a larger entry's fields are packed into one
+-- value, each name and value as its length, ':' and its bytes.
 if #fields + #ARGV > 7900 then
-  args[#args + 1] = '@fields_omitted'
-  args[#args + 1] = tostring(#fields / 2)
+  local packed = {}
+  for i = 1, #fields do
+    packed[i] = #fields[i] .. ':' .. fields[i]
+  end
+  args[#args + 1] = '@fields'
+  args[#args + 1] = table.concat(packed)
 else
   for i = 1, #fields, 2 do
     local name = fields[i]
@@ -1357,6 +1409,12 @@ if #entry == 0 then
   return false
 end
 local fields = entry[1][2]
+for i = 1, #fields, 2 do
+  if fields[i] == '@fields' then
+    -- Too many fields for one command from a script: the caller adds them.
+    return {'@fields', fields[i + 1]}
+  end
+end
 local args = {'XADD', KEYS[2], '*'}
 for i = 1, #fields, 2 do
   local name = fields[i]
