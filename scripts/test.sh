@@ -6,10 +6,28 @@
 #
 #   ./scripts/test.sh                 # every test target, then the doctests
 #   ./scripts/test.sh -E 'test(restart)'   # extra args go to nextest (or to `cargo test`)
+#   ./scripts/test.sh --server-suite  # only the tests that run against a redis-server
+#   ./scripts/test.sh --server-suite --without-tls   # ... leaving out the TLS tests
 #
-# Env: REDIS_SERVER_BIN=/path/to/redis-server picks the binary the harness runs.
+# --server-suite runs the slim-bus-tests package alone, without doctests: for running the
+# suite again on another server version. --without-tls is for a server built without TLS
+# support (it exits with "Failed finding TLS support" when given --tls-port).
+#
+# Env: REDIS_SERVER_BIN=/path/to/redis-server picks the binary the harness runs (a
+# valkey-server works too).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+server_suite=0
+without_tls=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --server-suite) server_suite=1 ;;
+    --without-tls) without_tls=1 ;;
+    *) break ;;
+  esac
+  shift
+done
 
 die() {
   echo "error: $*" >&2
@@ -72,13 +90,41 @@ if ! redis_server="$(find_redis_server)"; then
 fi
 # A binary that is there but does not run (a broken install, a wrong architecture, a stub)
 # would otherwise fail every test with the same launch error.
-if ! redis_version="$("$redis_server" --version 2>&1)" || [[ "$redis_version" != Redis\ server* ]]; then
+if ! redis_version="$("$redis_server" --version 2>&1)" ||
+  [[ "$redis_version" != Redis\ server* && "$redis_version" != Valkey\ server* ]]; then
   said="${redis_version%%$'\n'*}"
   die "$redis_server does not run as a redis-server (\`$redis_server --version\` said: ${said:-nothing}).
-  Repair or remove it, or point REDIS_SERVER_BIN at a working redis-server binary."
+  Repair or remove it, or point REDIS_SERVER_BIN at a working redis-server (or valkey-server) binary."
 fi
 export REDIS_SERVER_BIN="$redis_server"
 echo "==> using $redis_version ($redis_server)"
+
+if [[ "$server_suite" == 1 ]]; then
+  if cargo nextest --version >/dev/null 2>&1; then
+    filter=()
+    if [[ "$without_tls" == 1 ]]; then
+      filter=(-E 'not (binary(tls) | test(/::tls$/))')
+    fi
+    echo "==> cargo nextest run -p slim-bus-tests --all-targets ${filter[*]} $*"
+    cargo nextest run -p slim-bus-tests --all-targets "${filter[@]}" "$@"
+  else
+    targets=(--lib --bins)
+    skip=()
+    for file in tests/tests/*.rs; do
+      name="$(basename "$file" .rs)"
+      if [[ "$without_tls" == 1 && "$name" == tls ]]; then
+        continue
+      fi
+      targets+=(--test "$name")
+    done
+    if [[ "$without_tls" == 1 ]]; then
+      skip=(--skip ::tls)
+    fi
+    echo "==> cargo-nextest not installed; cargo test -p slim-bus-tests ${targets[*]} $* -- ${skip[*]}"
+    cargo test -p slim-bus-tests "${targets[@]}" "$@" -- "${skip[@]}"
+  fi
+  exit 0
+fi
 
 if cargo nextest --version >/dev/null 2>&1; then
   echo "==> cargo nextest run --workspace --all-targets $*"

@@ -160,8 +160,7 @@ async fn consume_here(
     settings: &ConsumeSettings,
 ) -> anyhow::Result<ConsumeRun> {
     let counter = Counter::new(expected);
-    let mut builder = EventBus::builder()
-        .url(url)
+    let mut builder = builder(url)
         .consumer_group(GROUP)
         .consumer_name(CONSUMER)
         .max_count(READ_COUNT)
@@ -204,14 +203,18 @@ async fn consume_here(
     })
 }
 
+/// A builder for `url`; for `rediss://`, trusting the suite's CA ([`raw::tls_ca`]).
+fn builder(url: &str) -> slim_bus::EventBusBuilder {
+    let builder = EventBus::builder().url(url);
+    match raw::tls_ca().filter(|_| url.starts_with("rediss://")) {
+        Some(ca) => builder.tls_ca_cert(ca),
+        None => builder,
+    }
+}
+
 /// A bus that only publishes.
 pub(crate) async fn publisher(url: &str) -> anyhow::Result<EventBus> {
-    Ok(bounded(
-        "building the bus",
-        STEP,
-        EventBus::builder().url(url).build(),
-    )
-    .await??)
+    Ok(bounded("building the bus", STEP, builder(url).build()).await??)
 }
 
 /// `entries` publishes to `stream`, each awaited before the next.
@@ -336,8 +339,7 @@ pub(crate) async fn latency(
         latencies_ns: Mutex::new(Vec::with_capacity(total as usize)),
         counter: Counter::new(total),
     });
-    let bus = EventBus::builder()
-        .url(url)
+    let bus = builder(url)
         .consumer_group(GROUP)
         .consumer_name(CONSUMER)
         .max_count(READ_COUNT)

@@ -44,10 +44,18 @@ pub(crate) enum Case {
     Rss,
     /// As `Rss`, with a five times larger backlog.
     RssBacklog,
+    /// As `Baseline`, over TLS.
+    BaselineTls,
+    /// As `Consume`, over TLS.
+    ConsumeTls,
+    /// As `PublishRaw`, over TLS.
+    PublishRawTls,
+    /// As `Publish64`, over TLS.
+    Publish64Tls,
 }
 
 impl Case {
-    pub(crate) const ALL: [Case; 19] = [
+    pub(crate) const ALL: [Case; 23] = [
         Case::Baseline,
         Case::Consume,
         Case::ConsumeObserved,
@@ -67,6 +75,10 @@ impl Case {
         Case::RssRaw,
         Case::Rss,
         Case::RssBacklog,
+        Case::BaselineTls,
+        Case::ConsumeTls,
+        Case::PublishRawTls,
+        Case::Publish64Tls,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -90,7 +102,19 @@ impl Case {
             Case::RssRaw => "rss-raw",
             Case::Rss => "rss",
             Case::RssBacklog => "rss-backlog",
+            Case::BaselineTls => "baseline-tls",
+            Case::ConsumeTls => "consume-tls",
+            Case::PublishRawTls => "publish-raw-tls",
+            Case::Publish64Tls => "publish-64-tls",
         }
+    }
+
+    /// Whether the case runs over TLS, on the throwaway server's TLS port.
+    pub(crate) fn is_tls(self) -> bool {
+        matches!(
+            self,
+            Case::BaselineTls | Case::ConsumeTls | Case::PublishRawTls | Case::Publish64Tls
+        )
     }
 
     /// Cases selected by one word of `--cases`: a case name, or a group name.
@@ -108,6 +132,17 @@ impl Case {
                 Case::PublishBatch,
             ],
             "memory" => &[Case::RssRaw, Case::Rss, Case::RssBacklog],
+            // With the plain cases they are compared with.
+            "tls" => &[
+                Case::Baseline,
+                Case::Consume,
+                Case::PublishRaw,
+                Case::Publish64,
+                Case::BaselineTls,
+                Case::ConsumeTls,
+                Case::PublishRawTls,
+                Case::Publish64Tls,
+            ],
             _ => {
                 return Case::ALL
                     .into_iter()

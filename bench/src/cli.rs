@@ -16,12 +16,14 @@ usage: cargo bench -p slim-bus-bench -- [--reps N] [--cases LIST] [--quick] [CAS
 
 environment: BENCH_REPS, BENCH_CASES, BENCH_QUICK=1 (arguments win);
              REDIS_URL=redis://HOST:PORT/ uses that server instead of starting a throwaway
-             redis-server (the suite only touches keys named slim-bus-bench:*)
+             redis-server (the suite only touches keys named slim-bus-bench:*; the *-tls
+             cases need the throwaway server, which then also listens with TLS)
 
 cases:  baseline consume poison transient cpu-1 cpu-2 io-64 io-512 publish-raw
         publish-raw-seq publish-seq publish-64 publish-batch latency-raw latency rss-raw
-        rss rss-backlog
-groups: all failures (consume poison transient) cpu io publish memory";
+        rss rss-backlog baseline-tls consume-tls publish-raw-tls publish-64-tls
+groups: all failures (consume poison transient) cpu io publish memory
+        tls (the *-tls cases and the plain ones they compare with)";
 
 /// What the process was started to do.
 #[derive(Debug, PartialEq)]

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -74,10 +75,41 @@ impl Queryable for redis::Pipeline {
     }
 }
 
+/// The CA of the throwaway server's TLS port, set once when the suite starts one: every
+/// `rediss://` connection of the suite, the loops' and the buses', trusts it.
+static TLS_CA: OnceLock<PathBuf> = OnceLock::new();
+
+/// Makes `rediss://` connections trust the CA in the PEM file at `path`.
+pub(crate) fn trust_tls_ca(path: PathBuf) {
+    let _ = TLS_CA.set(path);
+}
+
+/// The CA set by [`trust_tls_ca`].
+pub(crate) fn tls_ca() -> Option<&'static Path> {
+    TLS_CA.get().map(PathBuf::as_path)
+}
+
+/// A client for `url`; for `rediss://`, trusting [`tls_ca`].
+fn client(url: &str) -> anyhow::Result<Client> {
+    let not_a_url = || format!("`{url}` is not a redis URL");
+    match tls_ca().filter(|_| url.starts_with("rediss://")) {
+        Some(ca) => {
+            let root_cert =
+                std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            };
+            Client::build_with_tls(url, certificates).with_context(not_a_url)
+        }
+        None => Client::open(url).with_context(not_a_url),
+    }
+}
+
 /// A multiplexed connection without a response timeout (blocking reads must outlast one),
 /// so every command on it goes through [`query`] or [`bounded`].
 pub(crate) async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
-    let client = Client::open(url).with_context(|| format!("`{url}` is not a redis URL"))?;
+    let client = client(url)?;
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(None);

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use redis::aio::MultiplexedConnection;
-use slim_bus_tests::RedisServer;
+use slim_bus_tests::{RedisServer, TestCertificates};
 
 use crate::bus::{self, ConsumeSettings};
 use crate::cases::{Case, Measurement, Reading, Row, Sizes, Target, Unit, count};
@@ -25,18 +25,38 @@ const PUBLISH_TASKS: u64 = 64;
 /// Runs the suite and prints the table; `Ok(false)` when a case failed.
 pub(crate) async fn run(options: Options) -> anyhow::Result<bool> {
     // Kept alive until the end of the run; killed and reaped on drop.
-    let (url, _server, origin) = match &options.redis_url {
+    let tls = options.cases.iter().any(|case| case.is_tls());
+    let (url, server, origin) = match &options.redis_url {
+        Some(_) if tls => bail!("the *-tls cases run on a throwaway redis-server: unset REDIS_URL"),
         Some(url) => (url.clone(), None, "REDIS_URL"),
         None => {
-            let server = RedisServer::start()
+            let mut builder = RedisServer::builder();
+            let certs = if tls {
+                let certs = TestCertificates::generate()?;
+                builder = builder.tls(&certs, false);
+                raw::trust_tls_ca(certs.ca());
+                Some(certs)
+            } else {
+                None
+            };
+            let server = builder
+                .start()
                 .await
                 .context("starting a throwaway redis-server (or set REDIS_URL)")?;
-            (server.url(), Some(server), "throwaway redis-server")
+            (
+                server.url(),
+                Some((server, certs)),
+                "throwaway redis-server",
+            )
         }
     };
+    let tls_url = server
+        .as_ref()
+        .and_then(|(server, _)| server.tls_port().map(|_| server.tls_url()));
     let mut suite = Suite {
         conn: raw::connect(&url).await?,
         url,
+        tls_url,
         sizes: options.sizes.clone(),
         run_id: run_id(),
     };
@@ -189,6 +209,8 @@ fn run_id() -> String {
 
 struct Suite {
     url: String,
+    /// The throwaway server's TLS port, when a `*-tls` case is selected.
+    tls_url: Option<String>,
     conn: MultiplexedConnection,
     sizes: Sizes,
     run_id: String,
@@ -256,7 +278,13 @@ impl Suite {
 
     async fn run_on(&mut self, case: Case, stream: &str) -> anyhow::Result<CaseRun> {
         let sizes = self.sizes.clone();
-        let url = self.url.as_str();
+        let url = if case.is_tls() {
+            self.tls_url
+                .as_deref()
+                .context("the *-tls cases need the server's TLS port")?
+        } else {
+            self.url.as_str()
+        };
         let stats = self.conn.clone();
         let conn = &mut self.conn;
         let traffic = |entries, (elapsed, commands), rows| {
@@ -499,6 +527,90 @@ impl Suite {
                 .vs("publish-raw")
                 .target(Target::RatioAtLeast(0.9));
                 rated(entries, observed, row)
+            }
+            Case::BaselineTls => {
+                let entries = sizes.consume;
+                fill(conn, stream, entries, false).await?;
+                let mut tls = raw::connect(url).await?;
+                let (elapsed, commands) =
+                    observed(&stats, raw::consume(&mut tls, stream, entries)).await?;
+                expect_pending(conn, stream, 0).await?;
+                let row = Row::new(
+                    "baseline-tls",
+                    format!("as baseline, over TLS (rustls), {} backlog", count(entries)),
+                    Unit::EntriesPerSec,
+                )
+                .vs("baseline");
+                traffic(
+                    entries,
+                    (elapsed, commands),
+                    vec![throughput(row, entries, elapsed)],
+                )
+            }
+            Case::ConsumeTls => {
+                let entries = sizes.consume;
+                let observed =
+                    consume_case(url, conn, &stats, stream, entries, false, &no_op()).await?;
+                let row = Row::new(
+                    "consume-tls",
+                    format!("as consume, over TLS, {} backlog", count(entries)),
+                    Unit::EntriesPerSec,
+                )
+                .vs("baseline-tls")
+                .target(Target::RatioAtLeast(1.3));
+                let against_plain = Row::new(
+                    "consume-tls/plain",
+                    "the same run of consume-tls, against consume (the cost of TLS)",
+                    Unit::EntriesPerSec,
+                )
+                .vs("consume");
+                let rows = vec![
+                    throughput(row, entries, observed.0),
+                    throughput(against_plain, entries, observed.0),
+                ];
+                traffic(entries, observed, rows)
+            }
+            Case::PublishRawTls => {
+                let entries = sizes.publish;
+                let mut tls = raw::connect(url).await?;
+                let observed =
+                    observed(&stats, raw::publish_pipelined(&mut tls, stream, entries)).await?;
+                expect_len(conn, stream, entries).await?;
+                let row = Row::new(
+                    "publish-raw-tls",
+                    format!("as publish-raw, over TLS, {} entries", count(entries)),
+                    Unit::EntriesPerSec,
+                )
+                .vs("publish-raw");
+                rated(entries, observed, row)
+            }
+            Case::Publish64Tls => {
+                let entries = sizes.publish;
+                let bus = bus::publisher(url).await?;
+                let observed = observed(
+                    &stats,
+                    bus::publish_concurrently(&bus, stream, entries, PUBLISH_TASKS),
+                )
+                .await?;
+                expect_len(conn, stream, entries).await?;
+                let row = Row::new(
+                    "publish-64-tls",
+                    format!("as publish-64, over TLS, {} entries", count(entries)),
+                    Unit::EntriesPerSec,
+                )
+                .vs("publish-raw-tls")
+                .target(Target::RatioAtLeast(0.7));
+                let against_plain = Row::new(
+                    "publish-64-tls/plain",
+                    "the same run of publish-64-tls, against publish-64 (the cost of TLS)",
+                    Unit::EntriesPerSec,
+                )
+                .vs("publish-64");
+                let rows = vec![
+                    throughput(row, entries, observed.0),
+                    throughput(against_plain, entries, observed.0),
+                ];
+                traffic(entries, observed, rows)
             }
             Case::LatencyRaw | Case::Latency => {
                 latency_case(case, url, conn, &stats, stream, &sizes).await?

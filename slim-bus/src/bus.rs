@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -14,7 +15,7 @@ use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::codec::{self, EncodedField};
-use crate::config::{EventBusConfig, StartFrom, default_consumer_name};
+use crate::config::{EventBusConfig, StartFrom, default_consumer_name, redacted_url};
 use crate::consumer::{Consumer, Route};
 use crate::dead_letter::{DeadLetters, dead_letter_stream};
 use crate::error::{Error, Result};
@@ -24,6 +25,7 @@ use crate::health::{Health, LastRead, SetAside, StreamHealth};
 use crate::listener::Listener;
 use crate::publisher::Publisher;
 use crate::telemetry;
+use crate::tls::{Tls, reject_without_tls};
 
 /// A typed event bus over Redis Streams: publishes events, and listens to its streams
 /// through a consumer group.
@@ -531,7 +533,29 @@ impl EventBusBuilder {
         self
     }
 
-    /// An existing Redis client to use instead of [`url`](Self::url).
+    /// For a `rediss://` URL: trust the CA (or CAs) in this PEM file instead of the
+    /// system's root certificates.
+    pub fn tls_ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.tls_ca_cert = Some(path.into());
+        self
+    }
+
+    /// For a `rediss://` URL whose server authenticates clients (mutual TLS): present the
+    /// certificate in this PEM file, with the key of [`tls_client_key`](Self::tls_client_key).
+    pub fn tls_client_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.tls_client_cert = Some(path.into());
+        self
+    }
+
+    /// The PEM file of the private key of [`tls_client_cert`](Self::tls_client_cert).
+    pub fn tls_client_key(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.tls_client_key = Some(path.into());
+        self
+    }
+
+    /// An existing Redis client to use instead of [`url`](Self::url). For a TLS client,
+    /// the bus's own read and publish connections take their trust and identity from the
+    /// `tls_*` settings (redis-rs does not expose the client's).
     pub fn client(mut self, client: redis::Client) -> Self {
         self.client = Some(client);
         self
@@ -716,16 +740,20 @@ impl EventBusBuilder {
         let broker: Arc<dyn Broker> = match (memory, self.client) {
             (Some(memory), _) => Arc::new(memory.connect()),
             (None, client) => {
-                let client = match client {
-                    Some(client) => client,
-                    None => redis::Client::open(self.config.url.as_str()).map_err(|e| {
-                        Error::config(
-                            "url",
-                            format!("`{}` is not a Redis URL: {e}", self.config.url),
-                        )
-                    })?,
+                let (client, tls) = match client {
+                    Some(client) => {
+                        let tls = match client.get_connection_info().addr() {
+                            redis::ConnectionAddr::TcpTls { .. } => Some(Tls::load(&self.config)?),
+                            _ => {
+                                reject_without_tls(&self.config)?;
+                                None
+                            }
+                        };
+                        (client, tls)
+                    }
+                    None => open_client(&self.config)?,
                 };
-                Arc::new(RedisBroker::connect(client, self.config.command_timeout).await?)
+                Arc::new(RedisBroker::connect(client, tls, self.config.command_timeout).await?)
             }
         };
         let consumer_name = self
@@ -745,6 +773,32 @@ impl EventBusBuilder {
             }),
         })
     }
+}
+
+/// The redis-rs client for `config.url`, and its TLS settings for a `rediss://` URL.
+fn open_client(config: &EventBusConfig) -> Result<(redis::Client, Option<Tls>)> {
+    let not_a_url = |e: redis::RedisError| {
+        Error::config(
+            "url",
+            format!("`{}` is not a Redis URL: {e}", redacted_url(&config.url)),
+        )
+    };
+    let info =
+        redis::IntoConnectionInfo::into_connection_info(config.url.as_str()).map_err(not_a_url)?;
+    if let redis::ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
+        return Err(Error::config(
+            "url",
+            "`#insecure` (TLS without verifying the server's certificate) is not supported: set tls_ca_cert to the PEM file of the CA that signed it",
+        ));
+    }
+    if !matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+        reject_without_tls(config)?;
+        return Ok((redis::Client::open(info).map_err(not_a_url)?, None));
+    }
+    let tls = Tls::load(config)?;
+    let client =
+        redis::Client::build_with_tls(info, tls.certificates.clone()).map_err(not_a_url)?;
+    Ok((client, Some(tls)))
 }
 
 /// Resolves every registration's stream, rejecting missing, empty and duplicate ones.

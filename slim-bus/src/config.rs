@@ -1,5 +1,6 @@
 //! Settings of a bus, as a plain struct that can come from a config file or the environment.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -34,14 +35,26 @@ pub enum StartFrom {
 /// }"#).unwrap();
 /// assert_eq!(config.max_count, 100);
 /// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Its `Debug` and `Serialize` output never holds the password of `url`: it reads `***`
+/// there.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct EventBusConfig {
-    /// The Redis server, e.g. `redis://127.0.0.1:6379/`, `redis://user:pass@host:6379/2`
-    /// or `redis+unix:///run/redis.sock`. TLS (`rediss://`) is not supported yet.
-    /// Ignored when the builder is given a `redis::Client`.
+    /// The Redis server, e.g. `redis://127.0.0.1:6379/`, `redis://user:pass@host:6379/2`,
+    /// `rediss://user:pass@host:6380/` (TLS, see `tls_ca_cert`) or
+    /// `redis+unix:///run/redis.sock`. Ignored when the builder is given a `redis::Client`.
+    #[serde(serialize_with = "serialize_redacted_url")]
     pub url: String,
+    /// A PEM file of the CA (or CAs) that signed the server's certificate, trusted instead
+    /// of the system's root certificates for a `rediss://` URL.
+    pub tls_ca_cert: Option<PathBuf>,
+    /// A PEM file of the client certificate (and its chain) the bus presents to a server
+    /// that authenticates clients (mutual TLS); needs `tls_client_key`.
+    pub tls_client_cert: Option<PathBuf>,
+    /// A PEM file of the private key of `tls_client_cert`. Its contents are never printed.
+    pub tls_client_key: Option<PathBuf>,
     /// The consumer group this service reads its streams through. Required to listen;
     /// every process of one service uses the same group. No whitespace at either end.
     pub consumer_group: Option<String>,
@@ -115,6 +128,9 @@ impl Default for EventBusConfig {
     fn default() -> Self {
         EventBusConfig {
             url: "redis://127.0.0.1:6379/".to_owned(),
+            tls_ca_cert: None,
+            tls_client_cert: None,
+            tls_client_key: None,
             consumer_group: None,
             consumer_name: None,
             max_count: 100,
@@ -135,6 +151,122 @@ impl Default for EventBusConfig {
             dead_letter_max_len: None,
         }
     }
+}
+
+impl std::fmt::Debug for EventBusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured so that a new field cannot be added without deciding here whether
+        // it may be printed.
+        let EventBusConfig {
+            url,
+            tls_ca_cert,
+            tls_client_cert,
+            tls_client_key,
+            consumer_group,
+            consumer_name,
+            max_count,
+            handler_timeout,
+            max_concurrent,
+            max_in_flight,
+            block_time,
+            shutdown_grace,
+            start_from,
+            command_timeout,
+            claim_min_idle,
+            claim_interval,
+            consumer_idle_removal,
+            max_deliveries,
+            retry_base,
+            retry_max,
+            dead_letter_suffix,
+            dead_letter_max_len,
+        } = self;
+        f.debug_struct("EventBusConfig")
+            .field("url", &redacted_url(url))
+            .field("tls_ca_cert", tls_ca_cert)
+            .field("tls_client_cert", tls_client_cert)
+            .field("tls_client_key", tls_client_key)
+            .field("consumer_group", consumer_group)
+            .field("consumer_name", consumer_name)
+            .field("max_count", max_count)
+            .field("handler_timeout", handler_timeout)
+            .field("max_concurrent", max_concurrent)
+            .field("max_in_flight", max_in_flight)
+            .field("block_time", block_time)
+            .field("shutdown_grace", shutdown_grace)
+            .field("start_from", start_from)
+            .field("command_timeout", command_timeout)
+            .field("claim_min_idle", claim_min_idle)
+            .field("claim_interval", claim_interval)
+            .field("consumer_idle_removal", consumer_idle_removal)
+            .field("max_deliveries", max_deliveries)
+            .field("retry_base", retry_base)
+            .field("retry_max", retry_max)
+            .field("dead_letter_suffix", dead_letter_suffix)
+            .field("dead_letter_max_len", dead_letter_max_len)
+            .finish()
+    }
+}
+
+fn serialize_redacted_url<S: serde::Serializer>(
+    url: &str,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&redacted_url(url))
+}
+
+/// `url` with its password replaced by `***`: the part of the user info after its first
+/// `:`, and the value of a `pass` or `password` query parameter (as `redis+unix://` URLs
+/// carry it). Works on text that does not parse as a URL too, since the errors for such
+/// URLs show them: the user info is taken to end at the last `@`, wherever that is, so a
+/// password holding `/`, `?` or `#` is hidden whole as well. A URL whose authority is
+/// empty (`redis+unix:///path`) has no user info, only query parameters.
+pub(crate) fn redacted_url(url: &str) -> String {
+    const HIDDEN: &str = "***";
+    let mut out = String::with_capacity(url.len());
+    let mut rest = url;
+    if let Some(scheme_end) = rest.find("://") {
+        let (scheme, after) = rest.split_at(scheme_end + 3);
+        out.push_str(scheme);
+        rest = after;
+        if let Some(at) = rest.rfind('@').filter(|_| !rest.starts_with('/')) {
+            let (user_info, after) = rest.split_at(at);
+            match user_info.split_once(':') {
+                Some((user, _)) => {
+                    out.push_str(user);
+                    out.push(':');
+                    out.push_str(HIDDEN);
+                }
+                None => out.push_str(user_info),
+            }
+            rest = after;
+        }
+    }
+    let Some(query_start) = rest.find('?') else {
+        out.push_str(rest);
+        return out;
+    };
+    out.push_str(&rest[..=query_start]);
+    let query = &rest[query_start + 1..];
+    let (query, fragment) = match query.find('#') {
+        Some(hash) => query.split_at(hash),
+        None => (query, ""),
+    };
+    for (i, parameter) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        match parameter.split_once('=') {
+            Some((name, _)) if name == "pass" || name == "password" => {
+                out.push_str(name);
+                out.push('=');
+                out.push_str(HIDDEN);
+            }
+            _ => out.push_str(parameter),
+        }
+    }
+    out.push_str(fragment);
+    out
 }
 
 /// The longest duration a setting takes: far beyond any sensible value, and short enough
@@ -296,5 +428,44 @@ pub(crate) fn default_consumer_name() -> String {
         "slim-bus".to_owned()
     } else {
         host.into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted_url;
+
+    #[test]
+    fn passwords_are_hidden_in_urls_that_parse_and_in_those_that_do_not() {
+        let cases = [
+            ("redis://127.0.0.1:6379/", "redis://127.0.0.1:6379/"),
+            (
+                "redis://user:s3cret@host:6379/2",
+                "redis://user:***@host:6379/2",
+            ),
+            ("rediss://:s3cret@host/", "rediss://:***@host/"),
+            ("redis://user@host/", "redis://user@host/"),
+            ("redis://u:s3/c?r#e@t@host/x", "redis://u:***@host/x"),
+            (
+                "redis://u:s3cret@host/notanumber",
+                "redis://u:***@host/notanumber",
+            ),
+            (
+                "redis+unix:///run/redis.sock?db=1&pass=s3cret&user=u",
+                "redis+unix:///run/redis.sock?db=1&pass=***&user=u",
+            ),
+            (
+                "unix:///run/redis.sock?password=s3cret#x",
+                "unix:///run/redis.sock?password=***#x",
+            ),
+            (
+                "unix:///run/redis.sock?pass=s3:c@ret",
+                "unix:///run/redis.sock?pass=***",
+            ),
+            ("not a url at all", "not a url at all"),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(redacted_url(url), expected, "{url}");
+        }
     }
 }

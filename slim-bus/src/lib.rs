@@ -15,6 +15,7 @@ mod listener;
 mod publisher;
 mod telemetry;
 pub mod testing;
+mod tls;
 
 pub use crate::broker::memory::MemoryBroker;
 pub use crate::bus::{EventBus, EventBusBuilder};

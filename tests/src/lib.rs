@@ -18,12 +18,14 @@
 
 mod proxy;
 mod server;
+mod tls;
 
 use std::future::Future;
 use std::time::Duration;
 
 pub use proxy::Proxy;
 pub use server::{RedisServer, RedisServerBuilder};
+pub use tls::TestCertificates;
 
 /// Installs a `tracing` fmt subscriber that writes through the test harness (so output is
 /// captured per test) with the filter from `RUST_LOG`, `warn` by default.

@@ -52,6 +52,7 @@ pub struct RedisServer {
     // Field order matters: the process must be gone before its dir is removed.
     process: Option<Process>,
     port: u16,
+    tls_port: Option<u16>,
     launch: Launch,
     dir: tempfile::TempDir,
 }
@@ -66,6 +67,16 @@ pub struct RedisServerBuilder {
     appendfsync: Option<&'static str>,
     extra_args: Vec<OsString>,
     startup_timeout: Duration,
+    tls: Option<TlsFiles>,
+}
+
+/// The PEM files of a TLS server, and whether it asks clients for certificates.
+#[derive(Debug, Clone)]
+struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    auth_clients: bool,
 }
 
 impl Default for RedisServerBuilder {
@@ -77,6 +88,7 @@ impl Default for RedisServerBuilder {
             appendfsync: None,
             extra_args: Vec::new(),
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            tls: None,
         }
     }
 }
@@ -116,6 +128,20 @@ impl RedisServerBuilder {
         self
     }
 
+    /// Also listens with TLS, on a second free port ([`RedisServer::tls_url`]), with the
+    /// server certificate of `certs`; with `auth_clients` it requires a client certificate
+    /// signed by their CA (`--tls-auth-clients yes`). The plain port stays open for the
+    /// harness itself: its readiness probe, `SHUTDOWN` and the tests' inspections.
+    pub fn tls(mut self, certs: &crate::TestCertificates, auth_clients: bool) -> Self {
+        self.tls = Some(TlsFiles {
+            cert: certs.server_cert(),
+            key: certs.server_key(),
+            ca: certs.ca(),
+            auth_clients,
+        });
+        self
+    }
+
     /// How long a start (or restart) may take before it fails; 10 s by default.
     pub fn startup_timeout(mut self, timeout: Duration) -> Self {
         self.startup_timeout = timeout;
@@ -147,11 +173,7 @@ impl RedisServerBuilder {
     /// how to get one); otherwise an error carrying the tail of the server log when the server
     /// exits early or does not answer in time.
     pub fn start_blocking(self) -> io::Result<RedisServer> {
-        let launch = Launch {
-            binary: resolve_binary(self.binary.as_deref())?,
-            args: self.config_args(),
-            startup_timeout: self.startup_timeout,
-        };
+        let binary = resolve_binary(self.binary.as_deref())?;
         let attempts = if self.port.is_some() {
             1
         } else {
@@ -163,6 +185,15 @@ impl RedisServerBuilder {
                 Some(port) => port,
                 None => free_port()?,
             };
+            let tls_port = match self.tls {
+                Some(_) => Some(free_port()?),
+                None => None,
+            };
+            let launch = Launch {
+                binary: binary.clone(),
+                args: self.config_args(tls_port),
+                startup_timeout: self.startup_timeout,
+            };
             let dir = tempfile::Builder::new()
                 .prefix("slim-bus-redis-")
                 .tempdir()?;
@@ -171,6 +202,7 @@ impl RedisServerBuilder {
                     return Ok(RedisServer {
                         process: Some(process),
                         port,
+                        tls_port,
                         launch,
                         dir,
                     });
@@ -184,11 +216,25 @@ impl RedisServerBuilder {
         Err(last_error.unwrap_or_else(|| io::Error::other("redis-server did not start")))
     }
 
-    fn config_args(&self) -> Vec<OsString> {
+    fn config_args(&self, tls_port: Option<u16>) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec![
             "--appendonly".into(),
             if self.appendonly { "yes" } else { "no" }.into(),
         ];
+        if let (Some(tls), Some(tls_port)) = (&self.tls, tls_port) {
+            args.extend([
+                "--tls-port".into(),
+                tls_port.to_string().into(),
+                "--tls-cert-file".into(),
+                tls.cert.clone().into(),
+                "--tls-key-file".into(),
+                tls.key.clone().into(),
+                "--tls-ca-cert-file".into(),
+                tls.ca.clone().into(),
+                "--tls-auth-clients".into(),
+                if tls.auth_clients { "yes" } else { "no" }.into(),
+            ]);
+        }
         if let Some(policy) = self.appendfsync {
             args.push("--appendfsync".into());
             args.push(policy.into());
@@ -229,6 +275,24 @@ impl RedisServer {
     /// `redis://127.0.0.1:PORT/`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT/` for a server started with
+    /// [`tls`](RedisServerBuilder::tls).
+    ///
+    /// # Panics
+    ///
+    /// For a server without TLS.
+    pub fn tls_url(&self) -> String {
+        match self.tls_port {
+            Some(port) => format!("rediss://127.0.0.1:{port}/"),
+            None => panic!("this redis-server was started without TLS"),
+        }
+    }
+
+    /// The TLS port, for a server started with [`tls`](RedisServerBuilder::tls).
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
     }
 
     /// The TCP port the server listens on (kept across restarts).

@@ -15,7 +15,10 @@ use slim_bus_tests::within;
 use support::*;
 use tokio::sync::{Semaphore, mpsc};
 
-conformance!(published_events_reach_their_handler_typed_and_are_acknowledged);
+conformance!(
+    published_events_reach_their_handler_typed_and_are_acknowledged,
+    tls
+);
 async fn published_events_reach_their_handler_typed_and_are_acknowledged(backend: Backend) {
     let (handler, mut seen) = Record::<UserCreated>::new();
     let bus = within("build", STEP, backend.bus().handler(handler).build())
@@ -269,7 +272,10 @@ impl StreamHandler for Gated {
     }
 }
 
-conformance!(graceful_shutdown_waits_for_running_handlers_and_acknowledges_them);
+conformance!(
+    graceful_shutdown_waits_for_running_handlers_and_acknowledges_them,
+    tls
+);
 async fn graceful_shutdown_waits_for_running_handlers_and_acknowledges_them(backend: Backend) {
     let (started, mut started_rx) = mpsc::unbounded_channel();
     let (finished, mut finished_rx) = mpsc::unbounded_channel();
@@ -547,7 +553,10 @@ async fn competing_consumers_in_one_group_handle_each_entry_once(backend: Backen
     assert!(finished.try_recv().is_err(), "no entry was handled twice");
 }
 
-conformance!(one_bus_handles_several_streams_and_publishes_while_listening);
+conformance!(
+    one_bus_handles_several_streams_and_publishes_while_listening,
+    tls
+);
 async fn one_bus_handles_several_streams_and_publishes_while_listening(backend: Backend) {
     #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
     struct UserDeleted {
@@ -1071,7 +1080,10 @@ async fn a_bus_listens_once_at_a_time(backend: Backend) {
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-conformance!(health_reports_connection_reads_pending_entries_and_dead_letters);
+conformance!(
+    health_reports_connection_reads_pending_entries_and_dead_letters,
+    tls
+);
 async fn health_reports_connection_reads_pending_entries_and_dead_letters(backend: Backend) {
     let (handler, mut seen) = Scripted::new(|event: UserCreated, _| async move {
         match event.seq {
@@ -1116,7 +1128,7 @@ async fn health_reports_connection_reads_pending_entries_and_dead_letters(backen
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 
     match backend {
-        Backend::Redis(server) => {
+        Backend::Redis(server) | Backend::Tls(server, _) => {
             drop(server);
             let gone = within("health without redis", STEP, bus.health()).await;
             assert!(!gone.connected && !gone.listening);

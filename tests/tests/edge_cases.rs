@@ -1,5 +1,5 @@
 //! Edge cases at the limits: absurd delays, replays of entries that fail again, reads at
-//! shutdown, unsupported URLs and servers.
+//! shutdown, and unsupported servers.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -122,18 +122,6 @@ async fn after_shutdown_returns_the_bus_reads_nothing_more() {
         "no consumer took the entry published after shutdown"
     );
     assert_eq!(health.streams[0].lag, Some(1));
-}
-
-#[tokio::test]
-async fn tls_urls_are_refused_by_name() {
-    let err = within(
-        "build",
-        STEP,
-        EventBus::builder().url("rediss://127.0.0.1:1/").build(),
-    )
-    .await
-    .unwrap_err();
-    assert!(matches!(err, Error::Config { setting: "url", .. }), "{err}");
 }
 
 /// Serves the RESP commands that arrive on `listener` as a server reporting

@@ -30,7 +30,10 @@ fn ok() -> impl Fn(UserCreated, slim_bus::Context) -> std::future::Ready<Result<
     |_, _| std::future::ready(Ok(()))
 }
 
-conformance!(entries_of_a_dead_consumer_are_claimed_after_the_idle_time_with_delivery_count_two);
+conformance!(
+    entries_of_a_dead_consumer_are_claimed_after_the_idle_time_with_delivery_count_two,
+    tls
+);
 async fn entries_of_a_dead_consumer_are_claimed_after_the_idle_time_with_delivery_count_two(
     backend: Backend,
 ) {
@@ -165,7 +168,10 @@ async fn a_pending_list_longer_than_many_claim_batches_is_recovered_in_full(back
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-conformance!(an_entry_failing_twice_then_succeeding_sees_delivery_counts_one_two_three);
+conformance!(
+    an_entry_failing_twice_then_succeeding_sees_delivery_counts_one_two_three,
+    tls
+);
 async fn an_entry_failing_twice_then_succeeding_sees_delivery_counts_one_two_three(
     backend: Backend,
 ) {
@@ -198,7 +204,10 @@ async fn an_entry_failing_twice_then_succeeding_sees_delivery_counts_one_two_thr
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-conformance!(an_entry_is_dead_lettered_once_with_its_metadata_after_max_deliveries);
+conformance!(
+    an_entry_is_dead_lettered_once_with_its_metadata_after_max_deliveries,
+    tls
+);
 async fn an_entry_is_dead_lettered_once_with_its_metadata_after_max_deliveries(backend: Backend) {
     let (handler, mut seen) =
         Scripted::new(|_: UserCreated, _| async { Err(HandlerError::new("smtp is down")) });
@@ -486,7 +495,10 @@ async fn each_kind_of_undecodable_entry_is_dead_lettered_at_once_between_good_on
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-conformance!(replayed_dead_letters_are_handled_and_leave_the_dead_letter_stream);
+conformance!(
+    replayed_dead_letters_are_handled_and_leave_the_dead_letter_stream,
+    tls
+);
 async fn replayed_dead_letters_are_handled_and_leave_the_dead_letter_stream(backend: Backend) {
     let fail = Arc::new(AtomicUsize::new(1));
     let (handler, mut seen) = Scripted::new({

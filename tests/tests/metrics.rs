@@ -75,6 +75,7 @@ async fn counters_histograms_and_gauges_move_by_what_the_bus_did(backend: Backen
     // the process and its recorder.
     let (stream, group) = match backend {
         Backend::Redis(_) => ("metrics.redis", "metrics-redis"),
+        Backend::Tls(..) => ("metrics.tls", "metrics-tls"),
         Backend::Memory(_) => ("metrics.memory", "metrics-memory"),
     };
     let (handler, mut seen) = Scripted::new(|event: UserCreated, _| async move {

@@ -13,7 +13,7 @@ use redis::{Client, Value};
 use tokio::time::Instant;
 
 use super::commands::{CommandConnection, TimedConnection};
-use super::resp::{RespConnection, RespError, encode_xadd, is_failover_line, xadd_len};
+use super::resp::{Endpoint, RespConnection, RespError, encode_xadd, is_failover_line, xadd_len};
 use super::{
     Broker, ClaimPage, DeadLetterMove, Delivery, EntryFields, GroupStats, RawFields,
     StreamDeliveries, is_supported_version, trimmed_count_key,
@@ -23,6 +23,7 @@ use crate::config::StartFrom;
 use crate::dead_letter::{dlq_error, unpack_fields};
 use crate::error::{Error, Result, server_code};
 use crate::event::EntryId;
+use crate::tls::Tls;
 
 /// How often a wake retries before the reader's block reaches the server (1 ms apart).
 const WAKE_ATTEMPTS: usize = 100;
@@ -41,7 +42,8 @@ fn is_unix_socket(_: &redis::ConnectionAddr) -> bool {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct RedisBroker {
-    client: Client,
+    /// Where the read and publish connections go.
+    endpoint: Endpoint,
     /// Acks, claims, scripts and group management. Never blocks on the server, so its
     /// response timeout can stay short.
     commands: Arc<CommandConnection>,
@@ -112,7 +114,7 @@ const KEPT_BUFFER: usize = 1 << 20;
 /// on the first publish and again after it broke. A pipeline, connecting included, ends
 /// by the earliest deadline among its requests. Ends when the broker is dropped.
 async fn publish_in_pipelines(
-    info: &redis::ConnectionInfo,
+    endpoint: &Endpoint,
     timeout: Duration,
     requests: &mut mpsc::UnboundedReceiver<PublishRequest>,
 ) {
@@ -156,18 +158,25 @@ async fn publish_in_pipelines(
             wire.extend_from_slice(&request.commands);
         }
         replies.clear();
-        let failed = send_pipeline(&mut connection, info, &wire, count, deadline, &mut replies)
-            .await
-            .err()
-            .map(|failure| {
-                connection = None;
-                failure.into_redis(timeout)
-            });
+        let failed = send_pipeline(
+            &mut connection,
+            endpoint,
+            &wire,
+            count,
+            deadline,
+            &mut replies,
+        )
+        .await
+        .err()
+        .map(|failure| {
+            connection = None;
+            failure.into_redis(timeout)
+        });
         if replies
             .iter()
             .any(|reply| matches!(reply, Err(line) if is_failover_line(line)))
         {
-            tracing::warn!(addr = %info.addr(), "the server refused publishes as a replica, loading, or without its primary; replacing the publishing connection");
+            tracing::warn!(addr = %endpoint.info.addr(), "the server refused publishes as a replica, loading, or without its primary; replacing the publishing connection");
             connection = None;
         }
         let mut answers = replies.drain(..);
@@ -190,13 +199,13 @@ async fn publish_in_pipelines(
 /// the publishes of its pipeline, not every publish after it: the loop starts again on
 /// a new connection with the requests still queued.
 async fn keep_publishing(
-    info: redis::ConnectionInfo,
+    endpoint: Endpoint,
     timeout: Duration,
     mut requests: mpsc::UnboundedReceiver<PublishRequest>,
 ) {
     use futures_util::FutureExt;
     while let Err(panic) =
-        std::panic::AssertUnwindSafe(publish_in_pipelines(&info, timeout, &mut requests))
+        std::panic::AssertUnwindSafe(publish_in_pipelines(&endpoint, timeout, &mut requests))
             .catch_unwind()
             .await
     {
@@ -255,7 +264,7 @@ fn timed_out(timeout: Duration) -> std::io::Error {
 /// Sends one pipeline of `XADD`s, connecting first if there is no usable connection.
 async fn send_pipeline(
     connection: &mut Option<RespConnection>,
-    info: &redis::ConnectionInfo,
+    endpoint: &Endpoint,
     wire: &[u8],
     count: usize,
     deadline: Instant,
@@ -273,7 +282,7 @@ async fn send_pipeline(
     let open = match connection {
         Some(open) => open,
         None => connection.insert(
-            RespConnection::connect(info, deadline)
+            RespConnection::connect(endpoint, deadline)
                 .await
                 .map_err(PipelineFailure::Connect)?,
         ),
@@ -351,29 +360,34 @@ impl RedisBroker {
         })
     }
 
-    pub(crate) async fn connect(client: Client, command_timeout: Duration) -> Result<Self> {
-        if !matches!(
-            client.get_connection_info().addr(),
-            redis::ConnectionAddr::Tcp(..)
-        ) && !is_unix_socket(client.get_connection_info().addr())
-        {
+    pub(crate) async fn connect(
+        client: Client,
+        tls: Option<Tls>,
+        command_timeout: Duration,
+    ) -> Result<Self> {
+        let addr = client.get_connection_info().addr();
+        let supported = match addr {
+            redis::ConnectionAddr::Tcp(..) => true,
+            redis::ConnectionAddr::TcpTls { insecure, .. } => !insecure && tls.is_some(),
+            other => is_unix_socket(other),
+        };
+        if !supported {
             return Err(Error::config(
                 "url",
                 format!(
-                    "{} is not supported: use redis:// (TCP without TLS) or a Unix socket",
-                    client.get_connection_info().addr()
+                    "{addr} is not supported: use redis:// (TCP), rediss:// (TLS, without #insecure) or a Unix socket"
                 ),
             ));
         }
+        let endpoint = Endpoint {
+            info: client.get_connection_info().clone(),
+            tls: tls.map(|tls| tls.connector),
+        };
         let commands = Arc::new(CommandConnection::connect(client.clone(), command_timeout).await?);
         let (publisher, requests) = mpsc::unbounded_channel();
-        tokio::spawn(keep_publishing(
-            client.get_connection_info().clone(),
-            command_timeout,
-            requests,
-        ));
+        tokio::spawn(keep_publishing(endpoint.clone(), command_timeout, requests));
         Ok(RedisBroker {
-            client,
+            endpoint,
             commands,
             publisher,
             read_connection: tokio::sync::Mutex::new(None),
@@ -415,19 +429,50 @@ fn publisher_stopped() -> Error {
     }
 }
 
+/// What a failed first connection may mean when its URL and the port disagree about TLS
+/// (a TLS port closes on the plain bytes of `redis://`, a plain port answers a TLS
+/// handshake with nothing or with something that is not TLS), or when the handshake
+/// failed: which setting to look at.
+fn wrong_transport_hint(addr: &redis::ConnectionAddr, error: &redis::RedisError) -> &'static str {
+    match addr {
+        redis::ConnectionAddr::Tcp(..)
+            if error.is_connection_dropped() && !error.is_connection_refusal() =>
+        {
+            " (the server closed the connection at once: if this port wants TLS, use a rediss:// URL)"
+        }
+        // rustls reports bytes that are not TLS as a corrupt message.
+        redis::ConnectionAddr::TcpTls { .. }
+            if error.is_timeout() || error.to_string().contains("corrupt message") =>
+        {
+            " over TLS (no TLS handshake came back: if this port does not speak TLS, use a redis:// URL)"
+        }
+        redis::ConnectionAddr::TcpTls { .. }
+            if error.to_string().contains("invalid peer certificate") =>
+        {
+            " over TLS (the server's certificate is not trusted: check tls_ca_cert)"
+        }
+        redis::ConnectionAddr::TcpTls { .. }
+            if error.to_string().contains("received fatal alert") =>
+        {
+            " over TLS (the server refused the handshake: check tls_client_cert and tls_client_key)"
+        }
+        _ => "",
+    }
+}
+
 pub(super) async fn manager(
     client: &Client,
     response_timeout: Duration,
 ) -> Result<ConnectionManager> {
-    // The bus's own loops back off between attempts, so a reconnect tries once and
-    // fails within the command timeout rather than holding every caller through rounds
-    // of retries.
+    // The bus's own loops back off between attempts, so a reconnect fails within the
+    // command timeout rather than holding every caller through rounds of retries: redis-rs
+    // makes two connection attempts even without retries, each given half of it.
     let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(CONNECT_TIMEOUT.min(response_timeout)))
+        .set_connection_timeout(Some(CONNECT_TIMEOUT.min(response_timeout / 2)))
         .set_response_timeout(Some(response_timeout))
         .set_min_delay(Duration::from_millis(50))
         .set_max_delay(Duration::from_secs(1))
-        .set_number_of_retries(1);
+        .set_number_of_retries(0);
     let action = || format!("connecting to {}", client.get_connection_info().addr());
     match tokio::time::timeout(
         CONNECT_TIMEOUT * 2,
@@ -436,7 +481,10 @@ pub(super) async fn manager(
     .await
     {
         Ok(Ok(manager)) => Ok(manager),
-        Ok(Err(source)) => Err(Error::redis(action(), source)),
+        Ok(Err(source)) => {
+            let hint = wrong_transport_hint(client.get_connection_info().addr(), &source);
+            Err(Error::redis(format!("{}{hint}", action()), source))
+        }
         Err(_) => Err(Error::Timeout {
             action: action(),
             timeout: CONNECT_TIMEOUT * 2,
@@ -509,15 +557,12 @@ impl Broker for RedisBroker {
         let mut slot = self.read_connection.lock().await;
         let mut connection = match slot.take() {
             Some(connection) if !connection.is_dirty() => connection,
-            _ => RespConnection::connect_with_id(
-                self.client.get_connection_info(),
-                Instant::now() + CONNECT_TIMEOUT,
-            )
-            .await
-            .map_err(|e| {
-                let addr = self.client.get_connection_info().addr().to_string();
-                Error::redis(format!("connecting to {addr}"), e.into_redis())
-            })?,
+            _ => RespConnection::connect_with_id(&self.endpoint, Instant::now() + CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| {
+                    let addr = self.endpoint.info.addr().to_string();
+                    Error::redis(format!("connecting to {addr}"), e.into_redis())
+                })?,
         };
         let blocked = block.and_then(|block| {
             BlockedReader::set(&self.reader, connection.client_id()).map(|guard| (guard, block))
@@ -839,7 +884,7 @@ impl Broker for RedisBroker {
     }
 
     async fn check_version(&self) -> Result<()> {
-        let addr = self.client.get_connection_info().addr().to_string();
+        let addr = self.endpoint.info.addr().to_string();
         let info: String = match redis::cmd("INFO")
             .arg("server")
             .query_async(&mut self.commands())

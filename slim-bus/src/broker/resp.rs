@@ -9,6 +9,9 @@
 //! building redis-rs commands and the multiplexer's extra task: 64 concurrent publishers
 //! went from 0.66x to 0.89x of a hand-written pipelined loop. Everything else (acks,
 //! claims, scripts, group management) still goes through redis-rs.
+//!
+//! For `rediss://` URLs the same connections run over rustls (`tokio-rustls` around the
+//! TCP stream), configured from the same settings as the redis-rs client.
 
 use std::io;
 use std::pin::Pin;
@@ -17,14 +20,23 @@ use std::sync::Arc;
 use redis::{ConnectionAddr, ConnectionInfo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
 
 use super::{Delivery, StreamDeliveries};
 use crate::codec::EncodedField;
 use crate::event::EntryId;
 
-/// A byte stream to the server: TCP or a Unix socket.
+/// A byte stream to the server: TCP, TLS over TCP, or a Unix socket.
 trait Transport: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Transport for T {}
+
+/// Where the connections go and how: the server's address and credentials, and for a
+/// `rediss://` server the TLS connector.
+#[derive(Clone)]
+pub(crate) struct Endpoint {
+    pub(crate) info: ConnectionInfo,
+    pub(crate) tls: Option<TlsConnector>,
+}
 
 /// Why a request on a connection failed.
 #[derive(Debug)]
@@ -88,20 +100,32 @@ pub(crate) struct RespConnection {
 }
 
 impl RespConnection {
-    /// Connects, logs in and selects the database as `info` says, by `deadline`.
-    pub(crate) async fn connect(
-        info: &ConnectionInfo,
-        deadline: Instant,
-    ) -> Result<Self, RespError> {
+    /// Connects, logs in and selects the database as `endpoint` says, by `deadline`.
+    pub(crate) async fn connect(endpoint: &Endpoint, deadline: Instant) -> Result<Self, RespError> {
+        let info = &endpoint.info;
         let transport: Pin<Box<dyn Transport>> = match info.addr() {
-            ConnectionAddr::Tcp(host, port) => {
-                let stream = within(
-                    deadline,
-                    tokio::net::TcpStream::connect((host.as_str(), *port)),
-                )
-                .await??;
-                stream.set_nodelay(true)?;
-                Box::pin(stream)
+            ConnectionAddr::Tcp(host, port) => Box::pin(tcp(host, *port, deadline).await?),
+            ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: false,
+                ..
+            } => {
+                let Some(connector) = &endpoint.tls else {
+                    return Err(RespError::Protocol(
+                        "a TLS address without TLS settings".to_owned(),
+                    ));
+                };
+                let name = rustls::pki_types::ServerName::try_from(host.as_str())
+                    .map_err(|e| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            format!("`{host}` is not a name TLS can verify: {e}"),
+                        )
+                    })?
+                    .to_owned();
+                let stream = tcp(host, *port, deadline).await?;
+                Box::pin(within(deadline, connector.connect(name, stream)).await??)
             }
             #[cfg(unix)]
             ConnectionAddr::Unix(path) => {
@@ -109,7 +133,7 @@ impl RespConnection {
             }
             other => {
                 return Err(RespError::Protocol(format!(
-                    "slim-bus speaks to Redis over TCP or a Unix socket, not {other}"
+                    "slim-bus speaks to Redis over TCP, TLS with a verified certificate or a Unix socket, not {other}"
                 )));
             }
         };
@@ -141,10 +165,10 @@ impl RespConnection {
     /// Connects as [`connect`](Self::connect) does, and asks the server for the
     /// connection's id, which a blocked read needs to be woken.
     pub(crate) async fn connect_with_id(
-        info: &ConnectionInfo,
+        endpoint: &Endpoint,
         deadline: Instant,
     ) -> Result<Self, RespError> {
-        let mut connection = Self::connect(info, deadline).await?;
+        let mut connection = Self::connect(endpoint, deadline).await?;
         connection.client_id = match connection.simple(&[b"CLIENT", b"ID"], deadline).await? {
             Simple::Int(id) => id,
             Simple::Status => {
@@ -204,7 +228,7 @@ impl RespConnection {
         replies: &mut Vec<Result<EntryId, Vec<u8>>>,
     ) -> Result<(), RespError> {
         self.dirty = true;
-        within(deadline, self.transport.write_all(commands)).await??;
+        self.write(commands, deadline).await?;
         for _ in 0..count {
             match self.receive(deadline, parse_entry_id).await {
                 Ok(id) => replies.push(Ok(id)),
@@ -227,7 +251,17 @@ impl RespConnection {
         let mut request = Vec::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
         encode_command(&mut request, args.len(), args.iter().copied());
         self.dirty = true;
-        within(deadline, self.transport.write_all(&request)).await??;
+        self.write(&request, deadline).await
+    }
+
+    /// Writes `bytes` out. The flush matters for TLS, where written bytes may wait in
+    /// the session until then; for TCP and Unix sockets it does nothing.
+    async fn write(&mut self, bytes: &[u8], deadline: Instant) -> Result<(), RespError> {
+        within(deadline, async {
+            self.transport.write_all(bytes).await?;
+            self.transport.flush().await
+        })
+        .await??;
         Ok(())
     }
 
@@ -335,6 +369,12 @@ pub(crate) fn xadd_len(stream: &str, fields: &[EncodedField]) -> usize {
             .iter()
             .map(|(name, value)| bulk(name.len()) + bulk(value.len()))
             .sum::<usize>()
+}
+
+async fn tcp(host: &str, port: u16, deadline: Instant) -> io::Result<tokio::net::TcpStream> {
+    let stream = within(deadline, tokio::net::TcpStream::connect((host, port))).await??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 async fn within<T>(deadline: Instant, future: impl Future<Output = T>) -> io::Result<T> {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use slim_bus::{Context, EventBus, EventBusBuilder, HandlerError, MemoryBroker, StreamHandler};
-use slim_bus_tests::{RedisServer, within};
+use slim_bus_tests::{RedisServer, TestCertificates, within};
 use tokio::sync::mpsc;
 
 /// How long any single awaited step of a test may take.
@@ -264,12 +264,44 @@ pub async fn stream_len(server: &RedisServer, stream: &str) -> usize {
 /// is a bug in the in-memory backend.
 pub enum Backend {
     Redis(RedisServer),
+    /// A redis-server the bus reaches over mutual TLS only (its `rediss://` port, which
+    /// requires a client certificate); the helpers inspect it over its plain port.
+    Tls(RedisServer, TestCertificates),
     Memory(MemoryBroker),
+}
+
+/// A redis-server with TLS on a second port, and the certificates it was started with.
+pub async fn start_tls_server(auth_clients: bool) -> (RedisServer, TestCertificates) {
+    slim_bus_tests::init_tracing();
+    let certs = TestCertificates::generate().expect("test certificates");
+    let server = within(
+        "redis-server with TLS to start",
+        STEP,
+        RedisServer::builder().tls(&certs, auth_clients).start(),
+    )
+    .await
+    .expect("redis-server with TLS starts");
+    (server, certs)
+}
+
+/// A builder for `server`'s TLS port, trusting the test CA and presenting its client
+/// certificate.
+pub fn tls_builder(server: &RedisServer, certs: &TestCertificates) -> EventBusBuilder {
+    EventBus::builder()
+        .url(server.tls_url())
+        .tls_ca_cert(certs.ca())
+        .tls_client_cert(certs.client_cert())
+        .tls_client_key(certs.client_key())
 }
 
 impl Backend {
     pub async fn redis() -> Self {
         Backend::Redis(start_server().await)
+    }
+
+    pub async fn tls() -> Self {
+        let (server, certs) = start_tls_server(true).await;
+        Backend::Tls(server, certs)
     }
 
     pub fn memory() -> Self {
@@ -281,6 +313,7 @@ impl Backend {
     pub fn builder(&self) -> EventBusBuilder {
         match self {
             Backend::Redis(server) => EventBus::builder().url(server.url()),
+            Backend::Tls(server, certs) => tls_builder(server, certs),
             Backend::Memory(broker) => EventBus::builder().memory(broker),
         }
     }
@@ -296,7 +329,7 @@ impl Backend {
 
     pub fn server(&self) -> Option<&RedisServer> {
         match self {
-            Backend::Redis(server) => Some(server),
+            Backend::Redis(server) | Backend::Tls(server, _) => Some(server),
             Backend::Memory(_) => None,
         }
     }
@@ -304,7 +337,9 @@ impl Backend {
     /// The number of entries the group holds pending on `stream`.
     pub async fn pending_count(&self, stream: &str, group: &str) -> usize {
         match self {
-            Backend::Redis(server) => pending_count(server, stream, group).await,
+            Backend::Redis(server) | Backend::Tls(server, _) => {
+                pending_count(server, stream, group).await
+            }
             Backend::Memory(broker) => broker.pending(stream, group).len(),
         }
     }
@@ -313,7 +348,7 @@ impl Backend {
     /// `XPENDING stream group - + 100000 consumer`.
     pub async fn pending_of(&self, stream: &str, group: &str, consumer: &str) -> usize {
         match self {
-            Backend::Redis(server) => {
+            Backend::Redis(server) | Backend::Tls(server, _) => {
                 let mut conn = server.connection().await;
                 let rows: Vec<redis::Value> = within(
                     "XPENDING of one consumer",
@@ -352,7 +387,7 @@ impl Backend {
     /// Adds an entry of raw fields, like `XADD stream * ...`; returns its id.
     pub async fn xadd(&self, stream: &str, fields: &[(&str, &[u8])]) -> String {
         match self {
-            Backend::Redis(server) => xadd(server, stream, fields).await,
+            Backend::Redis(server) | Backend::Tls(server, _) => xadd(server, stream, fields).await,
             Backend::Memory(_) => {
                 let publisher = within("build a publisher", STEP, self.builder().build())
                     .await
@@ -368,7 +403,7 @@ impl Backend {
     /// Deletes entries, like `XDEL`; returns how many existed.
     pub async fn xdel(&self, stream: &str, ids: &[&str]) -> usize {
         match self {
-            Backend::Redis(server) => {
+            Backend::Redis(server) | Backend::Tls(server, _) => {
                 let mut conn = server.connection().await;
                 within("XDEL", STEP, conn.xdel(stream, ids)).await.unwrap()
             }
@@ -384,7 +419,7 @@ impl Backend {
     /// consumer that dies right after reading. Creates the group from the start if needed.
     pub async fn read_as_dead_consumer(&self, stream: &str, group: &str, name: &str, count: usize) {
         match self {
-            Backend::Redis(server) => {
+            Backend::Redis(server) | Backend::Tls(server, _) => {
                 read_as_dead_consumer(server, stream, group, name, count).await
             }
             Backend::Memory(broker) => {
@@ -396,7 +431,7 @@ impl Backend {
     /// Every entry of `stream` with its fields as text, like `XRANGE stream - +`.
     pub async fn entries(&self, stream: &str) -> Vec<(String, Vec<(String, String)>)> {
         match self {
-            Backend::Redis(server) => entries(server, stream).await,
+            Backend::Redis(server) | Backend::Tls(server, _) => entries(server, stream).await,
             Backend::Memory(broker) => broker
                 .entries(stream)
                 .into_iter()
@@ -414,7 +449,7 @@ impl Backend {
     /// The names of the consumers of `group` on `stream`, sorted, like `XINFO CONSUMERS`.
     pub async fn consumers(&self, stream: &str, group: &str) -> Vec<String> {
         let mut names = match self {
-            Backend::Redis(server) => {
+            Backend::Redis(server) | Backend::Tls(server, _) => {
                 let mut conn = server.connection().await;
                 let reply: redis::streams::StreamInfoConsumersReply =
                     within("XINFO CONSUMERS", STEP, conn.xinfo_consumers(stream, group))
@@ -431,7 +466,7 @@ impl Backend {
     /// The number of entries in `stream`, like `XLEN`.
     pub async fn stream_len(&self, stream: &str) -> usize {
         match self {
-            Backend::Redis(server) => stream_len(server, stream).await,
+            Backend::Redis(server) | Backend::Tls(server, _) => stream_len(server, stream).await,
             Backend::Memory(broker) => broker.stream_len(stream) as usize,
         }
     }
@@ -440,8 +475,27 @@ impl Backend {
 /// Runs the behaviour test `async fn $name(backend: Backend)` on both backends, as
 /// `$name::redis` (a throwaway redis-server, multi-threaded runtime) and `$name::memory`
 /// (an in-memory broker, tokio's clock paused: waiting for claims and retries costs no
-/// real time, and a test that hangs fails at its `within` bound at once).
+/// real time, and a test that hangs fails at its `within` bound at once). With `tls`, also
+/// as `$name::tls`: the redis-server over mutual TLS.
 macro_rules! conformance {
+    ($name:ident, tls) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$name(super::Backend::redis().await).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn tls() {
+                super::$name(super::Backend::tls().await).await
+            }
+
+            #[tokio::test(start_paused = true)]
+            async fn memory() {
+                super::$name(super::Backend::memory()).await
+            }
+        }
+    };
     ($name:ident) => {
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
