@@ -10,6 +10,8 @@ pub(crate) enum Case {
     Baseline,
     /// slim-bus consumer, no-op typed handler.
     Consume,
+    /// As `Consume`, with a metrics recorder installed and logs at INFO.
+    ConsumeObserved,
     /// As `Consume`, with 1% of entries undecodable.
     Poison,
     /// As `Consume`, with 1% of entries failing once and succeeding on their retry.
@@ -53,9 +55,10 @@ pub(crate) enum Case {
 }
 
 impl Case {
-    pub(crate) const ALL: [Case; 22] = [
+    pub(crate) const ALL: [Case; 23] = [
         Case::Baseline,
         Case::Consume,
+        Case::ConsumeObserved,
         Case::Poison,
         Case::Transient,
         Case::Cpu1,
@@ -82,6 +85,7 @@ impl Case {
         match self {
             Case::Baseline => "baseline",
             Case::Consume => "consume",
+            Case::ConsumeObserved => "consume-observed",
             Case::Poison => "poison",
             Case::Transient => "transient",
             Case::Cpu1 => "cpu-1",

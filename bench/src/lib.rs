@@ -14,6 +14,7 @@ mod bus;
 mod cases;
 mod cli;
 mod memory;
+mod observe;
 mod raw;
 mod report;
 mod suite;
@@ -79,8 +80,9 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Logs at `RUST_LOG` to stderr when it is set. Otherwise warnings and errors are still
-/// formatted, as a service would, but into a sink: the poison case logs one error per
+/// Installs the switched metrics recorder (see [`observe`]), and logs at `RUST_LOG` to
+/// stderr when it is set. Otherwise warnings and errors are still formatted, as a service
+/// would, but into a sink: the poison case logs one error per
 /// undecodable entry, and that cost belongs to the measurement, not to the terminal.
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
@@ -88,10 +90,20 @@ fn init_tracing() {
         Ok(filter) => tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
-            .try_init(),
-        Err(_) => tracing_subscriber::fmt()
-            .with_env_filter(EnvFilter::new("warn"))
-            .with_writer(std::io::sink)
-            .try_init(),
+            .try_init()
+            .map_err(drop),
+        Err(_) => {
+            // Reloadable: the `consume-observed` case logs at INFO for its run.
+            use tracing_subscriber::layer::SubscriberExt;
+            use tracing_subscriber::util::SubscriberInitExt;
+            let (filter, handle) = tracing_subscriber::reload::Layer::new(EnvFilter::new("warn"));
+            observe::set_filter_handle(handle);
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(tracing_subscriber::fmt::layer().with_writer(std::io::sink))
+                .try_init()
+                .map_err(drop)
+        }
     };
+    observe::install_recorder();
 }

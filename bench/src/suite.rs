@@ -332,6 +332,24 @@ impl Suite {
                 .target(Target::RatioAtLeast(1.3));
                 rated(entries, observed, row)
             }
+            Case::ConsumeObserved => {
+                let entries = sizes.consume;
+                let observed = {
+                    let _on = crate::observe::Observed::start();
+                    consume_case(url, conn, &stats, stream, entries, false, &no_op()).await?
+                };
+                let row = Row::new(
+                    "consume-observed",
+                    format!(
+                        "as consume, with a metrics recorder (metrics-util's DebuggingRecorder) and an INFO fmt subscriber into a sink, {} backlog",
+                        count(entries)
+                    ),
+                    Unit::EntriesPerSec,
+                )
+                .vs("consume")
+                .target(Target::RatioAtLeast(0.9));
+                rated(entries, observed, row)
+            }
             Case::Poison => {
                 let entries = sizes.consume;
                 let handled = entries - raw::poisoned_count(entries);

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
@@ -25,6 +26,7 @@ use crate::health::{Health, LastRead, SetAside, StreamHealth};
 use crate::lease::ConsumerLease;
 use crate::listener::Listener;
 use crate::publisher::Publisher;
+use crate::telemetry;
 use crate::tls::{Tls, reject_without_tls};
 
 /// A typed event bus over Redis Streams: publishes events, and listens to its streams
@@ -189,7 +191,16 @@ impl EventBus {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        self.inner.broker.publish_batch(stream, &entries).await
+        let span = send_span(stream, entries.len());
+        let started = tokio::time::Instant::now();
+        let published = self
+            .inner
+            .broker
+            .publish_batch(stream, &entries)
+            .instrument(span)
+            .await;
+        telemetry::sent(stream, entries.len(), started.elapsed(), published.is_ok());
+        published
     }
 
     /// Appends an entry of untyped fields to `stream`, like the Go original's `Send`.
@@ -230,7 +241,19 @@ impl EventBus {
         if fields.is_empty() {
             return Err(empty_entry(stream));
         }
-        self.inner.broker.publish(stream, fields).await
+        let span = send_span(stream, 1);
+        let started = tokio::time::Instant::now();
+        let published = self
+            .inner
+            .broker
+            .publish(stream, fields)
+            .instrument(span.clone())
+            .await;
+        if let Ok(id) = &published {
+            span.record("messaging.message.id", tracing::field::display(id));
+        }
+        telemetry::sent(stream, 1, started.elapsed(), published.is_ok());
+        published
     }
 
     /// Starts listening: creates the consumer group on every stream (an existing group is
@@ -298,10 +321,14 @@ impl EventBus {
             "listening"
         );
         let shutdown = CancellationToken::new();
+        let gauges = CancellationToken::new();
+        tokio::spawn(self.clone().refresh_gauges(gauges.clone()));
         let task = tokio::spawn({
             let shutdown = shutdown.clone();
             async move {
                 let _guard = guard;
+                let _gauges = gauges.drop_guard();
+                let group = consumer.group.clone();
                 let run = consumer.run(shutdown.clone());
                 tokio::pin!(run);
                 let outcome = tokio::select! {
@@ -313,6 +340,13 @@ impl EventBus {
                     }
                 };
                 lease.release().await;
+                if let Err(error) = &outcome {
+                    tracing::error!(
+                        group = %group,
+                        error = error as &dyn std::error::Error,
+                        "the listener stopped on an error it cannot recover from; nothing is consumed until listen() is called again"
+                    );
+                }
                 outcome
             }
         });
@@ -352,6 +386,21 @@ impl EventBus {
                     tokio::time::sleep(delay).await;
                 }
                 other => return other,
+            }
+        }
+    }
+
+    /// Refreshes the per-stream gauges every [`GAUGE_REFRESH`](telemetry::GAUGE_REFRESH)
+    /// until `stop` is cancelled (when the listener's run ends).
+    async fn refresh_gauges(self, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(telemetry::GAUGE_REFRESH) => {}
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = self.health() => {}
             }
         }
     }
@@ -435,6 +484,7 @@ impl EventBus {
                         Err(error) => health.error = Some(crate::error::report(&error)),
                     }
                 }
+                telemetry::stream_gauges(&health, group);
                 streams.push(health);
             }
         }
@@ -442,8 +492,21 @@ impl EventBus {
             connected,
             listening: inner.listening.load(Ordering::Acquire),
             since_last_read: inner.last_read.elapsed(),
+            read_stall_after: self.read_stall_after(),
             streams,
         }
+    }
+
+    /// See [`Health::read_stall_after`].
+    fn read_stall_after(&self) -> Duration {
+        let config = &self.inner.config;
+        let longest_handler = self
+            .inner
+            .routes
+            .iter()
+            .filter_map(|route| route.handler_timeout)
+            .fold(config.handler_timeout, Duration::max);
+        (config.block_time + config.command_timeout) * 2 + longest_handler
     }
 
     /// A handle that publishes through this bus, as handlers get from
@@ -519,6 +582,18 @@ fn empty_entry(stream: &str) -> Error {
         stream: stream.to_owned(),
         reason: "an entry needs at least one field (every field is empty or None)".to_owned(),
     }
+}
+
+/// The span of one publish of `entries` entries; the entry id is recorded when known.
+fn send_span(stream: &str, entries: usize) -> tracing::Span {
+    tracing::info_span!(
+        "slim_bus.send",
+        messaging.system = "redis",
+        messaging.operation.type = "send",
+        messaging.destination.name = stream,
+        messaging.batch.message_count = entries,
+        messaging.message.id = tracing::field::Empty,
+    )
 }
 
 /// Clears the listening flag when a listener's run ends, however it ends.
@@ -788,6 +863,7 @@ impl EventBusBuilder {
     /// [`Error::NoHandlerStream`] and [`Error::EmptyStream`].
     pub async fn build(self) -> Result<EventBus> {
         self.config.validate()?;
+        telemetry::describe();
         let routes = routes(self.handlers, &self.config)?;
         if !routes.is_empty() && self.config.consumer_group.is_none() {
             return Err(Error::config(

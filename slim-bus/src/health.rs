@@ -4,52 +4,145 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use serde::Serialize;
 use tokio::time::Instant;
 
 /// How a bus is doing, from [`EventBus::health`](crate::EventBus::health).
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// # States
+///
+/// - **not connected** (Redis did not answer the `PING` of this call): `connected` is
+///   `false` and `streams` is empty; `listening` and `since_last_read` still describe the
+///   listener, which goes on trying to reconnect.
+/// - **not listening** (no [`listen`](crate::EventBus::listen) yet, e.g. a bus that only
+///   publishes): `listening` is `false` and `since_last_read` is `None`; `streams` still
+///   shows each handled stream's group as Redis sees it.
+/// - **stopped** (the listener was shut down, or ended on an error it cannot recover
+///   from): `listening` is `false` and `since_last_read` keeps growing from the last read.
+///
+/// # Serialization
+///
+/// Serializes (with `serde`) to the JSON a health endpoint serves. Durations are whole
+/// milliseconds, in fields named with a `_ms` suffix (`since_last_read_ms`,
+/// `read_stall_after_ms`, `oldest_pending_idle_ms`); `None` is `null`. The other fields
+/// keep their Rust names.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn probe(bus: slim_bus::EventBus) -> serde_json::Result<()> {
+/// let health = bus.health().await;
+/// let status = if health.is_ready() { 200 } else { 503 };
+/// let body = serde_json::to_string(&health)?;
+/// # let _ = (status, body);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct Health {
-    /// Whether Redis answered just now.
+    /// Whether Redis answered just now; `false` when it did not within `command_timeout`.
     pub connected: bool,
-    /// Whether the bus is listening.
+    /// Whether the bus is listening: `true` from a successful
+    /// [`listen`](crate::EventBus::listen) until the listener stops (shut down, or ended by
+    /// an error it cannot recover from); `false` before and after.
     pub listening: bool,
     /// How long ago the listener last read from Redis successfully (an idle read that
     /// found nothing counts, and so does each page of the entries this consumer held
     /// when it last stopped, which it reads again first); `None` before the first read.
+    /// While not connected it grows, and after the listener stopped it keeps growing from
+    /// its last read.
+    #[serde(rename = "since_last_read_ms", serialize_with = "millis")]
     pub since_last_read: Option<Duration>,
-    /// Each stream the bus handles, in registration order; empty when not connected.
+    /// How long without a successful read [`is_live`](Self::is_live) takes for a stuck
+    /// listener while Redis answers: twice the block time and the command timeout, plus
+    /// the longest handler timeout (while every handler slot is busy, the listener reads
+    /// nothing). The same in every state.
+    #[serde(rename = "read_stall_after_ms", serialize_with = "millis_always")]
+    pub read_stall_after: Duration,
+    /// Each stream the bus handles, in registration order; empty when not connected, and
+    /// for a bus without a consumer group.
     pub streams: Vec<StreamHealth>,
 }
 
+impl Health {
+    /// Whether the bus can do its work now: Redis answered, and no handled stream has an
+    /// [`error`](StreamHealth::error) (a key of another type, or a state that could not be
+    /// read). Made for a readiness probe: an unready instance should get no traffic, but
+    /// restarting it would not help.
+    pub fn is_ready(&self) -> bool {
+        self.connected && self.streams.iter().all(|stream| stream.error.is_none())
+    }
+
+    /// Whether the listener is alive: it is listening, and, while Redis answers, it has
+    /// read within [`read_stall_after`](Self::read_stall_after) (or not read yet, just
+    /// after `listen`). A Redis outage alone does not make the bus not live, since
+    /// restarting the process would not bring Redis back; a listener that stopped on an
+    /// error, or one that stopped reading while Redis answers, does. Made for a liveness
+    /// probe; a bus that only publishes is never live (use [`is_ready`](Self::is_ready)).
+    pub fn is_live(&self) -> bool {
+        let stalled = self.connected
+            && self
+                .since_last_read
+                .is_some_and(|since| since > self.read_stall_after);
+        self.listening && !stalled
+    }
+}
+
 /// What the consumer group has left to do on one stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Present only while Redis answers (see [`Health::streams`]); before `listen` and after
+/// the listener stopped it shows the group as Redis sees it (zero counts when the group
+/// does not exist yet). Serializes as [`Health`] does: `oldest_pending_idle_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct StreamHealth {
     /// The stream.
     pub stream: String,
     /// Entries not yet delivered to the group (`None` when Redis cannot tell, e.g. after
-    /// entries were deleted from the middle of the stream).
+    /// entries were deleted from the middle of the stream, or when the group does not
+    /// exist yet).
     pub lag: Option<u64>,
-    /// Entries delivered to a consumer of the group and not acknowledged yet.
+    /// Entries delivered to a consumer of the group and not acknowledged yet, by every
+    /// consumer of the group (so also those a stopped listener left pending).
     pub pending: u64,
-    /// How long the oldest pending entry has waited since its last delivery.
+    /// How long the oldest pending entry has waited since its last delivery; `None` when
+    /// nothing is pending.
+    #[serde(rename = "oldest_pending_idle_ms", serialize_with = "millis")]
     pub oldest_pending_idle: Option<Duration>,
-    /// Entries in the stream's dead-letter stream.
+    /// Entries in the stream's dead-letter stream, whatever the listener's state.
     pub dead_letters: u64,
     /// Dead letters deleted by the opt-in `dead_letter_max_len` cap, ever (kept in Redis
     /// next to the dead-letter stream, so every process reports the same count).
     pub dead_letters_trimmed: u64,
     /// Why this consumer has stopped reading new entries of the stream, if it has: every
     /// recent handler attempt failed. Retries go on, and reading resumes when one succeeds.
+    /// `None` before the first `listen`; after the listener stopped, as it was then.
     pub paused: Option<String>,
     /// Entries of this consumer whose move to the dead-letter stream failed and is being
-    /// tried again (their handler is not run again).
+    /// tried again (their handler is not run again); zero when not listening.
     pub dead_letter_moves_failing: u64,
     /// Why the stream is not being consumed (its key holds another Redis type), or why
     /// its state could not be read just now; `None` when all is well. When set, the
     /// counts above are those known, zero where none could be read.
     pub error: Option<String>,
+}
+
+fn millis<S: serde::Serializer>(
+    duration: &Option<Duration>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match duration {
+        Some(duration) => millis_always(duration, serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
+fn millis_always<S: serde::Serializer>(
+    duration: &Duration,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_u64(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The streams a listener has set aside because their key holds another Redis type, by
@@ -134,5 +227,89 @@ impl LastRead {
                     .saturating_sub(Duration::from_millis(millis - 1)),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(connected: bool, listening: bool, since_last_read: Option<u64>) -> Health {
+        Health {
+            connected,
+            listening,
+            since_last_read: since_last_read.map(Duration::from_millis),
+            read_stall_after: Duration::from_millis(1000),
+            streams: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn live_while_listening_unless_reads_stall_while_redis_answers() {
+        assert!(health(true, true, None).is_live());
+        assert!(health(true, true, Some(1000)).is_live());
+        assert!(!health(true, true, Some(1001)).is_live());
+        // An outage: restarting would not help.
+        assert!(health(false, true, Some(60_000)).is_live());
+        assert!(!health(true, false, Some(10)).is_live());
+        assert!(!health(false, false, None).is_live());
+    }
+
+    #[test]
+    fn ready_when_redis_answers_and_no_stream_has_an_error() {
+        let mut ready = health(true, false, None);
+        ready.streams.push(StreamHealth {
+            stream: "s".into(),
+            lag: Some(0),
+            pending: 0,
+            oldest_pending_idle: None,
+            dead_letters: 0,
+            dead_letters_trimmed: 0,
+            paused: None,
+            dead_letter_moves_failing: 0,
+            error: None,
+        });
+        assert!(ready.is_ready());
+        assert!(!health(false, true, None).is_ready());
+        let mut wrong_type = ready.clone();
+        wrong_type.streams[0].error = Some("WRONGTYPE".into());
+        assert!(!wrong_type.is_ready());
+    }
+
+    #[test]
+    fn serializes_durations_as_milliseconds() {
+        let mut snapshot = health(true, true, Some(1500));
+        snapshot.streams.push(StreamHealth {
+            stream: "orders".into(),
+            lag: None,
+            pending: 2,
+            oldest_pending_idle: Some(Duration::from_micros(2_500_900)),
+            dead_letters: 1,
+            dead_letters_trimmed: 0,
+            paused: Some("the handler timed out".into()),
+            dead_letter_moves_failing: 0,
+            error: None,
+        });
+        let json = serde_json::to_value(&snapshot).expect("serializes");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "connected": true,
+                "listening": true,
+                "since_last_read_ms": 1500,
+                "read_stall_after_ms": 1000,
+                "streams": [{
+                    "stream": "orders",
+                    "lag": null,
+                    "pending": 2,
+                    "oldest_pending_idle_ms": 2500,
+                    "dead_letters": 1,
+                    "dead_letters_trimmed": 0,
+                    "paused": "the handler timed out",
+                    "dead_letter_moves_failing": 0,
+                    "error": null,
+                }],
+            })
+        );
     }
 }

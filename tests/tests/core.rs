@@ -1124,6 +1124,55 @@ async fn health_reports_connection_reads_pending_entries_and_dead_letters(backen
     }
 }
 
+conformance!(health_is_served_as_json_and_tells_ready_and_live);
+async fn health_is_served_as_json_and_tells_ready_and_live(backend: Backend) {
+    let (handler, _seen) = Record::<UserCreated>::new();
+    let bus = within("build", STEP, backend.bus().handler(handler).build())
+        .await
+        .unwrap();
+    let before = within("health", STEP, bus.health()).await;
+    assert!(before.is_ready(), "{before:?}");
+    assert!(!before.is_live(), "not listening yet: {before:?}");
+    let json = serde_json::to_value(&before).unwrap();
+    assert_eq!(json["listening"], false);
+    assert_eq!(json["since_last_read_ms"], serde_json::Value::Null);
+    assert_eq!(json["streams"][0]["stream"], "user.created");
+
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    let listening = within("a first read", STEP, async {
+        loop {
+            let health = bus.health().await;
+            if health.since_last_read.is_some() {
+                break health;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(listening.is_ready() && listening.is_live(), "{listening:?}");
+    let json = serde_json::to_value(&listening).unwrap();
+    let since_ms = json["since_last_read_ms"].as_u64().unwrap();
+    assert!(since_ms <= STEP.as_millis() as u64, "{json}");
+    assert_eq!(
+        json["read_stall_after_ms"].as_u64().unwrap(),
+        listening.read_stall_after.as_millis() as u64
+    );
+    assert_eq!(
+        json["streams"][0]["oldest_pending_idle_ms"],
+        serde_json::Value::Null
+    );
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+
+    let stopped = within("health after shutdown", STEP, bus.health()).await;
+    assert!(!stopped.is_live(), "{stopped:?}");
+    if let Backend::Redis(server) = backend {
+        drop(server);
+        let gone = within("health without redis", STEP, bus.health()).await;
+        assert!(!gone.is_ready(), "{gone:?}");
+        assert_eq!(serde_json::to_value(&gone).unwrap()["connected"], false);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_listener_stops_with_an_error_when_redis_refuses_the_credentials() {
     let server = start_server().await;

@@ -11,6 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::Route;
 use super::ack::AckSender;
@@ -23,6 +24,7 @@ use crate::context::Context;
 use crate::dead_letter::{DeadLetterMeta, DeadLetterReason};
 use crate::error::{DecodeError, HandlerError, Retry, panic_message};
 use crate::publisher::Publisher;
+use crate::telemetry::{Outcome, StreamMetrics};
 
 /// The longest wait for a retry; longer delays (`retry_after(Duration::MAX)`) are cut to it.
 /// The entry stays pending meanwhile, so the claim scan of any consumer picks it up after
@@ -52,6 +54,8 @@ pub(super) struct DeliveryEnv {
     /// wake it (and only such a retry).
     pub(super) blocked_read: Arc<BlockedRead>,
     pub(super) publisher: Publisher,
+    /// Each route's metric handles, by stream index.
+    pub(super) metrics: Box<[StreamMetrics]>,
 }
 
 /// How one delivery ended.
@@ -68,6 +72,23 @@ enum AttemptOutcome {
     Exhausted,
     /// Shutdown's grace period ended first.
     Abandoned,
+}
+
+impl AttemptOutcome {
+    /// The outcome as the DEBUG line of each attempt says it: the `outcome` label of the
+    /// metrics where there is one.
+    fn word(&self) -> &'static str {
+        match self {
+            AttemptOutcome::Handled => "ok",
+            AttemptOutcome::Deleted => "deleted",
+            AttemptOutcome::Decode(_) => "decode",
+            AttemptOutcome::Failed(_) => "error",
+            AttemptOutcome::TimedOut => "timeout",
+            AttemptOutcome::Panicked(_) => "panic",
+            AttemptOutcome::Exhausted => "exhausted",
+            AttemptOutcome::Abandoned => "abandoned",
+        }
+    }
 }
 
 /// What the task does with the entry after the handler.
@@ -172,11 +193,32 @@ impl Task<'_> {
         &self.route().state
     }
 
+    fn metrics(&self) -> &StreamMetrics {
+        &self.shared.metrics[self.stream_index]
+    }
+
+    /// Runs the delivery in its span, which the handler's own events and spans nest under.
     async fn run(self, delivery: Delivery, slot: OwnedSemaphorePermit, held: Held) {
+        let span = tracing::info_span!(
+            "slim_bus.process",
+            messaging.system = "redis",
+            messaging.operation.type = "process",
+            messaging.destination.name = &*self.route().stream,
+            messaging.consumer.group.name = &*self.shared.group,
+            consumer = &*self.shared.consumer,
+            messaging.message.id = %delivery.id,
+            delivery_count = delivery.delivery_count,
+        );
+        self.settle(delivery, slot, held).instrument(span).await;
+    }
+
+    async fn settle(self, delivery: Delivery, slot: OwnedSemaphorePermit, held: Held) {
         let id = delivery.id;
         let delivery_count = delivery.delivery_count;
         let delivered_at = delivery.delivered_at;
+        let started = Instant::now();
         let outcome = self.call(delivery).await;
+        tracing::debug!(outcome = outcome.word(), took = ?started.elapsed(), "delivery attempt ended");
         // What follows the handler (a retry's wait, a dead-letter move) holds no slot: the
         // entry stays among the held ones until it is settled.
         // Counted before the slot is free: the reader, waiting for the slot, then knows.
@@ -186,6 +228,7 @@ impl Task<'_> {
             Verdict::Ack => self.shared.acks.ack(self.stream_index, id, held),
             Verdict::Leave => {}
             Verdict::Retry(delay) => {
+                self.metrics().retried();
                 self.retry(id, delivery_count, delivered_at, delay, held)
                     .await;
             }
@@ -232,6 +275,9 @@ impl Task<'_> {
             self.cancellation.clone(),
             self.shared.publisher.clone(),
         );
+        let metrics = self.metrics();
+        metrics.started(delivery.id);
+        let started = Instant::now();
         // Decoding runs inside the catch too: a panicking `Deserialize` impl is a bug like
         // any other and must not take the bus down.
         let call = AssertUnwindSafe(async {
@@ -257,6 +303,17 @@ impl Task<'_> {
             () = tokio::time::sleep_until(self.deadline), if self.own_timeout => AttemptOutcome::TimedOut,
             () = self.cancellation.cancelled() => AttemptOutcome::Abandoned,
         };
+        metrics.finished(
+            started.elapsed(),
+            match &outcome {
+                AttemptOutcome::Handled => Some(Outcome::Ok),
+                AttemptOutcome::Failed(_) => Some(Outcome::Error),
+                AttemptOutcome::TimedOut => Some(Outcome::Timeout),
+                AttemptOutcome::Panicked(_) => Some(Outcome::Panic),
+                AttemptOutcome::Decode(_) => Some(Outcome::Decode),
+                _ => None,
+            },
+        );
         if matches!(outcome, AttemptOutcome::TimedOut) {
             // The handler's future is gone; this stops what it spawned and tied to its context.
             self.cancellation.cancel();
@@ -427,6 +484,7 @@ impl Task<'_> {
         }
         match moved {
             Some(DeadLetterMove::Moved { trimmed }) => {
+                self.metrics().dead_lettered(reason);
                 tracing::info!(stream, entry_id = %id, dead_letters = %route.dead_letters, %reason, "dead-lettered");
                 if trimmed > 0 {
                     tracing::warn!(stream, dead_letters = %route.dead_letters, trimmed, max_len = ?self.shared.dead_letter_max_len, "dead_letter_max_len reached: deleted the oldest dead letters");

@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::handler::ErasedHandler;
 use crate::health::{LastRead, SetAside};
 use crate::publisher::Publisher;
+use crate::telemetry::StreamMetrics;
 
 use self::ack::Acker;
 pub(crate) use self::backoff::Backoff;
@@ -147,6 +148,11 @@ impl Consumer {
                 retries: retry_sender,
                 blocked_read: blocked_read.clone(),
                 publisher: self.publisher.clone(),
+                metrics: self
+                    .routes
+                    .iter()
+                    .map(|route| StreamMetrics::new(&route.stream, &self.group))
+                    .collect(),
             }),
             tasks: tasks.clone(),
             abandon: abandon.clone(),

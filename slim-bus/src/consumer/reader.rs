@@ -16,6 +16,7 @@ use super::{Backoff, Consumer, Route, sweep};
 use crate::broker::Delivery;
 use crate::error::{Error, Result};
 use crate::event::EntryId;
+use crate::telemetry;
 
 /// How late Redis may end a blocking read: it checks block timeouts about every 100 ms
 /// at the default `hz`.
@@ -149,7 +150,7 @@ impl Reader<'_> {
             .await
         {
             Ok(deliveries) => {
-                self.backoff.reset();
+                self.recovered();
                 // Recovering a long pending list is reading: a liveness probe watching
                 // `since_last_read` must not take it for a stuck listener.
                 c.last_read.record();
@@ -235,7 +236,7 @@ impl Reader<'_> {
             .await
         {
             Ok(claimed) => {
-                self.backoff.reset();
+                self.recovered();
                 let mut jobs = Vec::with_capacity(taken.len());
                 for (request, fields) in taken.into_iter().zip(claimed) {
                     match fields {
@@ -326,7 +327,7 @@ impl Reader<'_> {
             .await
         {
             Ok(page) => {
-                self.backoff.reset();
+                self.recovered();
                 if !page.deleted.is_empty() {
                     tracing::warn!(
                         stream = %stream,
@@ -336,6 +337,7 @@ impl Reader<'_> {
                 }
                 if !page.deliveries.is_empty() {
                     tracing::info!(stream = %stream, claimed = page.deliveries.len(), "claimed entries from stopped consumers");
+                    telemetry::claimed(&stream, &c.group, page.deliveries.len());
                 }
                 self.dispatch(stream_index, page.deliveries, &mut reservation)
                     .await;
@@ -458,7 +460,7 @@ impl Reader<'_> {
         self.blocked_read.set(None);
         match read {
             Ok(batches) => {
-                self.backoff.reset();
+                self.recovered();
                 c.last_read.record();
                 let mut returned = vec![0; plan.streams.len()];
                 for batch in &batches {
@@ -622,6 +624,21 @@ impl Reader<'_> {
             });
         }
         self.dispatcher.spawn(jobs);
+    }
+
+    /// A command succeeded: says so at INFO when commands failed before, and starts the
+    /// backoff over.
+    fn recovered(&mut self) {
+        let failed_attempts = self.backoff.attempts();
+        if failed_attempts > 0 {
+            tracing::info!(
+                group = %self.consumer.group,
+                consumer = %self.consumer.consumer,
+                failed_attempts,
+                "redis answers the listener again after a failure"
+            );
+            self.backoff.reset();
+        }
     }
 
     /// Deals with a failed command: recreates a vanished group, waits out a transient

@@ -1,0 +1,316 @@
+//! Spans and logs: a span per delivery that the handler's events nest under, one per
+//! publish, DEBUG per outcome, INFO when reading works again after a failure, ERROR when
+//! the listener stops on an error it cannot recover from. A capturing subscriber is set
+//! as the default of each test's thread (the runtimes are single-threaded).
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use slim_bus::HandlerError;
+use slim_bus_tests::within;
+use support::*;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record as SpanRecord};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+
+/// A span as created, with its fields (recorded later ones included).
+#[derive(Debug, Clone)]
+struct SpanSeen {
+    name: String,
+    fields: HashMap<String, String>,
+}
+
+/// An event with its fields and the spans it happened in, innermost first.
+#[derive(Debug, Clone)]
+struct EventSeen {
+    level: Level,
+    fields: HashMap<String, String>,
+    scope: Vec<SpanSeen>,
+}
+
+impl EventSeen {
+    fn message(&self) -> &str {
+        self.fields.get("message").map_or("", String::as_str)
+    }
+
+    fn in_span(&self, name: &str) -> Option<&SpanSeen> {
+        self.scope.iter().find(|span| span.name == name)
+    }
+}
+
+#[derive(Default, Clone)]
+struct Captured {
+    spans: Arc<Mutex<Vec<SpanSeen>>>,
+    events: Arc<Mutex<Vec<EventSeen>>>,
+}
+
+impl Captured {
+    fn spans(&self, name: &str) -> Vec<SpanSeen> {
+        let spans = self.spans.lock().unwrap();
+        spans.iter().filter(|s| s.name == name).cloned().collect()
+    }
+
+    fn events(&self) -> Vec<EventSeen> {
+        self.events.lock().unwrap().clone()
+    }
+
+    async fn until_event(&self, what: &str, found: impl Fn(&EventSeen) -> bool) -> EventSeen {
+        within(what, STEP, async {
+            loop {
+                if let Some(event) = self.events().into_iter().find(|e| found(e)) {
+                    break event;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+    }
+}
+
+struct Fields<'a>(&'a mut HashMap<String, String>);
+
+impl Visit for Fields<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+}
+
+impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Captured {
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let mut fields = HashMap::new();
+        attrs.record(&mut Fields(&mut fields));
+        let seen = SpanSeen {
+            name: attrs.metadata().name().to_owned(),
+            fields,
+        };
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(seen);
+        }
+    }
+
+    fn on_record(&self, id: &Id, values: &SpanRecord<'_>, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(id)
+            && let Some(seen) = span.extensions_mut().get_mut::<SpanSeen>()
+        {
+            values.record(&mut Fields(&mut seen.fields));
+        }
+    }
+
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(&id)
+            && let Some(seen) = span.extensions().get::<SpanSeen>()
+        {
+            self.spans.lock().unwrap().push(seen.clone());
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let mut fields = HashMap::new();
+        event.record(&mut Fields(&mut fields));
+        let scope = ctx
+            .event_scope(event)
+            .map(|scope| {
+                scope
+                    .filter_map(|span| span.extensions().get::<SpanSeen>().cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.events.lock().unwrap().push(EventSeen {
+            level: *event.metadata().level(),
+            fields,
+            scope,
+        });
+    }
+}
+
+fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::registry().with(captured.clone());
+    let guard = tracing::subscriber::set_default(subscriber);
+    (captured, guard)
+}
+
+async fn deliveries_and_publishes_have_spans(backend: Backend) {
+    let (captured, _guard) = capture();
+    let (handler, mut seen) = Scripted::new(|event: UserCreated, _| async move {
+        match event.seq {
+            0 => {
+                tracing::info!(seq = event.seq, "the handler's own event");
+                Ok(())
+            }
+            _ => Err(HandlerError::permanent("bad")),
+        }
+    });
+    let bus = within("build", STEP, backend.bus().handler(handler).build())
+        .await
+        .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    let handled = within("publish", STEP, bus.publish(&user(0)))
+        .await
+        .unwrap();
+    let failed = within("publish", STEP, bus.publish(&user(1)))
+        .await
+        .unwrap();
+    recv(&mut seen, "the first attempt").await;
+    recv(&mut seen, "the second attempt").await;
+
+    let own = captured
+        .until_event("the handler's event", |e| {
+            e.message() == "the handler's own event"
+        })
+        .await;
+    let process = own
+        .in_span("slim_bus.process")
+        .unwrap_or_else(|| panic!("the handler's event is not in a delivery span: {own:?}"));
+    let field = |name: &str| process.fields.get(name).map(String::as_str);
+    assert_eq!(field("messaging.system"), Some("redis"));
+    assert_eq!(field("messaging.operation.type"), Some("process"));
+    assert_eq!(field("messaging.destination.name"), Some("user.created"));
+    assert_eq!(field("messaging.consumer.group.name"), Some("tests"));
+    assert_eq!(field("consumer"), Some("consumer-1"));
+    assert_eq!(
+        field("messaging.message.id"),
+        Some(handled.to_string().as_str())
+    );
+    assert_eq!(field("delivery_count"), Some("1"));
+
+    let ok = captured
+        .until_event("the DEBUG outcome of the first", |e| {
+            e.level == Level::DEBUG && e.fields.get("outcome").map(String::as_str) == Some("ok")
+        })
+        .await;
+    assert_eq!(
+        ok.in_span("slim_bus.process").unwrap().fields["messaging.message.id"],
+        handled.to_string()
+    );
+    let error = captured
+        .until_event("the DEBUG outcome of the second", |e| {
+            e.level == Level::DEBUG && e.fields.get("outcome").map(String::as_str) == Some("error")
+        })
+        .await;
+    assert_eq!(
+        error.in_span("slim_bus.process").unwrap().fields["messaging.message.id"],
+        failed.to_string()
+    );
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+
+    let sends = captured.spans("slim_bus.send");
+    let ids: Vec<&str> = sends
+        .iter()
+        .filter_map(|span| span.fields.get("messaging.message.id").map(String::as_str))
+        .collect();
+    assert_eq!(
+        ids,
+        [handled.to_string(), failed.to_string()],
+        "one span per publish, with the entry id recorded: {sends:?}"
+    );
+    for send in &sends {
+        assert_eq!(send.fields["messaging.destination.name"], "user.created");
+        assert_eq!(send.fields["messaging.operation.type"], "send");
+    }
+}
+
+#[tokio::test]
+async fn deliveries_and_publishes_have_spans_redis() {
+    deliveries_and_publishes_have_spans(Backend::redis().await).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn deliveries_and_publishes_have_spans_memory() {
+    deliveries_and_publishes_have_spans(Backend::memory()).await;
+}
+
+#[tokio::test]
+async fn reading_again_after_a_failure_logs_info() {
+    let (captured, _guard) = capture();
+    let server = start_server().await;
+    let (handler, _seen) = Record::<UserCreated>::new();
+    let bus = within("build", STEP, bus(&server).handler(handler).build())
+        .await
+        .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    // The reader's connection exists once it has read.
+    within("a first read", STEP, async {
+        while bus.health().await.since_last_read.is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let mut conn = server.connection().await;
+    // Drops the listener's connections (not this one): its next read fails.
+    let _: redis::Value = within(
+        "CLIENT KILL",
+        STEP,
+        redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .query_async(&mut conn),
+    )
+    .await
+    .unwrap();
+    let failed = captured
+        .until_event("the failed read", |e| {
+            e.level == Level::WARN && e.message() == "redis command failed"
+        })
+        .await;
+    let again = captured
+        .until_event("the INFO line of reading again", |e| {
+            e.level == Level::INFO && e.message().contains("again after")
+        })
+        .await;
+    assert!(
+        again.fields.contains_key("failed_attempts"),
+        "{again:?} after {failed:?}"
+    );
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_listener_stopped_by_an_unrecoverable_error_logs_error() {
+    let (captured, _guard) = capture();
+    let server = start_server().await;
+    let (handler, _seen) = Record::<UserCreated>::new();
+    let bus = within("build", STEP, bus(&server).handler(handler).build())
+        .await
+        .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    let mut conn = server.connection().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("s3cret")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: redis::Value = within(
+        "CLIENT KILL",
+        STEP,
+        redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .query_async(&mut conn),
+    )
+    .await
+    .unwrap_or(redis::Value::Nil);
+    within("the listener to give up", STEP, listener)
+        .await
+        .unwrap_err();
+    let stopped = captured
+        .until_event("the ERROR line", |e| {
+            e.level == Level::ERROR && e.message().contains("listener stopped")
+        })
+        .await;
+    assert!(stopped.fields.contains_key("error"), "{stopped:?}");
+}
