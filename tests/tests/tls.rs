@@ -129,10 +129,14 @@ async fn a_plain_url_at_a_tls_port_and_a_tls_url_at_a_plain_port_fail_fast() {
     // times out, and listen() fails rather than wait for a Redis that is up.
     let plain = start_server().await;
     let tls_at_plain = format!("rediss://127.0.0.1:{}/", plain.port());
-    let report = build_error(
-        EventBus::builder()
-            .url(tls_at_plain)
-            .tls_ca_cert(certs.ca()),
+    let report = within(
+        "the error within the command timeout",
+        COMMAND_TIMEOUT + Duration::from_millis(500),
+        build_error(
+            EventBus::builder()
+                .url(tls_at_plain)
+                .tls_ca_cert(certs.ca()),
+        ),
     )
     .await;
     assert!(report.contains("connecting to"), "{report}");

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 use redis::{Client, Value};
@@ -26,6 +26,10 @@ pub(crate) struct CommandConnection {
     stale: AtomicBool,
     /// Held while a new manager connects, so that concurrent requests open one, not many.
     replacing: tokio::sync::Mutex<()>,
+    /// When the last background attempt to open the first connection failed, and why: a
+    /// request that waited for that attempt fails with it rather than spend the command
+    /// timeout once more on an attempt of its own.
+    last_failure: std::sync::Mutex<Option<(Instant, String)>>,
 }
 
 impl CommandConnection {
@@ -39,6 +43,7 @@ impl CommandConnection {
             manager: std::sync::Mutex::new(None),
             stale: AtomicBool::new(false),
             replacing: tokio::sync::Mutex::new(()),
+            last_failure: std::sync::Mutex::new(None),
         });
         tokio::spawn(keep_connecting(Arc::downgrade(&connection)));
         connection
@@ -50,7 +55,17 @@ impl CommandConnection {
         if self.is_open() {
             return Ok(());
         }
-        let fresh = manager(&self.client, self.timeout).await?;
+        let fresh = match manager(&self.client, self.timeout).await {
+            Ok(fresh) => fresh,
+            Err(error) => {
+                *self
+                    .last_failure
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some((Instant::now(), crate::error::report(&error)));
+                return Err(error);
+            }
+        };
         *self.slot() = Some(fresh);
         tracing::info!(addr = %self.client.get_connection_info().addr(), "connected to redis");
         Ok(())
@@ -90,14 +105,28 @@ impl CommandConnection {
         {
             return Ok(current);
         }
+        let waiting_since = Instant::now();
         let _replacing = self.replacing.lock().await;
         let addr = self.client.get_connection_info().addr().to_string();
-        let not_connected = |error: Error| {
+        let not_connected_because = |cause: &str| {
             redis::RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::NotConnected,
-                format!("not connected to {addr}: {}", crate::error::report(&error)),
+                format!("not connected to {addr}: {cause}"),
             ))
         };
+        let not_connected = |error: Error| not_connected_because(&crate::error::report(&error));
+        if !self.stale.load(Ordering::Acquire) && !self.is_open() {
+            let failed_meanwhile = self
+                .last_failure
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+                .filter(|(at, _)| *at >= waiting_since)
+                .map(|(_, cause)| cause.clone());
+            if let Some(cause) = failed_meanwhile {
+                return Err(not_connected_because(&cause));
+            }
+        }
         if self.stale.load(Ordering::Acquire) || !self.is_open() {
             let fresh = manager(&self.client, self.timeout)
                 .await
