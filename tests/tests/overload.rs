@@ -538,3 +538,65 @@ async fn failures_while_a_backlog_is_read_do_not_send_client_unblock() {
         ENTRIES / 10
     );
 }
+
+conformance!(a_paused_stream_still_claims_what_a_dead_consumer_left);
+async fn a_paused_stream_still_claims_what_a_dead_consumer_left(backend: Backend) {
+    // Every entry but seq 100 fails: five of them pause reading and are dead-lettered.
+    let (handler, mut seen) = Scripted::new(|event: UserCreated, _| {
+        std::future::ready(if event.seq == 100 {
+            Ok(())
+        } else {
+            Err(HandlerError::new(std::io::Error::other("downstream down")))
+        })
+    });
+    let bus = within(
+        "build",
+        STEP,
+        backend
+            .bus()
+            .max_deliveries(2)
+            .handler_timeout(Duration::from_millis(200))
+            .claim_min_idle(Duration::from_millis(300))
+            .claim_interval(Duration::from_millis(50))
+            .retry_backoff(Duration::from_millis(10), Duration::from_millis(20))
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    // A consumer that died holding an entry the handler takes; it becomes claimable after
+    // 300 ms, long after reading has paused.
+    within("publish", STEP, bus.publish(&user(100)))
+        .await
+        .unwrap();
+    backend
+        .read_as_dead_consumer("user.created", "tests", "dead-pod", 1)
+        .await;
+    let failing: Vec<UserCreated> = (0..5).map(user).collect();
+    within("publish", STEP, bus.publish_batch(&failing))
+        .await
+        .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    until(
+        "the failing entries to be dead-lettered",
+        STEP,
+        async || backend.stream_len(DLQ).await == 5,
+    )
+    .await;
+    let health = within("health", STEP, bus.health()).await;
+    assert!(health.streams[0].paused.is_some(), "{health:?}");
+    loop {
+        let delivery = recv(&mut seen, "the dead consumer's entry").await;
+        if delivery.event.seq == 100 {
+            assert_eq!(delivery.delivery_count, 2, "claimed from the dead consumer");
+            break;
+        }
+    }
+    backend.until_nothing_pending("user.created", "tests").await;
+    let health = within("health", STEP, bus.health()).await;
+    assert_eq!(
+        health.streams[0].paused, None,
+        "the claimed entry's success resumed reading"
+    );
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}

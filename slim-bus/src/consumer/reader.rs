@@ -278,18 +278,26 @@ impl Reader<'_> {
     }
 
     /// Claims a page of entries that other consumers have held for longer than
-    /// `claim_min_idle`, when a scan is due. Streams whose reading is paused are skipped:
-    /// their handler would fail those entries too.
+    /// `claim_min_idle`, when a scan is due. On a stream whose reading is paused it claims
+    /// one entry at a time, and only when none is held: that entry probes the handler like
+    /// a new one would, and entries of dead consumers are not left unclaimed for as long
+    /// as the pause lasts (with nothing new to read, a probe would never come).
     async fn claim_if_due(&mut self) -> Result<()> {
         if Instant::now() < self.claims.next_at {
             return Ok(());
         }
         let c = self.consumer;
         let stream_index = self.claims.stream_index;
-        if self.route(stream_index).state.is_paused() {
-            self.next_claim_stream(EntryId::MIN);
-            return Ok(());
-        }
+        let state = &self.route(stream_index).state;
+        let page_size = if state.is_paused() {
+            if state.held() > 0 {
+                self.next_claim_stream(EntryId::MIN);
+                return Ok(());
+            }
+            1
+        } else {
+            c.max_count
+        };
         let stream = self.streams[stream_index].clone();
         if c.set_aside.is_set(stream_index) {
             // Its turn in the scan is when a set-aside stream is looked at again: once its
@@ -308,7 +316,7 @@ impl Reader<'_> {
             self.next_claim_stream(EntryId::MIN);
             return Ok(());
         }
-        let Some(mut reservation) = self.take_reservation(c.max_count).await else {
+        let Some(mut reservation) = self.take_reservation(page_size).await else {
             // Every place is taken: this consumer has enough to do.
             self.claims.next_at = Instant::now() + c.claim_interval;
             return Ok(());
