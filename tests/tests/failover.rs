@@ -38,56 +38,87 @@ async fn until_linked(replica: &RedisServer) {
     .await
 }
 
+/// A primary with a linked replica, a proxy in front of the primary, and a bus listening
+/// through the proxy that has handled its first entry.
+struct Failover {
+    primary: RedisServer,
+    replica: RedisServer,
+    proxy: Proxy,
+    bus: EventBus,
+    listener: slim_bus::Listener,
+    seen: tokio::sync::mpsc::UnboundedReceiver<Seen<UserCreated>>,
+}
+
+impl Failover {
+    async fn start() -> Self {
+        slim_bus_tests::init_tracing();
+        // A replica's first sync would otherwise wait 5 s for more replicas to join.
+        let primary = within(
+            "the primary to start",
+            STEP,
+            RedisServer::builder()
+                .arg("--repl-diskless-sync-delay")
+                .arg("0")
+                .start(),
+        )
+        .await
+        .unwrap();
+        let replica = within(
+            "the replica to start",
+            STEP,
+            RedisServer::builder()
+                .arg("--replicaof")
+                .arg("127.0.0.1")
+                .arg(primary.port().to_string())
+                .start(),
+        )
+        .await
+        .unwrap();
+        until_linked(&replica).await;
+        let proxy = Proxy::start(([127, 0, 0, 1], primary.port()))
+            .await
+            .unwrap();
+        let (handler, mut seen) = Record::<UserCreated>::new();
+        let bus = within(
+            "build",
+            STEP,
+            EventBus::builder()
+                .url(proxy.url())
+                .consumer_group("tests")
+                .consumer_name("consumer-1")
+                .block_time(Duration::from_millis(200))
+                .command_timeout(Duration::from_secs(1))
+                .handler(handler)
+                .build(),
+        )
+        .await
+        .unwrap();
+        let listener = within("listen", STEP, bus.listen()).await.unwrap();
+        within("publish", STEP, bus.publish(&user(1)))
+            .await
+            .unwrap();
+        assert_eq!(recv(&mut seen, "the first entry").await.event.seq, 1);
+        Failover {
+            primary,
+            replica,
+            proxy,
+            bus,
+            listener,
+            seen,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_failover_the_bus_goes_on_with_the_new_primary_behind_the_same_address() {
-    slim_bus_tests::init_tracing();
-    // A replica's first sync would otherwise wait 5 s for more replicas to join.
-    let primary = within(
-        "the primary to start",
-        STEP,
-        RedisServer::builder()
-            .arg("--repl-diskless-sync-delay")
-            .arg("0")
-            .start(),
-    )
-    .await
-    .unwrap();
-    let replica = within(
-        "the replica to start",
-        STEP,
-        RedisServer::builder()
-            .arg("--replicaof")
-            .arg("127.0.0.1")
-            .arg(primary.port().to_string())
-            .start(),
-    )
-    .await
-    .unwrap();
-    until_linked(&replica).await;
-    let proxy = Proxy::start(([127, 0, 0, 1], primary.port()))
-        .await
-        .unwrap();
-
-    let (handler, mut seen) = Record::<UserCreated>::new();
-    let bus = within(
-        "build",
-        STEP,
-        EventBus::builder()
-            .url(proxy.url())
-            .consumer_group("tests")
-            .consumer_name("consumer-1")
-            .block_time(Duration::from_millis(200))
-            .command_timeout(Duration::from_secs(1))
-            .handler(handler)
-            .build(),
-    )
-    .await
-    .unwrap();
-    let listener = within("listen", STEP, bus.listen()).await.unwrap();
-    within("publish", STEP, bus.publish(&user(1)))
-        .await
-        .unwrap();
-    assert_eq!(recv(&mut seen, "the first entry").await.event.seq, 1);
+    let Failover {
+        primary,
+        replica,
+        proxy,
+        bus,
+        listener,
+        mut seen,
+    } = Failover::start().await;
     until_nothing_pending(&primary, "user.created", "tests").await;
     command(&primary, &["WAIT", "1", "5000"]).await;
 
@@ -141,53 +172,14 @@ async fn refused_reads(server: &RedisServer) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_reached_a_replica_are_replaced_once_the_address_leads_back_to_the_primary()
  {
-    slim_bus_tests::init_tracing();
-    let primary = within(
-        "the primary to start",
-        STEP,
-        RedisServer::builder()
-            .arg("--repl-diskless-sync-delay")
-            .arg("0")
-            .start(),
-    )
-    .await
-    .unwrap();
-    let replica = within(
-        "the replica to start",
-        STEP,
-        RedisServer::builder()
-            .arg("--replicaof")
-            .arg("127.0.0.1")
-            .arg(primary.port().to_string())
-            .start(),
-    )
-    .await
-    .unwrap();
-    until_linked(&replica).await;
-    let proxy = Proxy::start(([127, 0, 0, 1], primary.port()))
-        .await
-        .unwrap();
-
-    let (handler, mut seen) = Record::<UserCreated>::new();
-    let bus = within(
-        "build",
-        STEP,
-        EventBus::builder()
-            .url(proxy.url())
-            .consumer_group("tests")
-            .consumer_name("consumer-1")
-            .block_time(Duration::from_millis(200))
-            .command_timeout(Duration::from_secs(1))
-            .handler(handler)
-            .build(),
-    )
-    .await
-    .unwrap();
-    let listener = within("listen", STEP, bus.listen()).await.unwrap();
-    within("publish", STEP, bus.publish(&user(1)))
-        .await
-        .unwrap();
-    assert_eq!(recv(&mut seen, "the first entry").await.event.seq, 1);
+    let Failover {
+        primary,
+        replica,
+        proxy,
+        bus,
+        listener,
+        mut seen,
+    } = Failover::start().await;
 
     // Every connection the bus opens from now on reaches the replica.
     proxy.set_upstream(([127, 0, 0, 1], replica.port()));
