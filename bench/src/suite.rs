@@ -295,6 +295,25 @@ impl Suite {
             let measurement = throughput(row, entries, observed.0);
             traffic(entries, observed, vec![measurement])
         };
+        // A TLS case's row, and a second row of the same run against the case it repeats
+        // over plain TCP: the cost of TLS.
+        let rated_with_tls_cost =
+            |entries, observed: (Duration, CommandStats), row: Row, plain: &'static str| {
+                let against_plain = Row::new(
+                    format!("{}/plain", row.id),
+                    format!(
+                        "the same run of {}, against {plain} (the cost of TLS)",
+                        row.id
+                    ),
+                    Unit::EntriesPerSec,
+                )
+                .vs(plain);
+                let rows = vec![
+                    throughput(row, entries, observed.0),
+                    throughput(against_plain, entries, observed.0),
+                ];
+                traffic(entries, observed, rows)
+            };
         Ok(match case {
             Case::Baseline => {
                 let entries = sizes.consume;
@@ -558,17 +577,7 @@ impl Suite {
                 )
                 .vs("baseline-tls")
                 .target(Target::RatioAtLeast(1.3));
-                let against_plain = Row::new(
-                    "consume-tls/plain",
-                    "the same run of consume-tls, against consume (the cost of TLS)",
-                    Unit::EntriesPerSec,
-                )
-                .vs("consume");
-                let rows = vec![
-                    throughput(row, entries, observed.0),
-                    throughput(against_plain, entries, observed.0),
-                ];
-                traffic(entries, observed, rows)
+                rated_with_tls_cost(entries, observed, row, "consume")
             }
             Case::PublishRawTls => {
                 let entries = sizes.publish;
@@ -600,17 +609,7 @@ impl Suite {
                 )
                 .vs("publish-raw-tls")
                 .target(Target::RatioAtLeast(0.7));
-                let against_plain = Row::new(
-                    "publish-64-tls/plain",
-                    "the same run of publish-64-tls, against publish-64 (the cost of TLS)",
-                    Unit::EntriesPerSec,
-                )
-                .vs("publish-64");
-                let rows = vec![
-                    throughput(row, entries, observed.0),
-                    throughput(against_plain, entries, observed.0),
-                ];
-                traffic(entries, observed, rows)
+                rated_with_tls_cost(entries, observed, row, "publish-64")
             }
             Case::LatencyRaw | Case::Latency => {
                 latency_case(case, url, conn, &stats, stream, &sizes).await?
