@@ -22,6 +22,7 @@ use crate::dead_letter::{DeadLetters, dead_letter_stream};
 use crate::error::{Error, Result};
 use crate::event::{EntryId, Event};
 use crate::handler::{Handlers, StreamHandler, StreamService};
+use crate::headers::{Headers, NO_HEADERS};
 use crate::health::{Health, LastRead, SetAside, StreamHealth};
 use crate::lease::ConsumerLease;
 use crate::listener::Listener;
@@ -123,14 +124,65 @@ impl EventBus {
         stream: &str,
         event: &E,
     ) -> Result<EntryId> {
+        self.publish_to_with_headers(stream, event, &NO_HEADERS)
+            .await
+    }
+
+    /// Publishes `event` to its stream with `headers`: metadata the handler reads from
+    /// [`Context::headers`](crate::Context::headers), stored next to the event's fields as
+    /// `@h.NAME` (see [`Headers`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`publish`](Self::publish), and [`Error::InvalidHeader`] for a header name
+    /// that cannot be stored.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Debug, Serialize, Deserialize, slim_bus::Event)]
+    /// # #[event(stream = "user.created")]
+    /// # struct UserCreated { user_id: String }
+    /// # async fn run(bus: slim_bus::EventBus) -> slim_bus::Result<()> {
+    /// let mut headers = slim_bus::Headers::new();
+    /// headers.insert("request-id", "r-42");
+    /// bus.publish_with_headers(&UserCreated { user_id: "1a2b3c".into() }, &headers).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn publish_with_headers<E: Event>(
+        &self,
+        event: &E,
+        headers: &Headers,
+    ) -> Result<EntryId> {
+        let stream = E::STREAM.ok_or(Error::NoEventStream {
+            event: std::any::type_name::<E>(),
+        })?;
+        self.publish_to_with_headers(stream, event, headers).await
+    }
+
+    /// Publishes `event` to `stream` with `headers`; see
+    /// [`publish_with_headers`](Self::publish_with_headers).
+    ///
+    /// # Errors
+    ///
+    /// As [`publish_with_headers`](Self::publish_with_headers).
+    pub async fn publish_to_with_headers<E: Serialize + ?Sized>(
+        &self,
+        stream: &str,
+        event: &E,
+        headers: &Headers,
+    ) -> Result<EntryId> {
         if stream.is_empty() {
             return Err(Error::EmptyStream);
         }
+        headers.validate()?;
         let fields = codec::to_fields(event).map_err(|error| Error::Encode {
             stream: stream.to_owned(),
             reason: error.to_string(),
         })?;
-        self.append(stream, fields).await
+        self.append(stream, fields, headers).await
     }
 
     /// Publishes several events of one type to their stream in one round trip, in order,
@@ -205,6 +257,10 @@ impl EventBus {
 
     /// Appends an entry of untyped fields to `stream`, like the Go original's `Send`.
     ///
+    /// The names are written as given, like `XADD` would: those that start with `@` are
+    /// read as the bus's own (see the README's "Wire format": `@h.NAME` is header `NAME`,
+    /// `@@x` is the event's field `@x`, other `@` names are not handed to handlers).
+    ///
     /// # Examples
     ///
     /// ```no_run
@@ -234,14 +290,21 @@ impl EventBus {
             .into_iter()
             .map(|(k, v)| (k.as_ref().to_owned().into(), v.as_ref().to_vec()))
             .collect();
-        self.append(stream, fields).await
+        self.append(stream, fields, &NO_HEADERS).await
     }
 
-    async fn append(&self, stream: &str, fields: Vec<EncodedField>) -> Result<EntryId> {
+    /// Writes one entry: the event's `fields`, then the `headers`' fields.
+    async fn append(
+        &self,
+        stream: &str,
+        mut fields: Vec<EncodedField>,
+        headers: &Headers,
+    ) -> Result<EntryId> {
         if fields.is_empty() {
             return Err(empty_entry(stream));
         }
         let span = send_span(stream, 1);
+        headers.encode_into(&mut fields);
         let started = tokio::time::Instant::now();
         let published = self
             .inner

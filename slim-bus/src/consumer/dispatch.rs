@@ -23,6 +23,7 @@ use crate::broker::{Broker, DeadLetterMove, Delivery};
 use crate::context::Context;
 use crate::dead_letter::{DeadLetterMeta, DeadLetterReason};
 use crate::error::{DecodeError, HandlerError, Retry, panic_message};
+use crate::headers::Headers;
 use crate::publisher::Publisher;
 use crate::telemetry::{Outcome, StreamMetrics};
 
@@ -274,7 +275,8 @@ impl Task<'_> {
             self.deadline,
             self.cancellation.clone(),
             self.shared.publisher.clone(),
-        );
+        )
+        .with_headers(Headers::decode(fields.pairs()));
         let metrics = self.metrics();
         metrics.started(delivery.id);
         let started = Instant::now();
