@@ -244,6 +244,12 @@ impl EventBus {
             return Ok(Vec::new());
         }
         let span = send_span(stream, entries.len());
+        #[cfg(feature = "opentelemetry")]
+        if let Some(trace) = crate::otel::trace_context(&span) {
+            for fields in &mut entries {
+                trace.encode_into(fields);
+            }
+        }
         let started = tokio::time::Instant::now();
         let published = self
             .inner
@@ -304,6 +310,10 @@ impl EventBus {
             return Err(empty_entry(stream));
         }
         let span = send_span(stream, 1);
+        #[cfg(feature = "opentelemetry")]
+        let traced = crate::otel::with_trace_context(&span, headers);
+        #[cfg(feature = "opentelemetry")]
+        let headers = traced.as_ref().unwrap_or(headers);
         headers.encode_into(&mut fields);
         let started = tokio::time::Instant::now();
         let published = self

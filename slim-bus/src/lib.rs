@@ -14,6 +14,8 @@ mod headers;
 mod health;
 mod lease;
 mod listener;
+#[cfg(feature = "opentelemetry")]
+mod otel;
 mod publisher;
 mod telemetry;
 pub mod testing;

@@ -210,6 +210,8 @@ impl Task<'_> {
             messaging.message.id = %delivery.id,
             delivery_count = delivery.delivery_count,
         );
+        #[cfg(feature = "opentelemetry")]
+        crate::otel::continue_trace(&span, delivery.fields.as_ref());
         self.settle(delivery, slot, held).instrument(span).await;
     }
 

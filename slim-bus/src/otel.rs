@@ -1,0 +1,83 @@
+//! Trace context across services (feature `opentelemetry`): publishes carry their span's
+//! context in headers, and each delivery's span continues it.
+//!
+//! Both directions go through OpenTelemetry's global text map propagator, as
+//! instrumentation libraries should, so the application picks the format:
+//! `opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new())` writes the
+//! W3C `traceparent` and `tracestate` headers. The spans are `tracing` spans; the
+//! application's `tracing-opentelemetry` layer makes them OpenTelemetry spans.
+
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TraceContextExt;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::broker::EntryFields;
+use crate::headers::Headers;
+
+impl Injector for Headers {
+    fn set(&mut self, key: &str, value: String) {
+        self.insert(key, value);
+    }
+}
+
+impl Extractor for Headers {
+    fn get(&self, key: &str) -> Option<&str> {
+        Headers::get(self, key)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.iter().map(|(name, _)| name).collect()
+    }
+}
+
+/// `headers` with the trace context of `span` added, when `span` is an OpenTelemetry span
+/// with a valid context; `None` when there is nothing to add. A header the caller set
+/// (e.g. a `traceparent` forwarded on purpose) is kept as it is.
+pub(crate) fn with_trace_context(span: &tracing::Span, headers: &Headers) -> Option<Headers> {
+    let trace = trace_context(span)?;
+    let mut merged = headers.clone();
+    for (name, value) in trace.iter() {
+        if merged.get(name).is_none() {
+            merged.insert(name, value);
+        }
+    }
+    Some(merged)
+}
+
+/// The trace context of `span` as headers; `None` when it has none (no subscriber, no
+/// OpenTelemetry layer, an invalid context, a no-op propagator).
+pub(crate) fn trace_context(span: &tracing::Span) -> Option<Headers> {
+    if span.is_disabled() {
+        return None;
+    }
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut headers = Headers::new();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&cx, &mut headers);
+    });
+    (!headers.is_empty()).then_some(headers)
+}
+
+/// Makes the trace context in an entry's headers, if any, the parent of `span`, the span
+/// of its delivery. Call it before the span is first entered.
+pub(crate) fn continue_trace(span: &tracing::Span, fields: Option<&EntryFields>) {
+    let Some(fields) = fields else {
+        return;
+    };
+    if span.is_disabled() {
+        return;
+    }
+    let headers = Headers::decode(fields.pairs());
+    if headers.is_empty() {
+        return;
+    }
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&headers));
+    if parent.span().span_context().is_valid() {
+        // Fails only without an OpenTelemetry layer, when there is no trace to continue.
+        let _ = span.set_parent(parent);
+    }
+}
