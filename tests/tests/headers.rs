@@ -82,9 +82,14 @@ fn request_headers() -> Headers {
 conformance!(headers_reach_the_handler_apart_from_the_event_and_are_stored_under_h);
 async fn headers_reach_the_handler_apart_from_the_event_and_are_stored_under_h(backend: Backend) {
     let (handler, mut seen, _) = report(false);
-    let bus = within("build", STEP, backend.bus().handler(handler).build())
-        .await
-        .unwrap();
+    let bus = within(
+        "build",
+        STEP,
+        // One at a time, so that the deliveries are reported in order.
+        backend.bus().max_concurrent(1).handler(handler).build(),
+    )
+    .await
+    .unwrap();
     let with = within(
         "publish with headers",
         STEP,
