@@ -110,7 +110,7 @@ impl EventBus {
         let stream = E::STREAM.ok_or(Error::NoEventStream {
             event: std::any::type_name::<E>(),
         })?;
-        self.publish_to(stream, event).await
+        self.publish_encoded(stream, E::MAX_LEN, event).await
     }
 
     /// Publishes `event` to `stream`, whatever stream its type names.
@@ -123,6 +123,17 @@ impl EventBus {
         stream: &str,
         event: &E,
     ) -> Result<EntryId> {
+        self.publish_encoded(stream, None, event).await
+    }
+
+    /// Publishes `event` to `stream`, capped at the stream's `stream_max_len`, else at
+    /// `event_max_len`.
+    async fn publish_encoded<E: Serialize + ?Sized>(
+        &self,
+        stream: &str,
+        event_max_len: Option<usize>,
+        event: &E,
+    ) -> Result<EntryId> {
         if stream.is_empty() {
             return Err(Error::EmptyStream);
         }
@@ -130,7 +141,18 @@ impl EventBus {
             stream: stream.to_owned(),
             reason: error.to_string(),
         })?;
-        self.append(stream, fields).await
+        self.append(stream, self.max_len(stream, event_max_len), fields)
+            .await
+    }
+
+    /// The cap on `stream`'s length at publish: the bus's for the stream, else the event
+    /// type's.
+    fn max_len(&self, stream: &str, event_max_len: Option<usize>) -> Option<usize> {
+        let caps = &self.inner.config.stream_max_len;
+        if caps.is_empty() {
+            return event_max_len;
+        }
+        caps.get(stream).copied().or(event_max_len)
     }
 
     /// Publishes several events of one type to their stream in one round trip, in order,
@@ -160,7 +182,7 @@ impl EventBus {
         let stream = E::STREAM.ok_or(Error::NoEventStream {
             event: std::any::type_name::<E>(),
         })?;
-        self.publish_batch_to(stream, events).await
+        self.publish_batch_encoded(stream, E::MAX_LEN, events).await
     }
 
     /// Publishes several events to `stream` in one round trip; see
@@ -172,6 +194,15 @@ impl EventBus {
     pub async fn publish_batch_to<E: Serialize>(
         &self,
         stream: &str,
+        events: &[E],
+    ) -> Result<Vec<EntryId>> {
+        self.publish_batch_encoded(stream, None, events).await
+    }
+
+    async fn publish_batch_encoded<E: Serialize>(
+        &self,
+        stream: &str,
+        event_max_len: Option<usize>,
         events: &[E],
     ) -> Result<Vec<EntryId>> {
         if stream.is_empty() {
@@ -196,7 +227,7 @@ impl EventBus {
         let published = self
             .inner
             .broker
-            .publish_batch(stream, &entries)
+            .publish_batch(stream, self.max_len(stream, event_max_len), &entries)
             .instrument(span)
             .await;
         telemetry::sent(stream, entries.len(), started.elapsed(), published.is_ok());
@@ -234,10 +265,16 @@ impl EventBus {
             .into_iter()
             .map(|(k, v)| (k.as_ref().to_owned().into(), v.as_ref().to_vec()))
             .collect();
-        self.append(stream, fields).await
+        self.append(stream, self.max_len(stream, None), fields)
+            .await
     }
 
-    async fn append(&self, stream: &str, fields: Vec<EncodedField>) -> Result<EntryId> {
+    async fn append(
+        &self,
+        stream: &str,
+        max_len: Option<usize>,
+        fields: Vec<EncodedField>,
+    ) -> Result<EntryId> {
         if fields.is_empty() {
             return Err(empty_entry(stream));
         }
@@ -246,7 +283,7 @@ impl EventBus {
         let published = self
             .inner
             .broker
-            .publish(stream, fields)
+            .publish(stream, max_len, fields)
             .instrument(span.clone())
             .await;
         if let Ok(id) = &published {
@@ -254,6 +291,23 @@ impl EventBus {
         }
         telemetry::sent(stream, 1, started.elapsed(), published.is_ok());
         published
+    }
+
+    /// The streams `trim_acked` and `trim_acked_streams` name, each once.
+    fn trim_acked_streams(&self) -> Arc<[Arc<str>]> {
+        let config = &self.inner.config;
+        let handled = config
+            .trim_acked
+            .then(|| self.streams())
+            .into_iter()
+            .flatten();
+        let mut streams: Vec<Arc<str>> = Vec::new();
+        for stream in handled.chain(config.trim_acked_streams.iter().map(String::as_str)) {
+            if !streams.iter().any(|known| &**known == stream) {
+                streams.push(stream.into());
+            }
+        }
+        streams.into()
     }
 
     /// Starts listening: creates the consumer group on every stream (an existing group is
@@ -306,6 +360,8 @@ impl EventBus {
             last_read: self.inner.last_read.clone(),
             set_aside: self.inner.set_aside.clone(),
             publisher: self.publisher(),
+            trim_acked: self.trim_acked_streams(),
+            trim_acked_interval: config.trim_acked_interval,
         };
         let lease = ConsumerLease::new(
             self.inner.broker.clone(),
@@ -459,6 +515,7 @@ impl EventBus {
             for (index, route) in inner.routes.iter().enumerate() {
                 let mut health = StreamHealth {
                     stream: route.stream.to_string(),
+                    length: 0,
                     lag: None,
                     pending: 0,
                     oldest_pending_idle: None,
@@ -475,6 +532,7 @@ impl EventBus {
                         .await
                     {
                         Ok(stats) => {
+                            health.length = stats.length;
                             health.lag = stats.lag;
                             health.pending = stats.pending;
                             health.oldest_pending_idle = stats.oldest_pending_idle;
@@ -827,6 +885,38 @@ impl EventBusBuilder {
     /// letters are counted in [`StreamHealth::dead_letters_trimmed`] and logged.
     pub fn dead_letter_max_len(mut self, max_len: usize) -> Self {
         self.config.dead_letter_max_len = Some(max_len);
+        self
+    }
+
+    /// Caps `stream` at about `max_len` entries as entries are published to it
+    /// (`XADD ... MAXLEN ~`), overriding the event type's [`Event::MAX_LEN`]. The oldest
+    /// entries are deleted whether every consumer group has handled them or not:
+    /// [`trim_acked`](Self::trim_acked) deletes only what every group is done with.
+    pub fn stream_max_len(mut self, stream: impl Into<String>, max_len: usize) -> Self {
+        self.config.stream_max_len.insert(stream.into(), max_len);
+        self
+    }
+
+    /// Trims every stream this bus handles, while it listens, of the entries that every
+    /// consumer group of the stream has been delivered and has acknowledged, every
+    /// [`trim_acked_interval`](Self::trim_acked_interval). Nothing a group has not been
+    /// delivered yet, and nothing pending in any group, is deleted. See the README's
+    /// "Retention".
+    pub fn trim_acked(mut self) -> Self {
+        self.config.trim_acked = true;
+        self
+    }
+
+    /// Trims `stream` as [`trim_acked`](Self::trim_acked) trims the streams this bus
+    /// handles, whether it handles `stream` or not (while it listens).
+    pub fn trim_acked_on(mut self, stream: impl Into<String>) -> Self {
+        self.config.trim_acked_streams.push(stream.into());
+        self
+    }
+
+    /// How often [`trim_acked`](Self::trim_acked) trims (default 1 minute).
+    pub fn trim_acked_interval(mut self, interval: Duration) -> Self {
+        self.config.trim_acked_interval = interval;
         self
     }
 
