@@ -20,6 +20,8 @@ pub(crate) struct Event<'a> {
     pub(crate) generics: &'a Generics,
     pub(crate) shape: Shape,
     pub(crate) stream: Option<LitStr>,
+    /// `max_len = N`, checked to be a whole number of at least 1.
+    pub(crate) max_len: Option<LitInt>,
     pub(crate) krate: Path,
     /// The `flatten` keys of `#[serde(...)]` attributes on its fields.
     pub(crate) flattened: Vec<Path>,
@@ -72,6 +74,7 @@ impl<'a> Event<'a> {
             generics: &input.generics,
             shape,
             stream: attrs.stream,
+            max_len: attrs.max_len,
             krate: attrs.krate.unwrap_or_else(default_crate),
             flattened,
         }

@@ -13,10 +13,12 @@ use syn::{Attribute, Expr, ExprLit, Ident, Lit, LitInt, LitStr, Meta, Path, Toke
 
 use crate::ctxt::Errors;
 
-/// `#[event(stream = "...", crate = "...")]` on a derived event.
+/// `#[event(stream = "...", max_len = N, crate = "...")]` on a derived event.
 #[derive(Default)]
 pub(crate) struct EventAttrs {
     pub(crate) stream: Option<LitStr>,
+    /// `max_len = 100_000`: the cap on the stream's length at publish.
+    pub(crate) max_len: Option<LitInt>,
     pub(crate) krate: Option<Path>,
 }
 
@@ -27,6 +29,10 @@ pub(crate) fn event_attrs(attrs: &[Attribute], errors: &mut Errors) -> EventAttr
             if meta.path.is_ident("stream") {
                 let lit = string_value(&meta, "stream = \"user.created\"")?;
                 set_once(&mut parsed.stream, lit, &meta.path, "stream", errors);
+            } else if meta.path.is_ident("max_len") {
+                if let Some(lit) = event_max_len(&meta, errors)? {
+                    set_once(&mut parsed.max_len, lit, &meta.path, "max_len", errors);
+                }
             } else if meta.path.is_ident("crate") {
                 let lit = string_value(&meta, "crate = \"my_crate::slim_bus\"")?;
                 if let Some(path) = crate_path(&lit, errors) {
@@ -36,7 +42,7 @@ pub(crate) fn event_attrs(attrs: &[Attribute], errors: &mut Errors) -> EventAttr
                 errors.spanned(
                     &meta.path,
                     format_args!(
-                        "unknown `event` attribute `{}`: expected `stream = \"...\"` or `crate = \"...\"`",
+                        "unknown `event` attribute `{}`: expected `stream = \"...\"`, `max_len = N` or `crate = \"...\"`",
                         path_text(&meta.path)
                     ),
                 );
@@ -49,6 +55,39 @@ pub(crate) fn event_attrs(attrs: &[Attribute], errors: &mut Errors) -> EventAttr
         }
     }
     parsed
+}
+
+/// `max_len = N`: a whole number of at least 1 that fits a `usize`; `None` after reporting
+/// anything else.
+fn event_max_len(meta: &ParseNestedMeta<'_>, errors: &mut Errors) -> syn::Result<Option<LitInt>> {
+    let example = "max_len = 100_000";
+    let value: Expr = meta.value()?.parse()?;
+    let lit = match value {
+        Expr::Lit(ExprLit {
+            lit: Lit::Int(lit), ..
+        }) => lit,
+        other => {
+            errors.spanned(other, format_args!("expected a whole number: `{example}`"));
+            return Ok(None);
+        }
+    };
+    match lit.base10_parse::<usize>() {
+        Ok(0) => {
+            errors.spanned(
+                &lit,
+                "`max_len` must be at least 1: a cap of 0 would delete every entry as it is published",
+            );
+            Ok(None)
+        }
+        Ok(_) => Ok(Some(lit)),
+        Err(_) => {
+            errors.spanned(
+                &lit,
+                format_args!("expected a whole number that fits a usize: `{example}`"),
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// The `flatten` keys in a field's `#[serde(...)]` attributes. Other serde keys are serde's

@@ -18,11 +18,17 @@ pub(crate) fn event(event: &Event<'_>, errors: &Errors) -> TokenStream {
         ident,
         generics,
         stream,
+        max_len,
         krate,
         ..
     } = event;
     let (impl_generics, ty_generics, where_clause) = generics.split_for_impl();
     let stream = optional_str(stream.as_ref());
+    // Left to the trait's default (`None`) when not set, so that the expansion of events
+    // without it stays as it was.
+    let max_len = max_len.as_ref().map(|lit| {
+        quote! { const MAX_LEN: ::core::option::Option<usize> = ::core::option::Option::Some(#lit); }
+    });
     // A generic event is an event for those arguments that make it (de)serializable.
     let where_clause = if generics.params.is_empty() {
         // A concrete one states the serde bounds higher-ranked, which rustc does not check
@@ -61,6 +67,7 @@ pub(crate) fn event(event: &Event<'_>, errors: &Errors) -> TokenStream {
         #[automatically_derived]
         impl #impl_generics #krate::__private::Event for #ident #ty_generics #where_clause {
             const STREAM: ::core::option::Option<&'static str> = #stream;
+            #max_len
         }
     }
 }

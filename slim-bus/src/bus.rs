@@ -111,7 +111,8 @@ impl EventBus {
         let stream = E::STREAM.ok_or(Error::NoEventStream {
             event: std::any::type_name::<E>(),
         })?;
-        self.publish_to(stream, event).await
+        self.publish_encoded(stream, E::MAX_LEN, event, &NO_HEADERS)
+            .await
     }
 
     /// Publishes `event` to `stream`, whatever stream its type names.
@@ -124,8 +125,7 @@ impl EventBus {
         stream: &str,
         event: &E,
     ) -> Result<EntryId> {
-        self.publish_to_with_headers(stream, event, &NO_HEADERS)
-            .await
+        self.publish_encoded(stream, None, event, &NO_HEADERS).await
     }
 
     /// Publishes `event` to its stream with `headers`: metadata the handler reads from
@@ -159,7 +159,8 @@ impl EventBus {
         let stream = E::STREAM.ok_or(Error::NoEventStream {
             event: std::any::type_name::<E>(),
         })?;
-        self.publish_to_with_headers(stream, event, headers).await
+        self.publish_encoded(stream, E::MAX_LEN, event, headers)
+            .await
     }
 
     /// Publishes `event` to `stream` with `headers`; see
@@ -174,6 +175,18 @@ impl EventBus {
         event: &E,
         headers: &Headers,
     ) -> Result<EntryId> {
+        self.publish_encoded(stream, None, event, headers).await
+    }
+
+    /// Publishes `event` to `stream` with `headers`, capped at the stream's
+    /// `stream_max_len`, else at `event_max_len`.
+    async fn publish_encoded<E: Serialize + ?Sized>(
+        &self,
+        stream: &str,
+        event_max_len: Option<usize>,
+        event: &E,
+        headers: &Headers,
+    ) -> Result<EntryId> {
         if stream.is_empty() {
             return Err(Error::EmptyStream);
         }
@@ -182,7 +195,18 @@ impl EventBus {
             stream: stream.to_owned(),
             reason: error.to_string(),
         })?;
-        self.append(stream, fields, headers).await
+        self.append(stream, self.max_len(stream, event_max_len), fields, headers)
+            .await
+    }
+
+    /// The cap on `stream`'s length at publish: the bus's for the stream, else the event
+    /// type's.
+    fn max_len(&self, stream: &str, event_max_len: Option<usize>) -> Option<usize> {
+        let caps = &self.inner.config.stream_max_len;
+        if caps.is_empty() {
+            return event_max_len;
+        }
+        caps.get(stream).copied().or(event_max_len)
     }
 
     /// Publishes several events of one type to their stream in one round trip, in order,
@@ -212,7 +236,7 @@ impl EventBus {
         let stream = E::STREAM.ok_or(Error::NoEventStream {
             event: std::any::type_name::<E>(),
         })?;
-        self.publish_batch_to(stream, events).await
+        self.publish_batch_encoded(stream, E::MAX_LEN, events).await
     }
 
     /// Publishes several events to `stream` in one round trip; see
@@ -224,6 +248,15 @@ impl EventBus {
     pub async fn publish_batch_to<E: Serialize>(
         &self,
         stream: &str,
+        events: &[E],
+    ) -> Result<Vec<EntryId>> {
+        self.publish_batch_encoded(stream, None, events).await
+    }
+
+    async fn publish_batch_encoded<E: Serialize>(
+        &self,
+        stream: &str,
+        event_max_len: Option<usize>,
         events: &[E],
     ) -> Result<Vec<EntryId>> {
         if stream.is_empty() {
@@ -254,7 +287,7 @@ impl EventBus {
         let published = self
             .inner
             .broker
-            .publish_batch(stream, &entries)
+            .publish_batch(stream, self.max_len(stream, event_max_len), &entries)
             .instrument(span)
             .await;
         telemetry::sent(stream, entries.len(), started.elapsed(), published.is_ok());
@@ -296,13 +329,15 @@ impl EventBus {
             .into_iter()
             .map(|(k, v)| (k.as_ref().to_owned().into(), v.as_ref().to_vec()))
             .collect();
-        self.append(stream, fields, &NO_HEADERS).await
+        self.append(stream, self.max_len(stream, None), fields, &NO_HEADERS)
+            .await
     }
 
     /// Writes one entry: the event's `fields`, then the `headers`' fields.
     async fn append(
         &self,
         stream: &str,
+        max_len: Option<usize>,
         mut fields: Vec<EncodedField>,
         headers: &Headers,
     ) -> Result<EntryId> {
@@ -319,7 +354,7 @@ impl EventBus {
         let published = self
             .inner
             .broker
-            .publish(stream, fields)
+            .publish(stream, max_len, fields)
             .instrument(span.clone())
             .await;
         if let Ok(id) = &published {
@@ -327,6 +362,23 @@ impl EventBus {
         }
         telemetry::sent(stream, 1, started.elapsed(), published.is_ok());
         published
+    }
+
+    /// The streams `trim_acked` and `trim_acked_streams` name, each once.
+    fn trim_acked_streams(&self) -> Arc<[Arc<str>]> {
+        let config = &self.inner.config;
+        let handled = config
+            .trim_acked
+            .then(|| self.streams())
+            .into_iter()
+            .flatten();
+        let mut streams: Vec<Arc<str>> = Vec::new();
+        for stream in handled.chain(config.trim_acked_streams.iter().map(String::as_str)) {
+            if !streams.iter().any(|known| &**known == stream) {
+                streams.push(stream.into());
+            }
+        }
+        streams.into()
     }
 
     /// Starts listening: creates the consumer group on every stream (an existing group is
@@ -379,6 +431,8 @@ impl EventBus {
             last_read: self.inner.last_read.clone(),
             set_aside: self.inner.set_aside.clone(),
             publisher: self.publisher(),
+            trim_acked: self.trim_acked_streams(),
+            trim_acked_interval: config.trim_acked_interval,
         };
         let lease = ConsumerLease::new(
             self.inner.broker.clone(),
@@ -532,6 +586,7 @@ impl EventBus {
             for (index, route) in inner.routes.iter().enumerate() {
                 let mut health = StreamHealth {
                     stream: route.stream.to_string(),
+                    length: 0,
                     lag: None,
                     pending: 0,
                     oldest_pending_idle: None,
@@ -548,6 +603,7 @@ impl EventBus {
                         .await
                     {
                         Ok(stats) => {
+                            health.length = stats.length;
                             health.lag = stats.lag;
                             health.pending = stats.pending;
                             health.oldest_pending_idle = stats.oldest_pending_idle;
@@ -900,6 +956,38 @@ impl EventBusBuilder {
     /// letters are counted in [`StreamHealth::dead_letters_trimmed`] and logged.
     pub fn dead_letter_max_len(mut self, max_len: usize) -> Self {
         self.config.dead_letter_max_len = Some(max_len);
+        self
+    }
+
+    /// Caps `stream` at about `max_len` entries as entries are published to it
+    /// (`XADD ... MAXLEN ~`), overriding the event type's [`Event::MAX_LEN`]. The oldest
+    /// entries are deleted whether every consumer group has handled them or not:
+    /// [`trim_acked`](Self::trim_acked) deletes only what every group is done with.
+    pub fn stream_max_len(mut self, stream: impl Into<String>, max_len: usize) -> Self {
+        self.config.stream_max_len.insert(stream.into(), max_len);
+        self
+    }
+
+    /// Trims every stream this bus handles, while it listens, of the entries that every
+    /// consumer group of the stream has been delivered and has acknowledged, every
+    /// [`trim_acked_interval`](Self::trim_acked_interval). Nothing a group has not been
+    /// delivered yet, and nothing pending in any group, is deleted. See the README's
+    /// "Retention".
+    pub fn trim_acked(mut self) -> Self {
+        self.config.trim_acked = true;
+        self
+    }
+
+    /// Trims `stream` as [`trim_acked`](Self::trim_acked) trims the streams this bus
+    /// handles, whether it handles `stream` or not (while it listens).
+    pub fn trim_acked_on(mut self, stream: impl Into<String>) -> Self {
+        self.config.trim_acked_streams.push(stream.into());
+        self
+    }
+
+    /// How often [`trim_acked`](Self::trim_acked) trims (default 1 minute).
+    pub fn trim_acked_interval(mut self, interval: Duration) -> Self {
+        self.config.trim_acked_interval = interval;
         self
     }
 

@@ -1,5 +1,6 @@
 //! Settings of a bus, as a plain struct that can come from a config file or the environment.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -133,6 +134,22 @@ pub struct EventBusConfig {
     /// dead letters are trimmed, counted in [`StreamHealth::dead_letters_trimmed`](crate::StreamHealth::dead_letters_trimmed)
     /// and logged. `None` (the default): dead letters are kept until replayed or purged.
     pub dead_letter_max_len: Option<usize>,
+    /// Caps on stream lengths, by stream name, applied as entries are published
+    /// (`XADD ... MAXLEN ~ N`, so approximate: Redis trims whole internal nodes, keeping a
+    /// little more). The oldest entries are deleted whether every consumer group has
+    /// handled them or not; see `trim_acked` for the group-aware way. A cap here overrides
+    /// the event type's [`Event::MAX_LEN`](crate::Event::MAX_LEN). Empty by default.
+    pub stream_max_len: BTreeMap<String, usize>,
+    /// Group-aware retention of every stream the bus handles: while it listens, the bus
+    /// deletes, every `trim_acked_interval`, the entries that every consumer group of the
+    /// stream has been delivered and has acknowledged. Off by default.
+    pub trim_acked: bool,
+    /// More streams trimmed as `trim_acked` trims, whether the bus handles them or not
+    /// (they are trimmed while the bus listens). Empty by default.
+    pub trim_acked_streams: Vec<String>,
+    /// How often the streams of `trim_acked` and `trim_acked_streams` are trimmed.
+    #[serde(with = "humantime_serde")]
+    pub trim_acked_interval: Duration,
 }
 
 impl Default for EventBusConfig {
@@ -162,6 +179,10 @@ impl Default for EventBusConfig {
             retry_max: Duration::from_secs(30),
             dead_letter_suffix: ":dlq".to_owned(),
             dead_letter_max_len: None,
+            stream_max_len: BTreeMap::new(),
+            trim_acked: false,
+            trim_acked_streams: Vec::new(),
+            trim_acked_interval: Duration::from_secs(60),
         }
     }
 }
@@ -195,6 +216,10 @@ impl std::fmt::Debug for EventBusConfig {
             dead_letter_max_len,
             wait_for_redis,
             consumer_lease_ttl,
+            stream_max_len,
+            trim_acked,
+            trim_acked_streams,
+            trim_acked_interval,
         } = self;
         f.debug_struct("EventBusConfig")
             .field("url", &redacted_url(url))
@@ -221,6 +246,10 @@ impl std::fmt::Debug for EventBusConfig {
             .field("dead_letter_max_len", dead_letter_max_len)
             .field("wait_for_redis", wait_for_redis)
             .field("consumer_lease_ttl", consumer_lease_ttl)
+            .field("stream_max_len", stream_max_len)
+            .field("trim_acked", trim_acked)
+            .field("trim_acked_streams", trim_acked_streams)
+            .field("trim_acked_interval", trim_acked_interval)
             .finish()
     }
 }
@@ -307,6 +336,7 @@ impl EventBusConfig {
             ("consumer_lease_ttl", Some(self.consumer_lease_ttl)),
             ("retry_base", Some(self.retry_base)),
             ("retry_max", Some(self.retry_max)),
+            ("trim_acked_interval", Some(self.trim_acked_interval)),
         ];
         for (setting, duration) in durations {
             if duration.is_some_and(|d| d > MAX_DURATION) {
@@ -412,6 +442,28 @@ impl EventBusConfig {
         }
         if self.dead_letter_max_len == Some(0) {
             return Err(Error::config("dead_letter_max_len", "must be at least 1"));
+        }
+        for (stream, max_len) in &self.stream_max_len {
+            if stream.is_empty() {
+                return Err(Error::config("stream_max_len", "names an empty stream"));
+            }
+            if *max_len == 0 {
+                return Err(Error::config(
+                    "stream_max_len",
+                    format!(
+                        "must be at least 1 (stream `{stream}`): a cap of 0 would delete every entry as it is published"
+                    ),
+                ));
+            }
+        }
+        if self.trim_acked_streams.iter().any(String::is_empty) {
+            return Err(Error::config("trim_acked_streams", "names an empty stream"));
+        }
+        if self.trim_acked_interval.is_zero() {
+            return Err(Error::config(
+                "trim_acked_interval",
+                "must be longer than zero",
+            ));
         }
         Ok(())
     }

@@ -36,6 +36,15 @@ use serde::de::DeserializeOwned;
 pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The stream this event is published to, if it has one of its own.
     const STREAM: Option<&'static str>;
+
+    /// A cap on the length of [`STREAM`](Event::STREAM), applied as each event of this type
+    /// is published (`XADD ... MAXLEN ~ N`): the oldest entries are deleted, whether every
+    /// consumer group has handled them or not. `None` (the default): no cap.
+    /// [`EventBusBuilder::stream_max_len`](crate::EventBusBuilder::stream_max_len) sets
+    /// another one for the stream; see the README's "Retention" for the group-aware way.
+    ///
+    /// `#[derive(Event)]` sets it with `#[event(stream = "...", max_len = N)]`.
+    const MAX_LEN: Option<usize> = None;
 }
 
 /// Untyped events: every field as text, for streams whose shape is not known in advance,

@@ -99,6 +99,10 @@ impl Health {
 pub struct StreamHealth {
     /// The stream.
     pub stream: String,
+    /// Entries in the stream, handled or not: what it takes of Redis' memory, next to
+    /// `lag`. Zero when the group does not exist yet. It only shrinks when something
+    /// trims the stream (see the README's "Retention").
+    pub length: u64,
     /// Entries not yet delivered to the group (`None` when Redis cannot tell, e.g. after
     /// entries were deleted from the middle of the stream, or when the group does not
     /// exist yet).
@@ -260,6 +264,7 @@ mod tests {
         let mut ready = health(true, false, None);
         ready.streams.push(StreamHealth {
             stream: "s".into(),
+            length: 0,
             lag: Some(0),
             pending: 0,
             oldest_pending_idle: None,
@@ -281,6 +286,7 @@ mod tests {
         let mut snapshot = health(true, true, Some(1500));
         snapshot.streams.push(StreamHealth {
             stream: "orders".into(),
+            length: 7,
             lag: None,
             pending: 2,
             oldest_pending_idle: Some(Duration::from_micros(2_500_900)),
@@ -300,6 +306,7 @@ mod tests {
                 "read_stall_after_ms": 1000,
                 "streams": [{
                     "stream": "orders",
+                    "length": 7,
                     "lag": null,
                     "pending": 2,
                     "oldest_pending_idle_ms": 2500,

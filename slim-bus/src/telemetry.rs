@@ -37,6 +37,8 @@ pub(crate) const LAG: &str = "slim_bus_lag_messages";
 pub(crate) const PENDING: &str = "slim_bus_pending_messages";
 pub(crate) const OLDEST_PENDING_AGE: &str = "slim_bus_oldest_pending_age_seconds";
 pub(crate) const DEAD_LETTERS: &str = "slim_bus_dead_letters_messages";
+pub(crate) const STREAM_LENGTH: &str = "slim_bus_stream_length_messages";
+pub(crate) const TRIMMED: &str = "slim_bus_trimmed_messages_total";
 
 /// How often a listening bus refreshes the per-stream gauges on its own (`health()`
 /// refreshes them too).
@@ -110,6 +112,16 @@ pub(crate) fn describe() {
         DEAD_LETTERS,
         Unit::Count,
         "Entries in the stream's dead-letter stream, by stream and group"
+    );
+    describe_gauge!(
+        STREAM_LENGTH,
+        Unit::Count,
+        "Entries in the stream, by stream and group"
+    );
+    describe_counter!(
+        TRIMMED,
+        Unit::Count,
+        "Entries deleted by trim_acked because every consumer group acknowledged them, by stream"
     );
 }
 
@@ -215,6 +227,11 @@ pub(crate) fn claimed(stream: &str, group: &str, count: usize) {
         .increment(count as u64);
 }
 
+/// `trim_acked` deleted `count` entries of `stream`.
+pub(crate) fn trimmed(stream: &str, count: u64) {
+    counter!(TRIMMED, DESTINATION => stream.to_owned()).increment(count);
+}
+
 /// A publish of `entries` entries to `stream` ended after `took`.
 pub(crate) fn sent(stream: &str, entries: usize, took: Duration, ok: bool) {
     let stream = stream.to_owned();
@@ -242,4 +259,5 @@ pub(crate) fn stream_gauges(health: &StreamHealth, group: &str) {
             .map_or(0.0, |idle| idle.as_secs_f64()),
     );
     gauge!(DEAD_LETTERS, &labels).set(health.dead_letters as f64);
+    gauge!(STREAM_LENGTH, &labels).set(health.length as f64);
 }

@@ -65,8 +65,8 @@ const AUTOCLAIM_ATTEMPTS_PER_COUNT: usize = 10;
 ///
 /// Where it differs from Redis:
 ///
-/// - `MAXLEN ~` trims dead-letter streams to exactly their cap (Redis trims whole nodes,
-///   so keeps up to about a hundred more).
+/// - `MAXLEN ~` trims streams (at publish) and dead-letter streams to exactly their cap
+///   (Redis trims whole nodes, so keeps up to about a hundred more).
 /// - The lag in [`Health`](crate::Health) is always known (Redis cannot tell it after
 ///   some deletions and reports `None`).
 /// - Entry ids are unique across all streams of one broker (Redis only orders them within
@@ -341,6 +341,14 @@ impl MemoryBroker {
             .collect()
     }
 
+    /// Acknowledges entries of `stream` in `group`, like `XACK`, as another service's
+    /// consumer would: e.g. after [`read_unacknowledged`](Self::read_unacknowledged).
+    /// Ids not pending in the group are left alone.
+    pub fn acknowledge(&self, stream: &str, group: &str, ids: &[EntryId]) {
+        self.lock().ack(stream, group, ids);
+        self.store.changed.notify_waiters();
+    }
+
     /// The consumers of `group` on `stream` by name, like the names in `XINFO CONSUMERS`:
     /// every consumer that read or claimed since the group was created, until it is
     /// removed. Empty when the stream or group does not exist.
@@ -473,11 +481,49 @@ impl State {
 
     /// `XADD stream * fields`, creating the stream.
     fn add(&mut self, stream: &str, fields: RawFields) -> EntryId {
+        self.add_capped(stream, None, fields)
+    }
+
+    /// `XADD stream [MAXLEN max_len] * fields`, creating the stream.
+    fn add_capped(&mut self, stream: &str, max_len: Option<usize>, fields: RawFields) -> EntryId {
         let id = self.next_id();
         let stream = self.streams.entry(stream.to_owned()).or_default();
         stream.entries.insert(id, fields);
         stream.last_id = id;
+        if let Some(max_len) = max_len {
+            while stream.entries.len() > max_len {
+                stream.entries.pop_first();
+            }
+        }
         id
+    }
+
+    /// Deletes the entries before the oldest one some group of `stream` still needs: its
+    /// oldest pending entry, else the last one delivered to it (kept, as Redis keeps it).
+    fn trim_acked(&mut self, stream: &str) -> u64 {
+        let Some(stream) = self.streams.get_mut(stream) else {
+            return 0;
+        };
+        let Some(needed) = stream
+            .groups
+            .values()
+            .map(|group| {
+                group
+                    .pending
+                    .keys()
+                    .next()
+                    .map_or(group.last_delivered, |&oldest| {
+                        oldest.min(group.last_delivered)
+                    })
+            })
+            .min()
+        else {
+            return 0;
+        };
+        let kept = stream.entries.split_off(&needed);
+        let trimmed = stream.entries.len() as u64;
+        stream.entries = kept;
+        trimmed
     }
 
     /// `XGROUP CREATE stream group 0|$ MKSTREAM`; an existing group is left as it is.
@@ -890,6 +936,7 @@ impl State {
             return GroupStats::default();
         };
         GroupStats {
+            length: stream.entries.len() as u64,
             lag: Some(
                 stream
                     .entries
@@ -991,12 +1038,19 @@ impl Drop for BlockedReader<'_> {
 
 #[async_trait]
 impl Broker for MemoryConnection {
-    async fn publish(&self, stream: &str, fields: Vec<EncodedField>) -> Result<EntryId> {
+    async fn publish(
+        &self,
+        stream: &str,
+        max_len: Option<usize>,
+        fields: Vec<EncodedField>,
+    ) -> Result<EntryId> {
         let fields = fields
             .into_iter()
             .map(|(name, value)| (name.into_owned().into_bytes(), value))
             .collect();
-        let id = self.store.command(|state| state.add(stream, fields));
+        let id = self
+            .store
+            .command(|state| state.add_capped(stream, max_len, fields));
         self.store.appended.notify_waiters();
         Ok(id)
     }
@@ -1004,6 +1058,7 @@ impl Broker for MemoryConnection {
     async fn publish_batch(
         &self,
         stream: &str,
+        max_len: Option<usize>,
         entries: &[Vec<EncodedField>],
     ) -> Result<Vec<EntryId>> {
         let ids = self.store.command(|state| {
@@ -1014,12 +1069,16 @@ impl Broker for MemoryConnection {
                         .iter()
                         .map(|(name, value)| (name.as_bytes().to_vec(), value.clone()))
                         .collect();
-                    state.add(stream, fields)
+                    state.add_capped(stream, max_len, fields)
                 })
                 .collect()
         });
         self.store.appended.notify_waiters();
         Ok(ids)
+    }
+
+    async fn trim_acked(&self, stream: &str) -> Result<u64> {
+        Ok(self.store.command(|state| state.trim_acked(stream)))
     }
 
     async fn ensure_group(&self, stream: &str, group: &str, start: StartFrom) -> Result<()> {
@@ -1312,7 +1371,7 @@ mod tests {
 
     async fn publish(broker: &MemoryConnection, stream: &str, seq: u64) -> EntryId {
         broker
-            .publish(stream, fields(&[("seq", &seq.to_string())]))
+            .publish(stream, None, fields(&[("seq", &seq.to_string())]))
             .await
             .expect("publishing in memory succeeds")
     }
@@ -1584,7 +1643,7 @@ mod tests {
             .await
             .expect("created");
         let id = broker
-            .publish("s", fields(&[("user", "u1"), ("@reason", "mine")]))
+            .publish("s", None, fields(&[("user", "u1"), ("@reason", "mine")]))
             .await
             .expect("published");
         read(&broker, "me", 1).await;
@@ -1667,9 +1726,12 @@ mod tests {
             .group_stats("s", "g", "{s}:dlq")
             .await
             .expect("no error");
+        // Dead-lettering leaves the entries in their stream, as Redis does.
+        let length = handle.stream_len("s");
         assert_eq!(
             stats,
             GroupStats {
+                length,
                 lag: Some(0),
                 pending: 0,
                 oldest_pending_idle: None,
@@ -1692,7 +1754,7 @@ mod tests {
             .iter()
             .map(|name| (Cow::Owned(name.clone()), b"v".to_vec()))
             .collect();
-        let id = broker.publish("s", many).await.expect("published");
+        let id = broker.publish("s", None, many).await.expect("published");
         read(&broker, "me", 1).await;
         let meta = [("@reason", "decode".to_owned())];
         assert_eq!(
@@ -1721,7 +1783,7 @@ mod tests {
         let handle = MemoryBroker::new();
         let broker = handle.connect();
         let id = broker
-            .publish("{s}:dlq", fields(&[("@reason", "decode")]))
+            .publish("{s}:dlq", None, fields(&[("@reason", "decode")]))
             .await
             .expect("published");
         let error = broker

@@ -47,16 +47,29 @@ pub(crate) struct StreamDeliveries {
 /// What the runtime needs of a stream server.
 #[async_trait]
 pub(crate) trait Broker: Send + Sync + 'static {
-    /// Appends an entry, returning its id.
-    async fn publish(&self, stream: &str, fields: Vec<EncodedField>) -> Result<EntryId>;
+    /// Appends an entry, returning its id; with `max_len`, trims the stream to about that
+    /// many entries, oldest first.
+    async fn publish(
+        &self,
+        stream: &str,
+        max_len: Option<usize>,
+        fields: Vec<EncodedField>,
+    ) -> Result<EntryId>;
 
-    /// Appends several entries to `stream`, in order, returning their ids. A backend that
-    /// can should do it in one round trip.
+    /// Appends several entries to `stream`, in order, returning their ids, trimming as
+    /// [`publish`](Broker::publish) does. A backend that can should do it in one round trip.
     async fn publish_batch(
         &self,
         stream: &str,
+        max_len: Option<usize>,
         entries: &[Vec<EncodedField>],
     ) -> Result<Vec<EntryId>>;
+
+    /// Deletes the entries of `stream` that every consumer group of it has been delivered
+    /// and has acknowledged: those before the oldest entry some group still needs (its
+    /// oldest pending entry, else the last one delivered to it). Nothing when the stream
+    /// has no group. Returns how many were deleted.
+    async fn trim_acked(&self, stream: &str) -> Result<u64>;
 
     /// Creates `group` on `stream` (and the stream) unless it exists.
     async fn ensure_group(&self, stream: &str, group: &str, start: StartFrom) -> Result<()>;
@@ -230,6 +243,8 @@ pub(crate) fn trimmed_count_key(dead_letters: &str) -> String {
 /// What a group has left to do on one stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct GroupStats {
+    /// Entries in the stream.
+    pub(crate) length: u64,
     /// Entries not yet delivered to the group; `None` when the server cannot tell.
     pub(crate) lag: Option<u64>,
     pub(crate) pending: u64,

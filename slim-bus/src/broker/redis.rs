@@ -56,6 +56,7 @@ pub(crate) struct RedisBroker {
     idle_consumers_script: redis::Script,
     hold_lease_script: redis::Script,
     release_lease_script: redis::Script,
+    trim_acked_script: redis::Script,
     /// Whether a read blocks, and whether a wake came while none did.
     reader: Mutex<ReaderState>,
     /// Publishes go to a task that sends them in pipelines.
@@ -405,6 +406,7 @@ impl RedisBroker {
             idle_consumers_script: redis::Script::new(IDLE_CONSUMERS_SCRIPT),
             hold_lease_script: redis::Script::new(HOLD_LEASE_SCRIPT),
             release_lease_script: redis::Script::new(RELEASE_LEASE_SCRIPT),
+            trim_acked_script: redis::Script::new(include_str!("scripts/trim_acked.lua")),
             reader: Mutex::new(ReaderState::default()),
         })
     }
@@ -504,9 +506,14 @@ pub(super) async fn manager(
 
 #[async_trait]
 impl Broker for RedisBroker {
-    async fn publish(&self, stream: &str, fields: Vec<EncodedField>) -> Result<EntryId> {
-        let mut commands = Vec::with_capacity(xadd_len(stream, &fields));
-        encode_xadd(&mut commands, stream, &fields);
+    async fn publish(
+        &self,
+        stream: &str,
+        max_len: Option<usize>,
+        fields: Vec<EncodedField>,
+    ) -> Result<EntryId> {
+        let mut commands = Vec::with_capacity(xadd_len(stream, max_len, &fields));
+        encode_xadd(&mut commands, stream, max_len, &fields);
         let (reply, answer) = oneshot::channel();
         self.send_to_publisher(stream, commands, 1, PublishReply::One(reply))?;
         answer.await.map_err(|_| publisher_stopped())?
@@ -515,12 +522,16 @@ impl Broker for RedisBroker {
     async fn publish_batch(
         &self,
         stream: &str,
+        max_len: Option<usize>,
         entries: &[Vec<EncodedField>],
     ) -> Result<Vec<EntryId>> {
-        let len = entries.iter().map(|fields| xadd_len(stream, fields)).sum();
+        let len = entries
+            .iter()
+            .map(|fields| xadd_len(stream, max_len, fields))
+            .sum();
         let mut commands = Vec::with_capacity(len);
         for fields in entries {
-            encode_xadd(&mut commands, stream, fields);
+            encode_xadd(&mut commands, stream, max_len, fields);
         }
         let (reply, answer) = oneshot::channel();
         self.send_to_publisher(stream, commands, entries.len(), PublishReply::Batch(reply))?;
@@ -858,6 +869,19 @@ impl Broker for RedisBroker {
         })
     }
 
+    async fn trim_acked(&self, stream: &str) -> Result<u64> {
+        let action = || format!("trimming what every group acknowledged from stream `{stream}`");
+        match self
+            .trim_acked_script
+            .key(stream)
+            .invoke_async(&mut self.commands())
+            .await
+        {
+            Ok(trimmed) => Ok(trimmed),
+            Err(e) => Err(self.name_type(classify(stream, e, action)).await),
+        }
+    }
+
     async fn stream_len(&self, stream: &str) -> Result<u64> {
         redis::cmd("XLEN")
             .arg(stream)
@@ -946,6 +970,7 @@ impl Broker for RedisBroker {
             Err(e) => return Err(self.name_type(classify(stream, e, action)).await),
         };
         let mut pipe = redis::pipe();
+        pipe.cmd("XLEN").arg(stream);
         pipe.cmd("XPENDING")
             .arg(stream)
             .arg(group)
@@ -954,12 +979,12 @@ impl Broker for RedisBroker {
             .arg(1);
         pipe.cmd("XLEN").arg(dead_letters);
         pipe.cmd("GET").arg(trimmed_count_key(dead_letters));
-        let (oldest, dead, trimmed): (Value, u64, Option<u64>) = match info {
+        let (length, oldest, dead, trimmed): (u64, Value, u64, Option<u64>) = match info {
             Some(_) => pipe
                 .query_async(&mut self.commands())
                 .await
                 .map_err(|e| classify(stream, e, action))?,
-            None => (Value::Nil, 0, None),
+            None => (0, Value::Nil, 0, None),
         };
         let oldest_pending_idle = match oldest {
             Value::Array(rows) => rows.into_iter().next().and_then(|row| match row {
@@ -975,6 +1000,7 @@ impl Broker for RedisBroker {
         };
         let info = info.unwrap_or_default();
         Ok(GroupStats {
+            length,
             lag: info.lag,
             pending: info.pending,
             oldest_pending_idle,

@@ -344,11 +344,22 @@ fn encode_bulk(out: &mut Vec<u8>, arg: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Appends `XADD stream * name value ...` to `out`.
-pub(crate) fn encode_xadd(out: &mut Vec<u8>, stream: &str, fields: &[EncodedField]) {
-    encode_header(out, b'*', 3 + 2 * fields.len());
+/// Appends `XADD stream [MAXLEN ~ max_len] * name value ...` to `out`.
+pub(crate) fn encode_xadd(
+    out: &mut Vec<u8>,
+    stream: &str,
+    max_len: Option<usize>,
+    fields: &[EncodedField],
+) {
+    let cap_args = if max_len.is_some() { 3 } else { 0 };
+    encode_header(out, b'*', 3 + cap_args + 2 * fields.len());
     encode_bulk(out, b"XADD");
     encode_bulk(out, stream.as_bytes());
+    if let Some(max_len) = max_len {
+        encode_bulk(out, b"MAXLEN");
+        encode_bulk(out, b"~");
+        encode_bulk(out, itoa::Buffer::new().format(max_len).as_bytes());
+    }
     encode_bulk(out, b"*");
     for (name, value) in fields {
         encode_bulk(out, name.as_bytes());
@@ -357,13 +368,19 @@ pub(crate) fn encode_xadd(out: &mut Vec<u8>, stream: &str, fields: &[EncodedFiel
 }
 
 /// How many bytes [`encode_xadd`] appends, at most.
-pub(crate) fn xadd_len(stream: &str, fields: &[EncodedField]) -> usize {
+pub(crate) fn xadd_len(stream: &str, max_len: Option<usize>, fields: &[EncodedField]) -> usize {
     // A header is a type byte, at most 20 digits and CRLF.
     const HEADER: usize = 23;
     let bulk = |len: usize| HEADER + len + 2;
+    let cap = if max_len.is_some() {
+        bulk(6) + bulk(1) + bulk(20)
+    } else {
+        0
+    };
     HEADER
         + bulk(4)
         + bulk(stream.len())
+        + cap
         + bulk(1)
         + fields
             .iter()
@@ -892,7 +909,7 @@ mod tests {
             ("empty".into(), Vec::new()),
         ];
         let mut encoded = b"left alone".to_vec();
-        encode_xadd(&mut encoded, "user.created", &fields);
+        encode_xadd(&mut encoded, "user.created", None, &fields);
         let expected = redis::cmd("XADD")
             .arg("user.created")
             .arg("*")
@@ -908,7 +925,28 @@ mod tests {
             String::from_utf8_lossy(&encoded[10..]),
             String::from_utf8_lossy(&expected)
         );
-        assert!(xadd_len("user.created", &fields) >= expected.len());
+        assert!(xadd_len("user.created", None, &fields) >= expected.len());
+    }
+
+    #[test]
+    fn a_capped_xadd_is_encoded_as_redis_rs_encodes_it_within_its_estimated_length() {
+        let fields: Vec<EncodedField> = vec![("user_id".into(), b"u1".to_vec())];
+        let mut encoded = Vec::new();
+        encode_xadd(&mut encoded, "user.created", Some(usize::MAX), &fields);
+        let expected = redis::cmd("XADD")
+            .arg("user.created")
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(usize::MAX)
+            .arg("*")
+            .arg("user_id")
+            .arg("u1")
+            .get_packed_command();
+        assert_eq!(
+            String::from_utf8_lossy(&encoded),
+            String::from_utf8_lossy(&expected)
+        );
+        assert!(xadd_len("user.created", Some(usize::MAX), &fields) >= expected.len());
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod dispatch;
 mod in_flight;
 mod read_window;
 mod reader;
+mod retention;
 mod retry;
 mod stream_state;
 mod sweep;
@@ -76,6 +77,9 @@ pub(crate) struct Consumer {
     pub(crate) set_aside: Arc<SetAside>,
     /// What handlers publish through (`Context::publisher`).
     pub(crate) publisher: Publisher,
+    /// The streams trimmed of what every group acknowledged, every `trim_acked_interval`.
+    pub(crate) trim_acked: Arc<[Arc<str>]>,
+    pub(crate) trim_acked_interval: Duration,
 }
 
 impl Consumer {
@@ -157,11 +161,23 @@ impl Consumer {
             tasks: tasks.clone(),
             abandon: abandon.clone(),
         };
+        // Aborted at shutdown: a trim is one atomic script, done or not done.
+        let retention = (!self.trim_acked.is_empty()).then(|| {
+            tokio::spawn(retention::trim_acked_periodically(
+                self.broker.clone(),
+                self.trim_acked.clone(),
+                self.trim_acked_interval,
+            ))
+            .abort_handle()
+        });
         let reader = Reader::new(&self, streams, dispatcher, blocked_read, retry_requests);
         let outcome = tokio::select! {
             outcome = reader.run() => outcome,
             () = shutdown.cancelled() => Ok(()),
         };
+        if let Some(retention) = retention {
+            retention.abort();
+        }
         // The reader is dropped by now, and with it the entries waiting for a retry: they
         // stay pending.
         tracing::info!(group = %self.group, consumer = %self.consumer, running = tasks.len(), "shutting down");
