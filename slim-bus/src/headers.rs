@@ -23,7 +23,8 @@ pub(crate) const HEADER_FIELD_PREFIX: &str = "@h.";
 /// Publish them with [`EventBus::publish_with_headers`](crate::EventBus::publish_with_headers);
 /// a handler reads them from [`Context::headers`](crate::Context::headers). Dead letters
 /// keep them ([`DeadLetter::headers`](crate::DeadLetter::headers)) and a replay restores
-/// them.
+/// them. With the cargo feature `opentelemetry`, `Headers` is an OpenTelemetry
+/// `Injector` and `Extractor`, the carrier of the trace context publishes write.
 ///
 /// # Examples
 ///
