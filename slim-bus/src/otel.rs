@@ -70,7 +70,7 @@ pub(crate) fn continue_trace(span: &tracing::Span, fields: Option<&EntryFields>)
     if span.is_disabled() {
         return;
     }
-    let headers = Headers::decode(fields.pairs());
+    let headers = Headers::of_entry(fields);
     if headers.is_empty() {
         return;
     }

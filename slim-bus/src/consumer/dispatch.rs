@@ -278,7 +278,7 @@ impl Task<'_> {
             self.cancellation.clone(),
             self.shared.publisher.clone(),
         )
-        .with_headers(Headers::decode(fields.pairs()));
+        .with_headers(Headers::of_entry(&fields));
         let metrics = self.metrics();
         metrics.started(delivery.id);
         let started = Instant::now();
