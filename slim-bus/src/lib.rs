@@ -14,6 +14,7 @@ mod health;
 mod lease;
 mod listener;
 mod publisher;
+mod spans;
 mod telemetry;
 pub mod testing;
 mod tls;
