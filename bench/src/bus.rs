@@ -126,6 +126,8 @@ pub(crate) struct ConsumeSettings {
     pub(crate) retry_backoff: Option<(Duration, Duration)>,
     /// Run on a runtime of its own with this many workers, not the suite's.
     pub(crate) workers: Option<usize>,
+    /// The level of the delivery spans, when not the default.
+    pub(crate) span_level: Option<tracing::Level>,
 }
 
 /// Consumes the backlog of `stream` (group [`GROUP`] already created) with slim-bus until
@@ -167,6 +169,9 @@ async fn consume_here(
         .max_concurrent(settings.max_concurrent);
     if let Some((base, max)) = settings.retry_backoff {
         builder = builder.retry_backoff(base, max);
+    }
+    if let Some(level) = settings.span_level {
+        builder = builder.span_level(level);
     }
     let bus = builder
         .handler_on(

@@ -369,6 +369,27 @@ impl Suite {
                 .target(Target::RatioAtLeast(0.9));
                 rated(entries, observed, row)
             }
+            Case::ConsumeTraced => {
+                let entries = sizes.consume;
+                let settings = ConsumeSettings {
+                    span_level: Some(tracing::Level::INFO),
+                    ..no_op()
+                };
+                let observed = {
+                    let _on = crate::observe::Observed::start();
+                    consume_case(url, conn, &stats, stream, entries, false, &settings).await?
+                };
+                let row = Row::new(
+                    "consume-traced",
+                    format!(
+                        "as consume-observed, with span_level INFO: a span per delivery formatted by the subscriber, {} backlog",
+                        count(entries)
+                    ),
+                    Unit::EntriesPerSec,
+                )
+                .vs("consume");
+                rated(entries, observed, row)
+            }
             Case::Poison => {
                 let entries = sizes.consume;
                 let handled = entries - raw::poisoned_count(entries);

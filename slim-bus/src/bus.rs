@@ -27,6 +27,7 @@ use crate::health::{Health, LastRead, SetAside, StreamHealth};
 use crate::lease::ConsumerLease;
 use crate::listener::Listener;
 use crate::publisher::Publisher;
+use crate::spans;
 use crate::telemetry;
 use crate::tls::{Tls, reject_without_tls};
 
@@ -276,7 +277,7 @@ impl EventBus {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let span = send_span(stream, entries.len());
+        let span = spans::send_span(self.inner.config.span_level, stream, entries.len());
         #[cfg(feature = "opentelemetry")]
         if let Some(trace) = crate::otel::trace_context(&span) {
             for fields in &mut entries {
@@ -344,7 +345,7 @@ impl EventBus {
         if fields.is_empty() {
             return Err(empty_entry(stream));
         }
-        let span = send_span(stream, 1);
+        let span = spans::send_span(self.inner.config.span_level, stream, 1);
         #[cfg(feature = "opentelemetry")]
         let traced = crate::otel::with_trace_context(&span, headers);
         #[cfg(feature = "opentelemetry")]
@@ -433,6 +434,7 @@ impl EventBus {
             publisher: self.publisher(),
             trim_acked: self.trim_acked_streams(),
             trim_acked_interval: config.trim_acked_interval,
+            span_level: config.span_level,
         };
         let lease = ConsumerLease::new(
             self.inner.broker.clone(),
@@ -714,17 +716,6 @@ fn empty_entry(stream: &str) -> Error {
 }
 
 /// The span of one publish of `entries` entries; the entry id is recorded when known.
-fn send_span(stream: &str, entries: usize) -> tracing::Span {
-    tracing::info_span!(
-        "slim_bus.send",
-        messaging.system = "redis",
-        messaging.operation.type = "send",
-        messaging.destination.name = stream,
-        messaging.batch.message_count = entries,
-        messaging.message.id = tracing::field::Empty,
-    )
-}
-
 /// Clears the listening flag when a listener's run ends, however it ends.
 struct ListeningGuard(Arc<AtomicBool>);
 
@@ -988,6 +979,16 @@ impl EventBusBuilder {
     /// How often [`trim_acked`](Self::trim_acked) trims (default 1 minute).
     pub fn trim_acked_interval(mut self, interval: Duration) -> Self {
         self.config.trim_acked_interval = interval;
+        self
+    }
+
+    /// The level of the `tracing` spans of deliveries (`slim_bus.process`) and publishes
+    /// (`slim_bus.send`); default `DEBUG`. At `INFO` (or below the level the subscriber
+    /// lets through), a handler's own events and spans nest under its delivery's span; that
+    /// costs a no-op handler about a fifth of its throughput (BENCHMARKS.md,
+    /// `consume-traced`), a real handler much less.
+    pub fn span_level(mut self, level: tracing::Level) -> Self {
+        self.config.span_level = level;
         self
     }
 

@@ -150,6 +150,11 @@ pub struct EventBusConfig {
     /// How often the streams of `trim_acked` and `trim_acked_streams` are trimmed.
     #[serde(with = "humantime_serde")]
     pub trim_acked_interval: Duration,
+    /// The level of the `tracing` spans of deliveries and publishes: `"debug"` (the
+    /// default), `"info"`, ... At the level a service logs at, its handlers' events nest
+    /// under the span of their delivery.
+    #[serde(with = "level_name")]
+    pub span_level: tracing::Level,
 }
 
 impl Default for EventBusConfig {
@@ -183,6 +188,7 @@ impl Default for EventBusConfig {
             trim_acked: false,
             trim_acked_streams: Vec::new(),
             trim_acked_interval: Duration::from_secs(60),
+            span_level: tracing::Level::DEBUG,
         }
     }
 }
@@ -220,6 +226,7 @@ impl std::fmt::Debug for EventBusConfig {
             trim_acked,
             trim_acked_streams,
             trim_acked_interval,
+            span_level,
         } = self;
         f.debug_struct("EventBusConfig")
             .field("url", &redacted_url(url))
@@ -250,7 +257,32 @@ impl std::fmt::Debug for EventBusConfig {
             .field("trim_acked", trim_acked)
             .field("trim_acked_streams", trim_acked_streams)
             .field("trim_acked_interval", trim_acked_interval)
+            .field("span_level", span_level)
             .finish()
+    }
+}
+
+/// A `tracing::Level` as its lowercase name in config files: `"info"`, `"debug"`, ...
+mod level_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use tracing::Level;
+
+    pub(super) fn serialize<S: Serializer>(
+        level: &Level,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&level.as_str().to_ascii_lowercase())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Level, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(|_| {
+            serde::de::Error::custom(format!(
+                "`{name}` is not a level: use \"error\", \"warn\", \"info\", \"debug\" or \"trace\""
+            ))
+        })
     }
 }
 
@@ -509,7 +541,25 @@ pub(crate) fn default_consumer_name() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redacted_url;
+    use super::{EventBusConfig, redacted_url};
+
+    #[test]
+    fn span_levels_are_written_as_lowercase_names() {
+        let config: EventBusConfig =
+            serde_json::from_str(r#"{"span_level": "info"}"#).expect("a level name");
+        assert_eq!(config.span_level, tracing::Level::INFO);
+        assert_eq!(
+            serde_json::to_value(&config).expect("serializes")["span_level"],
+            "info"
+        );
+        assert_eq!(EventBusConfig::default().span_level, tracing::Level::DEBUG);
+        let error = serde_json::from_str::<EventBusConfig>(r#"{"span_level": "loud"}"#)
+            .expect_err("not a level");
+        assert!(
+            error.to_string().contains("`loud` is not a level"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn passwords_are_hidden_in_urls_that_parse_and_in_those_that_do_not() {

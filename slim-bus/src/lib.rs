@@ -17,6 +17,7 @@ mod listener;
 #[cfg(feature = "opentelemetry")]
 mod otel;
 mod publisher;
+mod spans;
 mod telemetry;
 pub mod testing;
 mod tls;

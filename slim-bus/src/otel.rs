@@ -44,16 +44,11 @@ pub(crate) fn with_trace_context(span: &tracing::Span, headers: &Headers) -> Opt
     Some(merged)
 }
 
-/// The trace context of `span` as headers; `None` when it has none (no subscriber, no
+/// The trace context of the publish span `span` as headers, or, when its level turns it
+/// off, of the span the publish is called in; `None` when there is none (no subscriber, no
 /// OpenTelemetry layer, an invalid context, a no-op propagator).
 pub(crate) fn trace_context(span: &tracing::Span) -> Option<Headers> {
-    if span.is_disabled() {
-        return None;
-    }
-    let cx = span.context();
-    if !cx.span().span_context().is_valid() {
-        return None;
-    }
+    let cx = span_context(span).or_else(|| span_context(&tracing::Span::current()))?;
     let mut headers = Headers::new();
     opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.inject_context(&cx, &mut headers);
@@ -61,8 +56,18 @@ pub(crate) fn trace_context(span: &tracing::Span) -> Option<Headers> {
     (!headers.is_empty()).then_some(headers)
 }
 
+/// The OpenTelemetry context of `span`, if it is enabled and has a valid one.
+fn span_context(span: &tracing::Span) -> Option<opentelemetry::Context> {
+    if span.is_disabled() {
+        return None;
+    }
+    let cx = span.context();
+    cx.span().span_context().is_valid().then_some(cx)
+}
+
 /// Makes the trace context in an entry's headers, if any, the parent of `span`, the span
-/// of its delivery. Call it before the span is first entered.
+/// of its delivery. Call it before the span is first entered. A span its level turns off
+/// continues nothing: the handler's own spans then start traces of their own.
 pub(crate) fn continue_trace(span: &tracing::Span, fields: Option<&EntryFields>) {
     let Some(fields) = fields else {
         return;

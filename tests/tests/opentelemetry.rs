@@ -15,8 +15,10 @@ use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData
 use slim_bus_tests::{RedisServer, within};
 use support::*;
 use tracing::Instrument;
+use tracing::subscriber::DefaultGuard;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::{Layer as _, SubscriberExt};
 
 /// The exported spans once one named `name` is among them.
 async fn until_exported(exporter: &InMemorySpanExporter, name: &str) -> Vec<SpanData> {
@@ -32,17 +34,25 @@ async fn until_exported(exporter: &InMemorySpanExporter, name: &str) -> Vec<Span
     .await
 }
 
-#[tokio::test]
-async fn a_delivery_span_continues_the_trace_of_the_publish_in_another_service() {
+/// Spans at `level` and above go to an OpenTelemetry tracer that exports to memory, on
+/// this thread until the guard is dropped; the propagator is the W3C one.
+fn trace_to_memory(level: LevelFilter) -> (InMemorySpanExporter, DefaultGuard) {
     let exporter = InMemorySpanExporter::default();
     let provider = SdkTracerProvider::builder()
         .with_simple_exporter(exporter.clone())
         .build();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("slim-bus-tests")));
-    let _default = tracing::subscriber::set_default(subscriber);
+    let subscriber = tracing_subscriber::registry().with(
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("slim-bus-tests"))
+            .with_filter(level),
+    );
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    (exporter, tracing::subscriber::set_default(subscriber))
+}
 
+#[tokio::test]
+async fn a_delivery_span_continues_the_trace_of_the_publish_in_another_service() {
+    let (exporter, _default) = trace_to_memory(LevelFilter::DEBUG);
     let server = within("redis-server to start", STEP, RedisServer::start())
         .await
         .unwrap();
@@ -106,6 +116,59 @@ async fn a_delivery_span_continues_the_trace_of_the_publish_in_another_service()
     assert_eq!(
         traceparent,
         format!("00-{}-{}-01", request_trace, send.span_context.span_id())
+    );
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_publish_whose_span_is_off_passes_on_the_trace_of_the_span_it_is_called_in() {
+    // Spans at INFO and above: A's publish span (DEBUG by default) is off, B raises its
+    // delivery span to INFO.
+    let (exporter, _default) = trace_to_memory(LevelFilter::INFO);
+    let server = within("redis-server to start", STEP, RedisServer::start())
+        .await
+        .unwrap();
+    let service_a = within("build A", STEP, bus(&server).build()).await.unwrap();
+    let (handler, mut seen) = Record::<UserCreated>::new();
+    let service_b = within(
+        "build B",
+        STEP,
+        bus(&server)
+            .consumer_group("b")
+            .span_level(tracing::Level::INFO)
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, service_b.listen()).await.unwrap();
+
+    let request = tracing::info_span!("POST /users");
+    let request_context = request.context().span().span_context().clone();
+    within(
+        "publish",
+        STEP,
+        service_a.publish(&user(1)).instrument(request.clone()),
+    )
+    .await
+    .unwrap();
+    drop(request);
+
+    recv(&mut seen, "the delivery in B").await;
+    let spans = until_exported(&exporter, "slim_bus.process").await;
+    assert!(
+        !spans.iter().any(|span| span.name == "slim_bus.send"),
+        "the publish span is off: {spans:#?}"
+    );
+    let process = spans
+        .iter()
+        .find(|span| span.name == "slim_bus.process")
+        .unwrap();
+    assert_eq!(process.span_context.trace_id(), request_context.trace_id());
+    assert_eq!(
+        process.parent_span_id,
+        request_context.span_id(),
+        "B's delivery span is a child of A's request span"
     );
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }

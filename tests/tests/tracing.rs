@@ -230,6 +230,57 @@ async fn deliveries_and_publishes_have_spans_memory() {
     deliveries_and_publishes_have_spans(Backend::memory()).await;
 }
 
+/// A subscriber that lets INFO and above through, as a service logging at INFO.
+fn capture_at_info() -> (Captured, tracing::subscriber::DefaultGuard) {
+    use tracing_subscriber::filter::LevelFilter;
+    let captured = Captured::default();
+    let subscriber =
+        tracing_subscriber::registry().with(captured.clone().with_filter(LevelFilter::INFO));
+    let guard = tracing::subscriber::set_default(subscriber);
+    (captured, guard)
+}
+
+/// Handles one entry whose handler logs at INFO; returns that event as captured.
+async fn handler_event_at_info(span_level: Option<Level>) -> EventSeen {
+    let (captured, _guard) = capture_at_info();
+    let backend = Backend::memory();
+    let (handler, mut seen) = Scripted::new(|_: UserCreated, _| async move {
+        tracing::info!("the handler's own event");
+        Ok(())
+    });
+    let mut builder = backend.bus().handler(handler);
+    if let Some(level) = span_level {
+        builder = builder.span_level(level);
+    }
+    let bus = within("build", STEP, builder.build()).await.unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    within("publish", STEP, bus.publish(&user(0)))
+        .await
+        .unwrap();
+    recv(&mut seen, "the attempt").await;
+    let own = captured
+        .until_event("the handler's event", |e| {
+            e.message() == "the handler's own event"
+        })
+        .await;
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+    own
+}
+
+#[tokio::test(start_paused = true)]
+async fn delivery_spans_are_debug_unless_span_level_raises_them() {
+    let default = handler_event_at_info(None).await;
+    assert!(
+        default.in_span("slim_bus.process").is_none(),
+        "a DEBUG span is not seen by an INFO subscriber: {default:?}"
+    );
+    let raised = handler_event_at_info(Some(Level::INFO)).await;
+    assert!(
+        raised.in_span("slim_bus.process").is_some(),
+        "at span_level INFO the handler's event nests under its delivery: {raised:?}"
+    );
+}
+
 #[tokio::test]
 async fn reading_again_after_a_failure_logs_info() {
     let (captured, _guard) = capture();

@@ -25,6 +25,7 @@ use crate::dead_letter::{DeadLetterMeta, DeadLetterReason};
 use crate::error::{DecodeError, HandlerError, Retry, panic_message};
 use crate::headers::Headers;
 use crate::publisher::Publisher;
+use crate::spans;
 use crate::telemetry::{Outcome, StreamMetrics};
 
 /// The longest wait for a retry; longer delays (`retry_after(Duration::MAX)`) are cut to it.
@@ -55,6 +56,8 @@ pub(super) struct DeliveryEnv {
     /// wake it (and only such a retry).
     pub(super) blocked_read: Arc<BlockedRead>,
     pub(super) publisher: Publisher,
+    /// The level of each delivery's span.
+    pub(super) span_level: tracing::Level,
     /// Each route's metric handles, by stream index.
     pub(super) metrics: Box<[StreamMetrics]>,
 }
@@ -200,15 +203,13 @@ impl Task<'_> {
 
     /// Runs the delivery in its span, which the handler's own events and spans nest under.
     async fn run(self, delivery: Delivery, slot: OwnedSemaphorePermit, held: Held) {
-        let span = tracing::info_span!(
-            "slim_bus.process",
-            messaging.system = "redis",
-            messaging.operation.type = "process",
-            messaging.destination.name = &*self.route().stream,
-            messaging.consumer.group.name = &*self.shared.group,
-            consumer = &*self.shared.consumer,
-            messaging.message.id = %delivery.id,
-            delivery_count = delivery.delivery_count,
+        let span = spans::process_span(
+            self.shared.span_level,
+            &self.route().stream,
+            &self.shared.group,
+            &self.shared.consumer,
+            delivery.id,
+            delivery.delivery_count,
         );
         #[cfg(feature = "opentelemetry")]
         crate::otel::continue_trace(&span, delivery.fields.as_ref());

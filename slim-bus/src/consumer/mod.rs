@@ -80,6 +80,8 @@ pub(crate) struct Consumer {
     /// The streams trimmed of what every group acknowledged, every `trim_acked_interval`.
     pub(crate) trim_acked: Arc<[Arc<str>]>,
     pub(crate) trim_acked_interval: Duration,
+    /// The level of each delivery's span.
+    pub(crate) span_level: tracing::Level,
 }
 
 impl Consumer {
@@ -152,6 +154,7 @@ impl Consumer {
                 retries: retry_sender,
                 blocked_read: blocked_read.clone(),
                 publisher: self.publisher.clone(),
+                span_level: self.span_level,
                 metrics: self
                     .routes
                     .iter()
