@@ -15,8 +15,12 @@ use crate::broker::EntryFields;
 use crate::headers::Headers;
 
 impl Injector for Headers {
+    /// Sets header `key`, unless `value` is empty: the W3C propagator sets `tracestate`
+    /// also when there is none, and an empty header says nothing an absent one does not.
     fn set(&mut self, key: &str, value: String) {
-        self.insert(key, value);
+        if !value.is_empty() {
+            self.insert(key, value);
+        }
     }
 }
 

@@ -50,6 +50,14 @@ fn trace_to_memory(level: LevelFilter) -> (InMemorySpanExporter, DefaultGuard) {
     (exporter, tracing::subscriber::set_default(subscriber))
 }
 
+/// Whether an entry of `user.created` has field `name`.
+async fn entries_have(server: &RedisServer, name: &str) -> bool {
+    entries(server, "user.created")
+        .await
+        .iter()
+        .any(|(_, fields)| fields.iter().any(|(field, _)| field == name))
+}
+
 #[tokio::test]
 async fn a_delivery_span_continues_the_trace_of_the_publish_in_another_service() {
     let (exporter, _default) = trace_to_memory(LevelFilter::DEBUG);
@@ -105,7 +113,11 @@ async fn a_delivery_span_continues_the_trace_of_the_publish_in_another_service()
     assert!(process.parent_span_is_remote);
     assert_ne!(process.parent_span_id, SpanId::INVALID);
 
-    // On the wire: the W3C header, as `@h.traceparent`.
+    // On the wire: the W3C header, as `@h.traceparent`; no `tracestate`, which is empty.
+    assert!(
+        !entries_have(&server, "@h.tracestate").await,
+        "an empty tracestate is not written"
+    );
     let entries = entries(&server, "user.created").await;
     let traceparent = entries[0]
         .1
