@@ -22,6 +22,7 @@ use crate::dead_letter::{DeadLetters, dead_letter_stream};
 use crate::error::{Error, Result};
 use crate::event::{EntryId, Event};
 use crate::handler::{Handlers, StreamHandler, StreamService};
+use crate::headers::{Headers, NO_HEADERS};
 use crate::health::{Health, LastRead, SetAside, StreamHealth};
 use crate::lease::ConsumerLease;
 use crate::listener::Listener;
@@ -111,7 +112,8 @@ impl EventBus {
         let stream = E::STREAM.ok_or(Error::NoEventStream {
             event: std::any::type_name::<E>(),
         })?;
-        self.publish_encoded(stream, E::MAX_LEN, event).await
+        self.publish_encoded(stream, E::MAX_LEN, event, &NO_HEADERS)
+            .await
     }
 
     /// Publishes `event` to `stream`, whatever stream its type names.
@@ -124,25 +126,77 @@ impl EventBus {
         stream: &str,
         event: &E,
     ) -> Result<EntryId> {
-        self.publish_encoded(stream, None, event).await
+        self.publish_encoded(stream, None, event, &NO_HEADERS).await
     }
 
-    /// Publishes `event` to `stream`, capped at the stream's `stream_max_len`, else at
-    /// `event_max_len`.
+    /// Publishes `event` to its stream with `headers`: metadata the handler reads from
+    /// [`Context::headers`](crate::Context::headers), stored next to the event's fields as
+    /// `@h.NAME` (see [`Headers`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`publish`](Self::publish), and [`Error::InvalidHeader`] for a header name
+    /// that cannot be stored.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Debug, Serialize, Deserialize, slim_bus::Event)]
+    /// # #[event(stream = "user.created")]
+    /// # struct UserCreated { user_id: String }
+    /// # async fn run(bus: slim_bus::EventBus) -> slim_bus::Result<()> {
+    /// let mut headers = slim_bus::Headers::new();
+    /// headers.insert("request-id", "r-42");
+    /// bus.publish_with_headers(&UserCreated { user_id: "1a2b3c".into() }, &headers).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn publish_with_headers<E: Event>(
+        &self,
+        event: &E,
+        headers: &Headers,
+    ) -> Result<EntryId> {
+        let stream = E::STREAM.ok_or(Error::NoEventStream {
+            event: std::any::type_name::<E>(),
+        })?;
+        self.publish_encoded(stream, E::MAX_LEN, event, headers)
+            .await
+    }
+
+    /// Publishes `event` to `stream` with `headers`; see
+    /// [`publish_with_headers`](Self::publish_with_headers).
+    ///
+    /// # Errors
+    ///
+    /// As [`publish_with_headers`](Self::publish_with_headers).
+    pub async fn publish_to_with_headers<E: Serialize + ?Sized>(
+        &self,
+        stream: &str,
+        event: &E,
+        headers: &Headers,
+    ) -> Result<EntryId> {
+        self.publish_encoded(stream, None, event, headers).await
+    }
+
+    /// Publishes `event` to `stream` with `headers`, capped at the stream's
+    /// `stream_max_len`, else at `event_max_len`.
     async fn publish_encoded<E: Serialize + ?Sized>(
         &self,
         stream: &str,
         event_max_len: Option<usize>,
         event: &E,
+        headers: &Headers,
     ) -> Result<EntryId> {
         if stream.is_empty() {
             return Err(Error::EmptyStream);
         }
+        headers.validate()?;
         let fields = codec::to_fields(event).map_err(|error| Error::Encode {
             stream: stream.to_owned(),
             reason: error.to_string(),
         })?;
-        self.append(stream, self.max_len(stream, event_max_len), fields)
+        self.append(stream, self.max_len(stream, event_max_len), fields, headers)
             .await
     }
 
@@ -224,6 +278,12 @@ impl EventBus {
             return Ok(Vec::new());
         }
         let span = spans::send_span(self.inner.config.span_level, stream, entries.len());
+        #[cfg(feature = "opentelemetry")]
+        if let Some(trace) = crate::otel::trace_context(&span) {
+            for fields in &mut entries {
+                trace.encode_into(fields);
+            }
+        }
         let started = tokio::time::Instant::now();
         let published = self
             .inner
@@ -236,6 +296,10 @@ impl EventBus {
     }
 
     /// Appends an entry of untyped fields to `stream`, like the Go original's `Send`.
+    ///
+    /// The names are written as given, like `XADD` would: those that start with `@` are
+    /// read as the bus's own (see the README's "Wire format": `@h.NAME` is header `NAME`,
+    /// `@@x` is the event's field `@x`, other `@` names are not handed to handlers).
     ///
     /// # Examples
     ///
@@ -266,20 +330,27 @@ impl EventBus {
             .into_iter()
             .map(|(k, v)| (k.as_ref().to_owned().into(), v.as_ref().to_vec()))
             .collect();
-        self.append(stream, self.max_len(stream, None), fields)
+        self.append(stream, self.max_len(stream, None), fields, &NO_HEADERS)
             .await
     }
 
+    /// Writes one entry: the event's `fields`, then the `headers`' fields.
     async fn append(
         &self,
         stream: &str,
         max_len: Option<usize>,
-        fields: Vec<EncodedField>,
+        mut fields: Vec<EncodedField>,
+        headers: &Headers,
     ) -> Result<EntryId> {
         if fields.is_empty() {
             return Err(empty_entry(stream));
         }
         let span = spans::send_span(self.inner.config.span_level, stream, 1);
+        #[cfg(feature = "opentelemetry")]
+        let traced = crate::otel::with_trace_context(&span, headers);
+        #[cfg(feature = "opentelemetry")]
+        let headers = traced.as_ref().unwrap_or(headers);
+        headers.encode_into(&mut fields);
         let started = tokio::time::Instant::now();
         let published = self
             .inner

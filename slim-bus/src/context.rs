@@ -7,6 +7,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::event::EntryId;
+use crate::headers::{Headers, NO_HEADERS};
 use crate::publisher::Publisher;
 
 /// The delivery a handler is working on: where the entry came from, how often it was
@@ -23,6 +24,8 @@ pub struct Context {
     deadline: Instant,
     cancellation: CancellationToken,
     publisher: Publisher,
+    /// `None` when the entry has none, so that most contexts allocate nothing for them.
+    headers: Option<Arc<Headers>>,
 }
 
 impl Context {
@@ -47,7 +50,21 @@ impl Context {
             deadline,
             cancellation,
             publisher,
+            headers: None,
         }
+    }
+
+    /// The context with the entry's headers.
+    pub(crate) fn with_headers(mut self, headers: Headers) -> Self {
+        self.headers = (!headers.is_empty()).then(|| Arc::new(headers));
+        self
+    }
+
+    /// The entry's headers, as published with
+    /// [`EventBus::publish_with_headers`](crate::EventBus::publish_with_headers) (empty
+    /// when it has none).
+    pub fn headers(&self) -> &Headers {
+        self.headers.as_deref().unwrap_or(&NO_HEADERS)
     }
 
     /// Publishes through the bus that delivered this entry, e.g. a follow-up event.

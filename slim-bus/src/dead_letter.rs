@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::broker::{Broker, RawFields};
 use crate::error::{Error, Result};
 use crate::event::EntryId;
+use crate::headers::Headers;
 
 /// Metadata field names start with this; an original field that starts with it too is
 /// stored with it doubled (`@x` as `@@x`), so metadata never collides with user fields.
@@ -192,7 +193,8 @@ pub struct DeadLetter {
     pub error: String,
     /// When it was dead-lettered.
     pub failed_at: Option<SystemTime>,
-    /// The original fields, as they were in the origin stream.
+    /// The original fields, as they were in the origin stream: the event's fields (`@x`
+    /// escaped as `@@x`) and its headers' (`@h.NAME`).
     pub fields: Vec<(String, Vec<u8>)>,
 }
 
@@ -251,7 +253,17 @@ impl DeadLetter {
         letter
     }
 
-    /// The original field `name`, as text if it is UTF-8.
+    /// The headers the entry was published with (see [`Headers`]); a replay restores them.
+    pub fn headers(&self) -> Headers {
+        Headers::decode(
+            self.fields
+                .iter()
+                .map(|(name, value)| (name.as_bytes(), value.as_slice())),
+        )
+    }
+
+    /// The original field `name`, as stored in the origin stream, as text if it is UTF-8.
+    /// An event's own field `@x` is stored as `@@x`, a header `h` as `@h.h`.
     pub fn field(&self, name: &str) -> Option<&str> {
         self.fields
             .iter()

@@ -74,6 +74,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// A header name cannot be stored (see [`Headers`](crate::Headers) for what a name
+    /// is made of); nothing was published.
+    #[error("invalid header name `{name}`: {reason}")]
+    InvalidHeader {
+        /// The header name.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
     /// A stream entry could not be decoded into the handler's event type.
     #[error(transparent)]
     Decode(#[from] DecodeError),

@@ -5,6 +5,7 @@ use serde::Serialize;
 use crate::bus::EventBus;
 use crate::error::Result;
 use crate::event::{EntryId, Event};
+use crate::headers::Headers;
 
 /// Publishes events through a bus's connection: what a handler gets from
 /// [`Context::publisher`](crate::Context::publisher) to publish follow-up events, with no
@@ -66,6 +67,35 @@ impl Publisher {
         event: &E,
     ) -> Result<EntryId> {
         self.bus.publish_to(stream, event).await
+    }
+
+    /// As [`EventBus::publish_with_headers`].
+    ///
+    /// # Errors
+    ///
+    /// As [`EventBus::publish_with_headers`].
+    pub async fn publish_with_headers<E: Event>(
+        &self,
+        event: &E,
+        headers: &Headers,
+    ) -> Result<EntryId> {
+        self.bus.publish_with_headers(event, headers).await
+    }
+
+    /// As [`EventBus::publish_to_with_headers`].
+    ///
+    /// # Errors
+    ///
+    /// As [`EventBus::publish_to_with_headers`].
+    pub async fn publish_to_with_headers<E: Serialize + ?Sized>(
+        &self,
+        stream: &str,
+        event: &E,
+        headers: &Headers,
+    ) -> Result<EntryId> {
+        self.bus
+            .publish_to_with_headers(stream, event, headers)
+            .await
     }
 
     /// As [`EventBus::publish_batch`].

@@ -183,6 +183,20 @@ impl TestBus {
         self.bus.publish(event).await
     }
 
+    /// Publishes `event` to its stream with `headers`, returning the entry's id for
+    /// [`outcome`](Self::outcome).
+    ///
+    /// # Errors
+    ///
+    /// As [`EventBus::publish_with_headers`].
+    pub async fn publish_with_headers<E: Event>(
+        &self,
+        event: &E,
+        headers: &crate::Headers,
+    ) -> Result<EntryId> {
+        self.bus.publish_with_headers(event, headers).await
+    }
+
     /// Runs the bus until its consumer group has nothing left to do on any of its
     /// streams: every entry read, none pending or waiting for a retry, so each is
     /// acknowledged or dead-lettered. Starts listening first if it does not yet.

@@ -426,6 +426,9 @@ pub(crate) struct EntryFields {
     resp: Vec<u8>,
     /// How many name-value pairs `resp` holds.
     pairs: usize,
+    /// Whether a name starts with `@`, noted while the names go by anyway, so that most
+    /// deliveries need no second walk through their fields to look for headers.
+    reserved_names: bool,
 }
 
 impl EntryFields {
@@ -434,11 +437,18 @@ impl EntryFields {
     ) -> Self {
         let mut fields = EntryFields::default();
         for (name, value) in pairs {
+            fields.reserved_names |= name.as_ref().starts_with(b"@");
             encode_bulk(&mut fields.resp, name.as_ref());
             encode_bulk(&mut fields.resp, value.as_ref());
             fields.pairs += 1;
         }
         fields
+    }
+
+    /// Whether a field name starts with `@`: one of the bus's own fields (a header), or
+    /// an event's field with such a name, escaped.
+    pub(crate) fn has_reserved_names(&self) -> bool {
+        self.reserved_names
     }
 
     /// The `(name, value)` pairs, in the entry's order.
@@ -749,14 +759,17 @@ fn parse_read_reply_bytes(bytes: &[u8], streams: &[Arc<str>]) -> Parsed<Vec<Stre
                     None => None,
                     Some(flat) if flat % 2 == 0 => {
                         let start = cursor.at;
-                        for _ in 0..flat {
-                            cursor
+                        let mut reserved_names = false;
+                        for at in 0..flat {
+                            let part = cursor
                                 .bulk()?
                                 .ok_or_else(|| Some("a nil field name or value".to_owned()))?;
+                            reserved_names |= at % 2 == 0 && part.first() == Some(&b'@');
                         }
                         Some(EntryFields {
                             resp: cursor.bytes[start..cursor.at].to_vec(),
                             pairs: flat / 2,
+                            reserved_names,
                         })
                     }
                     Some(_) => {

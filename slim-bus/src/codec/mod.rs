@@ -25,6 +25,11 @@
 //! | bytes (`serde_bytes`)                          | raw bytes, need not be UTF-8               |
 //! | struct, map, sequence, tuple, data enum variant| JSON text, as `serde_json::to_vec` writes  |
 //!
+//! Names that start with a single `@` are the bus's own (headers as `@h.NAME`,
+//! dead-letter metadata): a top-level field whose name starts with `@` is stored
+//! with the `@` doubled (`@x` as `@@x`), and decoding reads `@@x` as `@x` and
+//! leaves the bus's own fields out.
+//!
 //! Decoding takes the fields in any order and ignores unknown ones (unless the
 //! type says `deny_unknown_fields`). Field values are parsed by the type asked
 //! for, and are lenient where the Go original writes something else:
@@ -75,11 +80,42 @@ pub(crate) type EncodedField = (Cow<'static, str>, Vec<u8>);
 /// not string-like, or when the value's own `Serialize` fails; errors raised while
 /// encoding a field name that field.
 pub(crate) fn to_fields<T: Serialize + ?Sized>(value: &T) -> Result<Vec<EncodedField>, CodecError> {
-    value.serialize(ser::EventSerializer)
+    let mut fields = value.serialize(ser::EventSerializer)?;
+    escape_reserved(&mut fields);
+    Ok(fields)
+}
+
+/// Doubles the `@` of field names that start with one: the bus reserves the names that
+/// start with a single `@` (headers, dead-letter metadata), so an event's own field `@x`
+/// is stored as `@@x`, and [`from_pairs`] reads it back as `@x`.
+fn escape_reserved(fields: &mut [EncodedField]) {
+    for (name, _) in fields {
+        if name.starts_with(RESERVED_PREFIX) {
+            *name = Cow::Owned(format!("{RESERVED_PREFIX}{name}"));
+        }
+    }
+}
+
+/// What the names of the bus's own fields start with; see [`escape_reserved`].
+const RESERVED_PREFIX: &str = "@";
+
+/// An entry's fields as the event's decoder sees them: the bus's own fields (a single
+/// leading `@`: headers, metadata) left out, escaped names (`@@x`) as the event wrote
+/// them (`@x`).
+pub(crate) fn event_pairs<'de>(
+    fields: impl Iterator<Item = (&'de [u8], &'de [u8])>,
+) -> impl Iterator<Item = (&'de [u8], &'de [u8])> {
+    let prefix = RESERVED_PREFIX.as_bytes();
+    fields.filter_map(move |(name, value)| match name.strip_prefix(prefix) {
+        None => Some((name, value)),
+        Some(rest) if rest.starts_with(prefix) => Some((rest, value)),
+        Some(_) => None,
+    })
 }
 
 /// Decodes one stream entry's `(name, value)` pairs into `T`, borrowing strings
-/// from `fields` where `T` allows.
+/// from `fields` where `T` allows. The bus's own fields are left out (see
+/// [`event_pairs`]).
 ///
 /// # Errors
 ///
@@ -89,7 +125,7 @@ pub(crate) fn to_fields<T: Serialize + ?Sized>(value: &T) -> Result<Vec<EncodedF
 pub(crate) fn from_pairs<'de, T: Deserialize<'de>>(
     fields: impl Iterator<Item = (&'de [u8], &'de [u8])>,
 ) -> Result<T, CodecError> {
-    T::deserialize(de::EventDeserializer::new(fields))
+    T::deserialize(de::EventDeserializer::new(event_pairs(fields)))
 }
 
 /// [`from_pairs`] over owned pairs.

@@ -23,6 +23,7 @@ use crate::broker::{Broker, DeadLetterMove, Delivery};
 use crate::context::Context;
 use crate::dead_letter::{DeadLetterMeta, DeadLetterReason};
 use crate::error::{DecodeError, HandlerError, Retry, panic_message};
+use crate::headers::Headers;
 use crate::publisher::Publisher;
 use crate::spans;
 use crate::telemetry::{Outcome, StreamMetrics};
@@ -210,6 +211,8 @@ impl Task<'_> {
             delivery.id,
             delivery.delivery_count,
         );
+        #[cfg(feature = "opentelemetry")]
+        crate::otel::continue_trace(&span, delivery.fields.as_ref());
         self.settle(delivery, slot, held).instrument(span).await;
     }
 
@@ -275,7 +278,8 @@ impl Task<'_> {
             self.deadline,
             self.cancellation.clone(),
             self.shared.publisher.clone(),
-        );
+        )
+        .with_headers(Headers::of_entry(&fields));
         let metrics = self.metrics();
         metrics.started(delivery.id);
         let started = Instant::now();
