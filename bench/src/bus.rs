@@ -126,6 +126,8 @@ pub(crate) struct ConsumeSettings {
     pub(crate) retry_backoff: Option<(Duration, Duration)>,
     /// Run on a runtime of its own with this many workers, not the suite's.
     pub(crate) workers: Option<usize>,
+    /// Put a pass-through layer (tower's `Identity`) around every handler call.
+    pub(crate) layered: bool,
 }
 
 /// Consumes the backlog of `stream` (group [`GROUP`] already created) with slim-bus until
@@ -167,6 +169,9 @@ async fn consume_here(
         .max_concurrent(settings.max_concurrent);
     if let Some((base, max)) = settings.retry_backoff {
         builder = builder.retry_backoff(base, max);
+    }
+    if settings.layered {
+        builder = builder.layer(tower::layer::util::Identity::new());
     }
     let bus = builder
         .handler_on(

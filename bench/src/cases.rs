@@ -12,6 +12,8 @@ pub(crate) enum Case {
     Consume,
     /// As `Consume`, with a metrics recorder installed and logs at INFO.
     ConsumeObserved,
+    /// As `Consume`, with a pass-through tower layer around every handler call.
+    ConsumeLayered,
     /// As `Consume`, with 1% of entries undecodable.
     Poison,
     /// As `Consume`, with 1% of entries failing once and succeeding on their retry.
@@ -55,10 +57,11 @@ pub(crate) enum Case {
 }
 
 impl Case {
-    pub(crate) const ALL: [Case; 23] = [
+    pub(crate) const ALL: [Case; 24] = [
         Case::Baseline,
         Case::Consume,
         Case::ConsumeObserved,
+        Case::ConsumeLayered,
         Case::Poison,
         Case::Transient,
         Case::Cpu1,
@@ -86,6 +89,7 @@ impl Case {
             Case::Baseline => "baseline",
             Case::Consume => "consume",
             Case::ConsumeObserved => "consume-observed",
+            Case::ConsumeLayered => "consume-layered",
             Case::Poison => "poison",
             Case::Transient => "transient",
             Case::Cpu1 => "cpu-1",

@@ -339,8 +339,18 @@ fn stream_handler_impl(
             async fn handle(
                 &self,
                 __event: #event_ty,
-                #context_param: #krate::__private::Context,
+                __ctx: #krate::__private::Context,
             ) -> ::core::result::Result<(), #krate::__private::HandlerError> {
+                <Self as #krate::__private::StreamHandler>::handle_and_emit(self, __event, __ctx)
+                    .await
+                    .map(::core::mem::drop)
+            }
+
+            async fn handle_and_emit(
+                &self,
+                __event: #event_ty,
+                #context_param: #krate::__private::Context,
+            ) -> ::core::result::Result<#krate::__private::Emit, #krate::__private::HandlerError> {
                 #outcome
             }
 

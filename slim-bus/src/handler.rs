@@ -9,14 +9,19 @@ use std::time::Duration;
 use crate::broker::EntryFields;
 use crate::codec::{self, CodecError};
 use crate::context::Context;
+use crate::emit::Emit;
 use crate::error::HandlerError;
 use crate::event::Event;
+use crate::middleware::{AnyEvent, HandlerService, Layered};
 
 /// Handles the entries of one stream, decoded into [`Self::Event`](StreamHandler::Event).
 ///
 /// The handler runs once per delivery, concurrently with other deliveries, under the bus's
 /// handler timeout. Returning `Ok(())` acknowledges the entry; an error, a timeout or a
 /// panic leaves it pending so that it is delivered again.
+///
+/// The bus calls [`handle_and_emit`](Self::handle_and_emit), which calls
+/// [`handle`](Self::handle) unless a handler that returns events to publish implements it.
 ///
 /// # Examples
 ///
@@ -56,6 +61,105 @@ pub trait StreamHandler: Send + Sync + 'static {
 
     /// Handles one delivery of one entry.
     async fn handle(&self, event: Self::Event, ctx: Context) -> Result<(), HandlerError>;
+
+    /// Handles one delivery of one entry and returns events to publish before the entry
+    /// is acknowledged (see [`Emit`], and its "At least once"). This is what the bus calls;
+    /// by default it calls [`handle`](Self::handle) and publishes nothing.
+    ///
+    /// A handler that returns events implements this, and `handle` as this without the
+    /// events, for code that calls it directly.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Debug, Serialize, Deserialize, slim_bus::Event)]
+    /// # #[event(stream = "order.placed")]
+    /// # struct OrderPlaced { order_id: String }
+    /// # #[derive(Debug, Serialize, Deserialize, slim_bus::Event)]
+    /// # #[event(stream = "invoice.requested")]
+    /// # struct InvoiceRequested { order_id: String }
+    /// use slim_bus::{Context, Emit, HandlerError, StreamHandler};
+    ///
+    /// struct RequestInvoice;
+    ///
+    /// #[slim_bus::async_trait]
+    /// impl StreamHandler for RequestInvoice {
+    ///     type Event = OrderPlaced;
+    ///
+    ///     async fn handle(&self, order: OrderPlaced, ctx: Context) -> Result<(), HandlerError> {
+    ///         self.handle_and_emit(order, ctx).await.map(drop)
+    ///     }
+    ///
+    ///     async fn handle_and_emit(&self, order: OrderPlaced, _: Context) -> Result<Emit, HandlerError> {
+    ///         let mut emit = Emit::new();
+    ///         emit.push(&InvoiceRequested { order_id: order.order_id })?;
+    ///         Ok(emit)
+    ///     }
+    /// }
+    /// ```
+    async fn handle_and_emit(
+        &self,
+        event: Self::Event,
+        ctx: Context,
+    ) -> Result<Emit, HandlerError> {
+        self.handle(event, ctx).await.map(|()| Emit::new())
+    }
+
+    /// This handler inside `layer`, a [`tower::Layer`]: its service gets a
+    /// [`HandlerRequest`](crate::HandlerRequest) with the decoded event and the context of
+    /// each call, and may time, retry, limit, enrich or short-circuit it (an error is a
+    /// failed attempt; `Ok` without calling the inner service acknowledges the entry).
+    /// Register the result like the handler itself; it keeps the handler's stream and
+    /// settings. Layers for every handler of a bus go on the builder,
+    /// [`EventBusBuilder::layer`](crate::EventBusBuilder::layer), outside this one.
+    ///
+    /// The service is cloned for each call, then readied and called (as tower's
+    /// `oneshot` does), so a clone must share what the calls share: tower's
+    /// `ConcurrencyLimit` does; a service that is not `Clone`, like `RateLimit`, goes
+    /// behind a `Buffer`. See [`EventBusBuilder::layer`](crate::EventBusBuilder::layer)
+    /// for how a service that is not ready meets the bus's limits.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Debug, Serialize, Deserialize, slim_bus::Event)]
+    /// # #[event(stream = "user.created")]
+    /// # struct UserCreated { user_id: String }
+    /// use slim_bus::StreamHandler;
+    /// use tower::limit::ConcurrencyLimitLayer;
+    ///
+    /// #[slim_bus::stream]
+    /// async fn send_welcome_mail(user: UserCreated) -> anyhow::Result<()> {
+    ///     Ok(())
+    /// }
+    ///
+    /// # async fn run() -> slim_bus::Result<()> {
+    /// let bus = slim_bus::EventBus::builder()
+    ///     .consumer_group("mailer")
+    ///     // At most two mails at once, whatever the bus's `max_concurrent`.
+    ///     .handler(send_welcome_mail.layer(ConcurrencyLimitLayer::new(2)))
+    ///     .build()
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    fn layer<L>(self, layer: L) -> Layered<Self, L::Service>
+    where
+        Self: Sized,
+        L: tower::Layer<HandlerService<Self>>,
+        L::Service: tower::Service<crate::HandlerRequest<Self::Event>, Response = Emit>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as tower::Service<crate::HandlerRequest<Self::Event>>>::Error:
+            Into<HandlerError>,
+        <L::Service as tower::Service<crate::HandlerRequest<Self::Event>>>::Future: Send + 'static,
+    {
+        Layered::new(self, layer)
+    }
 
     /// The stream this handler reads, when it is not the event type's own stream.
     ///
@@ -146,7 +250,7 @@ pub(crate) struct Registration {
 }
 
 pub(crate) type HandlerFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>>;
+    Pin<Box<dyn Future<Output = Result<Emit, HandlerError>> + Send + 'a>>;
 
 /// A handler with its event type erased, so the consumer stores handlers of every type
 /// side by side. Decoding happens here, in the handler's task.
@@ -155,11 +259,19 @@ pub(crate) trait ErasedHandler: Send + Sync + 'static {
 
     fn handler_timeout(&self) -> Option<Duration>;
 
+    /// Decodes the entry and calls the handler: the whole of a call without layers.
     fn call<'a>(
         &'a self,
         fields: &EntryFields,
         ctx: Context,
     ) -> Result<HandlerFuture<'a>, CodecError>;
+
+    /// Decodes the entry, for the bus-wide layers.
+    fn decode(&self, fields: &EntryFields) -> Result<AnyEvent, CodecError>;
+
+    /// Calls the handler with an event [`decode`](Self::decode) gave, from inside the
+    /// bus-wide layers.
+    fn call_decoded(self: Arc<Self>, event: AnyEvent, ctx: Context) -> HandlerFuture<'static>;
 }
 
 struct Typed<H>(H);
@@ -179,6 +291,24 @@ impl<H: StreamHandler> ErasedHandler for Typed<H> {
         ctx: Context,
     ) -> Result<HandlerFuture<'a>, CodecError> {
         let event = codec::from_pairs::<H::Event>(fields.pairs())?;
-        Ok(self.0.handle(event, ctx))
+        Ok(self.0.handle_and_emit(event, ctx))
+    }
+
+    fn decode(&self, fields: &EntryFields) -> Result<AnyEvent, CodecError> {
+        codec::from_pairs::<H::Event>(fields.pairs()).map(AnyEvent::new)
+    }
+
+    fn call_decoded(self: Arc<Self>, event: AnyEvent, ctx: Context) -> HandlerFuture<'static> {
+        match event.downcast::<H::Event>() {
+            Ok(event) => Box::pin(async move { self.0.handle_and_emit(event, ctx).await }),
+            Err(other) => {
+                let error = HandlerError::permanent(format!(
+                    "a layer replaced the event of type `{}` with one of type `{}`",
+                    std::any::type_name::<H::Event>(),
+                    other.type_name()
+                ));
+                Box::pin(std::future::ready(Err(error)))
+            }
+        }
     }
 }

@@ -7,12 +7,14 @@ mod config;
 mod consumer;
 mod context;
 mod dead_letter;
+mod emit;
 mod error;
 mod event;
 mod handler;
 mod health;
 mod lease;
 mod listener;
+mod middleware;
 mod publisher;
 mod telemetry;
 pub mod testing;
@@ -23,11 +25,15 @@ pub use crate::bus::{EventBus, EventBusBuilder};
 pub use crate::config::{EventBusConfig, StartFrom};
 pub use crate::context::Context;
 pub use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetters};
+pub use crate::emit::Emit;
 pub use crate::error::{BoxError, DecodeError, Error, HandlerError, Result, Retry};
 pub use crate::event::{EntryId, Event, ParseEntryIdError};
 pub use crate::handler::{Handlers, StreamHandler, StreamService};
 pub use crate::health::{Health, StreamHealth};
 pub use crate::listener::{Listener, ShutdownHandle};
+pub use crate::middleware::{
+    AnyEvent, BusService, HandlerCall, HandlerRequest, HandlerService, Layered,
+};
 pub use crate::publisher::Publisher;
 
 /// Re-exported so that handler impls need no dependency of their own:

@@ -22,9 +22,10 @@ use super::stream_state::StreamState;
 use crate::broker::{Broker, DeadLetterMove, Delivery};
 use crate::context::Context;
 use crate::dead_letter::{DeadLetterMeta, DeadLetterReason};
-use crate::error::{DecodeError, HandlerError, Retry, panic_message};
+use crate::emit::Emit;
+use crate::error::{DecodeError, HandlerError, Retry, panic_message, report};
 use crate::publisher::Publisher;
-use crate::telemetry::{Outcome, StreamMetrics};
+use crate::telemetry::{self, Outcome, StreamMetrics};
 
 /// The longest wait for a retry; longer delays (`retry_after(Duration::MAX)`) are cut to it.
 /// The entry stays pending meanwhile, so the claim scan of any consumer picks it up after
@@ -292,16 +293,32 @@ impl Task<'_> {
             }
         })
         .catch_unwind();
-        let outcome = tokio::select! {
+        let (outcome, emitted) = tokio::select! {
             result = call => match result {
-                Ok(Ok(Ok(()))) => AttemptOutcome::Handled,
-                Ok(Ok(Err(error))) => AttemptOutcome::Failed(error),
-                Ok(Err(error)) => AttemptOutcome::Decode(error),
-                Err(panic) => AttemptOutcome::Panicked(panic_message(&*panic)),
+                Ok(Ok(Ok(emit))) => (AttemptOutcome::Handled, emit),
+                Ok(Ok(Err(error))) => (AttemptOutcome::Failed(error), Emit::new()),
+                Ok(Err(error)) => (AttemptOutcome::Decode(error), Emit::new()),
+                Err(panic) => (AttemptOutcome::Panicked(panic_message(&*panic)), Emit::new()),
             },
-            () = self.timed_out.cancelled(), if !self.own_timeout => AttemptOutcome::TimedOut,
-            () = tokio::time::sleep_until(self.deadline), if self.own_timeout => AttemptOutcome::TimedOut,
-            () = self.cancellation.cancelled() => AttemptOutcome::Abandoned,
+            () = self.timed_out.cancelled(), if !self.own_timeout => (AttemptOutcome::TimedOut, Emit::new()),
+            () = tokio::time::sleep_until(self.deadline), if self.own_timeout => (AttemptOutcome::TimedOut, Emit::new()),
+            () = self.cancellation.cancelled() => (AttemptOutcome::Abandoned, Emit::new()),
+        };
+        // The handler's events go out before its entry is acknowledged, never after: a
+        // publish that fails fails the attempt.
+        let outcome = if matches!(outcome, AttemptOutcome::Handled) && !emitted.is_empty() {
+            tokio::select! {
+                published = self.publish_emitted(emitted) => match published {
+                    Ok(()) => AttemptOutcome::Handled,
+                    Err(error) => AttemptOutcome::Failed(HandlerError::new(format!(
+                        "publishing the events the handler returned failed, so the entry was not acknowledged: {}",
+                        report(&error)
+                    ))),
+                },
+                () = self.cancellation.cancelled() => AttemptOutcome::Abandoned,
+            }
+        } else {
+            outcome
         };
         metrics.finished(
             started.elapsed(),
@@ -319,6 +336,35 @@ impl Task<'_> {
             self.cancellation.cancel();
         }
         outcome
+    }
+
+    /// Publishes the events a handler returned: one batch per stream, all sent at once so
+    /// that they share the publisher's pipeline.
+    async fn publish_emitted(&self, emit: Emit) -> crate::Result<()> {
+        let publishes = emit
+            .by_stream()
+            .into_iter()
+            .map(|(stream, entries)| async move {
+                let span = tracing::info_span!(
+                    "slim_bus.send",
+                    messaging.system = "redis",
+                    messaging.operation.type = "send",
+                    messaging.destination.name = %stream,
+                    messaging.batch.message_count = entries.len(),
+                );
+                let started = Instant::now();
+                let published = self
+                    .shared
+                    .broker
+                    .publish_batch(&stream, &entries)
+                    .instrument(span)
+                    .await;
+                telemetry::sent(&stream, entries.len(), started.elapsed(), published.is_ok());
+                published
+            });
+        futures_util::future::try_join_all(publishes)
+            .await
+            .map(drop)
     }
 
     fn verdict(&self, outcome: AttemptOutcome, id: crate::EntryId, delivery_count: u64) -> Verdict {
