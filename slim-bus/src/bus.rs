@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::batch::BatchHandler;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::{Broker, is_failover_code};
@@ -23,7 +24,7 @@ use crate::emit::Emit;
 use crate::error::HandlerError;
 use crate::error::{Error, Result};
 use crate::event::{EntryId, Event};
-use crate::handler::{Handlers, StreamHandler, StreamService};
+use crate::handler::{Handlers, RegisteredHandler, StreamHandler, StreamService};
 use crate::health::{Health, LastRead, SetAside, StreamHealth};
 use crate::lease::ConsumerLease;
 use crate::listener::Listener;
@@ -847,6 +848,23 @@ impl EventBusBuilder {
         self
     }
 
+    /// Registers the batch handler `handler` on its stream: the one it names, else its
+    /// event type's. A stream has one handler, of either kind.
+    pub fn batch_handler<H: BatchHandler>(mut self, handler: H) -> Self {
+        self.handlers.batch_handler(handler);
+        self
+    }
+
+    /// Registers the batch handler `handler` on `stream`.
+    pub fn batch_handler_on<H: BatchHandler>(
+        mut self,
+        stream: impl Into<String>,
+        handler: H,
+    ) -> Self {
+        self.handlers.batch_handler_on(stream, handler);
+        self
+    }
+
     /// Registers every handler of a service, sharing the service among them.
     pub fn service<S: StreamService>(mut self, service: Arc<S>) -> Self {
         service.register(&mut self.handlers);
@@ -1042,6 +1060,17 @@ fn routes(
                 ),
             ));
         }
+        if let RegisteredHandler::Batch(handler) = &registration.handler
+            && handler.max_batch() == 0
+        {
+            return Err(Error::config(
+                "max_batch",
+                format!(
+                    "of batch handler `{}` must be at least 1",
+                    registration.handler_name
+                ),
+            ));
+        }
         let handler_timeout = registration.handler.handler_timeout();
         if let Some(timeout) = handler_timeout {
             handler_timeout_fits(timeout, registration.handler_name, config)?;
@@ -1049,7 +1078,12 @@ fn routes(
         routes.push(Route {
             dead_letters: dead_letter_stream(&stream, &config.dead_letter_suffix).into(),
             stream: stream.into(),
-            handler: middleware::with_bus_layers(registration.handler, layers),
+            handler: match registration.handler {
+                RegisteredHandler::One(handler) => {
+                    RegisteredHandler::One(middleware::with_bus_layers(handler, layers))
+                }
+                batch => batch,
+            },
             max_deliveries,
             handler_timeout: handler_timeout.filter(|timeout| *timeout != config.handler_timeout),
             state: Arc::default(),

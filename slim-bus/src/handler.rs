@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::batch::{BatchHandler, ErasedBatchHandler, TypedBatch};
 use crate::broker::EntryFields;
 use crate::codec::{self, CodecError};
 use crate::context::Context;
@@ -53,7 +54,8 @@ use crate::middleware::{AnyEvent, HandlerService, Layered};
     message = "`{Self}` is not a stream handler",
     label = "not a handler",
     note = "implement `slim_bus::StreamHandler` for it, or put `#[slim_bus::stream]` on an async fn taking the event (and optionally a `Context`)",
-    note = "a `#[slim_bus::handlers]` service struct registers all its handlers at once with `.service(Arc::new(...))`"
+    note = "a `#[slim_bus::handlers]` service struct registers all its handlers at once with `.service(Arc::new(...))`",
+    note = "a batch handler (`#[slim_bus::stream(batch = N)]`, `slim_bus::BatchHandler`) registers with `.batch_handler(...)`"
 )]
 pub trait StreamHandler: Send + Sync + 'static {
     /// The event type entries are decoded into.
@@ -221,11 +223,39 @@ impl Handlers {
         self.push(Some(stream.into()), handler)
     }
 
+    /// Registers the batch handler `handler` on its stream ([`BatchHandler::stream`],
+    /// else the event's).
+    pub fn batch_handler<H: BatchHandler>(&mut self, handler: H) -> &mut Self {
+        let stream = handler
+            .stream()
+            .or(<H::Event as Event>::STREAM)
+            .map(str::to_owned);
+        self.push_batch(stream, handler)
+    }
+
+    /// Registers the batch handler `handler` on `stream`.
+    pub fn batch_handler_on<H: BatchHandler>(
+        &mut self,
+        stream: impl Into<String>,
+        handler: H,
+    ) -> &mut Self {
+        self.push_batch(Some(stream.into()), handler)
+    }
+
     fn push<H: StreamHandler>(&mut self, stream: Option<String>, handler: H) -> &mut Self {
         self.registrations.push(Registration {
             stream,
             handler_name: std::any::type_name::<H>(),
-            handler: Arc::new(Typed(handler)),
+            handler: RegisteredHandler::One(Arc::new(Typed(handler))),
+        });
+        self
+    }
+
+    fn push_batch<H: BatchHandler>(&mut self, stream: Option<String>, handler: H) -> &mut Self {
+        self.registrations.push(Registration {
+            stream,
+            handler_name: std::any::type_name::<H>(),
+            handler: RegisteredHandler::Batch(Arc::new(TypedBatch(handler))),
         });
         self
     }
@@ -246,7 +276,30 @@ impl std::fmt::Debug for Handlers {
 pub(crate) struct Registration {
     pub(crate) stream: Option<String>,
     pub(crate) handler_name: &'static str,
-    pub(crate) handler: Arc<dyn ErasedHandler>,
+    pub(crate) handler: RegisteredHandler,
+}
+
+/// A registered handler, type-erased: of one entry at a time, or of batches.
+#[derive(Clone)]
+pub(crate) enum RegisteredHandler {
+    One(Arc<dyn ErasedHandler>),
+    Batch(Arc<dyn ErasedBatchHandler>),
+}
+
+impl RegisteredHandler {
+    pub(crate) fn max_deliveries(&self) -> Option<u64> {
+        match self {
+            RegisteredHandler::One(handler) => handler.max_deliveries(),
+            RegisteredHandler::Batch(handler) => handler.max_deliveries(),
+        }
+    }
+
+    pub(crate) fn handler_timeout(&self) -> Option<Duration> {
+        match self {
+            RegisteredHandler::One(handler) => handler.handler_timeout(),
+            RegisteredHandler::Batch(handler) => handler.handler_timeout(),
+        }
+    }
 }
 
 pub(crate) type HandlerFuture<'a> =

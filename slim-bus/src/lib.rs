@@ -1,5 +1,6 @@
 #![doc = include_str!("docs/crate.md")]
 
+mod batch;
 mod broker;
 mod bus;
 mod codec;
@@ -20,6 +21,7 @@ mod telemetry;
 pub mod testing;
 mod tls;
 
+pub use crate::batch::{BatchHandler, BatchOutcome};
 pub use crate::broker::memory::MemoryBroker;
 pub use crate::bus::{EventBus, EventBusBuilder};
 pub use crate::config::{EventBusConfig, StartFrom};

@@ -9,6 +9,7 @@ use std::pin::Pin;
 pub use async_trait::async_trait;
 pub use serde;
 
+pub use crate::batch::{BatchHandler, BatchOutcome};
 pub use crate::context::Context;
 pub use crate::emit::Emit;
 pub use crate::error::HandlerError;
@@ -119,6 +120,56 @@ impl<T: Event> IntoEmit for Vec<T> {
             emit.push(event).map_err(HandlerError::permanent)?;
         }
         Ok(emit)
+    }
+}
+
+/// What a batch handler function may return: `()` (every entry succeeded),
+/// `Result<(), E>` (for every entry), `Vec<Result<(), E>>` (one per entry, in order), or a
+/// [`BatchOutcome`].
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a batch handler's return type",
+    label = "a slim-bus batch handler returns `()`, `Result<(), E>`, `Vec<Result<(), E>>` or `slim_bus::BatchOutcome`",
+    note = "`Result<(), E>` is the outcome of every entry; `Vec<Result<(), E>>` has one per entry, in the order of the batch"
+)]
+pub trait IntoBatchOutcome {
+    /// The outcome as the runtime sees it.
+    fn into_batch_outcome(self) -> BatchOutcome;
+}
+
+impl IntoBatchOutcome for () {
+    fn into_batch_outcome(self) -> BatchOutcome {
+        BatchOutcome::ok()
+    }
+}
+
+impl IntoBatchOutcome for BatchOutcome {
+    fn into_batch_outcome(self) -> BatchOutcome {
+        self
+    }
+}
+
+impl<E: Into<HandlerError>> IntoBatchOutcome for Result<(), E> {
+    fn into_batch_outcome(self) -> BatchOutcome {
+        self.into()
+    }
+}
+
+impl<E: Into<HandlerError>> IntoBatchOutcome for Vec<Result<(), E>> {
+    fn into_batch_outcome(self) -> BatchOutcome {
+        self.into()
+    }
+}
+
+/// Turns a batch handler's return value into the runtime's outcome.
+pub fn into_batch_outcome<R: IntoBatchOutcome>(result: R) -> BatchOutcome {
+    result.into_batch_outcome()
+}
+
+/// As [`handler_needs_a_stream`], for a batch handler.
+#[track_caller]
+pub const fn batch_handler_needs_a_stream<H: BatchHandler>(message: &'static str) {
+    if <H::Event as Event>::STREAM.is_none() {
+        panic!("{}", message);
     }
 }
 
