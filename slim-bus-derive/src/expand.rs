@@ -437,12 +437,12 @@ fn stream_handler_impl(
                     .map(::core::mem::drop)
             }
 
-            async fn handle_and_emit(
+            fn handle_and_emit(
                 &self,
                 __event: #event_ty,
                 #context_param: #krate::__private::Context,
-            ) -> ::core::result::Result<#krate::__private::Emit, #krate::__private::HandlerError> {
-                #outcome
+            ) -> #krate::__private::HandlerCall<'_> {
+                #krate::__private::HandlerCall::new(async move { #outcome })
             }
 
             #settings

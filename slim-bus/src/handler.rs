@@ -66,10 +66,12 @@ pub trait StreamHandler: Send + Sync + 'static {
 
     /// Handles one delivery of one entry and returns events to publish before the entry
     /// is acknowledged (see [`Emit`], and its "At least once"). This is what the bus calls;
-    /// by default it calls [`handle`](Self::handle) and publishes nothing.
+    /// by default it runs [`handle`](Self::handle) and publishes nothing.
     ///
-    /// A handler that returns events implements this, and `handle` as this without the
-    /// events, for code that calls it directly.
+    /// A plain method returning a [`HandlerCall`], rather than an `async fn`, so that the
+    /// default passes `handle`'s future on without boxing it again: a handler that
+    /// returns events wraps its `async` block in [`HandlerCall::new`], and implements
+    /// `handle` as this without the events, for code that calls it directly.
     ///
     /// # Examples
     ///
@@ -81,7 +83,7 @@ pub trait StreamHandler: Send + Sync + 'static {
     /// # #[derive(Debug, Serialize, Deserialize, slim_bus::Event)]
     /// # #[event(stream = "invoice.requested")]
     /// # struct InvoiceRequested { order_id: String }
-    /// use slim_bus::{Context, Emit, HandlerError, StreamHandler};
+    /// use slim_bus::{Context, Emit, HandlerCall, HandlerError, StreamHandler};
     ///
     /// struct RequestInvoice;
     ///
@@ -93,19 +95,17 @@ pub trait StreamHandler: Send + Sync + 'static {
     ///         self.handle_and_emit(order, ctx).await.map(drop)
     ///     }
     ///
-    ///     async fn handle_and_emit(&self, order: OrderPlaced, _: Context) -> Result<Emit, HandlerError> {
-    ///         let mut emit = Emit::new();
-    ///         emit.push(&InvoiceRequested { order_id: order.order_id })?;
-    ///         Ok(emit)
+    ///     fn handle_and_emit(&self, order: OrderPlaced, _: Context) -> HandlerCall<'_> {
+    ///         HandlerCall::new(async move {
+    ///             let mut emit = Emit::new();
+    ///             emit.push(&InvoiceRequested { order_id: order.order_id })?;
+    ///             Ok(emit)
+    ///         })
     ///     }
     /// }
     /// ```
-    async fn handle_and_emit(
-        &self,
-        event: Self::Event,
-        ctx: Context,
-    ) -> Result<Emit, HandlerError> {
-        self.handle(event, ctx).await.map(|()| Emit::new())
+    fn handle_and_emit(&self, event: Self::Event, ctx: Context) -> HandlerCall<'_> {
+        HandlerCall::handled(self.handle(event, ctx))
     }
 
     /// This handler inside `layer`, a [`tower::Layer`]: its service gets a
@@ -302,8 +302,57 @@ impl RegisteredHandler {
     }
 }
 
-pub(crate) type HandlerFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<Emit, HandlerError>> + Send + 'a>>;
+/// The future of a handler call: of [`StreamHandler::handle_and_emit`], and of the
+/// services that layers wrap ([`HandlerService`]). Resolves to the events to publish, or
+/// the error.
+#[must_use = "futures do nothing unless polled"]
+pub struct HandlerCall<'a>(CallFuture<'a>);
+
+enum CallFuture<'a> {
+    /// `handle`'s own future, whose `Ok` publishes nothing.
+    Handled(Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>>),
+    Emitting(Pin<Box<dyn Future<Output = Result<Emit, HandlerError>> + Send + 'a>>),
+}
+
+impl<'a> HandlerCall<'a> {
+    /// A call that runs `future`, boxed.
+    pub fn new(future: impl Future<Output = Result<Emit, HandlerError>> + Send + 'a) -> Self {
+        HandlerCall(CallFuture::Emitting(Box::pin(future)))
+    }
+
+    /// A call of [`StreamHandler::handle`], taking its boxed future as it is; its `Ok`
+    /// publishes nothing.
+    pub fn handled(
+        future: Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>>,
+    ) -> Self {
+        HandlerCall(CallFuture::Handled(future))
+    }
+}
+
+impl Future for HandlerCall<'_> {
+    type Output = Result<Emit, HandlerError>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut self.0 {
+            CallFuture::Handled(future) => future
+                .as_mut()
+                .poll(cx)
+                .map(|result| result.map(|()| Emit::new())),
+            CallFuture::Emitting(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl std::fmt::Debug for HandlerCall<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandlerCall").finish_non_exhaustive()
+    }
+}
+
+pub(crate) type HandlerFuture<'a> = HandlerCall<'a>;
 
 /// A handler with its event type erased, so the consumer stores handlers of every type
 /// side by side. Decoding happens here, in the handler's task.
@@ -353,14 +402,14 @@ impl<H: StreamHandler> ErasedHandler for Typed<H> {
 
     fn call_decoded(self: Arc<Self>, event: AnyEvent, ctx: Context) -> HandlerFuture<'static> {
         match event.downcast::<H::Event>() {
-            Ok(event) => Box::pin(async move { self.0.handle_and_emit(event, ctx).await }),
+            Ok(event) => HandlerCall::new(async move { self.0.handle_and_emit(event, ctx).await }),
             Err(other) => {
                 let error = HandlerError::permanent(format!(
                     "a layer replaced the event of type `{}` with one of type `{}`",
                     std::any::type_name::<H::Event>(),
                     other.type_name()
                 ));
-                Box::pin(std::future::ready(Err(error)))
+                HandlerCall::new(std::future::ready(Err(error)))
             }
         }
     }

@@ -30,12 +30,10 @@ pub use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetters};
 pub use crate::emit::Emit;
 pub use crate::error::{BoxError, DecodeError, Error, HandlerError, Result, Retry};
 pub use crate::event::{EntryId, Event, ParseEntryIdError};
-pub use crate::handler::{Handlers, StreamHandler, StreamService};
+pub use crate::handler::{HandlerCall, Handlers, StreamHandler, StreamService};
 pub use crate::health::{Health, StreamHealth};
 pub use crate::listener::{Listener, ShutdownHandle};
-pub use crate::middleware::{
-    AnyEvent, BusService, HandlerCall, HandlerRequest, HandlerService, Layered,
-};
+pub use crate::middleware::{AnyEvent, BusService, HandlerRequest, HandlerService, Layered};
 pub use crate::publisher::Publisher;
 
 /// Re-exported so that handler impls need no dependency of their own:

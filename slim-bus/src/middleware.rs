@@ -2,8 +2,6 @@
 
 use std::any::Any;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
@@ -16,7 +14,7 @@ use crate::codec::CodecError;
 use crate::context::Context;
 use crate::emit::Emit;
 use crate::error::HandlerError;
-use crate::handler::{ErasedHandler, HandlerFuture, StreamHandler};
+use crate::handler::{ErasedHandler, HandlerCall, HandlerFuture, StreamHandler};
 
 /// One handler call as a layer's service sees it: the decoded event and its [`Context`].
 ///
@@ -108,9 +106,6 @@ impl fmt::Debug for AnyEvent {
     }
 }
 
-/// The future of a handler call as a service.
-pub type HandlerCall = Pin<Box<dyn Future<Output = Result<Emit, HandlerError>> + Send>>;
-
 /// The service a bus-wide layer wraps: every handler of the bus, type-erased.
 pub type BusService = BoxCloneSyncService<HandlerRequest, Emit, HandlerError>;
 
@@ -135,15 +130,15 @@ impl<H> fmt::Debug for HandlerService<H> {
 impl<H: StreamHandler> Service<HandlerRequest<H::Event>> for HandlerService<H> {
     type Response = Emit;
     type Error = HandlerError;
-    type Future = HandlerCall;
+    type Future = HandlerCall<'static>;
 
     fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), HandlerError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: HandlerRequest<H::Event>) -> HandlerCall {
+    fn call(&mut self, request: HandlerRequest<H::Event>) -> HandlerCall<'static> {
         let handler = self.0.clone();
-        Box::pin(async move {
+        HandlerCall::new(async move {
             let (event, ctx) = request.into_parts();
             handler.handle_and_emit(event, ctx).await
         })
@@ -193,14 +188,14 @@ where
         self.handle_and_emit(event, ctx).await.map(drop)
     }
 
-    async fn handle_and_emit(&self, event: H::Event, ctx: Context) -> Result<Emit, HandlerError> {
+    fn handle_and_emit(&self, event: H::Event, ctx: Context) -> HandlerCall<'_> {
         // A clone per call, readied then called, as tower's `oneshot` does: calls run
         // concurrently, and a clone of a limit shares the limit.
-        self.service
+        let call = self
+            .service
             .clone()
-            .oneshot(HandlerRequest::new(event, ctx))
-            .await
-            .map_err(Into::into)
+            .oneshot(HandlerRequest::new(event, ctx));
+        HandlerCall::new(async move { call.await.map_err(Into::into) })
     }
 
     fn stream(&self) -> Option<&str> {
@@ -288,7 +283,7 @@ impl ErasedHandler for BusLayered {
             .service
             .clone()
             .oneshot(HandlerRequest::new(event, ctx));
-        Ok(Box::pin(call))
+        Ok(HandlerCall::new(call))
     }
 
     fn decode(&self, fields: &EntryFields) -> Result<AnyEvent, CodecError> {
@@ -296,7 +291,7 @@ impl ErasedHandler for BusLayered {
     }
 
     fn call_decoded(self: Arc<Self>, event: AnyEvent, ctx: Context) -> HandlerFuture<'static> {
-        Box::pin(
+        HandlerCall::new(
             self.service
                 .clone()
                 .oneshot(HandlerRequest::new(event, ctx)),

@@ -14,7 +14,7 @@ pub use crate::context::Context;
 pub use crate::emit::Emit;
 pub use crate::error::HandlerError;
 pub use crate::event::Event;
-pub use crate::handler::{Handlers, StreamHandler, StreamService};
+pub use crate::handler::{HandlerCall, Handlers, StreamHandler, StreamService};
 
 /// A type `#[derive(Event)]` is given must derive `Serialize`; this says so when it does
 /// not. The bound alone would be reported as one of `Event`'s supertraits, which rustc

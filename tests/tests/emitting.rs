@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
-use slim_bus::{Context, Emit, HandlerError, StreamHandler};
+use slim_bus::{Context, Emit, HandlerCall, HandlerError, StreamHandler};
 use slim_bus_tests::within;
 use support::*;
 use tokio::sync::mpsc;
@@ -83,18 +83,16 @@ impl StreamHandler for FollowUp {
         self.handle_and_emit(event, ctx).await.map(drop)
     }
 
-    async fn handle_and_emit(
-        &self,
-        event: UserCreated,
-        ctx: Context,
-    ) -> Result<Emit, HandlerError> {
-        let _ = self.attempts.send(ctx.delivery_count());
-        let mut emit = Emit::new();
-        emit.push(&WelcomeRequested {
-            user_id: event.user_id,
-            cause: ctx.entry_id().to_string(),
-        })?;
-        Ok(emit)
+    fn handle_and_emit(&self, event: UserCreated, ctx: Context) -> HandlerCall<'_> {
+        HandlerCall::new(async move {
+            let _ = self.attempts.send(ctx.delivery_count());
+            let mut emit = Emit::new();
+            emit.push(&WelcomeRequested {
+                user_id: event.user_id,
+                cause: ctx.entry_id().to_string(),
+            })?;
+            Ok(emit)
+        })
     }
 }
 
