@@ -24,8 +24,9 @@ use crate::event::Event;
 /// A `#[slim_bus::stream]` function or `#[slim_bus::handlers]` method returns events as
 /// `Result<E, _>`, `Result<Option<E>, _>`, `Result<Vec<E>, _>` for an event type `E`, or
 /// `Result<Emit, _>` for events of several types; a [`StreamHandler`](crate::StreamHandler)
-/// implementation returns an `Emit` from
-/// [`handle_and_emit`](crate::StreamHandler::handle_and_emit).
+/// implementation returns one from
+/// [`handle_and_emit`](crate::StreamHandler::handle_and_emit) (an `async` block in a
+/// [`HandlerCall`](crate::HandlerCall)).
 ///
 /// # Examples
 ///
