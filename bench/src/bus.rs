@@ -128,6 +128,8 @@ pub(crate) struct ConsumeSettings {
     pub(crate) workers: Option<usize>,
     /// The level of the delivery spans, when not the default.
     pub(crate) span_level: Option<tracing::Level>,
+    /// Put a pass-through layer (tower's `Identity`) around every handler call.
+    pub(crate) layered: bool,
 }
 
 /// Consumes the backlog of `stream` (group [`GROUP`] already created) with slim-bus until
@@ -172,6 +174,9 @@ async fn consume_here(
     }
     if let Some(level) = settings.span_level {
         builder = builder.span_level(level);
+    }
+    if settings.layered {
+        builder = builder.layer(tower::layer::util::Identity::new());
     }
     let bus = builder
         .handler_on(

@@ -14,6 +14,8 @@ pub(crate) enum Case {
     ConsumeObserved,
     /// As `ConsumeObserved`, with the delivery spans at INFO (`span_level`).
     ConsumeTraced,
+    /// As `Consume`, with a pass-through tower layer around every handler call.
+    ConsumeLayered,
     /// As `Consume`, with 1% of entries undecodable.
     Poison,
     /// As `Consume`, with 1% of entries failing once and succeeding on their retry.
@@ -57,11 +59,12 @@ pub(crate) enum Case {
 }
 
 impl Case {
-    pub(crate) const ALL: [Case; 24] = [
+    pub(crate) const ALL: [Case; 25] = [
         Case::Baseline,
         Case::Consume,
         Case::ConsumeObserved,
         Case::ConsumeTraced,
+        Case::ConsumeLayered,
         Case::Poison,
         Case::Transient,
         Case::Cpu1,
@@ -90,6 +93,7 @@ impl Case {
             Case::Consume => "consume",
             Case::ConsumeObserved => "consume-observed",
             Case::ConsumeTraced => "consume-traced",
+            Case::ConsumeLayered => "consume-layered",
             Case::Poison => "poison",
             Case::Transient => "transient",
             Case::Cpu1 => "cpu-1",

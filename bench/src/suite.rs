@@ -390,6 +390,26 @@ impl Suite {
                 .vs("consume");
                 rated(entries, observed, row)
             }
+            Case::ConsumeLayered => {
+                let entries = sizes.consume;
+                let settings = ConsumeSettings {
+                    layered: true,
+                    ..no_op()
+                };
+                let observed =
+                    consume_case(url, conn, &stats, stream, entries, false, &settings).await?;
+                let row = Row::new(
+                    "consume-layered",
+                    format!(
+                        "as consume, with a pass-through tower layer (`Identity`) on the bus: the layered call path (a boxed event, a service clone and `oneshot` per call), {} backlog",
+                        count(entries)
+                    ),
+                    Unit::EntriesPerSec,
+                )
+                .vs("consume")
+                .target(Target::RatioAtLeast(0.9));
+                rated(entries, observed, row)
+            }
             Case::Poison => {
                 let entries = sizes.consume;
                 let handled = entries - raw::poisoned_count(entries);

@@ -110,6 +110,8 @@ pub(crate) struct Handler {
     pub(crate) max_deliveries: Option<LitInt>,
     /// `timeout = "5s"`, overriding the bus's handler timeout.
     pub(crate) timeout: Option<(LitStr, Duration)>,
+    /// `batch = N`: a batch handler, taking `Vec<(Event, Context)>`.
+    pub(crate) batch: Option<LitInt>,
 }
 
 impl Handler {
@@ -123,6 +125,7 @@ impl Handler {
             usable: false,
             max_deliveries: args.max_deliveries,
             timeout: args.timeout,
+            batch: args.batch,
         }
     }
 
@@ -149,6 +152,32 @@ impl Handler {
     /// The event type; only meaningful on a usable handler.
     pub(crate) fn event_ty(&self) -> Option<&Type> {
         self.args().first().map(|arg| &*arg.ty)
+    }
+
+    /// For a batch handler, `E` of its argument `Vec<(E, Context)>`, and the context's
+    /// type, when the argument has that shape.
+    pub(crate) fn batch_parts(&self) -> Option<(&Type, &Type)> {
+        let Type::Path(path) = self.args().first().map(|arg| &*arg.ty)? else {
+            return None;
+        };
+        let segment = path.path.segments.last()?;
+        if path.qself.is_some() || segment.ident != "Vec" {
+            return None;
+        }
+        let syn::PathArguments::AngleBracketed(args) = &segment.arguments else {
+            return None;
+        };
+        let mut args = args.args.iter();
+        let (Some(syn::GenericArgument::Type(Type::Tuple(tuple))), None) =
+            (args.next(), args.next())
+        else {
+            return None;
+        };
+        let mut elems = tuple.elems.iter();
+        match (elems.next(), elems.next(), elems.next()) {
+            (Some(event), Some(context), None) => Some((event, context)),
+            _ => None,
+        }
     }
 
     /// The context argument's type, if the handler takes one.

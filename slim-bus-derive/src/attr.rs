@@ -116,6 +116,8 @@ pub(crate) struct MacroArgs {
     pub(crate) max_deliveries: Option<LitInt>,
     /// `timeout = "5s"`, parsed.
     pub(crate) timeout: Option<(LitStr, Duration)>,
+    /// `batch = 100`: a batch handler of at most this many entries per call.
+    pub(crate) batch: Option<LitInt>,
 }
 
 /// Which arguments an attribute accepts.
@@ -209,13 +211,17 @@ fn macro_arg(args: &mut MacroArgs, of: ArgsOf, key: &Ident, value: Expr, errors:
         handler_timeout(args, key, value, errors);
         return;
     }
+    if of != ArgsOf::Handlers && key == "batch" {
+        handler_batch(args, key, value, errors);
+        return;
+    }
     let hint = match of {
         ArgsOf::Handlers => "the only key is `crate = \"...\"`".to_owned(),
         ArgsOf::FreeStream => {
-            "the keys are `max_deliveries = 3`, `timeout = \"5s\"` and `crate = \"...\"`, after the stream name, if any: `#[stream(\"user.created\", timeout = \"5s\")]`".to_owned()
+            "the keys are `max_deliveries = 3`, `timeout = \"5s\"`, `batch = 100` and `crate = \"...\"`, after the stream name, if any: `#[stream(\"user.created\", timeout = \"5s\")]`".to_owned()
         }
         ArgsOf::MethodStream => {
-            "the keys are `max_deliveries = 3` and `timeout = \"5s\"`, after the stream name, if any: `#[stream(\"user.created\", timeout = \"5s\")]`".to_owned()
+            "the keys are `max_deliveries = 3`, `timeout = \"5s\"` and `batch = 100`, after the stream name, if any: `#[stream(\"user.created\", timeout = \"5s\")]`".to_owned()
         }
     };
     errors.spanned(
@@ -251,6 +257,43 @@ fn handler_max_deliveries(args: &mut MacroArgs, key: &Ident, value: Expr, errors
         Err(_) => errors.spanned(
             &lit,
             format_args!("expected a whole number that fits a u64: `{example}`"),
+        ),
+    }
+}
+
+/// `batch = N`: a whole number of at least 1.
+fn handler_batch(args: &mut MacroArgs, key: &Ident, value: Expr, errors: &mut Errors) {
+    let example = "batch = 100";
+    let lit = match value {
+        Expr::Lit(ExprLit {
+            lit: Lit::Int(lit), ..
+        }) => lit,
+        other => {
+            errors.spanned(other, format_args!("expected a whole number: `{example}`"));
+            return;
+        }
+    };
+    match lit.base10_parse::<u32>() {
+        Ok(parsed) => {
+            if parsed == 0 {
+                // Kept, so that the handler is still taken for a batch handler and this
+                // is its only error.
+                errors.spanned(
+                    &lit,
+                    "`batch` must be at least 1: the most entries per call",
+                );
+            }
+            set_once(
+                &mut args.batch,
+                lit,
+                &Path::from(key.clone()),
+                "batch",
+                errors,
+            );
+        }
+        Err(_) => errors.spanned(
+            &lit,
+            format_args!("expected a whole number that fits a u32: `{example}`"),
         ),
     }
 }

@@ -105,7 +105,11 @@ pub(crate) fn free_handler(free: &FreeHandler, errors: &Errors) -> TokenStream {
     let arg_names: Vec<Ident> = handler
         .args()
         .iter()
-        .zip(["__event", "__ctx"])
+        .zip(if handler.batch.is_some() {
+            ["__batch", "__ctx"]
+        } else {
+            ["__event", "__ctx"]
+        })
         .map(|(arg, fallback)| plain_name(&arg.pat).unwrap_or_else(|| format_ident!("{fallback}")))
         .collect();
     let call_example = arg_names
@@ -113,9 +117,14 @@ pub(crate) fn free_handler(free: &FreeHandler, errors: &Errors) -> TokenStream {
         .map(Ident::to_string)
         .collect::<Vec<_>>()
         .join(", ");
+    let register = if handler.batch.is_some() {
+        "batch_handler"
+    } else {
+        "handler"
+    };
     let about = format!(
         " A slim-bus handler made by `#[slim_bus::stream]`: register it with \
-         `EventBusBuilder::handler({name})`, and call the function as written with \
+         `EventBusBuilder::{register}({name})`, and call the function as written with \
          `{name}::call({call_example}).await`."
     );
     let unit = quote! {
@@ -154,7 +163,7 @@ pub(crate) fn free_handler(free: &FreeHandler, errors: &Errors) -> TokenStream {
          reuse it from other code."
     );
     let target = quote!(Self::#name);
-    let handler_impl = stream_handler_impl(krate, name, handler, event_ty, &target, None);
+    let handler_impl = handler_impl(krate, name, handler, event_ty, &target, None);
     let assertion = stream_assertion(krate, handler, name);
     quote! {
         #unit
@@ -208,9 +217,13 @@ pub(crate) fn service(service: &Service, errors: &Errors) -> TokenStream {
         let name = handler.name();
         let method_cfgs = method_cfgs(item, name);
         let target = quote!(<#self_ty>::#name);
-        let handler_impl =
-            stream_handler_impl(krate, name, handler, event_ty, &target, Some(self_ty));
+        let handler_impl = handler_impl(krate, name, handler, event_ty, &target, Some(self_ty));
         let assertion = stream_assertion(krate, handler, name);
+        let register = if handler.batch.is_some() {
+            format_ident!("batch_handler")
+        } else {
+            format_ident!("handler")
+        };
         // Each item under the method's `cfg`s: the handler exists only where it does.
         let method_cfgs = quote!(#(#method_cfgs)*);
         registrations.push(quote! {
@@ -222,7 +235,7 @@ pub(crate) fn service(service: &Service, errors: &Errors) -> TokenStream {
             #method_cfgs
             #assertion
             #method_cfgs
-            __handlers.handler(#name(::std::sync::Arc::clone(&self)));
+            __handlers.#register(#name(::std::sync::Arc::clone(&self)));
         });
     }
     for (i, first) in usable.iter().enumerate() {
@@ -268,6 +281,107 @@ fn method_cfgs<'a>(item: &'a syn::ItemImpl, name: &Ident) -> Vec<&'a Attribute> 
         .collect()
 }
 
+/// The handler's impl: `BatchHandler` for `batch = N`, else `StreamHandler`.
+fn handler_impl(
+    krate: &Path,
+    name: &Ident,
+    handler: &Handler,
+    event_ty: &Type,
+    target: &TokenStream,
+    service: Option<&Type>,
+) -> TokenStream {
+    match (&handler.batch, handler.batch_parts()) {
+        (Some(max_batch), Some((event_ty, _))) => {
+            batch_handler_impl(krate, name, handler, max_batch, event_ty, target, service)
+        }
+        _ => stream_handler_impl(krate, name, handler, event_ty, target, service),
+    }
+}
+
+/// `impl BatchHandler for #name`, calling `#target` with the whole batch.
+fn batch_handler_impl(
+    krate: &Path,
+    name: &Ident,
+    handler: &Handler,
+    max_batch: &syn::LitInt,
+    event_ty: &Type,
+    target: &TokenStream,
+    service: Option<&Type>,
+) -> TokenStream {
+    let receiver = service.map(|_| quote!(&self.0,));
+    let future = respan(
+        quote! {
+            let __future = #krate::__private::handler_future_must_be_send(
+                #target(#receiver __batch)
+            );
+        },
+        name.span(),
+    );
+    let outcome = match &handler.sig.output {
+        ReturnType::Type(_, ty) => respan(
+            quote!(<#ty as #krate::__private::IntoBatchOutcome>::into_batch_outcome(__output)),
+            ty.span(),
+        ),
+        ReturnType::Default => quote!(#krate::__private::into_batch_outcome(__output)),
+    };
+    // Checked by parsing (0 is reported there); as a `usize` whatever suffix was written.
+    let max_batch: usize = max_batch.base10_parse::<usize>().unwrap_or(1).max(1);
+    let settings = handler_settings(handler);
+    let event_assoc = quote_spanned! {event_ty.span()=>
+        type Event = #event_ty;
+    };
+    quote! {
+        #[#krate::__private::async_trait]
+        impl #krate::__private::BatchHandler for #name {
+            #event_assoc
+
+            fn max_batch(&self) -> usize {
+                #max_batch
+            }
+
+            async fn handle_batch(
+                &self,
+                __batch: ::std::vec::Vec<(#event_ty, #krate::__private::Context)>,
+            ) -> #krate::__private::BatchOutcome {
+                #future
+                let __output = __future.await;
+                #outcome
+            }
+
+            #settings
+        }
+    }
+}
+
+/// The `stream`, `max_deliveries` and `handler_timeout` methods the attribute sets.
+fn handler_settings(handler: &Handler) -> TokenStream {
+    let stream = handler.stream.as_ref().map(|lit| {
+        quote! {
+            fn stream(&self) -> ::core::option::Option<&str> {
+                ::core::option::Option::Some(#lit)
+            }
+        }
+    });
+    let max_deliveries = handler.max_deliveries.as_ref().and_then(|lit| {
+        // Checked by parsing; as a `u64` whatever suffix was written.
+        let max: u64 = lit.base10_parse().ok()?;
+        Some(quote! {
+            fn max_deliveries(&self) -> ::core::option::Option<u64> {
+                ::core::option::Option::Some(#max)
+            }
+        })
+    });
+    let timeout = handler.timeout.as_ref().map(|(_, duration)| {
+        let (secs, nanos) = (duration.as_secs(), duration.subsec_nanos());
+        quote! {
+            fn handler_timeout(&self) -> ::core::option::Option<::core::time::Duration> {
+                ::core::option::Option::Some(::core::time::Duration::new(#secs, #nanos))
+            }
+        }
+    });
+    quote!(#stream #max_deliveries #timeout)
+}
+
 /// `impl StreamHandler for #name`, calling `#target` (the body function, or the method on
 /// the service held in `self.0`).
 fn stream_handler_impl(
@@ -310,30 +424,7 @@ fn stream_handler_impl(
         let __output = __future.await;
         #outcome
     };
-    let stream = handler.stream.as_ref().map(|lit| {
-        quote! {
-            fn stream(&self) -> ::core::option::Option<&str> {
-                ::core::option::Option::Some(#lit)
-            }
-        }
-    });
-    let max_deliveries = handler.max_deliveries.as_ref().and_then(|lit| {
-        // Checked by parsing; as a `u64` whatever suffix was written.
-        let max: u64 = lit.base10_parse().ok()?;
-        Some(quote! {
-            fn max_deliveries(&self) -> ::core::option::Option<u64> {
-                ::core::option::Option::Some(#max)
-            }
-        })
-    });
-    let timeout = handler.timeout.as_ref().map(|(_, duration)| {
-        let (secs, nanos) = (duration.as_secs(), duration.subsec_nanos());
-        quote! {
-            fn handler_timeout(&self) -> ::core::option::Option<::core::time::Duration> {
-                ::core::option::Option::Some(::core::time::Duration::new(#secs, #nanos))
-            }
-        }
-    });
+    let settings = handler_settings(handler);
     // Spanned on the event type: "`X` is not an event" and privacy errors land there.
     let event_assoc = quote_spanned! {event_ty.span()=>
         type Event = #event_ty;
@@ -346,14 +437,22 @@ fn stream_handler_impl(
             async fn handle(
                 &self,
                 __event: #event_ty,
-                #context_param: #krate::__private::Context,
+                __ctx: #krate::__private::Context,
             ) -> ::core::result::Result<(), #krate::__private::HandlerError> {
-                #outcome
+                <Self as #krate::__private::StreamHandler>::handle_and_emit(self, __event, __ctx)
+                    .await
+                    .map(::core::mem::drop)
             }
 
-            #stream
-            #max_deliveries
-            #timeout
+            fn handle_and_emit(
+                &self,
+                __event: #event_ty,
+                #context_param: #krate::__private::Context,
+            ) -> #krate::__private::HandlerCall<'_> {
+                #krate::__private::HandlerCall::new(async move { #outcome })
+            }
+
+            #settings
         }
     }
 }
@@ -365,17 +464,28 @@ fn stream_assertion(krate: &Path, handler: &Handler, handler_ty: &Ident) -> Toke
     if handler.names_stream {
         return TokenStream::new();
     }
-    let event_ty = handler.event_ty().map(type_text).unwrap_or_default();
+    let event_ty = handler
+        .batch_parts()
+        .filter(|_| handler.batch.is_some())
+        .map(|(event, _)| event)
+        .or(handler.event_ty())
+        .map(type_text)
+        .unwrap_or_default();
     let message = format!(
         "`{name}` has no stream: `#[stream]` names none and neither does its event type `{event_ty}`; \
          name one with `#[stream(\"...\")]`, or give the event type one with \
          `#[event(stream = \"...\")]`",
         name = handler.name(),
     );
+    let check = if handler.batch.is_some() {
+        format_ident!("batch_handler_needs_a_stream")
+    } else {
+        format_ident!("handler_needs_a_stream")
+    };
     // All of it at the attribute, which the evaluation error then points at.
     respan(
         quote! {
-            const _: () = #krate::__private::handler_needs_a_stream::<#handler_ty>(#message);
+            const _: () = #krate::__private::#check::<#handler_ty>(#message);
         },
         handler.attr_span,
     )
@@ -385,7 +495,9 @@ fn stream_assertion(krate: &Path, handler: &Handler, handler_ty: &Ident) -> Toke
 /// a compile error when they end up on the same stream.
 fn same_stream_assertion(krate: &Path, first: &Handler, second: &Handler) -> TokenStream {
     let invalid = |handler: &Handler| handler.names_stream && handler.stream.is_none();
-    if (first.names_stream && second.names_stream) || invalid(first) || invalid(second) {
+    // A batch handler is not a `StreamHandler`: `build()` rejects a clash with one.
+    let batch = first.batch.is_some() || second.batch.is_some();
+    if (first.names_stream && second.names_stream) || invalid(first) || invalid(second) || batch {
         // Literals are compared by `valid`; an invalid one is reported already.
         return TokenStream::new();
     }

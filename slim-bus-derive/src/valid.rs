@@ -133,54 +133,92 @@ pub(crate) fn handler(handler: &mut Handler, errors: &mut Errors) {
     }
 
     let args = handler.args();
-    let example = match handler.kind {
-        Kind::Free => format!("async fn {name}(event: UserCreated)"),
-        Kind::Method => format!("async fn {name}(&self, event: UserCreated)"),
-    };
-    match args.first() {
-        None => {
-            let at = sig.paren_token.span.join();
-            errors.at(
-                at,
+    if handler.batch.is_some() {
+        let example = match handler.kind {
+            Kind::Free => format!("async fn {name}(batch: Vec<(UserCreated, slim_bus::Context)>)"),
+            Kind::Method => {
+                format!("async fn {name}(&self, batch: Vec<(UserCreated, slim_bus::Context)>)")
+            }
+        };
+        match (args.first(), handler.batch_parts()) {
+            (Some(_), Some((event, context))) if is_context(context) => {
+                if let Some(problem) = event_type_problem(event) {
+                    errors.spanned(event, problem);
+                    usable = false;
+                }
+            }
+            (first, _) => {
+                let message = format!(
+                    "a batch handler (`batch = N`) takes its entries as one argument, each event with its context: `{example}`"
+                );
+                match first {
+                    Some(arg) => errors.spanned(&arg.ty, message),
+                    None => errors.at(sig.paren_token.span.join(), message),
+                }
+                usable = false;
+            }
+        }
+        for extra in args.iter().skip(1) {
+            errors.spanned(
+                extra,
                 format_args!(
-                    "`{name}` takes no event: a handler's first argument is the event it handles, like `{example}`, optionally followed by `ctx: slim_bus::Context`"
+                    "a batch handler takes one argument, its entries with their contexts: remove this one, like `{example}`"
                 ),
             );
             usable = false;
         }
-        Some(event) if is_context(&event.ty) => {
-            let context = event.ty.to_token_stream();
-            let swapped = match handler.kind {
-                Kind::Free => format!("async fn {name}(event: UserCreated, ctx: {context})"),
-                Kind::Method => {
-                    format!("async fn {name}(&self, event: UserCreated, ctx: {context})")
+    } else {
+        let example = match handler.kind {
+            Kind::Free => format!("async fn {name}(event: UserCreated)"),
+            Kind::Method => format!("async fn {name}(&self, event: UserCreated)"),
+        };
+        match args.first() {
+            None => {
+                let at = sig.paren_token.span.join();
+                errors.at(
+                    at,
+                    format_args!(
+                        "`{name}` takes no event: a handler's first argument is the event it handles, like `{example}`, optionally followed by `ctx: slim_bus::Context`"
+                    ),
+                );
+                usable = false;
+            }
+            Some(event) if is_context(&event.ty) => {
+                let context = event.ty.to_token_stream();
+                let swapped = match handler.kind {
+                    Kind::Free => format!("async fn {name}(event: UserCreated, ctx: {context})"),
+                    Kind::Method => {
+                        format!("async fn {name}(&self, event: UserCreated, ctx: {context})")
+                    }
+                };
+                errors.spanned(
+                    &event.ty,
+                    format_args!(
+                        "a handler takes the event first and the context second: `{swapped}`"
+                    ),
+                );
+                usable = false;
+            }
+            Some(event) => {
+                if let Some(problem) = event_type_problem(&event.ty) {
+                    errors.spanned(&event.ty, problem);
+                    usable = false;
                 }
+            }
+        }
+        for extra in args.iter().skip(2) {
+            let keep_state = match handler.kind {
+                Kind::Free => "keep other state in a `#[slim_bus::handlers]` service struct",
+                Kind::Method => "keep other state in fields of the service struct",
             };
             errors.spanned(
-                &event.ty,
-                format_args!("a handler takes the event first and the context second: `{swapped}`"),
+                extra,
+                format_args!(
+                    "a handler takes at most two arguments, the event and a `slim_bus::Context`: remove this one and {keep_state}"
+                ),
             );
             usable = false;
         }
-        Some(event) => {
-            if let Some(problem) = event_type_problem(&event.ty) {
-                errors.spanned(&event.ty, problem);
-                usable = false;
-            }
-        }
-    }
-    for extra in args.iter().skip(2) {
-        let keep_state = match handler.kind {
-            Kind::Free => "keep other state in a `#[slim_bus::handlers]` service struct",
-            Kind::Method => "keep other state in fields of the service struct",
-        };
-        errors.spanned(
-            extra,
-            format_args!(
-                "a handler takes at most two arguments, the event and a `slim_bus::Context`: remove this one and {keep_state}"
-            ),
-        );
-        usable = false;
     }
     if handler.kind == Kind::Free {
         // The handler becomes a unit struct of this name, which arguments can't shadow.

@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::batch::BatchHandler;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::{Broker, is_failover_code};
@@ -19,13 +20,16 @@ use crate::config::{EventBusConfig, StartFrom, default_consumer_name, redacted_u
 use crate::consumer::Backoff;
 use crate::consumer::{Consumer, Route, is_refused_access};
 use crate::dead_letter::{DeadLetters, dead_letter_stream};
+use crate::emit::Emit;
+use crate::error::HandlerError;
 use crate::error::{Error, Result};
 use crate::event::{EntryId, Event};
-use crate::handler::{Handlers, StreamHandler, StreamService};
+use crate::handler::{Handlers, RegisteredHandler, StreamHandler, StreamService};
 use crate::headers::{Headers, NO_HEADERS};
 use crate::health::{Health, LastRead, SetAside, StreamHealth};
 use crate::lease::ConsumerLease;
 use crate::listener::Listener;
+use crate::middleware::{self, BusLayer, BusService, HandlerRequest};
 use crate::publisher::Publisher;
 use crate::spans;
 use crate::telemetry;
@@ -274,6 +278,17 @@ impl EventBus {
             }
             entries.push(fields);
         }
+        self.append_batch(stream, event_max_len, entries).await
+    }
+
+    /// Publishes encoded entries to `stream` in one round trip, capped at the stream's
+    /// `stream_max_len`, else at `event_max_len`.
+    pub(crate) async fn append_batch(
+        &self,
+        stream: &str,
+        event_max_len: Option<usize>,
+        mut entries: Vec<Vec<EncodedField>>,
+    ) -> Result<Vec<EntryId>> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
@@ -734,6 +749,7 @@ pub struct EventBusBuilder {
     client: Option<redis::Client>,
     memory: Option<MemoryBroker>,
     handlers: Handlers,
+    layers: Vec<BusLayer>,
 }
 
 impl std::fmt::Debug for EventBusBuilder {
@@ -741,6 +757,7 @@ impl std::fmt::Debug for EventBusBuilder {
         f.debug_struct("EventBusBuilder")
             .field("config", &self.config)
             .field("handlers", &self.handlers)
+            .field("layers", &self.layers.len())
             .finish_non_exhaustive()
     }
 }
@@ -1004,9 +1021,86 @@ impl EventBusBuilder {
         self
     }
 
+    /// Registers the batch handler `handler` on its stream: the one it names, else its
+    /// event type's. A stream has one handler, of either kind.
+    pub fn batch_handler<H: BatchHandler>(mut self, handler: H) -> Self {
+        self.handlers.batch_handler(handler);
+        self
+    }
+
+    /// Registers the batch handler `handler` on `stream`.
+    pub fn batch_handler_on<H: BatchHandler>(
+        mut self,
+        stream: impl Into<String>,
+        handler: H,
+    ) -> Self {
+        self.handlers.batch_handler_on(stream, handler);
+        self
+    }
+
     /// Registers every handler of a service, sharing the service among them.
     pub fn service<S: StreamService>(mut self, service: Arc<S>) -> Self {
         service.register(&mut self.handlers);
+        self
+    }
+
+    /// Puts `layer`, a [`tower::Layer`], around every handler call of this bus, outside
+    /// the handlers' own layers ([`StreamHandler::layer`]); a layer added later goes
+    /// outside those added before, as with axum's `Router::layer`.
+    ///
+    /// Its service gets a [`HandlerRequest`] for each call: the context and the decoded
+    /// event, type-erased as an [`AnyEvent`](crate::AnyEvent) (an entry that does not
+    /// decode is dead-lettered without reaching it). It answers with the events to
+    /// publish ([`Emit`]) or a [`HandlerError`], and may time, retry, limit or enrich
+    /// the call, or short-circuit it: an error is a failed attempt (retried, then
+    /// dead-lettered, as the error's [`Retry`](crate::Retry) says), and `Ok` without
+    /// calling the inner service acknowledges the entry. A bus without layers calls its
+    /// handlers as it would without this feature.
+    ///
+    /// The service is cloned for each call, readied (`poll_ready`), then called, as
+    /// tower's `oneshot` does; a clone must share what calls share (tower's
+    /// `ConcurrencyLimit` does; put a service that is not `Clone`, like `RateLimit`,
+    /// behind a `Buffer`).
+    ///
+    /// A call waiting for a service that is not ready holds what the handler call would:
+    /// one of the [`max_concurrent`](Self::max_concurrent) handler slots and the entry's
+    /// place among the [`max_in_flight`](Self::max_in_flight) held entries, and its wait
+    /// counts against the [`handler_timeout`](Self::handler_timeout), which runs from the
+    /// start of the attempt (`Context::deadline` says when it ends). A service that stays
+    /// not ready for that long times the attempt out, and the entry is retried like after
+    /// any timeout. So a concurrency limit below `max_concurrent` leaves the other slots
+    /// waiting for it; set `max_concurrent` to the limit (or lower it) when the limit is
+    /// meant for the whole bus, and mind the handler timeout under a rate limit.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Debug, Serialize, Deserialize, slim_bus::Event)]
+    /// # #[event(stream = "user.created")]
+    /// # struct UserCreated { user_id: String }
+    /// # #[slim_bus::stream]
+    /// # async fn send_welcome_mail(user: UserCreated) {}
+    /// use tower::limit::ConcurrencyLimitLayer;
+    ///
+    /// # async fn run() -> slim_bus::Result<()> {
+    /// let bus = slim_bus::EventBus::builder()
+    ///     .consumer_group("mailer")
+    ///     .handler(send_welcome_mail)
+    ///     .layer(ConcurrencyLimitLayer::new(4))
+    ///     .build()
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<BusService> + Send + Sync + 'static,
+        L::Service: tower::Service<HandlerRequest, Response = Emit> + Clone + Send + Sync + 'static,
+        <L::Service as tower::Service<HandlerRequest>>::Error: Into<HandlerError>,
+        <L::Service as tower::Service<HandlerRequest>>::Future: Send + 'static,
+    {
+        self.layers.push(middleware::bus_layer(layer));
         self
     }
 
@@ -1026,7 +1120,7 @@ impl EventBusBuilder {
     pub async fn build(self) -> Result<EventBus> {
         self.config.validate()?;
         telemetry::describe();
-        let routes = routes(self.handlers, &self.config)?;
+        let routes = routes(self.handlers, &self.layers, &self.config)?;
         if !routes.is_empty() && self.config.consumer_group.is_none() {
             return Err(Error::config(
                 "consumer_group",
@@ -1103,7 +1197,11 @@ fn open_client(config: &EventBusConfig) -> Result<(redis::Client, Option<Tls>)> 
 }
 
 /// Resolves every registration's stream, rejecting missing, empty and duplicate ones.
-fn routes(handlers: Handlers, config: &EventBusConfig) -> Result<Arc<[Route]>> {
+fn routes(
+    handlers: Handlers,
+    layers: &[BusLayer],
+    config: &EventBusConfig,
+) -> Result<Arc<[Route]>> {
     let mut seen: HashMap<String, &'static str> = HashMap::new();
     let mut routes = Vec::with_capacity(handlers.registrations.len());
     for registration in handlers.registrations {
@@ -1135,6 +1233,17 @@ fn routes(handlers: Handlers, config: &EventBusConfig) -> Result<Arc<[Route]>> {
                 ),
             ));
         }
+        if let RegisteredHandler::Batch(handler) = &registration.handler
+            && handler.max_batch() == 0
+        {
+            return Err(Error::config(
+                "max_batch",
+                format!(
+                    "of batch handler `{}` must be at least 1",
+                    registration.handler_name
+                ),
+            ));
+        }
         let handler_timeout = registration.handler.handler_timeout();
         if let Some(timeout) = handler_timeout {
             handler_timeout_fits(timeout, registration.handler_name, config)?;
@@ -1142,7 +1251,12 @@ fn routes(handlers: Handlers, config: &EventBusConfig) -> Result<Arc<[Route]>> {
         routes.push(Route {
             dead_letters: dead_letter_stream(&stream, &config.dead_letter_suffix).into(),
             stream: stream.into(),
-            handler: registration.handler,
+            handler: match registration.handler {
+                RegisteredHandler::One(handler) => {
+                    RegisteredHandler::One(middleware::with_bus_layers(handler, layers))
+                }
+                batch => batch,
+            },
             max_deliveries,
             handler_timeout: handler_timeout.filter(|timeout| *timeout != config.handler_timeout),
             state: Arc::default(),

@@ -1,5 +1,6 @@
 #![doc = include_str!("docs/crate.md")]
 
+mod batch;
 mod broker;
 mod bus;
 mod codec;
@@ -7,6 +8,7 @@ mod config;
 mod consumer;
 mod context;
 mod dead_letter;
+mod emit;
 mod error;
 mod event;
 mod handler;
@@ -14,6 +16,7 @@ mod headers;
 mod health;
 mod lease;
 mod listener;
+mod middleware;
 #[cfg(feature = "opentelemetry")]
 mod otel;
 mod publisher;
@@ -22,17 +25,20 @@ mod telemetry;
 pub mod testing;
 mod tls;
 
+pub use crate::batch::{BatchHandler, BatchOutcome};
 pub use crate::broker::memory::MemoryBroker;
 pub use crate::bus::{EventBus, EventBusBuilder};
 pub use crate::config::{EventBusConfig, StartFrom};
 pub use crate::context::Context;
 pub use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetters};
+pub use crate::emit::Emit;
 pub use crate::error::{BoxError, DecodeError, Error, HandlerError, Result, Retry};
 pub use crate::event::{EntryId, Event, ParseEntryIdError};
-pub use crate::handler::{Handlers, StreamHandler, StreamService};
+pub use crate::handler::{HandlerCall, Handlers, StreamHandler, StreamService};
 pub use crate::headers::Headers;
 pub use crate::health::{Health, StreamHealth};
 pub use crate::listener::{Listener, ShutdownHandle};
+pub use crate::middleware::{AnyEvent, BusService, HandlerRequest, HandlerService, Layered};
 pub use crate::publisher::Publisher;
 
 /// Re-exported so that handler impls need no dependency of their own:

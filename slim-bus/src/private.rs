@@ -9,10 +9,12 @@ use std::pin::Pin;
 pub use async_trait::async_trait;
 pub use serde;
 
+pub use crate::batch::{BatchHandler, BatchOutcome};
 pub use crate::context::Context;
+pub use crate::emit::Emit;
 pub use crate::error::HandlerError;
 pub use crate::event::Event;
-pub use crate::handler::{Handlers, StreamHandler, StreamService};
+pub use crate::handler::{HandlerCall, Handlers, StreamHandler, StreamService};
 
 /// A type `#[derive(Event)]` is given must derive `Serialize`; this says so when it does
 /// not. The bound alone would be reported as one of `Event`'s supertraits, which rustc
@@ -44,28 +46,130 @@ pub const fn event_derives_serialize<T: EventSerialize>() {}
 /// [`EventDeserialize`]'s message.
 pub const fn event_derives_deserialize<T: EventDeserialize>() {}
 
-/// What a handler function may return: `()` or `Result<(), E>` for any error that
+/// What a handler function may return: `()`, or `Result<T, E>` for any error that
 /// converts into [`HandlerError`] (so `HandlerError` itself, std errors, `anyhow::Error`,
-/// `String`, `&str`).
+/// `String`, `&str`) and a `T` that says which events to publish ([`IntoEmit`]: `()`,
+/// an event, an `Option` or a `Vec` of events, or an [`Emit`]).
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a handler's return type",
-    label = "a slim-bus handler returns `()` or `Result<(), E>`",
-    note = "return `Result<(), E>` with any error that converts into `Box<dyn Error + Send + Sync>` (std errors, `anyhow::Error`, `String`), or `slim_bus::HandlerError` for retry-later / give-up outcomes"
+    label = "a slim-bus handler returns `()`, `Result<(), E>`, or `Result<T, E>` with events to publish",
+    note = "return `Result<(), E>` with any error that converts into `Box<dyn Error + Send + Sync>` (std errors, `anyhow::Error`, `String`), or `slim_bus::HandlerError` for retry-later / give-up outcomes",
+    note = "to publish events before the entry is acknowledged, return them as `Result<MyEvent, E>`, `Result<Option<MyEvent>, E>`, `Result<Vec<MyEvent>, E>` or `Result<slim_bus::Emit, E>`"
 )]
 pub trait IntoHandlerResult {
     /// The outcome as the runtime sees it.
-    fn into_handler_result(self) -> Result<(), HandlerError>;
+    fn into_handler_result(self) -> Result<Emit, HandlerError>;
 }
 
 impl IntoHandlerResult for () {
-    fn into_handler_result(self) -> Result<(), HandlerError> {
-        Ok(())
+    fn into_handler_result(self) -> Result<Emit, HandlerError> {
+        Ok(Emit::new())
     }
 }
 
-impl<E: Into<HandlerError>> IntoHandlerResult for Result<(), E> {
-    fn into_handler_result(self) -> Result<(), HandlerError> {
-        self.map_err(Into::into)
+impl<T: IntoEmit, E: Into<HandlerError>> IntoHandlerResult for Result<T, E> {
+    fn into_handler_result(self) -> Result<Emit, HandlerError> {
+        self.map_err(Into::into)?.into_emit()
+    }
+}
+
+/// What a handler's `Ok` may hold: nothing to publish (`()`), or events to publish before
+/// the entry is acknowledged.
+#[diagnostic::on_unimplemented(
+    message = "a handler can't return `{Self}` in its `Ok`",
+    label = "not `()` or events to publish",
+    note = "return `Ok(())`, or the events to publish before the entry is acknowledged: an event type (`#[derive(slim_bus::Event)]` with a stream), an `Option` or `Vec` of one, or a `slim_bus::Emit`"
+)]
+pub trait IntoEmit {
+    /// The events, encoded; an event that does not encode fails the attempt for good.
+    fn into_emit(self) -> Result<Emit, HandlerError>;
+}
+
+impl IntoEmit for () {
+    fn into_emit(self) -> Result<Emit, HandlerError> {
+        Ok(Emit::new())
+    }
+}
+
+impl IntoEmit for Emit {
+    fn into_emit(self) -> Result<Emit, HandlerError> {
+        Ok(self)
+    }
+}
+
+impl<T: Event> IntoEmit for T {
+    fn into_emit(self) -> Result<Emit, HandlerError> {
+        Some(self).into_emit()
+    }
+}
+
+impl<T: Event> IntoEmit for Option<T> {
+    fn into_emit(self) -> Result<Emit, HandlerError> {
+        let mut emit = Emit::new();
+        if let Some(event) = self {
+            emit.push(&event).map_err(HandlerError::permanent)?;
+        }
+        Ok(emit)
+    }
+}
+
+impl<T: Event> IntoEmit for Vec<T> {
+    fn into_emit(self) -> Result<Emit, HandlerError> {
+        let mut emit = Emit::new();
+        for event in &self {
+            emit.push(event).map_err(HandlerError::permanent)?;
+        }
+        Ok(emit)
+    }
+}
+
+/// What a batch handler function may return: `()` (every entry succeeded),
+/// `Result<(), E>` (for every entry), `Vec<Result<(), E>>` (one per entry, in order), or a
+/// [`BatchOutcome`].
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a batch handler's return type",
+    label = "a slim-bus batch handler returns `()`, `Result<(), E>`, `Vec<Result<(), E>>` or `slim_bus::BatchOutcome`",
+    note = "`Result<(), E>` is the outcome of every entry; `Vec<Result<(), E>>` has one per entry, in the order of the batch"
+)]
+pub trait IntoBatchOutcome {
+    /// The outcome as the runtime sees it.
+    fn into_batch_outcome(self) -> BatchOutcome;
+}
+
+impl IntoBatchOutcome for () {
+    fn into_batch_outcome(self) -> BatchOutcome {
+        BatchOutcome::ok()
+    }
+}
+
+impl IntoBatchOutcome for BatchOutcome {
+    fn into_batch_outcome(self) -> BatchOutcome {
+        self
+    }
+}
+
+impl<E: Into<HandlerError>> IntoBatchOutcome for Result<(), E> {
+    fn into_batch_outcome(self) -> BatchOutcome {
+        self.into()
+    }
+}
+
+impl<E: Into<HandlerError>> IntoBatchOutcome for Vec<Result<(), E>> {
+    fn into_batch_outcome(self) -> BatchOutcome {
+        self.into()
+    }
+}
+
+/// Turns a batch handler's return value into the runtime's outcome.
+pub fn into_batch_outcome<R: IntoBatchOutcome>(result: R) -> BatchOutcome {
+    result.into_batch_outcome()
+}
+
+/// As [`handler_needs_a_stream`], for a batch handler.
+#[track_caller]
+pub const fn batch_handler_needs_a_stream<H: BatchHandler>(message: &'static str) {
+    if <H::Event as Event>::STREAM.is_none() {
+        panic!("{}", message);
     }
 }
 
@@ -102,7 +206,7 @@ where
 }
 
 /// Turns a handler's return value into the runtime's outcome.
-pub fn into_handler_result<R: IntoHandlerResult>(result: R) -> Result<(), HandlerError> {
+pub fn into_handler_result<R: IntoHandlerResult>(result: R) -> Result<Emit, HandlerError> {
     result.into_handler_result()
 }
 

@@ -42,6 +42,26 @@ pub(crate) fn process_span(
     )
 }
 
+/// The span one call of a batch handler runs in, for the `entries` entries it is given.
+pub(crate) fn batch_process_span(
+    level: Level,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    entries: usize,
+) -> Span {
+    span_at!(
+        level,
+        "slim_bus.process",
+        messaging.system = "redis",
+        messaging.operation.type = "process",
+        messaging.destination.name = stream,
+        messaging.consumer.group.name = group,
+        consumer = consumer,
+        messaging.batch.message_count = entries,
+    )
+}
+
 /// The span of one publish call of `entries` entries; the entry id is recorded once known.
 pub(crate) fn send_span(level: Level, stream: &str, entries: usize) -> Span {
     span_at!(

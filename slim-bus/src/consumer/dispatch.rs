@@ -22,7 +22,9 @@ use super::stream_state::StreamState;
 use crate::broker::{Broker, DeadLetterMove, Delivery};
 use crate::context::Context;
 use crate::dead_letter::{DeadLetterMeta, DeadLetterReason};
-use crate::error::{DecodeError, HandlerError, Retry, panic_message};
+use crate::emit::Emit;
+use crate::error::{DecodeError, HandlerError, Retry, panic_message, report};
+use crate::handler::RegisteredHandler;
 use crate::headers::Headers;
 use crate::publisher::Publisher;
 use crate::spans;
@@ -62,8 +64,18 @@ pub(super) struct DeliveryEnv {
     pub(super) metrics: Box<[StreamMetrics]>,
 }
 
+/// One delivery's entry, with what it holds, between its handler's outcome and its
+/// settlement.
+pub(super) struct Attempt {
+    pub(super) id: crate::EntryId,
+    pub(super) delivery_count: u64,
+    pub(super) delivered_at: Instant,
+    pub(super) slot: OwnedSemaphorePermit,
+    pub(super) held: Held,
+}
+
 /// How one delivery ended.
-enum AttemptOutcome {
+pub(super) enum AttemptOutcome {
     Handled,
     /// The entry was deleted or trimmed from the stream while pending.
     Deleted,
@@ -112,17 +124,17 @@ pub(super) struct Job {
 }
 
 /// The handling of one delivery.
-struct Task<'a> {
-    shared: &'a DeliveryEnv,
-    stream_index: usize,
+pub(super) struct Task<'a> {
+    pub(super) shared: &'a DeliveryEnv,
+    pub(super) stream_index: usize,
     /// Cancelled when this attempt is abandoned; the handler's context holds it.
-    cancellation: CancellationToken,
+    pub(super) cancellation: CancellationToken,
     /// Cancelled when the batch's handler timeout has passed.
-    timed_out: &'a CancellationToken,
-    deadline: Instant,
+    pub(super) timed_out: &'a CancellationToken,
+    pub(super) deadline: Instant,
     /// Whether the handler has a timeout of its own, timed by this task rather than by
     /// the batch's timer.
-    own_timeout: bool,
+    pub(super) own_timeout: bool,
 }
 
 impl Dispatcher {
@@ -136,6 +148,7 @@ impl Dispatcher {
     /// read run in parallel on a multi-threaded runtime (the `cpu-2` benchmark case), and
     /// each handler releases its slot as soon as it is done.
     pub(super) fn spawn(&self, mut jobs: Vec<Job>) {
+        self.spawn_batches(&mut jobs);
         if jobs.is_empty() {
             return;
         }
@@ -222,6 +235,30 @@ impl Task<'_> {
         let delivered_at = delivery.delivered_at;
         let started = Instant::now();
         let outcome = self.call(delivery).await;
+        let attempt = Attempt {
+            id,
+            delivery_count,
+            delivered_at,
+            slot,
+            held,
+        };
+        self.conclude(outcome, started, attempt).await;
+    }
+
+    /// Acknowledges, retries or dead-letters the entry of `attempt` after its outcome.
+    pub(super) async fn conclude(
+        &self,
+        outcome: AttemptOutcome,
+        started: Instant,
+        attempt: Attempt,
+    ) {
+        let Attempt {
+            id,
+            delivery_count,
+            delivered_at,
+            slot,
+            held,
+        } = attempt;
         tracing::debug!(outcome = outcome.word(), took = ?started.elapsed(), "delivery attempt ended");
         // What follows the handler (a retry's wait, a dead-letter move) holds no slot: the
         // entry stays among the held ones until it is settled.
@@ -285,8 +322,11 @@ impl Task<'_> {
         let started = Instant::now();
         // Decoding runs inside the catch too: a panicking `Deserialize` impl is a bug like
         // any other and must not take the bus down.
+        let RegisteredHandler::One(handler) = &route.handler else {
+            unreachable!("batch handlers' deliveries run in batches")
+        };
         let call = AssertUnwindSafe(async {
-            match route.handler.call(&fields, ctx) {
+            match handler.call(&fields, ctx) {
                 Ok(future) => Ok(future.await),
                 Err(error) => Err(DecodeError {
                     stream: route.stream.to_string(),
@@ -297,16 +337,32 @@ impl Task<'_> {
             }
         })
         .catch_unwind();
-        let outcome = tokio::select! {
+        let (outcome, emitted) = tokio::select! {
             result = call => match result {
-                Ok(Ok(Ok(()))) => AttemptOutcome::Handled,
-                Ok(Ok(Err(error))) => AttemptOutcome::Failed(error),
-                Ok(Err(error)) => AttemptOutcome::Decode(error),
-                Err(panic) => AttemptOutcome::Panicked(panic_message(&*panic)),
+                Ok(Ok(Ok(emit))) => (AttemptOutcome::Handled, emit),
+                Ok(Ok(Err(error))) => (AttemptOutcome::Failed(error), Emit::new()),
+                Ok(Err(error)) => (AttemptOutcome::Decode(error), Emit::new()),
+                Err(panic) => (AttemptOutcome::Panicked(panic_message(&*panic)), Emit::new()),
             },
-            () = self.timed_out.cancelled(), if !self.own_timeout => AttemptOutcome::TimedOut,
-            () = tokio::time::sleep_until(self.deadline), if self.own_timeout => AttemptOutcome::TimedOut,
-            () = self.cancellation.cancelled() => AttemptOutcome::Abandoned,
+            () = self.timed_out.cancelled(), if !self.own_timeout => (AttemptOutcome::TimedOut, Emit::new()),
+            () = tokio::time::sleep_until(self.deadline), if self.own_timeout => (AttemptOutcome::TimedOut, Emit::new()),
+            () = self.cancellation.cancelled() => (AttemptOutcome::Abandoned, Emit::new()),
+        };
+        // The handler's events go out before its entry is acknowledged, never after: a
+        // publish that fails fails the attempt.
+        let outcome = if matches!(outcome, AttemptOutcome::Handled) && !emitted.is_empty() {
+            tokio::select! {
+                published = self.publish_emitted(emitted) => match published {
+                    Ok(()) => AttemptOutcome::Handled,
+                    Err(error) => AttemptOutcome::Failed(HandlerError::new(format!(
+                        "publishing the events the handler returned failed, so the entry was not acknowledged: {}",
+                        report(&error)
+                    ))),
+                },
+                () = self.cancellation.cancelled() => AttemptOutcome::Abandoned,
+            }
+        } else {
+            outcome
         };
         metrics.finished(
             started.elapsed(),
@@ -324,6 +380,21 @@ impl Task<'_> {
             self.cancellation.cancel();
         }
         outcome
+    }
+
+    /// Publishes the events a handler returned: one batch per stream, all sent at once so
+    /// that they share the publisher's pipeline.
+    async fn publish_emitted(&self, emit: Emit) -> crate::Result<()> {
+        let publishes = emit.by_stream().into_iter().map(|stream| {
+            self.shared.publisher.publish_encoded_batch(
+                stream.stream,
+                stream.event_max_len,
+                stream.entries,
+            )
+        });
+        futures_util::future::try_join_all(publishes)
+            .await
+            .map(drop)
     }
 
     fn verdict(&self, outcome: AttemptOutcome, id: crate::EntryId, delivery_count: u64) -> Verdict {

@@ -4,6 +4,7 @@
 
 mod ack;
 mod backoff;
+mod batch;
 mod dispatch;
 mod in_flight;
 mod read_window;
@@ -23,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::Broker;
 use crate::config::StartFrom;
 use crate::error::{Error, Result};
-use crate::handler::ErasedHandler;
+use crate::handler::RegisteredHandler;
 use crate::health::{LastRead, SetAside};
 use crate::publisher::Publisher;
 use crate::telemetry::StreamMetrics;
@@ -42,7 +43,7 @@ const ABANDON_WAIT: Duration = Duration::from_secs(1);
 /// A stream the consumer reads, with its handler and failure settings.
 pub(crate) struct Route {
     pub(crate) stream: Arc<str>,
-    pub(crate) handler: Arc<dyn ErasedHandler>,
+    pub(crate) handler: RegisteredHandler,
     pub(crate) dead_letters: Arc<str>,
     pub(crate) max_deliveries: u64,
     /// The handler's own timeout, when it is not the bus's.

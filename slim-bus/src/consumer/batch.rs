@@ -1,0 +1,225 @@
+//! Runs the deliveries of a batch handler's stream: one call per batch, then each entry
+//! settled on its own, as a single handler's would be.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use futures_util::future::join_all;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::dispatch::{Attempt, AttemptOutcome, DeliveryEnv, Dispatcher, Job, Task};
+use crate::batch::ErasedBatchHandler;
+use crate::context::Context;
+use crate::error::{DecodeError, panic_message};
+use crate::handler::RegisteredHandler;
+use crate::headers::Headers;
+use crate::spans;
+use crate::telemetry::Outcome;
+
+impl Dispatcher {
+    /// Takes the jobs of batch handlers' streams out of `jobs` and starts them, in batches
+    /// of at most each handler's `max_batch`; the rest is left for single handlers.
+    pub(super) fn spawn_batches(&self, jobs: &mut Vec<Job>) {
+        let routes = &self.shared.routes;
+        let is_batch = |job: &Job| {
+            matches!(
+                routes[job.stream_index].handler,
+                RegisteredHandler::Batch(_)
+            )
+        };
+        if !jobs.iter().any(is_batch) {
+            return;
+        }
+        let (batched, single): (Vec<Job>, Vec<Job>) =
+            std::mem::take(jobs).into_iter().partition(is_batch);
+        *jobs = single;
+        let mut by_stream: Vec<(usize, Vec<Job>)> = Vec::new();
+        for job in batched {
+            match by_stream
+                .iter_mut()
+                .find(|(index, _)| *index == job.stream_index)
+            {
+                Some((_, jobs)) => jobs.push(job),
+                None => by_stream.push((job.stream_index, vec![job])),
+            }
+        }
+        for (stream_index, mut jobs) in by_stream {
+            let RegisteredHandler::Batch(handler) = &routes[stream_index].handler else {
+                continue;
+            };
+            let max_batch = handler.max_batch().max(1);
+            while !jobs.is_empty() {
+                let rest = jobs.split_off(max_batch.min(jobs.len()));
+                let batch = std::mem::replace(&mut jobs, rest);
+                self.tasks.spawn(run_batch(
+                    self.shared.clone(),
+                    self.abandon.child_token(),
+                    stream_index,
+                    handler.clone(),
+                    batch,
+                ));
+            }
+        }
+    }
+}
+
+/// One batch: settles what needs no call (deleted, exhausted), calls the handler with the
+/// rest under the timeout, and settles each entry by its own outcome.
+async fn run_batch(
+    shared: Arc<DeliveryEnv>,
+    cancellation: CancellationToken,
+    stream_index: usize,
+    handler: Arc<dyn ErasedBatchHandler>,
+    jobs: Vec<Job>,
+) {
+    let route = &shared.routes[stream_index];
+    let span = spans::batch_process_span(
+        shared.span_level,
+        &route.stream,
+        &shared.group,
+        &shared.consumer,
+        jobs.len(),
+    );
+    async {
+        let started = Instant::now();
+        let deadline = started + route.handler_timeout.unwrap_or(shared.handler_timeout);
+        // The batch has a timer of its own: the shared one is for single handlers.
+        let unused_timer = CancellationToken::new();
+        let task = Task {
+            shared: &shared,
+            stream_index,
+            cancellation: cancellation.clone(),
+            timed_out: &unused_timer,
+            deadline,
+            own_timeout: true,
+        };
+        let metrics = &shared.metrics[stream_index];
+        let mut settled = Vec::with_capacity(jobs.len());
+        let mut called = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let delivery = job.delivery;
+            let attempt = Attempt {
+                id: delivery.id,
+                delivery_count: delivery.delivery_count,
+                delivered_at: delivery.delivered_at,
+                slot: job.slot,
+                held: job.held,
+            };
+            match delivery.fields {
+                None => settled.push((AttemptOutcome::Deleted, attempt)),
+                Some(_) if delivery.delivery_count > route.max_deliveries => {
+                    settled.push((AttemptOutcome::Exhausted, attempt));
+                }
+                Some(fields) => {
+                    let ctx = Context::new(
+                        route.stream.clone(),
+                        shared.group.clone(),
+                        shared.consumer.clone(),
+                        delivery.id,
+                        delivery.delivery_count,
+                        deadline,
+                        cancellation.clone(),
+                        shared.publisher.clone(),
+                    )
+                    .with_headers(Headers::of_entry(&fields));
+                    metrics.started(delivery.id);
+                    called.push((fields, ctx, attempt));
+                }
+            }
+        }
+        let outcomes = if called.is_empty() {
+            Vec::new()
+        } else {
+            call(&task, &*handler, &called).await
+        };
+        let took = started.elapsed();
+        for ((_, _, attempt), outcome) in called.into_iter().zip(outcomes) {
+            metrics.finished(took, metric_outcome(&outcome));
+            settled.push((outcome, attempt));
+        }
+        join_all(
+            settled
+                .into_iter()
+                .map(|(outcome, attempt)| task.conclude(outcome, started, attempt)),
+        )
+        .await;
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Decodes and calls; one outcome per entry of `called`, in order.
+async fn call(
+    task: &Task<'_>,
+    handler: &dyn ErasedBatchHandler,
+    called: &[(crate::broker::EntryFields, Context, Attempt)],
+) -> Vec<AttemptOutcome> {
+    let route = &task.shared.routes[task.stream_index];
+    let entries = called
+        .iter()
+        .map(|(fields, ctx, _)| (fields, ctx.clone()))
+        .collect();
+    // Decoding runs inside the catch too, as for single handlers.
+    let run = AssertUnwindSafe(async {
+        let (decode_errors, call) = handler.call(entries);
+        let decoded = decode_errors.iter().filter(|error| error.is_none()).count();
+        let outcomes = match call {
+            Some(call) => call.await.into_outcomes(decoded),
+            None => Vec::new(),
+        };
+        (decode_errors, outcomes)
+    })
+    .catch_unwind();
+    let whole = |outcome: fn() -> AttemptOutcome| called.iter().map(|_| outcome()).collect();
+    let result = tokio::select! {
+        result = run => result,
+        () = tokio::time::sleep_until(task.deadline) => {
+            // The handler's future is gone; this stops what it spawned and tied to its context.
+            task.cancellation.cancel();
+            return whole(|| AttemptOutcome::TimedOut);
+        }
+        () = task.cancellation.cancelled() => return whole(|| AttemptOutcome::Abandoned),
+    };
+    let (decode_errors, outcomes) = match result {
+        Ok(parts) => parts,
+        Err(panic) => {
+            let message = panic_message(&*panic);
+            return called
+                .iter()
+                .map(|_| AttemptOutcome::Panicked(message.clone()))
+                .collect();
+        }
+    };
+    let mut outcomes = outcomes.into_iter();
+    decode_errors
+        .into_iter()
+        .zip(called)
+        .map(|(error, (_, _, attempt))| match error {
+            Some(error) => AttemptOutcome::Decode(DecodeError {
+                stream: route.stream.to_string(),
+                entry_id: attempt.id,
+                field: error.field,
+                reason: error.reason,
+            }),
+            None => match outcomes.next() {
+                Some(Ok(())) => AttemptOutcome::Handled,
+                Some(Err(error)) => AttemptOutcome::Failed(error),
+                None => unreachable!("into_outcomes gives one outcome per decoded entry"),
+            },
+        })
+        .collect()
+}
+
+fn metric_outcome(outcome: &AttemptOutcome) -> Option<Outcome> {
+    match outcome {
+        AttemptOutcome::Handled => Some(Outcome::Ok),
+        AttemptOutcome::Failed(_) => Some(Outcome::Error),
+        AttemptOutcome::TimedOut => Some(Outcome::Timeout),
+        AttemptOutcome::Panicked(_) => Some(Outcome::Panic),
+        AttemptOutcome::Decode(_) => Some(Outcome::Decode),
+        _ => None,
+    }
+}
