@@ -294,3 +294,64 @@ async fn a_tower_concurrency_limit_of_one_never_lets_two_handler_calls_run_at_on
     backend.until_nothing_pending("user.created", "tests").await;
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
+
+/// A service that is never ready (and never wakes its caller).
+#[derive(Clone)]
+struct NeverReady;
+
+impl tower::Service<HandlerRequest> for NeverReady {
+    type Response = Emit;
+    type Error = HandlerError;
+    type Future = std::future::Ready<Result<Emit, HandlerError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), HandlerError>> {
+        std::task::Poll::Pending
+    }
+
+    fn call(&mut self, _: HandlerRequest) -> Self::Future {
+        panic!("called without being ready")
+    }
+}
+
+conformance!(a_service_that_never_gets_ready_holds_the_call_back_until_the_handler_timeout);
+async fn a_service_that_never_gets_ready_holds_the_call_back_until_the_handler_timeout(
+    backend: Backend,
+) {
+    let (handler, mut handled) = Record::<UserCreated>::new();
+    let bus = within(
+        "build",
+        STEP,
+        backend
+            .bus()
+            .handler_timeout(Duration::from_millis(200))
+            .max_deliveries(1)
+            .handler(handler)
+            .layer(layer_fn(|_inner: BusService| NeverReady))
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    let id = within("publish", STEP, bus.publish(&user(1)))
+        .await
+        .unwrap();
+
+    let dead = bus.dead_letters("user.created");
+    let letters = within("the dead letter", STEP, async {
+        loop {
+            let letters = dead.list(None, 10).await.unwrap();
+            if !letters.is_empty() {
+                return letters;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(letters[0].origin_id, Some(id));
+    assert_eq!(letters[0].reason, Some(DeadLetterReason::Timeout));
+    assert!(handled.try_recv().is_err(), "the handler was never called");
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
