@@ -11,6 +11,7 @@ mod error;
 mod event;
 mod handler;
 mod health;
+mod inspect;
 mod lease;
 mod listener;
 mod publisher;
@@ -28,6 +29,7 @@ pub use crate::error::{BoxError, DecodeError, Error, HandlerError, Result, Retry
 pub use crate::event::{EntryId, Event, ParseEntryIdError};
 pub use crate::handler::{Handlers, StreamHandler, StreamService};
 pub use crate::health::{Health, StreamHealth};
+pub use crate::inspect::{ConsumerStatus, GroupStatus, PendingEntry, StreamEntry, StreamStatus};
 pub use crate::listener::{Listener, ShutdownHandle};
 pub use crate::publisher::Publisher;
 
