@@ -9,7 +9,8 @@
 #   ./scripts/test.sh --server-suite  # only the tests that run against a redis-server
 #   ./scripts/test.sh --server-suite --without-tls   # ... leaving out the TLS tests
 #
-# --server-suite runs the slim-bus-tests package alone, without doctests: for running the
+# --server-suite runs the packages whose tests start a redis-server (slim-bus-tests, and
+# slim-bus-cli, whose tests run the `slim-bus` binary), without doctests: for running the
 # suite again on another server version. --without-tls is for a server built without TLS
 # support (it exits with "Failed finding TLS support" when given --tls-port).
 #
@@ -105,8 +106,8 @@ if [[ "$server_suite" == 1 ]]; then
     if [[ "$without_tls" == 1 ]]; then
       filter=(-E 'not (binary(tls) | test(/::tls$/))')
     fi
-    echo "==> cargo nextest run -p slim-bus-tests --all-targets ${filter[*]} $*"
-    cargo nextest run -p slim-bus-tests --all-targets "${filter[@]}" "$@"
+    echo "==> cargo nextest run -p slim-bus-tests -p slim-bus-cli --all-targets ${filter[*]} $*"
+    cargo nextest run -p slim-bus-tests -p slim-bus-cli --all-targets "${filter[@]}" "$@"
   else
     targets=(--lib --bins)
     skip=()
@@ -122,6 +123,8 @@ if [[ "$server_suite" == 1 ]]; then
     fi
     echo "==> cargo-nextest not installed; cargo test -p slim-bus-tests ${targets[*]} $* -- ${skip[*]}"
     cargo test -p slim-bus-tests "${targets[@]}" "$@" -- "${skip[@]}"
+    echo "==> cargo test -p slim-bus-cli --all-targets $*"
+    cargo test -p slim-bus-cli --all-targets "$@"
   fi
   exit 0
 fi

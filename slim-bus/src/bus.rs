@@ -675,6 +675,14 @@ impl EventBus {
     pub fn consumer_name(&self) -> &str {
         &self.inner.consumer_name
     }
+
+    pub(crate) fn broker(&self) -> &Arc<dyn Broker> {
+        &self.inner.broker
+    }
+
+    pub(crate) fn config(&self) -> &EventBusConfig {
+        &self.inner.config
+    }
 }
 
 /// Whether `error` says Redis is down or cannot be reached for now (refused, timed out,

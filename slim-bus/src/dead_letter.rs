@@ -84,7 +84,10 @@ fn has_hash_tag(key: &str) -> bool {
 }
 
 /// Why an entry was dead-lettered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// Serializes as its [`as_str`](Self::as_str) text, e.g. `"timeout"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum DeadLetterReason {
     /// The entry does not decode into the handler's event type.
@@ -160,6 +163,16 @@ impl DeadLetterMeta<'_> {
     }
 }
 
+fn unix_millis<S: serde::Serializer>(
+    at: &Option<SystemTime>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match at.map(|at| at.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO)) {
+        Some(since) => crate::inspect::millis(&since, serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
 fn truncate(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
@@ -172,14 +185,20 @@ fn truncate(text: &str, max: usize) -> String {
 }
 
 /// One dead-lettered entry, with its metadata parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Serializes (with `serde`) with ids as their `ms-seq` text, `failed_at` as
+/// `failed_at_ms` (milliseconds since the Unix epoch), and `fields` as an object of text
+/// values (bytes that are not UTF-8 replaced by `U+FFFD`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct DeadLetter {
     /// The id of the entry in the dead-letter stream.
+    #[serde(serialize_with = "crate::inspect::id")]
     pub id: EntryId,
     /// The stream the entry came from.
     pub origin_stream: String,
     /// The id the entry had there.
+    #[serde(serialize_with = "crate::inspect::optional_id")]
     pub origin_id: Option<EntryId>,
     /// The consumer group that gave up on it.
     pub group: String,
@@ -192,9 +211,11 @@ pub struct DeadLetter {
     /// The last error, cut to about 1 KiB.
     pub error: String,
     /// When it was dead-lettered.
+    #[serde(rename = "failed_at_ms", serialize_with = "unix_millis")]
     pub failed_at: Option<SystemTime>,
     /// The original fields, as they were in the origin stream: the event's fields (`@x`
     /// escaped as `@@x`) and its headers' (`@h.NAME`).
+    #[serde(serialize_with = "crate::inspect::fields")]
     pub fields: Vec<(String, Vec<u8>)>,
 }
 
@@ -343,6 +364,24 @@ impl DeadLetters {
             .into_iter()
             .map(|(id, fields)| DeadLetter::parse(id, fields))
             .collect())
+    }
+
+    /// Dead letter `id`, or `None` when there is no such dead letter.
+    ///
+    /// # Errors
+    ///
+    /// Redis errors.
+    pub async fn get(&self, id: EntryId) -> Result<Option<DeadLetter>> {
+        let before = match (id.millis(), id.seq()) {
+            (0, 0) => None,
+            (millis, 0) => Some(EntryId::new(millis - 1, u64::MAX)),
+            (millis, seq) => Some(EntryId::new(millis, seq - 1)),
+        };
+        let mut page = self.broker.range_after(&self.stream, before, 1).await?;
+        Ok(page
+            .pop()
+            .filter(|(found, _)| *found == id)
+            .map(|(id, fields)| DeadLetter::parse(id, fields)))
     }
 
     /// Moves one dead letter back to its origin stream as a new entry (original fields

@@ -123,6 +123,22 @@ pub enum Error {
         actual: String,
     },
 
+    /// An inspected stream does not exist (its key is missing).
+    #[error("stream `{stream}` does not exist")]
+    StreamNotFound {
+        /// The stream.
+        stream: String,
+    },
+
+    /// An inspected consumer group does not exist on its stream.
+    #[error("consumer group `{group}` does not exist on stream `{stream}`")]
+    GroupNotFound {
+        /// The stream.
+        stream: String,
+        /// The consumer group.
+        group: String,
+    },
+
     /// Redis could not be reached or answered with an error.
     ///
     /// The message says what the bus was doing; the Redis error is its

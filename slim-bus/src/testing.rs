@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::event::{EntryId, Event};
 use crate::listener::Listener;
 
-pub use crate::broker::memory::PendingEntry;
+pub use crate::inspect::PendingEntry;
 
 /// How long [`TestBus::run_until_idle`] runs by default before it gives up: long enough
 /// for the default retries and claims, and free with paused time.

@@ -27,7 +27,11 @@ use crate::dead_letter::{
 };
 use crate::error::{Error, Result};
 use crate::event::EntryId;
+use crate::inspect::{PendingEntry, StreamStatus};
 use crate::testing::Outcome;
+
+#[path = "memory_inspect.rs"]
+mod inspect;
 
 /// The scheme of URLs that select the in-memory backend: `memory://` for a private broker,
 /// `memory://NAME` for the process-wide broker called NAME.
@@ -160,20 +164,6 @@ struct Nack {
     consumer: Arc<str>,
     delivery_count: u64,
     delivered_at: Instant,
-}
-
-/// One entry of a consumer group's pending list, from [`MemoryBroker::pending`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PendingEntry {
-    /// The entry.
-    pub id: EntryId,
-    /// The consumer that holds it.
-    pub consumer: String,
-    /// How often the group has delivered it.
-    pub delivery_count: u64,
-    /// How long ago it was last delivered, on tokio's clock.
-    pub idle: Duration,
 }
 
 impl Default for MemoryBroker {
@@ -1340,6 +1330,39 @@ impl Broker for MemoryConnection {
             state.leases.remove(key);
         }
         Ok(())
+    }
+
+    async fn stream_status(
+        &self,
+        stream: &str,
+        dead_letters: &str,
+    ) -> Result<Option<StreamStatus>> {
+        Ok(self
+            .store
+            .lock()
+            .stream_status(stream, dead_letters, Instant::now()))
+    }
+
+    async fn pending_entries(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<PendingEntry>> {
+        self.store
+            .lock()
+            .pending_entries(stream, group, consumer, count, Instant::now())
+    }
+
+    async fn read_after(
+        &self,
+        stream: &str,
+        after: EntryId,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<(EntryId, RawFields)>> {
+        Ok(self.read_entries_after(stream, after, count, block).await)
     }
 
     async fn delete_key(&self, stream: &str) -> Result<()> {

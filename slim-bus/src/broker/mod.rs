@@ -13,6 +13,7 @@ use crate::codec::EncodedField;
 use crate::config::StartFrom;
 use crate::error::Result;
 use crate::event::EntryId;
+use crate::inspect::{PendingEntry, StreamStatus};
 
 mod commands;
 pub(crate) mod memory;
@@ -199,6 +200,32 @@ pub(crate) trait Broker: Send + Sync + 'static {
 
     /// Deletes the lease at `key` if `holder` has it.
     async fn release_lease(&self, key: &str, holder: &str) -> Result<()>;
+
+    /// The state of `stream`, its groups and their consumers, and the length of
+    /// `dead_letters`; `None` when there is no such key.
+    async fn stream_status(&self, stream: &str, dead_letters: &str)
+    -> Result<Option<StreamStatus>>;
+
+    /// Up to `count` entries of the pending list of `group` on `stream`, lowest id first,
+    /// only those of `consumer` when given; [`Error::GroupNotFound`](crate::Error::GroupNotFound)
+    /// when the stream or the group does not exist.
+    async fn pending_entries(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<PendingEntry>>;
+
+    /// Up to `count` entries of `stream` with ids after `after`, waiting up to `block` for
+    /// the first one (not at all for `None`), without a consumer group: like `XREAD`.
+    async fn read_after(
+        &self,
+        stream: &str,
+        after: EntryId,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<(EntryId, RawFields)>>;
 }
 
 /// Who has a lease, after [`Broker::hold_lease`].

@@ -23,7 +23,11 @@ use crate::config::StartFrom;
 use crate::dead_letter::{dlq_error, unpack_fields};
 use crate::error::{Error, Result, server_code};
 use crate::event::EntryId;
+use crate::inspect::{PendingEntry, StreamStatus};
 use crate::tls::Tls;
+
+#[path = "redis_inspect.rs"]
+mod inspect;
 
 /// How often a wake retries before the reader's block reaches the server (1 ms apart).
 const WAKE_ATTEMPTS: usize = 100;
@@ -50,6 +54,8 @@ pub(crate) struct RedisBroker {
     /// `XREADGROUP ... BLOCK`, which holds its connection for the whole block time, so it
     /// gets a connection of its own, opened on first use and again after it broke.
     read_connection: tokio::sync::Mutex<Option<RespConnection>>,
+    /// `XREAD ... BLOCK` of [`Broker::read_after`], for the same reason.
+    tail_connection: tokio::sync::Mutex<Option<RespConnection>>,
     command_timeout: Duration,
     dead_letter_script: redis::Script,
     replay_script: redis::Script,
@@ -400,6 +406,7 @@ impl RedisBroker {
             commands,
             publisher,
             read_connection: tokio::sync::Mutex::new(None),
+            tail_connection: tokio::sync::Mutex::new(None),
             command_timeout,
             dead_letter_script: redis::Script::new(DEAD_LETTER_SCRIPT),
             replay_script: redis::Script::new(REPLAY_SCRIPT),
@@ -1136,6 +1143,34 @@ impl Broker for RedisBroker {
             .await
             .map(drop)
             .map_err(|e| Error::redis(format!("releasing the lease `{key}`"), e))
+    }
+
+    async fn stream_status(
+        &self,
+        stream: &str,
+        dead_letters: &str,
+    ) -> Result<Option<StreamStatus>> {
+        self.inspect_stream(stream, dead_letters).await
+    }
+
+    async fn pending_entries(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<PendingEntry>> {
+        self.inspect_pending(stream, group, consumer, count).await
+    }
+
+    async fn read_after(
+        &self,
+        stream: &str,
+        after: EntryId,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<(EntryId, RawFields)>> {
+        self.read_entries_after(stream, after, count, block).await
     }
 
     async fn delete_key(&self, stream: &str) -> Result<()> {

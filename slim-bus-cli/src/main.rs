@@ -1,0 +1,81 @@
+//! `slim-bus`: the operator's command line for slim-bus streams, built on the library's
+//! inspection and dead-letter API.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use clap::Parser;
+use slim_bus::EventBus;
+
+mod args;
+mod dlq;
+mod exit;
+mod status;
+mod table;
+mod tail;
+
+use args::{Cli, Command, Connection};
+use exit::{Failure, Outcome};
+
+/// The server when neither `--url` nor `REDIS_URL` names one: the library's default.
+const DEFAULT_URL: &str = "redis://127.0.0.1:6379/";
+
+fn main() -> ExitCode {
+    // clap prints its own usage errors and exits with 2.
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(&Failure::from(error)),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => fail(&failure),
+    }
+}
+
+fn fail(failure: &Failure) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "error: {failure}");
+    failure.exit_code()
+}
+
+async fn run(cli: Cli) -> Outcome {
+    let bus = connect(&cli.connection).await?;
+    let json = cli.json;
+    match cli.command {
+        Command::Status(args) => status::run(&bus, &args, json).await,
+        Command::Dlq(command) => dlq::run(&bus, command, json).await,
+        Command::Tail(args) => tail::tail(&bus, &args, json).await,
+        Command::Pending(args) => tail::pending(&bus, &args, json).await,
+    }
+}
+
+/// A bus with only the connection settings: no consumer group, no handlers, so it
+/// inspects any stream and takes nothing from anyone.
+async fn connect(connection: &Connection) -> Result<EventBus, Failure> {
+    let mut builder = EventBus::builder()
+        .url(connection.url.as_deref().unwrap_or(DEFAULT_URL))
+        .command_timeout(connection.timeout)
+        .dead_letter_suffix(connection.dead_letter_suffix.clone());
+    if let Some(path) = &connection.tls_ca_cert {
+        builder = builder.tls_ca_cert(path);
+    }
+    if let Some(path) = &connection.tls_client_cert {
+        builder = builder.tls_client_cert(path);
+    }
+    if let Some(path) = &connection.tls_client_key {
+        builder = builder.tls_client_key(path);
+    }
+    Ok(builder.build().await?)
+}
+
+/// Prints `value` as one line of JSON.
+fn print_json(value: &impl serde::Serialize) -> Outcome {
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer(&mut stdout, value)?;
+    writeln!(stdout)?;
+    Ok(())
+}

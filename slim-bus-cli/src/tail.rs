@@ -1,0 +1,87 @@
+//! `slim-bus tail` and `slim-bus pending`: a stream's entries as they arrive, and what a
+//! consumer group holds.
+
+use std::io::Write as _;
+
+use futures_util::StreamExt as _;
+use slim_bus::{EventBus, StreamEntry};
+
+use crate::args::{PendingArgs, TailArgs};
+use crate::exit::{Failure, Outcome};
+use crate::print_json;
+use crate::table::{self, Table};
+
+pub(crate) async fn tail(bus: &EventBus, args: &TailArgs, json: bool) -> Outcome {
+    let entries = bus.tail(&args.stream, args.from).await?;
+    let mut entries = std::pin::pin!(entries);
+    let from = args
+        .from
+        .map_or_else(|| "new entries".to_owned(), |id| format!("after {id}"));
+    // On stderr, so that stdout holds entries only; a script can wait for this line.
+    eprintln!("tailing `{}` from {from} (Ctrl-C to stop)", args.stream);
+    loop {
+        let entry = tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            entry = entries.next() => entry,
+        };
+        match entry {
+            Some(Ok(entry)) if json => print_json(&entry)?,
+            Some(Ok(entry)) => print_entry(&entry)?,
+            Some(Err(error)) => return Err(error.into()),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// `ID name=value name=value`, each value quoted when it holds spaces or quotes.
+fn print_entry(entry: &StreamEntry) -> Outcome {
+    let mut line = entry.id.to_string();
+    for (name, value) in &entry.fields {
+        let value = String::from_utf8_lossy(value);
+        line.push(' ');
+        line.push_str(name);
+        line.push('=');
+        if value.is_empty() || value.contains([' ', '"', '\n', '\t']) {
+            line.push_str(&format!("{value:?}"));
+        } else {
+            line.push_str(&value);
+        }
+    }
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")?;
+    stdout.flush()?;
+    Ok(())
+}
+
+pub(crate) async fn pending(bus: &EventBus, args: &PendingArgs, json: bool) -> Outcome {
+    let entries = bus
+        .pending_entries(
+            &args.stream,
+            &args.group,
+            args.consumer.as_deref(),
+            args.limit,
+        )
+        .await
+        .map_err(Failure::from)?;
+    if json {
+        return print_json(&entries);
+    }
+    if entries.is_empty() {
+        println!(
+            "nothing pending in group `{}` on `{}`",
+            args.group, args.stream
+        );
+        return Ok(());
+    }
+    let mut rows = Table::new(&["ID", "CONSUMER", "IDLE", "DELIVERIES"]);
+    for entry in &entries {
+        rows.row(vec![
+            entry.id.to_string(),
+            entry.consumer.clone(),
+            table::duration(entry.idle),
+            entry.delivery_count.to_string(),
+        ]);
+    }
+    print!("{}", rows.render());
+    Ok(())
+}

@@ -1,0 +1,316 @@
+//! What the Redis backend tells about a stream: `XINFO GROUPS` and `CONSUMERS`,
+//! `XPENDING`, and `XREAD` on a connection of its own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Value;
+use tokio::time::Instant;
+
+use super::{
+    CONNECT_TIMEOUT, RedisBroker, classify, entry_id, millis, parse_raw_entry, unexpected,
+};
+use crate::broker::RawFields;
+use crate::broker::resp::{RespConnection, RespError, is_failover_line};
+use crate::error::{Error, Result, server_code};
+use crate::event::EntryId;
+use crate::inspect::{ConsumerStatus, GroupStatus, PendingEntry, StreamStatus};
+
+impl RedisBroker {
+    pub(super) async fn inspect_stream(
+        &self,
+        stream: &str,
+        dead_letters: &str,
+    ) -> Result<Option<StreamStatus>> {
+        let action = || format!("reading the state of stream `{stream}`");
+        let kind: String = redis::cmd("TYPE")
+            .arg(stream)
+            .query_async(&mut self.commands())
+            .await
+            .map_err(|e| Error::redis(action(), e))?;
+        match kind.as_str() {
+            "none" => return Ok(None),
+            "stream" => {}
+            _ => {
+                return Err(Error::WrongType {
+                    stream: stream.to_owned(),
+                    actual: kind,
+                });
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("XLEN").arg(stream);
+        pipe.cmd("XREVRANGE")
+            .arg(stream)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1);
+        pipe.cmd("XINFO").arg("GROUPS").arg(stream);
+        pipe.cmd("XLEN").arg(dead_letters);
+        let (length, last, groups, dead): (u64, Value, Value, u64) = pipe
+            .query_async(&mut self.commands())
+            .await
+            .map_err(|e| classify(stream, e, action))?;
+        let last_entry_id = match last {
+            Value::Array(entries) => match entries.into_iter().next() {
+                Some(entry) => Some(
+                    parse_raw_entry(entry)
+                        .map_err(|detail| Error::UnexpectedReply {
+                            action: action(),
+                            detail,
+                        })?
+                        .0,
+                ),
+                None => None,
+            },
+            other => {
+                return Err(unexpected(
+                    action(),
+                    "XREVRANGE did not answer an array",
+                    &other,
+                ));
+            }
+        };
+        let Value::Array(groups) = groups else {
+            return Err(unexpected(
+                action(),
+                "XINFO GROUPS did not answer an array",
+                &groups,
+            ));
+        };
+        let mut statuses: Vec<GroupStatus> = groups.into_iter().map(parse_group).collect();
+        if !statuses.is_empty() {
+            let mut pipe = redis::pipe();
+            for group in &statuses {
+                pipe.cmd("XPENDING")
+                    .arg(stream)
+                    .arg(&group.name)
+                    .arg("-")
+                    .arg("+")
+                    .arg(1);
+                pipe.cmd("XINFO")
+                    .arg("CONSUMERS")
+                    .arg(stream)
+                    .arg(&group.name);
+            }
+            let replies: Vec<Value> = pipe
+                .query_async(&mut self.commands())
+                .await
+                .map_err(|e| classify(stream, e, action))?;
+            let mut replies = replies.into_iter();
+            for group in &mut statuses {
+                if let Some(Value::Array(rows)) = replies.next() {
+                    group.oldest_pending_idle = rows
+                        .into_iter()
+                        .next()
+                        .and_then(|row| parse_pending_row(row).map(|entry| entry.idle));
+                }
+                if let Some(Value::Array(consumers)) = replies.next() {
+                    group.consumers = consumers.into_iter().map(parse_consumer).collect();
+                }
+            }
+        }
+        statuses.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Some(StreamStatus {
+            stream: stream.to_owned(),
+            length,
+            last_entry_id,
+            dead_letter_stream: dead_letters.to_owned(),
+            dead_letters: dead,
+            groups: statuses,
+        }))
+    }
+
+    pub(super) async fn inspect_pending(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<PendingEntry>> {
+        let action = || format!("reading the pending entries of group `{group}` on `{stream}`");
+        let mut cmd = redis::cmd("XPENDING");
+        cmd.arg(stream).arg(group).arg("-").arg("+").arg(count);
+        if let Some(consumer) = consumer {
+            cmd.arg(consumer);
+        }
+        let reply: Value = match cmd.query_async(&mut self.commands()).await {
+            Ok(reply) => reply,
+            Err(e) if server_code(&e).as_deref() == Some("NOGROUP") => {
+                return Err(Error::GroupNotFound {
+                    stream: stream.to_owned(),
+                    group: group.to_owned(),
+                });
+            }
+            Err(e) => return Err(self.name_type(classify(stream, e, action)).await),
+        };
+        let Value::Array(rows) = reply else {
+            return Err(unexpected(
+                action(),
+                "XPENDING did not answer an array",
+                &reply,
+            ));
+        };
+        rows.into_iter()
+            .map(|row| {
+                parse_pending_row(row).ok_or_else(|| Error::UnexpectedReply {
+                    action: action(),
+                    detail: "an XPENDING row is not [id, consumer, idle, count]".to_owned(),
+                })
+            })
+            .collect()
+    }
+
+    /// `XREAD` on a connection of its own, so that its block holds up no other command.
+    pub(super) async fn read_entries_after(
+        &self,
+        stream: &str,
+        after: EntryId,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<(EntryId, RawFields)>> {
+        let action = || format!("reading stream `{stream}`");
+        let mut slot = self.tail_connection.lock().await;
+        let mut connection = match slot.take() {
+            Some(connection) if !connection.is_dirty() => connection,
+            _ => RespConnection::connect(&self.endpoint, Instant::now() + CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| {
+                    let addr = self.endpoint.info.addr().to_string();
+                    Error::redis(format!("connecting to {addr}"), e.into_redis())
+                })?,
+        };
+        let count = count.to_string();
+        let after = after.to_string();
+        let block_millis = block.map(|block| millis(block).max(1).to_string());
+        let mut args: Vec<&[u8]> = vec![b"XREAD", b"COUNT", count.as_bytes()];
+        if let Some(block_millis) = &block_millis {
+            args.extend([b"BLOCK".as_slice(), block_millis.as_bytes()]);
+        }
+        args.extend([b"STREAMS".as_slice(), stream.as_bytes(), after.as_bytes()]);
+        let streams = [Arc::<str>::from(stream)];
+        let deadline = Instant::now() + block.unwrap_or(Duration::ZERO) + self.command_timeout;
+        // The reply to XREAD has the shape of the reply to XREADGROUP.
+        match connection.read_group(&args, &streams, deadline).await {
+            Ok(mut batches) => {
+                *slot = Some(connection);
+                Ok(batches
+                    .pop()
+                    .map(|batch| batch.deliveries)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|delivery| {
+                        let fields = delivery.fields?;
+                        let raw = fields
+                            .pairs()
+                            .map(|(name, value)| (name.to_vec(), value.to_vec()))
+                            .collect();
+                        Some((delivery.id, raw))
+                    })
+                    .collect())
+            }
+            Err(error) => {
+                if matches!(&error, RespError::Server(line) if !is_failover_line(line)) {
+                    *slot = Some(connection);
+                }
+                drop(slot);
+                let error = classify(stream, error.into_redis(), action);
+                Err(self.name_type(error).await)
+            }
+        }
+    }
+}
+
+/// The `(name, value)` pairs of a RESP2 flat array or a RESP3 map.
+fn pairs(info: Value) -> Vec<(Vec<u8>, Value)> {
+    let flat: Vec<(Value, Value)> = match info {
+        Value::Map(pairs) => pairs,
+        Value::Array(flat) => {
+            let mut flat = flat.into_iter();
+            std::iter::from_fn(|| Some((flat.next()?, flat.next()?))).collect()
+        }
+        _ => Vec::new(),
+    };
+    flat.into_iter()
+        .filter_map(|(key, value)| match key {
+            Value::BulkString(bytes) => Some((bytes, value)),
+            Value::SimpleString(text) => Some((text.into_bytes(), value)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
+    }
+}
+
+fn count(value: &Value) -> Option<u64> {
+    match value {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+/// One group of an `XINFO GROUPS` reply; its consumers and oldest pending entry are read
+/// next.
+fn parse_group(info: Value) -> GroupStatus {
+    let mut group = GroupStatus {
+        name: String::new(),
+        lag: None,
+        pending: 0,
+        oldest_pending_idle: None,
+        last_delivered_id: EntryId::MIN,
+        consumers: Vec::new(),
+    };
+    for (key, value) in pairs(info) {
+        match key.as_slice() {
+            b"name" => group.name = text(&value).unwrap_or_default(),
+            b"pending" => group.pending = count(&value).unwrap_or(0),
+            b"lag" => group.lag = count(&value),
+            b"last-delivered-id" => {
+                group.last_delivered_id = entry_id(&value).unwrap_or(EntryId::MIN)
+            }
+            _ => {}
+        }
+    }
+    group
+}
+
+/// One consumer of an `XINFO CONSUMERS` reply.
+fn parse_consumer(info: Value) -> ConsumerStatus {
+    let mut consumer = ConsumerStatus {
+        name: String::new(),
+        pending: 0,
+        idle: Duration::ZERO,
+    };
+    for (key, value) in pairs(info) {
+        match key.as_slice() {
+            b"name" => consumer.name = text(&value).unwrap_or_default(),
+            b"pending" => consumer.pending = count(&value).unwrap_or(0),
+            b"idle" => consumer.idle = Duration::from_millis(count(&value).unwrap_or(0)),
+            _ => {}
+        }
+    }
+    consumer
+}
+
+/// One row of an extended `XPENDING` reply: `[id, consumer, idle, delivery count]`.
+fn parse_pending_row(row: Value) -> Option<PendingEntry> {
+    let Value::Array(row) = row else {
+        return None;
+    };
+    match row.as_slice() {
+        [id, consumer, idle, delivery_count] => Some(PendingEntry {
+            id: entry_id(id)?,
+            consumer: text(consumer)?,
+            idle: Duration::from_millis(count(idle)?),
+            delivery_count: count(delivery_count)?,
+        }),
+        _ => None,
+    }
+}
