@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::asyncapi::{self, Contract};
 use crate::batch::BatchHandler;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
@@ -82,6 +83,7 @@ struct Inner {
     last_read: Arc<LastRead>,
     /// The streams the listener does not consume, and why.
     set_aside: Arc<SetAside>,
+    contract: Contract,
 }
 
 impl std::fmt::Debug for EventBus {
@@ -683,6 +685,14 @@ impl EventBus {
     pub(crate) fn config(&self) -> &EventBusConfig {
         &self.inner.config
     }
+
+    pub(crate) fn routes(&self) -> &[Route] {
+        &self.inner.routes
+    }
+
+    pub(crate) fn contract(&self) -> &Contract {
+        &self.inner.contract
+    }
 }
 
 /// Whether `error` says Redis is down or cannot be reached for now (refused, timed out,
@@ -758,6 +768,7 @@ pub struct EventBusBuilder {
     memory: Option<MemoryBroker>,
     handlers: Handlers,
     layers: Vec<BusLayer>,
+    pub(crate) contract: Contract,
 }
 
 impl std::fmt::Debug for EventBusBuilder {
@@ -1135,6 +1146,8 @@ impl EventBusBuilder {
                 "must be set when the bus has handlers",
             ));
         }
+        self.contract.validate()?;
+        asyncapi::write_if_asked(&routes, &self.config, &self.contract);
         let memory = match (self.memory, &self.client) {
             (Some(memory), _) => Some(memory),
             (None, None) => MemoryBroker::from_url(&self.config.url),
@@ -1173,6 +1186,7 @@ impl EventBusBuilder {
                 routes,
                 listening: Arc::new(AtomicBool::new(false)),
                 last_read: Arc::new(LastRead::new()),
+                contract: self.contract,
             }),
         })
     }

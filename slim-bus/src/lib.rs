@@ -1,5 +1,6 @@
 #![doc = include_str!("docs/crate.md")]
 
+mod asyncapi;
 mod batch;
 mod broker;
 mod bus;
@@ -26,6 +27,7 @@ mod telemetry;
 pub mod testing;
 mod tls;
 
+pub use crate::asyncapi::ASYNCAPI_ENV;
 pub use crate::batch::{BatchHandler, BatchOutcome};
 pub use crate::broker::memory::MemoryBroker;
 pub use crate::bus::{EventBus, EventBusBuilder};

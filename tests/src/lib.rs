@@ -16,6 +16,7 @@
 //! # }
 //! ```
 
+pub mod asyncapi_service;
 mod proxy;
 mod server;
 mod tls;
