@@ -369,18 +369,22 @@ impl EventBus {
         &self,
         stream: &str,
         max_len: Option<usize>,
-        mut entries: Vec<Vec<EncodedField>>,
+        entries: Vec<Vec<EncodedField>>,
     ) -> Result<Vec<EntryId>> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
         let span = spans::send_span(self.inner.config.span_level, stream, entries.len());
         #[cfg(feature = "opentelemetry")]
-        if let Some(trace) = crate::otel::trace_context(&span) {
-            for fields in &mut entries {
-                trace.encode_into(fields);
+        let entries = {
+            let mut entries = entries;
+            if let Some(trace) = crate::otel::trace_context(&span) {
+                for fields in &mut entries {
+                    trace.encode_into(fields);
+                }
             }
-        }
+            entries
+        };
         let started = tokio::time::Instant::now();
         let published = self
             .inner
