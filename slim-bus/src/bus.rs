@@ -106,11 +106,17 @@ impl EventBus {
 
     /// Publishes `event` to its stream ([`Event::STREAM`]), returning the new entry's id.
     ///
+    /// For a partitioned stream the entry goes to one partition (`orders:{3}`): the one its
+    /// key field's value picks ([`Event::PARTITION_KEY`]), else the next in turn. See the
+    /// README's "Partitioned streams".
+    ///
     /// # Errors
     ///
     /// [`Error::NoEventStream`] when the event type names no stream, [`Error::Encode`] when
-    /// the event does not serialize into stream fields, and Redis errors (bounded by the
-    /// command timeout, time queued behind other publishes included).
+    /// the event does not serialize into stream fields, [`Error::Config`] when the event
+    /// type and the bus's `stream_partitions` disagree on the stream's partitions, and
+    /// Redis errors (bounded by the command timeout, time queued behind other publishes
+    /// included).
     ///
     /// # Cancellation
     ///
@@ -125,6 +131,11 @@ impl EventBus {
     }
 
     /// Publishes `event` to `stream`, whatever stream its type names.
+    ///
+    /// When `stream` is the logical name of a stream this bus knows as partitioned (from
+    /// [`stream_partitions`](EventBusBuilder::stream_partitions) or a handled event type),
+    /// the entry goes to its partitions in turn; a partition's own name (`orders:{3}`) is
+    /// published to unchanged.
     ///
     /// # Errors
     ///
@@ -813,7 +824,8 @@ impl EventBus {
         Publisher::new(self.clone())
     }
 
-    /// The streams this bus handles.
+    /// The Redis streams this bus handles: for a partitioned stream, each partition
+    /// (`orders:{0}`, `orders:{1}`, ...).
     pub fn streams(&self) -> impl Iterator<Item = &str> {
         self.inner.routes.iter().map(|r| &*r.stream)
     }
@@ -1302,7 +1314,8 @@ impl EventBusBuilder {
     /// # Errors
     ///
     /// [`Error::Config`] naming an invalid setting (a URL that is not a Redis URL or uses
-    /// an unsupported scheme included), [`Error::DuplicateHandler`],
+    /// an unsupported scheme included, and a stream whose partition count the bus and a
+    /// handler's event type disagree on), [`Error::DuplicateHandler`],
     /// [`Error::NoHandlerStream`] and [`Error::EmptyStream`].
     pub async fn build(self) -> Result<EventBus> {
         self.config.validate()?;

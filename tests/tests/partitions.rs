@@ -545,6 +545,54 @@ async fn a_test_bus_routes_and_reads_partitions() {
     assert!(in_partition.iter().any(|(id, _)| *id == ids[1]));
 }
 
+/// Reports the partition of every entry of each batch, and succeeds.
+struct BatchPartitions {
+    seen: mpsc::UnboundedSender<Vec<(u64, Option<u32>)>>,
+}
+
+#[slim_bus::async_trait]
+impl slim_bus::BatchHandler for BatchPartitions {
+    type Event = OrderPlaced;
+
+    fn max_batch(&self) -> usize {
+        10
+    }
+
+    async fn handle_batch(&self, batch: Vec<(OrderPlaced, Context)>) -> slim_bus::BatchOutcome {
+        let _ = self.seen.send(
+            batch
+                .iter()
+                .map(|(event, ctx)| (event.seq, ctx.partition()))
+                .collect(),
+        );
+        slim_bus::BatchOutcome::each(batch.iter().map(|_| Ok(())).collect())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_handler_of_the_logical_stream_gets_batches_of_one_partition_each() {
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let mut bus = TestBus::new(EventBus::builder().batch_handler(BatchPartitions { seen: tx }))
+        .await
+        .unwrap();
+    let events: Vec<OrderPlaced> = (0..40)
+        .map(|seq| order(ORDER_IDS[seq as usize % ORDER_IDS.len()], seq))
+        .collect();
+    bus.bus().publish_batch(&events).await.unwrap();
+    bus.run_until_idle().await.unwrap();
+    let mut handled = BTreeSet::new();
+    while let Ok(batch) = seen.try_recv() {
+        let partitions: BTreeSet<Option<u32>> = batch.iter().map(|(_, p)| *p).collect();
+        assert_eq!(partitions.len(), 1, "a batch mixes partitions: {batch:?}");
+        for (seq, partition) in batch {
+            let order_id = ORDER_IDS[seq as usize % ORDER_IDS.len()];
+            assert_eq!(partition, Some(partition_of(order_id, 4)));
+            assert!(handled.insert(seq), "{seq} handled twice");
+        }
+    }
+    assert_eq!(handled, (0..40).collect());
+}
+
 #[test]
 fn the_derive_names_the_stored_key_field_and_the_partitions() {
     #[derive(Serialize, Deserialize, slim_bus::Event)]
