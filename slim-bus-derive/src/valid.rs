@@ -31,6 +31,27 @@ pub(crate) fn event(event: &mut Event<'_>, errors: &mut Errors) {
             event.stream = None;
         }
     }
+    if let (Some(key), Shape::NamedStruct) = (&event.key, &event.shape) {
+        let name = key.value();
+        match event.fields.iter().find(|field| field.rust == name) {
+            Some(field) => event.key_wire_name = Some(field.wire.clone()),
+            None => {
+                let fields: Vec<String> = event
+                    .fields
+                    .iter()
+                    .map(|field| format!("`{}`", field.rust))
+                    .collect();
+                errors.spanned(
+                    key,
+                    format_args!(
+                        "`key` names no field of `{}`: the key is the field whose value picks the partition, one of {}",
+                        event.ident,
+                        fields.join(", ")
+                    ),
+                );
+            }
+        }
+    }
 }
 
 /// Checks a stream name; returns whether it is acceptable.

@@ -1,5 +1,6 @@
 //! The bus: its builder, publishing, and listening.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -21,7 +22,7 @@ use crate::config::{EventBusConfig, StartFrom, default_consumer_name, redacted_u
 use crate::consumer::Backoff;
 use crate::consumer::{Consumer, Route, is_refused_access};
 use crate::dead_letter::{DeadLetters, dead_letter_stream};
-use crate::emit::Emit;
+use crate::emit::{Emit, EmittedEntry};
 use crate::error::HandlerError;
 use crate::error::{Error, Result};
 use crate::event::{EntryId, Event};
@@ -31,6 +32,7 @@ use crate::health::{Health, LastRead, SetAside, StreamHealth};
 use crate::lease::ConsumerLease;
 use crate::listener::Listener;
 use crate::middleware::{self, BusLayer, BusService, HandlerRequest};
+use crate::partition::{Declared, Partitions, partition_stream};
 use crate::publisher::Publisher;
 use crate::spans;
 use crate::telemetry;
@@ -84,6 +86,8 @@ struct Inner {
     /// The streams the listener does not consume, and why.
     set_aside: Arc<SetAside>,
     contract: Contract,
+    /// The partitioned streams this bus knows, and its round robin over their partitions.
+    partitions: Partitions,
 }
 
 impl std::fmt::Debug for EventBus {
@@ -104,11 +108,17 @@ impl EventBus {
 
     /// Publishes `event` to its stream ([`Event::STREAM`]), returning the new entry's id.
     ///
+    /// For a partitioned stream the entry goes to one partition (`orders:{3}`): the one its
+    /// key field's value picks ([`Event::PARTITION_KEY`]), else the next in turn. See the
+    /// README's "Partitioned streams".
+    ///
     /// # Errors
     ///
     /// [`Error::NoEventStream`] when the event type names no stream, [`Error::Encode`] when
-    /// the event does not serialize into stream fields, and Redis errors (bounded by the
-    /// command timeout, time queued behind other publishes included).
+    /// the event does not serialize into stream fields, [`Error::Config`] when the event
+    /// type and the bus's `stream_partitions` disagree on the stream's partitions, and
+    /// Redis errors (bounded by the command timeout, time queued behind other publishes
+    /// included).
     ///
     /// # Cancellation
     ///
@@ -118,11 +128,16 @@ impl EventBus {
         let stream = E::STREAM.ok_or(Error::NoEventStream {
             event: std::any::type_name::<E>(),
         })?;
-        self.publish_encoded(stream, E::MAX_LEN, event, &NO_HEADERS)
+        self.publish_encoded(stream, Declared::of::<E>(), event, &NO_HEADERS)
             .await
     }
 
     /// Publishes `event` to `stream`, whatever stream its type names.
+    ///
+    /// When `stream` is the logical name of a stream this bus knows as partitioned (from
+    /// [`stream_partitions`](EventBusBuilder::stream_partitions) or a handled event type),
+    /// the entry goes to its partitions in turn; a partition's own name (`orders:{3}`) is
+    /// published to unchanged.
     ///
     /// # Errors
     ///
@@ -132,7 +147,8 @@ impl EventBus {
         stream: &str,
         event: &E,
     ) -> Result<EntryId> {
-        self.publish_encoded(stream, None, event, &NO_HEADERS).await
+        self.publish_encoded(stream, Declared::default(), event, &NO_HEADERS)
+            .await
     }
 
     /// Publishes `event` to its stream with `headers`: metadata the handler reads from
@@ -166,7 +182,7 @@ impl EventBus {
         let stream = E::STREAM.ok_or(Error::NoEventStream {
             event: std::any::type_name::<E>(),
         })?;
-        self.publish_encoded(stream, E::MAX_LEN, event, headers)
+        self.publish_encoded(stream, Declared::of::<E>(), event, headers)
             .await
     }
 
@@ -182,15 +198,15 @@ impl EventBus {
         event: &E,
         headers: &Headers,
     ) -> Result<EntryId> {
-        self.publish_encoded(stream, None, event, headers).await
+        self.publish_encoded(stream, Declared::default(), event, headers)
+            .await
     }
 
-    /// Publishes `event` to `stream` with `headers`, capped at the stream's
-    /// `stream_max_len`, else at `event_max_len`.
+    /// Publishes `event` to `stream` (or one of its partitions) with `headers`.
     async fn publish_encoded<E: Serialize + ?Sized>(
         &self,
         stream: &str,
-        event_max_len: Option<usize>,
+        declared: Declared,
         event: &E,
         headers: &Headers,
     ) -> Result<EntryId> {
@@ -202,18 +218,40 @@ impl EventBus {
             stream: stream.to_owned(),
             reason: error.to_string(),
         })?;
-        self.append(stream, self.max_len(stream, event_max_len), fields, headers)
-            .await
+        self.append(stream, &declared, fields, headers).await
     }
 
-    /// The cap on `stream`'s length at publish: the bus's for the stream, else the event
-    /// type's.
-    fn max_len(&self, stream: &str, event_max_len: Option<usize>) -> Option<usize> {
+    /// The cap on the length of `target` (`stream` itself, or one of its partitions) at
+    /// publish: the bus's for `target`, else the bus's for `stream` (a cap on a
+    /// partitioned stream caps each partition), else the event type's.
+    fn max_len(&self, target: &str, stream: &str, event_max_len: Option<usize>) -> Option<usize> {
         let caps = &self.inner.config.stream_max_len;
         if caps.is_empty() {
             return event_max_len;
         }
-        caps.get(stream).copied().or(event_max_len)
+        caps.get(target)
+            .or_else(|| caps.get(stream))
+            .copied()
+            .or(event_max_len)
+    }
+
+    /// The Redis stream an entry of `fields` published to `stream` goes to: `stream`
+    /// itself, or the partition its key (or the round robin) picks when `stream` is a
+    /// partitioned stream.
+    fn target<'a>(
+        &self,
+        stream: &'a str,
+        declared: &Declared,
+        fields: &[EncodedField],
+    ) -> Result<Cow<'a, str>> {
+        let partitions = &self.inner.partitions;
+        Ok(match partitions.count_for(stream, declared)? {
+            None => Cow::Borrowed(stream),
+            Some(count) => Cow::Owned(partition_stream(
+                stream,
+                partitions.pick(count, declared.key, fields),
+            )),
+        })
     }
 
     /// Publishes several events of one type to their stream in one round trip, in order,
@@ -243,7 +281,8 @@ impl EventBus {
         let stream = E::STREAM.ok_or(Error::NoEventStream {
             event: std::any::type_name::<E>(),
         })?;
-        self.publish_batch_encoded(stream, E::MAX_LEN, events).await
+        self.publish_batch_encoded(stream, Declared::of::<E>(), events)
+            .await
     }
 
     /// Publishes several events to `stream` in one round trip; see
@@ -257,13 +296,14 @@ impl EventBus {
         stream: &str,
         events: &[E],
     ) -> Result<Vec<EntryId>> {
-        self.publish_batch_encoded(stream, None, events).await
+        self.publish_batch_encoded(stream, Declared::default(), events)
+            .await
     }
 
     async fn publish_batch_encoded<E: Serialize>(
         &self,
         stream: &str,
-        event_max_len: Option<usize>,
+        declared: Declared,
         events: &[E],
     ) -> Result<Vec<EntryId>> {
         if stream.is_empty() {
@@ -278,17 +318,70 @@ impl EventBus {
             if fields.is_empty() {
                 return Err(empty_entry(stream));
             }
-            entries.push(fields);
+            entries.push(EmittedEntry {
+                stream: stream.to_owned(),
+                declared,
+                fields,
+            });
         }
-        self.append_batch(stream, event_max_len, entries).await
+        self.append_routed(entries).await
     }
 
-    /// Publishes encoded entries to `stream` in one round trip, capped at the stream's
-    /// `stream_max_len`, else at `event_max_len`.
-    pub(crate) async fn append_batch(
+    /// Publishes encoded entries, each to its stream or the partition it picks: one batch
+    /// per Redis stream, each in order, all sent at once so that they share the pipeline.
+    /// Returns the ids in the order of `entries`. Nothing is published when an entry's
+    /// stream cannot be resolved.
+    pub(crate) async fn append_routed(&self, entries: Vec<EmittedEntry>) -> Result<Vec<EntryId>> {
+        struct Batch {
+            target: String,
+            max_len: Option<usize>,
+            positions: Vec<usize>,
+            entries: Vec<Vec<EncodedField>>,
+        }
+        let count = entries.len();
+        let mut batches: Vec<Batch> = Vec::new();
+        for (position, entry) in entries.into_iter().enumerate() {
+            let target = self.target(&entry.stream, &entry.declared, &entry.fields)?;
+            let max_len = self.max_len(&target, &entry.stream, entry.declared.max_len);
+            let batch = match batches.iter().position(|batch| batch.target == *target) {
+                Some(index) => &mut batches[index],
+                None => {
+                    batches.push(Batch {
+                        target: target.into_owned(),
+                        max_len: None,
+                        positions: Vec::new(),
+                        entries: Vec::new(),
+                    });
+                    batches.last_mut().ok_or_else(|| Error::Internal {
+                        detail: "a batch just pushed is missing".to_owned(),
+                    })?
+                }
+            };
+            // The cap of the first event type that has one for the stream.
+            batch.max_len = batch.max_len.or(max_len);
+            batch.positions.push(position);
+            batch.entries.push(entry.fields);
+        }
+        let published = futures_util::future::try_join_all(batches.iter_mut().map(|batch| {
+            let entries = std::mem::take(&mut batch.entries);
+            self.append_batch(&batch.target, batch.max_len, entries)
+        }))
+        .await?;
+        let mut ids = vec![EntryId::MIN; count];
+        for (batch, batch_ids) in batches.iter().zip(published) {
+            for (&position, id) in batch.positions.iter().zip(batch_ids) {
+                ids[position] = id;
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Publishes encoded entries to the Redis stream `stream` in one round trip, capped at
+    /// about `max_len` entries.
+    async fn append_batch(
         &self,
         stream: &str,
-        event_max_len: Option<usize>,
+        max_len: Option<usize>,
         entries: Vec<Vec<EncodedField>>,
     ) -> Result<Vec<EntryId>> {
         if entries.is_empty() {
@@ -309,7 +402,7 @@ impl EventBus {
         let published = self
             .inner
             .broker
-            .publish_batch(stream, self.max_len(stream, event_max_len), &entries)
+            .publish_batch(stream, max_len, &entries)
             .instrument(span)
             .await;
         telemetry::sent(stream, entries.len(), started.elapsed(), published.is_ok());
@@ -351,21 +444,25 @@ impl EventBus {
             .into_iter()
             .map(|(k, v)| (k.as_ref().to_owned().into(), v.as_ref().to_vec()))
             .collect();
-        self.append(stream, self.max_len(stream, None), fields, &NO_HEADERS)
+        self.append(stream, &Declared::default(), fields, &NO_HEADERS)
             .await
     }
 
-    /// Writes one entry: the event's `fields`, then the `headers`' fields.
+    /// Writes one entry to `stream` or the partition it picks: the event's `fields`, then
+    /// the `headers`' fields.
     async fn append(
         &self,
         stream: &str,
-        max_len: Option<usize>,
+        declared: &Declared,
         mut fields: Vec<EncodedField>,
         headers: &Headers,
     ) -> Result<EntryId> {
         if fields.is_empty() {
             return Err(empty_entry(stream));
         }
+        let target = self.target(stream, declared, &fields)?;
+        let max_len = self.max_len(&target, stream, declared.max_len);
+        let stream = &*target;
         let span = spans::send_span(self.inner.config.span_level, stream, 1);
         #[cfg(feature = "opentelemetry")]
         let traced = crate::otel::with_trace_context(&span, headers);
@@ -464,6 +561,7 @@ impl EventBus {
             config.consumer_lease_ttl,
         );
         self.prepare_when_reachable(&consumer, &lease).await?;
+        self.warn_of_unread_partitions().await;
         tracing::info!(
             group,
             consumer = %self.inner.consumer_name,
@@ -540,6 +638,49 @@ impl EventBus {
         }
     }
 
+    /// Logs a warning for each partitioned stream this bus handles whose partitions beyond
+    /// its count (left from a larger count) still hold entries: nothing reads those. Looks
+    /// at the partitions up to 4 times the count, and at least up to 64.
+    async fn warn_of_unread_partitions(&self) {
+        for (stream, count) in self.inner.partitions.iter() {
+            let first = partition_stream(stream, 0);
+            if !self
+                .inner
+                .routes
+                .iter()
+                .any(|route| *route.stream == *first)
+            {
+                continue;
+            }
+            let beyond = count..count.saturating_mul(4).max(64);
+            let lengths = futures_util::future::join_all(beyond.map(|partition| async move {
+                let name = partition_stream(stream, partition);
+                let length = self.inner.broker.stream_len(&name).await;
+                (name, length)
+            }))
+            .await;
+            let unread: Vec<(String, u64)> = lengths
+                .into_iter()
+                .filter_map(|(name, length)| match length {
+                    Ok(0) => None,
+                    Ok(length) => Some((name, length)),
+                    Err(error) => {
+                        tracing::debug!(stream = %name, error = &error as &dyn std::error::Error, "could not look for entries in a partition beyond the count");
+                        None
+                    }
+                })
+                .collect();
+            if !unread.is_empty() {
+                tracing::warn!(
+                    stream,
+                    partitions = count,
+                    unread = ?unread,
+                    "partition streams beyond the stream's partition count still hold entries, and nothing reads them: drain them (a bus whose partition count covers them, or a handler on each such partition stream) or delete them; see the README's \"Partitioned streams\""
+                );
+            }
+        }
+    }
+
     /// Refreshes the per-stream gauges every [`GAUGE_REFRESH`](telemetry::GAUGE_REFRESH)
     /// until `stop` is cancelled (when the listener's run ends).
     async fn refresh_gauges(self, stop: CancellationToken) {
@@ -576,6 +717,12 @@ impl EventBus {
 
     /// The dead letters of `stream`: list, replay and purge them.
     ///
+    /// Each partition of a partitioned stream has its own dead letters, replayed into the
+    /// partition they came from: ask for those of `orders:{3}`. Asked for by the logical
+    /// name (`orders`), every call fails with [`Error::PartitionedStream`]; go over the
+    /// partitions with [`partitions`](Self::partitions) and
+    /// [`partition_stream`](crate::partition_stream) instead.
+    ///
     /// # Examples
     ///
     /// ```no_run
@@ -589,11 +736,23 @@ impl EventBus {
     /// # }
     /// ```
     pub fn dead_letters(&self, stream: &str) -> DeadLetters {
-        DeadLetters::new(
+        let dead_letters = DeadLetters::new(
             self.inner.broker.clone(),
             stream,
             &self.inner.config.dead_letter_suffix,
-        )
+        );
+        match self.inner.partitions.count(stream) {
+            Some(partitions) => dead_letters.of_partitioned(partitions),
+            None => dead_letters,
+        }
+    }
+
+    /// How many partitions the logical stream `stream` has, when this bus knows it as a
+    /// partitioned stream (from [`stream_partitions`](EventBusBuilder::stream_partitions)
+    /// or a handler's event type); its partitions are `stream:{0}` ... (see
+    /// [`partition_stream`](crate::partition_stream)).
+    pub fn partitions(&self, stream: &str) -> Option<u32> {
+        self.inner.partitions.count(stream)
     }
 
     /// A snapshot of the bus's health: whether Redis answers, when the listener last read,
@@ -667,7 +826,8 @@ impl EventBus {
         Publisher::new(self.clone())
     }
 
-    /// The streams this bus handles.
+    /// The Redis streams this bus handles: for a partitioned stream, each partition
+    /// (`orders:{0}`, `orders:{1}`, ...).
     pub fn streams(&self) -> impl Iterator<Item = &str> {
         self.inner.routes.iter().map(|r| &*r.stream)
     }
@@ -999,6 +1159,33 @@ impl EventBusBuilder {
         self
     }
 
+    /// Makes `stream` a partitioned stream of `partitions` partitions: one logical stream
+    /// stored as the Redis streams `stream:{0}` ... `stream:{partitions - 1}`. Publishes to
+    /// `stream` go to one of them (by the event type's key, else in turn), and a handler of
+    /// `stream` reads them all. The same as `#[event(stream = "...", partitions = N)]` on
+    /// the event type, for streams whose event types do not say it (untyped events,
+    /// `publish_to`); where both say it, they must agree. See the README's "Partitioned
+    /// streams".
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run() -> slim_bus::Result<()> {
+    /// let bus = slim_bus::EventBus::builder()
+    ///     .stream_partitions("orders", 8)
+    ///     .build()
+    ///     .await?;
+    /// bus.send("orders", [("order_id", "o-17")]).await?; // to one of orders:{0} ... orders:{7}
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn stream_partitions(mut self, stream: impl Into<String>, partitions: u32) -> Self {
+        self.config
+            .stream_partitions
+            .insert(stream.into(), partitions);
+        self
+    }
+
     /// Trims every stream this bus handles, while it listens, of the entries that every
     /// consumer group of the stream has been delivered and has acknowledged, every
     /// [`trim_acked_interval`](Self::trim_acked_interval). Nothing a group has not been
@@ -1138,12 +1325,14 @@ impl EventBusBuilder {
     /// # Errors
     ///
     /// [`Error::Config`] naming an invalid setting (a URL that is not a Redis URL or uses
-    /// an unsupported scheme included), [`Error::DuplicateHandler`],
+    /// an unsupported scheme included, and a stream whose partition count the bus and a
+    /// handler's event type disagree on), [`Error::DuplicateHandler`],
     /// [`Error::NoHandlerStream`] and [`Error::EmptyStream`].
     pub async fn build(self) -> Result<EventBus> {
         self.config.validate()?;
         telemetry::describe();
-        let routes = routes(self.handlers, &self.layers, &self.config)?;
+        let mut partitions = Partitions::new(&self.config.stream_partitions)?;
+        let routes = routes(self.handlers, &self.layers, &self.config, &mut partitions)?;
         if !routes.is_empty() && self.config.consumer_group.is_none() {
             return Err(Error::config(
                 "consumer_group",
@@ -1191,6 +1380,7 @@ impl EventBusBuilder {
                 listening: Arc::new(AtomicBool::new(false)),
                 last_read: Arc::new(LastRead::new()),
                 contract: self.contract,
+                partitions,
             }),
         })
     }
@@ -1222,11 +1412,14 @@ fn open_client(config: &EventBusConfig) -> Result<(redis::Client, Option<Tls>)> 
     Ok((client, Some(tls)))
 }
 
-/// Resolves every registration's stream, rejecting missing, empty and duplicate ones.
+/// Resolves every registration's stream, rejecting missing, empty and duplicate ones; a
+/// handler of a partitioned stream gets a route per partition. Records in `partitions` the
+/// partitions the handlers' event types declare.
 fn routes(
     handlers: Handlers,
     layers: &[BusLayer],
     config: &EventBusConfig,
+    partitions: &mut Partitions,
 ) -> Result<Arc<[Route]>> {
     let mut seen: HashMap<String, &'static str> = HashMap::new();
     let mut routes = Vec::with_capacity(handlers.registrations.len());
@@ -1239,12 +1432,26 @@ fn routes(
         if stream.is_empty() {
             return Err(Error::EmptyStream);
         }
-        if let Some(first) = seen.insert(stream.clone(), registration.handler_name) {
-            return Err(Error::DuplicateHandler {
-                stream,
-                first,
-                second: registration.handler_name,
-            });
+        if let (Some(event_stream), Some(count)) =
+            (registration.event_stream, registration.declared.partitions)
+            && event_stream == stream
+        {
+            partitions.declare(&stream, count, registration.declared.event)?;
+        }
+        let streams: Vec<(String, Option<u32>)> = match partitions.count(&stream) {
+            None => vec![(stream, None)],
+            Some(count) => (0..count)
+                .map(|partition| (partition_stream(&stream, partition), Some(partition)))
+                .collect(),
+        };
+        for (stream, _) in &streams {
+            if let Some(first) = seen.insert(stream.clone(), registration.handler_name) {
+                return Err(Error::DuplicateHandler {
+                    stream: stream.clone(),
+                    first,
+                    second: registration.handler_name,
+                });
+            }
         }
         let max_deliveries = registration
             .handler
@@ -1274,19 +1481,24 @@ fn routes(
         if let Some(timeout) = handler_timeout {
             handler_timeout_fits(timeout, registration.handler_name, config)?;
         }
-        routes.push(Route {
-            dead_letters: dead_letter_stream(&stream, &config.dead_letter_suffix).into(),
-            stream: stream.into(),
-            handler: match registration.handler {
-                RegisteredHandler::One(handler) => {
-                    RegisteredHandler::One(middleware::with_bus_layers(handler, layers))
-                }
-                batch => batch,
-            },
-            max_deliveries,
-            handler_timeout: handler_timeout.filter(|timeout| *timeout != config.handler_timeout),
-            state: Arc::default(),
-        });
+        let handler = match registration.handler {
+            RegisteredHandler::One(handler) => {
+                RegisteredHandler::One(middleware::with_bus_layers(handler, layers))
+            }
+            batch => batch,
+        };
+        for (stream, partition) in streams {
+            routes.push(Route {
+                dead_letters: dead_letter_stream(&stream, &config.dead_letter_suffix).into(),
+                stream: stream.into(),
+                partition,
+                handler: handler.clone(),
+                max_deliveries,
+                handler_timeout: handler_timeout
+                    .filter(|timeout| *timeout != config.handler_timeout),
+                state: Arc::default(),
+            });
+        }
     }
     Ok(routes.into())
 }

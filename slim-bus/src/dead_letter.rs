@@ -301,6 +301,9 @@ pub struct DeadLetters {
     broker: Arc<dyn Broker>,
     origin: String,
     stream: String,
+    /// The partition count of `origin` when it is a partitioned stream's logical name,
+    /// whose dead letters are per partition.
+    partitions: Option<u32>,
 }
 
 impl fmt::Debug for DeadLetters {
@@ -318,6 +321,25 @@ impl DeadLetters {
             broker,
             origin: origin.to_owned(),
             stream: dead_letter_stream(origin, suffix),
+            partitions: None,
+        }
+    }
+
+    /// The dead letters asked for by the logical name of a stream of `partitions`
+    /// partitions: every call fails with [`Error::PartitionedStream`].
+    pub(crate) fn of_partitioned(mut self, partitions: u32) -> Self {
+        self.partitions = Some(partitions);
+        self
+    }
+
+    /// Fails for a partitioned stream's logical name, which has no dead letters of its own.
+    fn whole(&self) -> Result<()> {
+        match self.partitions {
+            Some(partitions) => Err(Error::PartitionedStream {
+                stream: self.origin.clone(),
+                partitions,
+            }),
+            None => Ok(()),
         }
     }
 
@@ -335,8 +357,10 @@ impl DeadLetters {
     ///
     /// # Errors
     ///
-    /// Redis errors.
+    /// Redis errors, and [`Error::PartitionedStream`] for a partitioned stream's logical
+    /// name.
     pub async fn len(&self) -> Result<u64> {
+        self.whole()?;
         self.broker.stream_len(&self.stream).await
     }
 
@@ -344,7 +368,8 @@ impl DeadLetters {
     ///
     /// # Errors
     ///
-    /// Redis errors.
+    /// Redis errors, and [`Error::PartitionedStream`] for a partitioned stream's logical
+    /// name.
     pub async fn is_empty(&self) -> Result<bool> {
         Ok(self.len().await? == 0)
     }
@@ -354,8 +379,10 @@ impl DeadLetters {
     ///
     /// # Errors
     ///
-    /// Redis errors.
+    /// Redis errors, and [`Error::PartitionedStream`] for a partitioned stream's logical
+    /// name.
     pub async fn list(&self, after: Option<EntryId>, count: usize) -> Result<Vec<DeadLetter>> {
+        self.whole()?;
         let entries = self
             .broker
             .range_after(&self.stream, after, count.max(1))
@@ -370,8 +397,10 @@ impl DeadLetters {
     ///
     /// # Errors
     ///
-    /// Redis errors.
+    /// Redis errors, and [`Error::PartitionedStream`] for a partitioned stream's logical
+    /// name.
     pub async fn get(&self, id: EntryId) -> Result<Option<DeadLetter>> {
+        self.whole()?;
         let before = match (id.millis(), id.seq()) {
             (0, 0) => None,
             (millis, 0) => Some(EntryId::new(millis - 1, u64::MAX)),
@@ -390,8 +419,10 @@ impl DeadLetters {
     ///
     /// # Errors
     ///
-    /// Redis errors.
+    /// Redis errors, and [`Error::PartitionedStream`] for a partitioned stream's logical
+    /// name.
     pub async fn replay(&self, id: EntryId) -> Result<Option<EntryId>> {
+        self.whole()?;
         self.broker.replay(&self.stream, &self.origin, id).await
     }
 
@@ -400,8 +431,10 @@ impl DeadLetters {
     ///
     /// # Errors
     ///
-    /// Redis errors; the dead letters replayed before the error stay replayed.
+    /// Redis errors (the dead letters replayed before the error stay replayed), and
+    /// [`Error::PartitionedStream`] for a partitioned stream's logical name.
     pub async fn replay_all(&self) -> Result<usize> {
+        self.whole()?;
         // The dead letters there are now, listed first: entries that fail again while this
         // runs come back under new ids, and must not be replayed again and again.
         let mut ids = Vec::new();
@@ -427,8 +460,10 @@ impl DeadLetters {
     ///
     /// # Errors
     ///
-    /// Redis errors.
+    /// Redis errors, and [`Error::PartitionedStream`] for a partitioned stream's logical
+    /// name.
     pub async fn purge(&self, id: EntryId) -> Result<bool> {
+        self.whole()?;
         Ok(self.broker.delete(&self.stream, &[id]).await? > 0)
     }
 
@@ -436,8 +471,10 @@ impl DeadLetters {
     ///
     /// # Errors
     ///
-    /// Redis errors.
+    /// Redis errors, and [`Error::PartitionedStream`] for a partitioned stream's logical
+    /// name.
     pub async fn purge_all(&self) -> Result<()> {
+        self.whole()?;
         self.broker.delete_key(&self.stream).await
     }
 }

@@ -21,6 +21,7 @@ mod listener;
 mod middleware;
 #[cfg(feature = "opentelemetry")]
 mod otel;
+mod partition;
 mod publisher;
 mod spans;
 mod telemetry;
@@ -43,6 +44,7 @@ pub use crate::health::{Health, StreamHealth};
 pub use crate::inspect::{ConsumerStatus, GroupStatus, PendingEntry, StreamEntry, StreamStatus};
 pub use crate::listener::{Listener, ShutdownHandle};
 pub use crate::middleware::{AnyEvent, BusService, HandlerRequest, HandlerService, Layered};
+pub use crate::partition::{partition_for_key, partition_stream};
 pub use crate::publisher::Publisher;
 
 /// Re-exported so that handler impls need no dependency of their own:
