@@ -57,6 +57,8 @@ struct Described {
 struct Published {
     type_name: &'static str,
     stream: Option<&'static str>,
+    /// [`Event::PARTITIONS`].
+    partitions: Option<u32>,
 }
 
 impl Contract {
@@ -92,6 +94,7 @@ impl EventBusBuilder {
         self.contract.publishes.push(Published {
             type_name: std::any::type_name::<E>(),
             stream: E::STREAM,
+            partitions: E::PARTITIONS,
         });
         self
     }
@@ -266,10 +269,29 @@ fn message(name: &str, type_name: Option<&str>, payload: Value) -> Value {
     message
 }
 
-/// One channel as it is filled: its messages by key.
+/// One channel as it is filled: its messages by key, and the partition count when its
+/// stream is partitioned.
 #[derive(Default)]
 struct Channel {
     messages: BTreeMap<String, Value>,
+    partitions: Option<u32>,
+}
+
+/// The logical stream a route reads: its partition's stream without the `:{k}` suffix.
+fn logical_stream(route: &Route) -> &str {
+    route
+        .partition
+        .and_then(|partition| route.stream.strip_suffix(&format!(":{{{partition}}}")))
+        .unwrap_or(&route.stream)
+}
+
+/// The channel's address: a partitioned stream's has the parameter `{partition}` where
+/// its streams have the partition number (`orders:{partition}` for `orders:{0}` ...).
+fn address(stream: &str, partitions: Option<u32>) -> String {
+    match partitions {
+        Some(_) => format!("{stream}:{{partition}}"),
+        None => stream.to_owned(),
+    }
 }
 
 pub(crate) fn document(routes: &[Route], config: &EventBusConfig, contract: &Contract) -> Value {
@@ -279,8 +301,25 @@ pub(crate) fn document(routes: &[Route], config: &EventBusConfig, contract: &Con
     let group = config.consumer_group.as_deref().unwrap_or("-");
 
     for route in routes {
-        let stream = &*route.stream;
+        let stream = logical_stream(route);
         let channel = channels.entry(stream.to_owned()).or_default();
+        if let Some(partition) = route.partition {
+            let seen = channel.partitions.unwrap_or(0).max(partition + 1);
+            channel.partitions = Some(
+                config
+                    .stream_partitions
+                    .get(stream)
+                    .copied()
+                    .unwrap_or(seen),
+            );
+        }
+        let dead_letters = match route.partition {
+            Some(_) => crate::dead_letter::dead_letter_stream(
+                &address(stream, Some(0)),
+                &config.dead_letter_suffix,
+            ),
+            None => route.dead_letters.to_string(),
+        };
         let described: Vec<&Described> = contract
             .schemas
             .iter()
@@ -307,7 +346,7 @@ pub(crate) fn document(routes: &[Route], config: &EventBusConfig, contract: &Con
                 "summary": format!("Handled through consumer group `{group}`"),
                 "description": format!(
                     "Each entry is handled once per consumer group and acknowledged when the handler succeeds; it is retried with backoff, and after {} deliveries (or a permanent error, or an entry that does not decode) moved to `{}`.",
-                    route.max_deliveries, route.dead_letters
+                    route.max_deliveries, dead_letters
                 ),
                 "messages": message_refs(stream, &refs),
             }),
@@ -319,6 +358,12 @@ pub(crate) fn document(routes: &[Route], config: &EventBusConfig, contract: &Con
             continue;
         };
         let channel = channels.entry(stream.to_owned()).or_default();
+        let partitions = config
+            .stream_partitions
+            .get(stream)
+            .copied()
+            .or(published.partitions);
+        channel.partitions = channel.partitions.or(partitions);
         let name = short_name(published.type_name);
         let (message_key, message) = match contract.described(published.type_name) {
             Some(described) => use_described(described, &mut schemas),
@@ -342,15 +387,34 @@ pub(crate) fn document(routes: &[Route], config: &EventBusConfig, contract: &Con
     let channels: Map<String, Value> = channels
         .into_iter()
         .map(|(stream, channel)| {
-            let value = json!({
-                "address": stream,
+            let address = address(&stream, channel.partitions);
+            let dead_letters =
+                crate::dead_letter::dead_letter_stream(&address, &config.dead_letter_suffix);
+            let mut value = json!({
+                "address": address,
                 "title": stream,
-                "description": format!(
-                    "The Redis stream `{stream}`; its dead letters are in `{}`.",
-                    crate::dead_letter::dead_letter_stream(&stream, &config.dead_letter_suffix)
-                ),
                 "messages": channel.messages,
             });
+            match channel.partitions {
+                Some(partitions) => {
+                    value["description"] = format!(
+                        "The partitioned stream `{stream}`: {partitions} Redis streams `{address}`, each with its dead letters in `{dead_letters}`. An event goes to the partition of its key (CRC-32 of the key field's stored value, mod {partitions}) or, without a key, to each partition in turn."
+                    )
+                    .into();
+                    value["parameters"] = json!({
+                        "partition": {
+                            "description": "The partition number.",
+                            "enum": (0..partitions).map(|k| k.to_string()).collect::<Vec<_>>(),
+                        }
+                    });
+                }
+                None => {
+                    value["description"] = format!(
+                        "The Redis stream `{stream}`; its dead letters are in `{dead_letters}`."
+                    )
+                    .into();
+                }
+            }
             (key(&stream), value)
         })
         .collect();

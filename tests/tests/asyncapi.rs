@@ -225,3 +225,71 @@ async fn build_writes_the_document_and_ends_the_process_when_slim_bus_asyncapi_i
     let written: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     assert_eq!(written, service_document().await);
 }
+
+#[derive(Debug, serde::Serialize, serde::Deserialize, slim_bus::Event)]
+#[event(stream = "orders", partitions = 3, key = "order_id")]
+struct OrderShipped {
+    order_id: String,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize, slim_bus::Event)]
+#[event(stream = "invoices", partitions = 2)]
+struct InvoiceSent {
+    invoice_id: String,
+}
+
+#[slim_bus::stream]
+async fn on_order_shipped(_event: OrderShipped) {}
+
+#[tokio::test]
+async fn a_partitioned_stream_is_one_channel_with_a_partition_parameter() {
+    let bus = within(
+        "build",
+        STEP,
+        slim_bus::EventBus::builder()
+            .url("memory://")
+            .consumer_group("shipping")
+            .handler(on_order_shipped)
+            .publishes::<InvoiceSent>()
+            .build(),
+    )
+    .await
+    .unwrap();
+    let document = bus.asyncapi();
+    assert_eq!(violations(&document), Vec::<String>::new(), "{document:#}");
+
+    let orders = &document["channels"]["orders"];
+    assert_eq!(orders["address"], "orders:{partition}");
+    assert_eq!(
+        orders["parameters"]["partition"]["enum"],
+        serde_json::json!(["0", "1", "2"])
+    );
+    assert!(
+        orders["description"]
+            .as_str()
+            .unwrap()
+            .contains("`orders:{partition}:dlq`"),
+        "{orders:#}"
+    );
+    let invoices = &document["channels"]["invoices"];
+    assert_eq!(invoices["address"], "invoices:{partition}");
+    assert_eq!(
+        invoices["parameters"]["partition"]["enum"],
+        serde_json::json!(["0", "1"])
+    );
+    // One receive for the handler, not one per partition.
+    let receives: Vec<&Value> = document["operations"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|op| op["action"] == "receive")
+        .collect();
+    assert_eq!(receives.len(), 1, "{document:#}");
+    assert_eq!(receives[0]["channel"]["$ref"], "#/channels/orders");
+    // The address, with its parameter filled in, names the streams the bus reads.
+    let read: BTreeSet<String> = bus.streams().map(str::to_owned).collect();
+    let named: BTreeSet<String> = (0..3)
+        .map(|partition| format!("orders:{{{partition}}}"))
+        .collect();
+    assert_eq!(read, named);
+}
