@@ -13,8 +13,8 @@
 //! zlib, PNG and Ethernet, Go's `crc32.ChecksumIEEE` and Python's `zlib.crc32`. Without a
 //! key, a bus spreads its publishes over the partitions in turn.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 
 use crate::codec::EncodedField;
 use crate::error::{Error, Result};
@@ -109,12 +109,15 @@ impl Declared {
 }
 
 /// How many partitions each partitioned logical stream of a bus has, from its
-/// `stream_partitions` setting and its handlers' event types, and the counter of its
-/// round robin.
+/// `stream_partitions` setting and its handlers' event types, and where the round robin
+/// of each stays.
 #[derive(Debug, Default)]
 pub(crate) struct Partitions {
     counts: BTreeMap<String, u32>,
-    next: AtomicU32,
+    /// The partition the next keyless entry of each logical stream goes to. One counter
+    /// per stream: a shared one would send every entry of one stream to the same partition
+    /// whenever publishes to two streams alternate.
+    next: Mutex<HashMap<Box<str>, u32>>,
 }
 
 impl Partitions {
@@ -126,7 +129,7 @@ impl Partitions {
         }
         Ok(Partitions {
             counts: configured.clone(),
-            next: AtomicU32::new(0),
+            next: Mutex::default(),
         })
     }
 
@@ -184,11 +187,27 @@ impl Partitions {
 
     /// The partition an entry of `fields` goes to: by the key field's value when the
     /// event type names one, else the next in turn.
-    pub(crate) fn pick(&self, count: u32, key: Option<&str>, fields: &[EncodedField]) -> u32 {
-        match key {
-            Some(key) => partition_for_key(key_value(key, fields), count),
-            None => self.next.fetch_add(1, Ordering::Relaxed) % count,
+    pub(crate) fn pick(
+        &self,
+        stream: &str,
+        count: u32,
+        key: Option<&str>,
+        fields: &[EncodedField],
+    ) -> u32 {
+        if let Some(key) = key {
+            return partition_for_key(key_value(key, fields), count);
         }
+        let mut next = self
+            .next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let turn = match next.get_mut(stream) {
+            Some(turn) => turn,
+            None => next.entry(stream.into()).or_insert(0),
+        };
+        let picked = *turn % count;
+        *turn = turn.wrapping_add(1);
+        picked
     }
 }
 
@@ -294,8 +313,24 @@ mod tests {
     #[test]
     fn without_a_key_publishes_go_round_robin() {
         let partitions = Partitions::default();
-        let picked: Vec<u32> = (0..6).map(|_| partitions.pick(3, None, &[])).collect();
+        let picked: Vec<u32> = (0..6)
+            .map(|_| partitions.pick("orders", 3, None, &[]))
+            .collect();
         assert_eq!(picked, [0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn each_stream_takes_its_partitions_in_turn_of_its_own() {
+        let partitions = Partitions::default();
+        let picked: Vec<(u32, u32)> = (0..4)
+            .map(|_| {
+                (
+                    partitions.pick("clicks", 2, None, &[]),
+                    partitions.pick("views", 2, None, &[]),
+                )
+            })
+            .collect();
+        assert_eq!(picked, [(0, 0), (1, 1), (0, 0), (1, 1)]);
     }
 
     #[test]

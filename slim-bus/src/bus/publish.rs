@@ -160,7 +160,7 @@ impl EventBus {
             None => Cow::Borrowed(stream),
             Some(count) => Cow::Owned(partition_stream(
                 stream,
-                partitions.pick(count, declared.key, fields),
+                partitions.pick(stream, count, declared.key, fields),
             )),
         })
     }
