@@ -72,6 +72,18 @@ impl Contract {
         }
     }
 
+    /// The partitioned streams of the event types the service declares it publishes: each
+    /// stream, its partition count and the event type.
+    pub(crate) fn published_partitions(&self) -> impl Iterator<Item = (&str, u32, &str)> {
+        self.publishes.iter().filter_map(|published| {
+            Some((
+                published.stream?,
+                published.partitions?,
+                published.type_name,
+            ))
+        })
+    }
+
     fn described(&self, type_name: &str) -> Option<&Described> {
         self.schemas.iter().find(|d| d.type_name == type_name)
     }
@@ -90,6 +102,11 @@ impl EventBusBuilder {
     /// [AsyncAPI document](EventBus::asyncapi). Its payload is the schema given with
     /// [`event_schema`](Self::event_schema) (feature `schemars`), else any flat fields.
     /// [`build`](Self::build) fails with [`Error::NoEventStream`] when `E` names no stream.
+    ///
+    /// When `E` declares partitions (`#[event(partitions = N)]`), the bus knows its stream
+    /// as partitioned from then on: [`publish_to`](EventBus::publish_to) and
+    /// [`send`](EventBus::send) with the logical name route to a partition, and `build`
+    /// fails when another setting gives the stream another count.
     pub fn publishes<E: Event>(mut self) -> Self {
         self.contract.publishes.push(Published {
             type_name: std::any::type_name::<E>(),
@@ -286,7 +303,8 @@ fn logical_stream(route: &Route) -> &str {
 }
 
 /// The channel's address: a partitioned stream's has the parameter `{partition}` where
-/// its streams have the partition number (`orders:{partition}` for `orders:{0}` ...).
+/// its streams have their hash tag, so `orders:{partition}` with `partition` = `{0}` is
+/// the stream `orders:{0}`.
 fn address(stream: &str, partitions: Option<u32>) -> String {
     match partitions {
         Some(_) => format!("{stream}:{{partition}}"),
@@ -403,8 +421,8 @@ pub(crate) fn document(routes: &[Route], config: &EventBusConfig, contract: &Con
                     .into();
                     value["parameters"] = json!({
                         "partition": {
-                            "description": "The partition number.",
-                            "enum": (0..partitions).map(|k| k.to_string()).collect::<Vec<_>>(),
+                            "description": "The partition: its number in braces, the hash tag of its Redis stream's name.",
+                            "enum": (0..partitions).map(|k| format!("{{{k}}}")).collect::<Vec<_>>(),
                         }
                     });
                 }

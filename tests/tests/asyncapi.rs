@@ -260,10 +260,6 @@ async fn a_partitioned_stream_is_one_channel_with_a_partition_parameter() {
 
     let orders = &document["channels"]["orders"];
     assert_eq!(orders["address"], "orders:{partition}");
-    assert_eq!(
-        orders["parameters"]["partition"]["enum"],
-        serde_json::json!(["0", "1", "2"])
-    );
     assert!(
         orders["description"]
             .as_str()
@@ -271,11 +267,26 @@ async fn a_partitioned_stream_is_one_channel_with_a_partition_parameter() {
             .contains("`orders:{partition}:dlq`"),
         "{orders:#}"
     );
-    let invoices = &document["channels"]["invoices"];
-    assert_eq!(invoices["address"], "invoices:{partition}");
+    // The address with each value of its parameter filled in, as AsyncAPI fills it in,
+    // names the streams the bus reads.
+    let filled_in = |channel: &Value| -> BTreeSet<String> {
+        channel["parameters"]["partition"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|value| {
+                channel["address"]
+                    .as_str()
+                    .unwrap()
+                    .replace("{partition}", value.as_str().unwrap())
+            })
+            .collect()
+    };
+    let read: BTreeSet<String> = bus.streams().map(str::to_owned).collect();
+    assert_eq!(filled_in(orders), read);
     assert_eq!(
-        invoices["parameters"]["partition"]["enum"],
-        serde_json::json!(["0", "1"])
+        filled_in(&document["channels"]["invoices"]),
+        BTreeSet::from(["invoices:{0}".to_owned(), "invoices:{1}".to_owned()])
     );
     // One receive for the handler, not one per partition.
     let receives: Vec<&Value> = document["operations"]
@@ -286,10 +297,4 @@ async fn a_partitioned_stream_is_one_channel_with_a_partition_parameter() {
         .collect();
     assert_eq!(receives.len(), 1, "{document:#}");
     assert_eq!(receives[0]["channel"]["$ref"], "#/channels/orders");
-    // The address, with its parameter filled in, names the streams the bus reads.
-    let read: BTreeSet<String> = bus.streams().map(str::to_owned).collect();
-    let named: BTreeSet<String> = (0..3)
-        .map(|partition| format!("orders:{{{partition}}}"))
-        .collect();
-    assert_eq!(read, named);
 }

@@ -372,7 +372,7 @@ async fn dead_letters_and_their_replay_stay_in_their_partition(backend: Backend)
         "{error}"
     );
     assert!(error.to_string().contains("orders:{0}"), "{error}");
-    assert_eq!(bus.partitions("orders"), Some(4));
+    assert_eq!(bus.partition_count("orders"), Some(4));
 
     let replayed = within("replay", STEP, dead.replay(letters[0].id))
         .await
@@ -523,6 +523,52 @@ async fn bad_partition_settings_are_errors_of_build_naming_the_stream() {
         .await
         .unwrap_err();
     assert!(hash_tag.to_string().contains("`{clicks}`"), "{hash_tag}");
+}
+
+#[tokio::test]
+async fn an_event_type_declared_as_published_makes_its_stream_partitioned_for_untyped_publishes() {
+    let broker = MemoryBroker::new();
+    let bus = within(
+        "build",
+        STEP,
+        EventBus::builder()
+            .memory(&broker)
+            .publishes::<OrderPlaced>()
+            .build(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(bus.partition_count("orders"), Some(4));
+    within(
+        "send",
+        STEP,
+        bus.send("orders", [("order_id", "o-1"), ("seq", "0")]),
+    )
+    .await
+    .unwrap();
+    assert!(
+        broker.entries("orders").is_empty(),
+        "nothing goes to the logical name, which nobody reads"
+    );
+    let stored: usize = (0..4)
+        .map(|partition| broker.entries(&partition_stream("orders", partition)).len())
+        .sum();
+    assert_eq!(stored, 1);
+
+    // A setting that disagrees with the declared event type is an error of build().
+    let conflict = EventBus::builder()
+        .memory(&broker)
+        .stream_partitions("orders", 8)
+        .publishes::<OrderPlaced>()
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        conflict
+            .to_string()
+            .contains("stream `orders` has 8 partitions"),
+        "{conflict}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

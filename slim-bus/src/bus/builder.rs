@@ -444,6 +444,10 @@ impl EventBusBuilder {
             ));
         }
         self.contract.validate()?;
+        // `publish_to` and `send` with the logical name route by these too.
+        for (stream, count, event) in self.contract.published_partitions() {
+            partitions.declare(stream, count, event)?;
+        }
         asyncapi::write_if_asked(&routes, &self.config, &self.contract);
         let memory = match (self.memory, &self.client) {
             (Some(memory), _) => Some(memory),

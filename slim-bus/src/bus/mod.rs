@@ -331,7 +331,7 @@ impl EventBus {
     /// Each partition of a partitioned stream has its own dead letters, replayed into the
     /// partition they came from: ask for those of `orders:{3}`. Asked for by the logical
     /// name (`orders`), every call fails with [`Error::PartitionedStream`]; go over the
-    /// partitions with [`partitions`](Self::partitions) and
+    /// partitions with [`partition_count`](Self::partition_count) and
     /// [`partition_stream`](crate::partition_stream) instead.
     ///
     /// # Examples
@@ -360,9 +360,10 @@ impl EventBus {
 
     /// How many partitions the logical stream `stream` has, when this bus knows it as a
     /// partitioned stream (from [`stream_partitions`](EventBusBuilder::stream_partitions)
-    /// or a handler's event type); its partitions are `stream:{0}` ... (see
+    /// a handler's event type, or an event type it [`publishes`](EventBusBuilder::publishes));
+    /// its partitions are `stream:{0}` ... (see
     /// [`partition_stream`](crate::partition_stream)).
-    pub fn partitions(&self, stream: &str) -> Option<u32> {
+    pub fn partition_count(&self, stream: &str) -> Option<u32> {
         self.inner.partitions.count(stream)
     }
 
