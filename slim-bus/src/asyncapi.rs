@@ -15,6 +15,10 @@ use crate::event::Event;
 /// The environment variable that makes [`EventBusBuilder::build`] write the service's
 /// AsyncAPI document to the file it names and end the process: what
 /// `slim-bus asyncapi --from-bin` sets.
+///
+/// Set it only for the run that should write the document: any process that builds a
+/// bus with it set ends there, with exit code 0 (a [`TestBus`](crate::testing::TestBus)
+/// is the exception: it never writes the document).
 pub const ASYNCAPI_ENV: &str = "SLIM_BUS_ASYNCAPI";
 
 /// How an entry carries a message, for readers of the document.

@@ -226,6 +226,27 @@ async fn build_writes_the_document_and_ends_the_process_when_slim_bus_asyncapi_i
     assert_eq!(written, service_document().await);
 }
 
+#[tokio::test]
+async fn a_test_bus_never_ends_the_process_for_slim_bus_asyncapi() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("asyncapi.json");
+    let output = within(
+        "the service to build a TestBus and exit",
+        STEP,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_slim-bus-test-asyncapi"))
+            .arg("--test-bus")
+            .env(slim_bus::ASYNCAPI_ENV, &path)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{:?}", output);
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "built\n");
+    assert!(!path.exists(), "a TestBus wrote the document");
+}
+
 #[derive(Debug, serde::Serialize, serde::Deserialize, slim_bus::Event)]
 #[event(stream = "orders", partitions = 3, key = "order_id")]
 struct OrderShipped {
