@@ -41,6 +41,8 @@ pub(crate) struct Event<'a> {
 pub(crate) struct FieldName {
     pub(crate) rust: String,
     pub(crate) wire: String,
+    /// The `skip` or `skip_serializing` of its `#[serde(...)]`: it never reaches an entry.
+    pub(crate) skipped: Option<Path>,
 }
 
 /// What kind of type the event is; only structs with named fields can be events.
@@ -64,7 +66,7 @@ impl<'a> Event<'a> {
                     flattened = fields
                         .named
                         .iter()
-                        .flat_map(|field| attr::serde_flatten_keys(&field.attrs))
+                        .flat_map(|field| attr::serde_keys(&field.attrs, &["flatten"]))
                         .collect();
                     let rename_all = attr::serde_rename(&input.attrs, "rename_all");
                     field_names = fields
@@ -75,7 +77,15 @@ impl<'a> Event<'a> {
                             let rust = ident.unraw().to_string();
                             let wire = attr::serde_rename(&field.attrs, "rename")
                                 .unwrap_or_else(|| renamed(&rust, rename_all.as_deref()));
-                            FieldName { rust, wire }
+                            let skipped =
+                                attr::serde_keys(&field.attrs, &["skip", "skip_serializing"])
+                                    .into_iter()
+                                    .next();
+                            FieldName {
+                                rust,
+                                wire,
+                                skipped,
+                            }
                         })
                         .collect();
                     Shape::NamedStruct

@@ -174,13 +174,13 @@ pub(crate) fn serde_rename(attrs: &[Attribute], key: &str) -> Option<String> {
     renamed
 }
 
-/// The `flatten` keys in a field's `#[serde(...)]` attributes. Other serde keys are serde's
-/// business; what cannot be parsed here is left for serde to report.
-pub(crate) fn serde_flatten_keys(attrs: &[Attribute]) -> Vec<Path> {
+/// The keys named `names` (e.g. `flatten`) in a field's `#[serde(...)]` attributes. Other
+/// serde keys are serde's business; what cannot be parsed here is left for serde to report.
+pub(crate) fn serde_keys(attrs: &[Attribute], names: &[&str]) -> Vec<Path> {
     let mut keys = Vec::new();
     for attr in attrs.iter().filter(|attr| attr.path().is_ident("serde")) {
         let _ = attr.parse_nested_meta(|meta| {
-            if meta.path.is_ident("flatten") {
+            if names.iter().any(|name| meta.path.is_ident(name)) {
                 keys.push(meta.path.clone());
             }
             skip_value(&meta)
