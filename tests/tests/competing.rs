@@ -136,8 +136,9 @@ async fn three_processes_in_one_group_share_a_partitioned_stream_and_handle_each
     for process in processes {
         process.stop().await;
     }
-    // What the processes printed before they stopped, a second handling included.
-    while let Ok(entry) = handled.try_recv() {
+    // What the processes printed before they stopped, a second handling included: the
+    // channel closes once every process's output has been read to its end.
+    while let Some(entry) = within("the processes' last output", STEP, handled.recv()).await {
         *by_consumer.entry(entry.consumer.clone()).or_default() += 1;
         ledger
             .entry((entry.stream.clone(), entry.entry_id.clone()))
@@ -150,10 +151,6 @@ async fn three_processes_in_one_group_share_a_partitioned_stream_and_handle_each
         by_consumer.len(),
         3,
         "a process got no share: {by_consumer:?}"
-    );
-    assert!(
-        by_consumer.values().all(|&count| count > 0),
-        "{by_consumer:?}"
     );
     assert_eq!(by_consumer.values().sum::<u64>(), ENTRIES);
     let twice: Vec<_> = ledger
