@@ -8,7 +8,7 @@ use slim_bus::{DeadLetter, DeadLetters, EntryId, EventBus};
 
 use crate::args::{DlqCommand, Selection};
 use crate::exit::{Failure, Outcome};
-use crate::print_json;
+use crate::output::{self, print_json};
 use crate::table::{self, Table};
 
 pub(crate) async fn run(bus: &EventBus, command: DlqCommand, json: bool) -> Outcome {
@@ -34,8 +34,7 @@ async fn list(dead: &DeadLetters, limit: usize, after: Option<EntryId>, json: bo
         return print_json(&letters);
     }
     if letters.is_empty() {
-        println!("no dead letters in {}", dead.stream());
-        return Ok(());
+        return output::println(&format!("no dead letters in {}", dead.stream()));
     }
     let mut rows = Table::new(&[
         "ID",
@@ -57,8 +56,7 @@ async fn list(dead: &DeadLetters, limit: usize, after: Option<EntryId>, json: bo
             table::cut(&letter.error, 60),
         ]);
     }
-    print!("{}", rows.render());
-    Ok(())
+    output::print(&rows.render())
 }
 
 async fn show(dead: &DeadLetters, id: EntryId, json: bool) -> Outcome {
@@ -68,8 +66,7 @@ async fn show(dead: &DeadLetters, id: EntryId, json: bool) -> Outcome {
     if json {
         return print_json(&letter);
     }
-    print!("{}", render(&letter));
-    Ok(())
+    output::print(&render(&letter))
 }
 
 fn render(letter: &DeadLetter) -> String {
@@ -125,8 +122,10 @@ async fn replay(dead: &DeadLetters, selection: &Selection, json: bool) -> Outcom
                 count,
             });
         }
-        println!("replayed {count} dead letters to `{}`", dead.origin());
-        return Ok(());
+        return output::println(&format!(
+            "replayed {count} dead letters to `{}`",
+            dead.origin()
+        ));
     }
     let mut replayed = Vec::new();
     let mut missing = Vec::new();
@@ -144,12 +143,12 @@ async fn replay(dead: &DeadLetters, selection: &Selection, json: bool) -> Outcom
         print_json(&Replayed { replayed, count })?;
     } else {
         for letter in &replayed {
-            println!(
+            output::println(&format!(
                 "replayed {} to `{}` as {}",
                 letter.id,
                 dead.origin(),
                 letter.new_id
-            );
+            ))?;
         }
     }
     if missing.is_empty() {
@@ -187,7 +186,10 @@ async fn purge(dead: &DeadLetters, selection: &Selection, json: bool) -> Outcome
     if json {
         print_json(&Purged { count })?;
     } else {
-        println!("purged {count} dead letters from {}", dead.stream());
+        output::println(&format!(
+            "purged {count} dead letters from {}",
+            dead.stream()
+        ))?;
     }
     if missing.is_empty() {
         Ok(())

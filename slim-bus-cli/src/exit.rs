@@ -22,11 +22,15 @@ pub(crate) enum Failure {
     Refused(String),
     /// Any other error, e.g. from the bus.
     Error(String),
+    /// The reader of stdout went away (`slim-bus tail s | head -1`): the command ends
+    /// quietly with success, as `head`-style pipelines expect.
+    StdoutClosed,
 }
 
 impl Failure {
     pub(crate) fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
+            Failure::StdoutClosed => 0,
             Failure::Error(_) => 1,
             Failure::NotFound(_) => 3,
             Failure::Refused(_) => 4,
@@ -40,6 +44,7 @@ impl fmt::Display for Failure {
             Failure::NotFound(message) | Failure::Refused(message) | Failure::Error(message) => {
                 f.write_str(message)
             }
+            Failure::StdoutClosed => f.write_str("stdout is closed"),
         }
     }
 }

@@ -1,12 +1,13 @@
 //! `slim-bus status`: streams, their consumer groups and dead letters.
 
-use std::io::{IsTerminal as _, Write as _};
+use std::io::IsTerminal as _;
 
 use slim_bus::{EventBus, StreamStatus};
 
 use crate::args::StatusArgs;
 use crate::exit::Outcome;
-use crate::print_json;
+use crate::interrupt::CtrlC;
+use crate::output::{self, print_json};
 use crate::table::{self, Table};
 
 /// Clears a terminal and moves the cursor home, so that `--watch` refreshes in place.
@@ -17,10 +18,15 @@ pub(crate) async fn run(bus: &EventBus, args: &StatusArgs, json: bool) -> Outcom
         return show(bus, args, json, false).await;
     }
     let in_place = !json && std::io::stdout().is_terminal();
+    let mut ctrl_c = CtrlC::listen()?;
     loop {
-        show(bus, args, json, in_place).await?;
+        // Ctrl-C also ends a refresh that waits on a server that does not answer.
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            () = ctrl_c.pressed() => return Ok(()),
+            shown = show(bus, args, json, in_place) => shown?,
+        }
+        tokio::select! {
+            () = ctrl_c.pressed() => return Ok(()),
             () = tokio::time::sleep(args.interval) => {}
         }
     }
@@ -48,10 +54,7 @@ async fn show(bus: &EventBus, args: &StatusArgs, json: bool, in_place: bool) -> 
         }
         out.push_str(&render(status, args.group.as_deref()));
     }
-    let mut stdout = std::io::stdout().lock();
-    stdout.write_all(out.as_bytes())?;
-    stdout.flush()?;
-    Ok(())
+    output::print(&out)
 }
 
 fn render(status: &StreamStatus, group: Option<&str>) -> String {

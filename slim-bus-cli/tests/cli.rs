@@ -8,7 +8,6 @@ use std::process::Stdio;
 
 use slim_bus_tests::within;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 
 use support::*;
 
@@ -233,15 +232,7 @@ async fn tail_prints_entries_published_after_it_started_until_interrupted() {
         .unwrap();
     assert_eq!(line, format!("{id} order_id=o-after"));
 
-    let pid = child.id().unwrap().to_string();
-    let killed = within(
-        "kill -INT",
-        STEP,
-        Command::new("kill").args(["-INT", &pid]).status(),
-    )
-    .await
-    .unwrap();
-    assert!(killed.success());
+    interrupt(&child).await;
     let status = within("tail to stop on SIGINT", STEP, child.wait())
         .await
         .unwrap();
@@ -289,6 +280,142 @@ async fn a_missing_stream_exits_with_the_not_found_code() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_say_what_is_wrong_and_exit_2() {
+    // No Redis is needed: usage errors come before connecting.
+    let url = "redis://127.0.0.1:1/";
+    let usage = run(url, &["status"]).await;
+    assert_exit(&usage, 2);
+    let message = stderr(&usage);
+    assert!(
+        message.contains("status takes the streams to show")
+            && message.contains("does not scan the keyspace"),
+        "{message}"
+    );
+    assert!(message.contains("<STREAM>"), "the usage line: {message}");
+
+    for args in [
+        &["dlq", "list", "orders", "--limit", "0"][..],
+        &["pending", "orders", "billing", "--limit", "0"],
+    ] {
+        let output = run(url, args).await;
+        assert_exit(&output, 2);
+        let message = stderr(&output);
+        assert!(
+            message.contains("--limit") && message.contains('0'),
+            "{args:?}: {message}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_each_command_quietly_with_success() {
+    let server = start_server().await;
+    dead_letter_orders(&server, 1).await;
+    read_and_die(&server, "reports", "reports-1", 1).await;
+    let letters = json(&run(&server.url(), &["dlq", "list", "orders", "--json"]).await);
+    let id = letters[0]["id"].as_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let service = script(
+        dir.path(),
+        "service",
+        r#"printf '{"asyncapi":"3.0.0"}' > "$SLIM_BUS_ASYNCAPI""#,
+    );
+    let service = service.to_str().unwrap();
+
+    for args in [
+        &["status", "orders"][..],
+        &["status", "orders", "--json"],
+        &["status", "orders", "--watch", "--interval", "10ms"],
+        &["dlq", "list", "orders"],
+        &["dlq", "list", "orders", "--json"],
+        &["dlq", "show", "orders", &id],
+        &["dlq", "show", "orders", &id, "--json"],
+        &["pending", "orders", "reports"],
+        &["pending", "orders", "reports", "--json"],
+        &["tail", "orders", "--from", "0-0"],
+        &["tail", "orders", "--from", "0-0", "--json"],
+        &["asyncapi", "--from-bin", service],
+    ] {
+        let output = within(
+            &format!("slim-bus {}", args.join(" ")),
+            STEP,
+            // Not `output()`, which would pipe stdout to this process.
+            slim_bus(&server.url())
+                .args(args)
+                .stdout(closed_pipe())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+                .wait_with_output(),
+        )
+        .await
+        .unwrap();
+        assert_exit(&output, 0);
+        // `tail` says on stderr where it starts; nothing else is said.
+        let said = stderr(&output);
+        assert!(
+            said.is_empty() || said.starts_with("tailing `orders` from after 0-0"),
+            "{args:?}: {said}"
+        );
+        assert_eq!(
+            said.lines().count(),
+            usize::from(!said.is_empty()),
+            "{said}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_ends_on_ctrl_c_while_redis_does_not_answer() {
+    let server = start_server().await;
+    xadd(&server, "orders", "o-1").await;
+    let proxy = StallProxy::start(&server).await;
+    let mut child = slim_bus(&proxy.url())
+        .args(["--timeout", "60s", "--json", "status", "orders", "--watch"])
+        .args(["--interval", "10ms"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = within("the first status", STEP, stdout.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.contains(r#""stream":"orders""#), "{first}");
+
+    // The next refresh starts with `TYPE orders`, which Redis now never answers.
+    proxy.hold(b"\r\nTYPE\r\n");
+    within("a refresh to wait on Redis", STEP, proxy.held()).await;
+    interrupt(&child).await;
+    let status = within("status --watch to stop on SIGINT", STEP, child.wait())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_ends_on_ctrl_c_while_it_looks_for_where_to_start() {
+    let server = start_server().await;
+    xadd(&server, "orders", "o-1").await;
+    let proxy = StallProxy::start(&server).await;
+    // `tail` without --from asks for the stream's newest entry before it prints anything.
+    proxy.hold(b"\r\nTYPE\r\n");
+    let child = slim_bus(&proxy.url())
+        .args(["--timeout", "60s", "tail", "orders"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    within("tail to wait on Redis", STEP, proxy.held()).await;
+    interrupt(&child).await;
+    let output = within("tail to stop on SIGINT", STEP, child.wait_with_output())
+        .await
+        .unwrap();
+    assert_exit(&output, 0);
+    assert!(output.stdout.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asyncapi_prints_the_document_a_service_writes_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     // A stand-in for a service: what `EventBus::build` does when SLIM_BUS_ASYNCAPI is set.
@@ -310,6 +437,40 @@ printf '{"asyncapi":"3.0.0","info":{"title":"billing","version":"1"}}' > "$SLIM_
     let document = json(&output);
     assert_eq!(document["asyncapi"], "3.0.0");
     assert_eq!(document["info"]["title"], "billing");
+
+    // Where the document is written: a directory of its own, private, removed afterwards.
+    let tmp = tempfile::tempdir().unwrap();
+    let record = dir.path().join("record");
+    let recording = script(
+        dir.path(),
+        "recording-service",
+        r#"printf '%s\n' "$SLIM_BUS_ASYNCAPI" > "$RECORD"
+stat -c %a "$(dirname "$SLIM_BUS_ASYNCAPI")" >> "$RECORD"
+printf '{"asyncapi":"3.0.0"}' > "$SLIM_BUS_ASYNCAPI""#,
+    );
+    let output = within(
+        "slim-bus asyncapi",
+        STEP,
+        slim_bus("redis://127.0.0.1:1/")
+            .env("TMPDIR", tmp.path())
+            .env("RECORD", &record)
+            .args(["asyncapi", "--from-bin", recording.to_str().unwrap()])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert_exit(&output, 0);
+    let recorded = std::fs::read_to_string(&record).unwrap();
+    let mut recorded = recorded.lines();
+    let path = std::path::Path::new(recorded.next().unwrap());
+    let own_dir = path.parent().unwrap();
+    assert_eq!(own_dir.parent(), Some(tmp.path()), "{path:?}");
+    assert_eq!(recorded.next(), Some("700"), "the directory's mode");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "the directory is removed"
+    );
 
     let silent = script(dir.path(), "not-a-service", "exit 0");
     let output = run(

@@ -1,12 +1,18 @@
 //! What the tests of the `slim-bus` binary share: running it against a throwaway
-//! redis-server and reading its output.
+//! redis-server, reading its output, and a proxy that makes Redis stop answering.
 use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use slim_bus::{Context, EventBus, HandlerError, StreamHandler};
 use slim_bus_tests::{RedisServer, within};
-use tokio::process::Command;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::sync::Notify;
+use tokio::task::{JoinHandle, JoinSet};
 
 /// How long any single awaited step may take.
 pub(crate) const STEP: Duration = Duration::from_secs(20);
@@ -175,4 +181,127 @@ pub(crate) fn script(dir: &std::path::Path, name: &str, body: &str) -> std::path
     std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     path
+}
+
+/// Sends SIGINT to `child`, as Ctrl-C on a terminal does.
+pub(crate) async fn interrupt(child: &Child) {
+    let pid = child.id().expect("the child runs").to_string();
+    let killed = within(
+        "kill -INT",
+        STEP,
+        Command::new("kill").args(["-INT", &pid]).status(),
+    )
+    .await
+    .unwrap();
+    assert!(killed.success());
+}
+
+/// A stdout whose reader is gone before the binary starts, as in `slim-bus ... | head -0`
+/// once `head` exited: every write to it fails with a broken pipe.
+pub(crate) fn closed_pipe() -> Stdio {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Stdio::from(writer)
+}
+
+/// A TCP proxy in front of a Redis server that forwards everything until told to
+/// [`hold`](Self::hold) the requests with given bytes: such a request, and whatever its
+/// connection sends after it, is never forwarded, so its client waits on Redis for as long
+/// as the test likes.
+pub(crate) struct StallProxy {
+    addr: SocketAddr,
+    shared: Arc<Stall>,
+    accept: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Stall {
+    /// The bytes that make a request held; `None` while nothing is held.
+    pattern: Mutex<Option<Vec<u8>>>,
+    /// Notified (with a permit kept for a later waiter) each time a request is held.
+    held: Notify,
+    /// Wakes the held connections, which then forward what they hold.
+    released: Notify,
+}
+
+impl StallProxy {
+    pub(crate) async fn start(server: &RedisServer) -> StallProxy {
+        let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, server.port()));
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Stall::default());
+        let stall = shared.clone();
+        let accept = tokio::spawn(async move {
+            // Dropped with the accept task, which aborts every connection's task.
+            let mut connections = JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                connections.spawn(forward(client, upstream, stall.clone()));
+            }
+        });
+        StallProxy {
+            addr,
+            shared,
+            accept,
+        }
+    }
+
+    /// `redis://127.0.0.1:PORT/` of the proxy.
+    pub(crate) fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    /// From now on, holds every request that contains `pattern` (every request at all for
+    /// an empty one), on any connection.
+    pub(crate) fn hold(&self, pattern: &[u8]) {
+        *self.shared.pattern.lock().unwrap() = Some(pattern.to_vec());
+    }
+
+    /// Waits until a request is held (or returns at once when one was since the last call).
+    pub(crate) async fn held(&self) {
+        self.shared.held.notified().await;
+    }
+}
+
+impl Drop for StallProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn forward(client: TcpStream, upstream: SocketAddr, stall: Arc<Stall>) {
+    let Ok(server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let replies =
+        tokio::spawn(async move { tokio::io::copy(&mut server_read, &mut client_write).await });
+    let mut buffer = vec![0; 64 * 1024];
+    loop {
+        let read = match client_read.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(read) => read,
+        };
+        let request = &buffer[..read];
+        let hold = stall
+            .pattern
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|pattern| {
+                pattern.is_empty() || request.windows(pattern.len()).any(|w| w == pattern)
+            });
+        if hold {
+            // Waiting for the release before saying it is held, so that none is missed.
+            let released = stall.released.notified();
+            let mut released = std::pin::pin!(released);
+            released.as_mut().enable();
+            stall.held.notify_one();
+            released.await;
+        }
+        if server_write.write_all(request).await.is_err() {
+            break;
+        }
+    }
+    replies.abort();
 }
