@@ -38,6 +38,18 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// The same failure, with `note` after its message.
+    pub(crate) fn note(self, note: &str) -> Failure {
+        match self {
+            Failure::NotFound(message) => Failure::NotFound(format!("{message} ({note})")),
+            Failure::Refused(message) => Failure::Refused(format!("{message} ({note})")),
+            Failure::Error(message) => Failure::Error(format!("{message} ({note})")),
+            Failure::StdoutClosed => Failure::StdoutClosed,
+        }
+    }
+}
+
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -11,6 +11,7 @@ mod asyncapi;
 mod dlq;
 mod exit;
 mod interrupt;
+mod lookup;
 mod output;
 mod status;
 mod table;

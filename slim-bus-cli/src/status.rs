@@ -7,6 +7,7 @@ use slim_bus::{EventBus, StreamStatus};
 use crate::args::StatusArgs;
 use crate::exit::Outcome;
 use crate::interrupt::CtrlC;
+use crate::lookup;
 use crate::output::{self, print_json};
 use crate::table::{self, Table};
 
@@ -32,27 +33,69 @@ pub(crate) async fn run(bus: &EventBus, args: &StatusArgs, json: bool) -> Outcom
     }
 }
 
+/// What one name on the command line shows.
+enum Shown {
+    Stream(StreamStatus),
+    /// The logical name of a partitioned stream, and each partition's status.
+    Partitioned(String, Vec<StreamStatus>),
+}
+
 async fn show(bus: &EventBus, args: &StatusArgs, json: bool, in_place: bool) -> Outcome {
-    let mut statuses = Vec::with_capacity(args.streams.len());
+    let mut shown = Vec::with_capacity(args.streams.len());
     for stream in &args.streams {
-        let mut status = bus.stream_status(stream).await?;
+        shown.push(match bus.stream_status(stream).await {
+            Ok(status) => Shown::Stream(status),
+            Err(not_found @ slim_bus::Error::StreamNotFound { .. }) => {
+                let partitions = lookup::partitions(bus, stream).await?;
+                if partitions.is_empty() {
+                    return Err(not_found.into());
+                }
+                Shown::Partitioned(stream.clone(), partitions)
+            }
+            Err(error) => return Err(error.into()),
+        });
+    }
+    for status in shown.iter_mut().flat_map(|shown| match shown {
+        Shown::Stream(status) => std::slice::from_mut(status),
+        Shown::Partitioned(_, partitions) => partitions.as_mut_slice(),
+    }) {
         if let Some(group) = &args.group {
             status.groups.retain(|g| &g.name == group);
         }
-        statuses.push(status);
     }
     if json {
+        // One status per Redis stream: each partition's, in place of its logical name.
+        let statuses: Vec<&StreamStatus> = shown
+            .iter()
+            .flat_map(|shown| match shown {
+                Shown::Stream(status) => std::slice::from_ref(status),
+                Shown::Partitioned(_, partitions) => partitions.as_slice(),
+            })
+            .collect();
         return print_json(&statuses);
     }
     let mut out = String::new();
     if in_place {
         out.push_str(CLEAR);
     }
-    for (index, status) in statuses.iter().enumerate() {
+    for (index, shown) in shown.iter().enumerate() {
         if index > 0 {
             out.push('\n');
         }
-        out.push_str(&render(status, args.group.as_deref()));
+        match shown {
+            Shown::Stream(status) => out.push_str(&render(status, args.group.as_deref())),
+            Shown::Partitioned(stream, partitions) => {
+                let count = u32::try_from(partitions.len()).unwrap_or(u32::MAX);
+                out.push_str(&format!(
+                    "partitioned stream {stream}: {count} partitions, {}\n",
+                    lookup::partition_names(stream, count).replace('`', "")
+                ));
+                for status in partitions {
+                    out.push('\n');
+                    out.push_str(&render(status, args.group.as_deref()));
+                }
+            }
+        }
     }
     output::print(&out)
 }

@@ -6,7 +6,7 @@ mod support;
 
 use std::process::Stdio;
 
-use slim_bus_tests::within;
+use slim_bus_tests::{RedisServer, within};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use support::*;
@@ -274,9 +274,36 @@ async fn a_missing_stream_exits_with_the_not_found_code() {
     );
     assert!(output.stdout.is_empty());
 
-    let usage = run(&server.url(), &["status"]).await;
-    assert_exit(&usage, 2);
-    assert!(stderr(&usage).contains("<STREAM>"));
+    for args in [
+        &["dlq", "list", "no.such.stream"][..],
+        &["dlq", "list", "no.such.stream", "--json"],
+        &["dlq", "show", "no.such.stream", "1-1"],
+        &["dlq", "replay", "no.such.stream", "--all", "--yes"],
+        &["dlq", "purge", "no.such.stream", "--id", "1-1", "--yes"],
+    ] {
+        let output = run(&server.url(), args).await;
+        assert_exit(&output, 3);
+        assert_eq!(
+            stderr(&output),
+            "error: stream `no.such.stream` does not exist, nor its dead-letter stream \
+             {no.such.stream}:dlq\n",
+            "{args:?}"
+        );
+        assert!(output.stdout.is_empty(), "{args:?}");
+    }
+
+    // A stream without dead letters is no error.
+    xadd(&server, "orders", "o-1").await;
+    let none = run(&server.url(), &["dlq", "list", "orders"]).await;
+    assert_exit(&none, 0);
+    assert_eq!(stdout(&none), "no dead letters in {orders}:dlq\n");
+    let none = run(
+        &server.url(),
+        &["dlq", "purge", "orders", "--all", "--json"],
+    )
+    .await;
+    assert_exit(&none, 0);
+    assert_eq!(json(&none)["count"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -413,6 +440,182 @@ async fn tail_ends_on_ctrl_c_while_it_looks_for_where_to_start() {
         .unwrap();
     assert_exit(&output, 0);
     assert!(output.stdout.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_fails_part_way_reports_what_it_replayed() {
+    let server = start_server().await;
+    dead_letter_orders(&server, 3).await;
+    let letters = json(&run(&server.url(), &["dlq", "list", "orders", "--json"]).await);
+    let ids: Vec<String> = letters
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|letter| letter["id"].as_str().unwrap().to_owned())
+        .collect();
+    let proxy = StallProxy::start(&server).await;
+    // Redis never answers the replay of the second: it times out.
+    proxy.hold(ids[1].as_bytes());
+    let args = [
+        "--timeout",
+        "1s",
+        "dlq",
+        "replay",
+        "orders",
+        "--yes",
+        "--id",
+        &ids[0],
+        &ids[1],
+        &ids[2],
+    ];
+    let output = run(&proxy.url(), &args).await;
+    assert_exit(&output, 1);
+    let text = stdout(&output);
+    assert!(
+        text.starts_with(&format!("replayed {} to `orders` as ", ids[0])),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let message = stderr(&output);
+    assert!(
+        message.contains("1 of 3 replayed before it; the others are still in {orders}:dlq"),
+        "{message}"
+    );
+
+    let args = [
+        "--timeout",
+        "1s",
+        "--json",
+        "dlq",
+        "replay",
+        "orders",
+        "--yes",
+        "--id",
+        &ids[2],
+        &ids[1],
+    ];
+    let output = run(&proxy.url(), &args).await;
+    assert_exit(&output, 1);
+    let result = json(&output);
+    assert_eq!(result["count"], 1, "{result}");
+    assert_eq!(result["replayed"][0]["id"], ids[2].as_str(), "{result}");
+    assert!(
+        result["error"]
+            .as_str()
+            .unwrap()
+            .contains("1 of 2 replayed"),
+        "{result}"
+    );
+    drop(proxy);
+    assert_eq!(dead_letter_count(&server).await, 1, "the held one is left");
+}
+
+/// Runs `dlq ACTION orders --all --yes --json` while a dead letter arrives between the
+/// listing and the first replay or purge; returns what it printed.
+async fn act_on_all_while_one_arrives(server: &RedisServer, action: &str) -> serde_json::Value {
+    let letters = json(&run(&server.url(), &["dlq", "list", "orders", "--json"]).await);
+    let first = letters[0]["id"].as_str().unwrap().to_owned();
+    let proxy = StallProxy::start(server).await;
+    proxy.hold(first.as_bytes());
+    let child = slim_bus(&proxy.url())
+        .args(["--json", "dlq", action, "orders", "--all", "--yes"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    within(&format!("the first {action}"), STEP, proxy.held()).await;
+    redis_cmd::<String>(
+        server,
+        redis::cmd("XADD")
+            .arg("{orders}:dlq")
+            .arg("*")
+            .arg("order_id")
+            .arg("o-late"),
+    )
+    .await;
+    proxy.release();
+    let output = within(
+        &format!("dlq {action} --all"),
+        STEP,
+        child.wait_with_output(),
+    )
+    .await
+    .unwrap();
+    assert_exit(&output, 0);
+    json(&output)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_and_purge_all_act_on_the_dead_letters_there_were_when_confirmed() {
+    let server = start_server().await;
+    dead_letter_orders(&server, 2).await;
+    let replayed = act_on_all_while_one_arrives(&server, "replay").await;
+    assert_eq!(replayed["count"], 2, "{replayed}");
+    assert_eq!(
+        replayed["replayed"].as_array().unwrap().len(),
+        2,
+        "{replayed}"
+    );
+    assert_eq!(dead_letter_count(&server).await, 1, "the late one is left");
+
+    xadd(&server, "{orders}:dlq", "o-later").await;
+    let purged = act_on_all_while_one_arrives(&server, "purge").await;
+    assert_eq!(purged["count"], 2, "{purged}");
+    let left = json(&run(&server.url(), &["dlq", "list", "orders", "--json"]).await);
+    let left = left.as_array().unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["fields"]["order_id"], "o-late");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_stream_shows_each_partition_and_dead_letters_name_them() {
+    let server = start_server().await;
+    xadd(&server, "orders:{0}", "o-0").await;
+    xadd(&server, "orders:{2}", "o-2").await;
+    dead_letter(&server, "orders:{1}", 2).await;
+
+    let table = run(&server.url(), &["status", "orders"]).await;
+    assert_exit(&table, 0);
+    let text = stdout(&table);
+    assert!(
+        text.starts_with("partitioned stream orders: 3 partitions, orders:{0} ... orders:{2}\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("stream orders:{1}: 2 entries")
+            && text.contains("2 dead letters in orders:{1}:dlq"),
+        "{text}"
+    );
+    let output = run(&server.url(), &["status", "orders", "--json"]).await;
+    assert_exit(&output, 0);
+    let statuses = json(&output);
+    let streams: Vec<&str> = statuses
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|status| status["stream"].as_str().unwrap())
+        .collect();
+    assert_eq!(streams, ["orders:{0}", "orders:{1}", "orders:{2}"]);
+    assert_eq!(statuses[1]["dead_letters"], 2);
+
+    for args in [
+        &["dlq", "list", "orders"][..],
+        &["dlq", "show", "orders", "1-1"],
+        &["dlq", "replay", "orders", "--all", "--yes"],
+        &["dlq", "purge", "orders", "--id", "1-1", "--yes"],
+    ] {
+        let output = run(&server.url(), args).await;
+        assert_exit(&output, 3);
+        assert_eq!(
+            stderr(&output),
+            "error: `orders` is a partitioned stream: name a partition, \
+             `orders:{0}` ... `orders:{2}`\n",
+            "{args:?}"
+        );
+    }
+    let letters = run(&server.url(), &["dlq", "list", "orders:{1}", "--json"]).await;
+    assert_exit(&letters, 0);
+    assert_eq!(json(&letters).as_array().unwrap().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

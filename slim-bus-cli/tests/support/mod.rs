@@ -206,8 +206,8 @@ pub(crate) fn closed_pipe() -> Stdio {
 
 /// A TCP proxy in front of a Redis server that forwards everything until told to
 /// [`hold`](Self::hold) the requests with given bytes: such a request, and whatever its
-/// connection sends after it, is never forwarded, so its client waits on Redis for as long
-/// as the test likes.
+/// connection sends after it, is not forwarded until [`release`](Self::release), so its
+/// client waits on Redis for as long as the test likes.
 pub(crate) struct StallProxy {
     addr: SocketAddr,
     shared: Arc<Stall>,
@@ -259,6 +259,12 @@ impl StallProxy {
     /// Waits until a request is held (or returns at once when one was since the last call).
     pub(crate) async fn held(&self) {
         self.shared.held.notified().await;
+    }
+
+    /// Stops holding: what is held is forwarded, and so is everything after it.
+    pub(crate) fn release(&self) {
+        *self.shared.pattern.lock().unwrap() = None;
+        self.shared.released.notify_waiters();
     }
 }
 
