@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::builder::RangedU64ValueParser;
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use slim_bus::EntryId;
@@ -52,8 +51,12 @@ impl Cli {
 }
 
 /// `--limit`: a count of 1 or more.
-fn at_least_one() -> RangedU64ValueParser<usize> {
-    RangedU64ValueParser::new().range(1..)
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("the limit is 1 or more".to_owned()),
+        Ok(count) => Ok(count),
+        Err(error) => Err(format!("not a count: {error}")),
+    }
 }
 
 /// Where the server is, as the library's settings of the same names say.
@@ -150,7 +153,7 @@ pub(crate) enum DlqCommand {
         /// The stream whose dead letters to list (not the dead-letter stream's name).
         stream: String,
         /// The most dead letters to list (1 or more).
-        #[arg(long, default_value_t = 20, value_parser = at_least_one())]
+        #[arg(long, default_value_t = 20, value_parser = at_least_one)]
         limit: usize,
         /// List those after this dead-letter id (the last id of the previous page).
         #[arg(long, value_name = "ID")]
@@ -208,6 +211,6 @@ pub(crate) struct PendingArgs {
     #[arg(long, value_name = "CONSUMER")]
     pub(crate) consumer: Option<String>,
     /// The most entries to show, lowest id first (1 or more).
-    #[arg(long, default_value_t = 100, value_parser = at_least_one())]
+    #[arg(long, default_value_t = 100, value_parser = at_least_one)]
     pub(crate) limit: usize,
 }

@@ -37,7 +37,7 @@ pub(crate) async fn partitions(bus: &EventBus, stream: &str) -> Result<Vec<Strea
 
 /// The names of the partitions `stream:{0}` ... of a stream of `count` partitions, for a
 /// message: `` `orders:{0}` ... `orders:{3}` ``.
-pub(crate) fn partition_names(stream: &str, count: u32) -> String {
+fn partition_names(stream: &str, count: u32) -> String {
     let first = partition_stream(stream, 0);
     match count {
         0 | 1 => format!("`{first}`"),

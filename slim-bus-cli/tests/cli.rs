@@ -328,7 +328,7 @@ async fn usage_errors_say_what_is_wrong_and_exit_2() {
         assert_exit(&output, 2);
         let message = stderr(&output);
         assert!(
-            message.contains("--limit") && message.contains('0'),
+            message.contains("--limit") && message.contains("the limit is 1 or more"),
             "{args:?}: {message}"
         );
     }
