@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use slim_bus::EntryId;
 
 use crate::exit::EXIT_CODES;
@@ -23,6 +24,39 @@ pub(crate) struct Cli {
 
     #[command(subcommand)]
     pub(crate) command: Command,
+}
+
+impl Cli {
+    /// Parses the command line, exiting with clap's usage error (code 2) when it is wrong.
+    pub(crate) fn parse_checked() -> Self {
+        let cli = Cli::parse();
+        if let Command::Status(status) = &cli.command
+            && status.streams.is_empty()
+        {
+            let mut command = Cli::command();
+            command.build();
+            let status = command
+                .find_subcommand_mut("status")
+                .unwrap_or_else(|| unreachable!("`status` is a subcommand"));
+            status
+                .error(
+                    ErrorKind::MissingRequiredArgument,
+                    "status takes the streams to show, e.g. `slim-bus status user.created`: \
+                     it does not scan the keyspace for them",
+                )
+                .exit();
+        }
+        cli
+    }
+}
+
+/// `--limit`: a count of 1 or more.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("the limit is 1 or more".to_owned()),
+        Ok(count) => Ok(count),
+        Err(error) => Err(format!("not a count: {error}")),
+    }
 }
 
 /// Where the server is, as the library's settings of the same names say.
@@ -91,9 +125,12 @@ pub(crate) struct AsyncApiArgs {
 }
 
 #[derive(Debug, Args)]
+// Not `required` in clap, whose message would not say why: see `Cli::parse_checked`.
+#[command(override_usage = "slim-bus status [OPTIONS] <STREAM>...")]
 pub(crate) struct StatusArgs {
-    /// The streams to show, e.g. `user.created` (their dead letters come with them).
-    #[arg(required = true, value_name = "STREAM")]
+    /// The streams to show, e.g. `user.created` (their dead letters come with them; the
+    /// logical name of a partitioned stream shows each partition).
+    #[arg(value_name = "STREAM")]
     pub(crate) streams: Vec<String>,
 
     /// Show only this consumer group.
@@ -115,8 +152,8 @@ pub(crate) enum DlqCommand {
     List {
         /// The stream whose dead letters to list (not the dead-letter stream's name).
         stream: String,
-        /// The most dead letters to list.
-        #[arg(long, default_value_t = 20)]
+        /// The most dead letters to list (1 or more).
+        #[arg(long, default_value_t = 20, value_parser = at_least_one)]
         limit: usize,
         /// List those after this dead-letter id (the last id of the previous page).
         #[arg(long, value_name = "ID")]
@@ -173,7 +210,7 @@ pub(crate) struct PendingArgs {
     /// Show only the entries this consumer holds.
     #[arg(long, value_name = "CONSUMER")]
     pub(crate) consumer: Option<String>,
-    /// The most entries to show, lowest id first.
-    #[arg(long, default_value_t = 100)]
+    /// The most entries to show, lowest id first (1 or more).
+    #[arg(long, default_value_t = 100, value_parser = at_least_one)]
     pub(crate) limit: usize,
 }

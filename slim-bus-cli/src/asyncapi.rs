@@ -2,22 +2,29 @@
 //! binary, which writes it when `SLIM_BUS_ASYNCAPI` names a file.
 
 use std::process::Stdio;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
 use crate::args::AsyncApiArgs;
 use crate::exit::{Failure, Outcome};
+use crate::output;
 
 pub(crate) async fn from_bin(args: &AsyncApiArgs) -> Outcome {
     let bin = args.from_bin.display();
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.subsec_nanos());
-    let path = std::env::temp_dir().join(format!(
-        "slim-bus-asyncapi-{}-{nanos}.json",
-        std::process::id()
-    ));
+    // A directory of its own (a random name, mode 0700), so that no other user can
+    // predict the path, put a link there or read the document; removed when dropped.
+    // tempfile leaves the mode to the umask unless told.
+    let mut builder = tempfile::Builder::new();
+    builder.prefix("slim-bus-asyncapi-");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        builder.permissions(std::fs::Permissions::from_mode(0o700));
+    }
+    let dir = builder
+        .tempdir()
+        .map_err(|e| Failure::Error(format!("cannot create a temporary directory: {e}")))?;
+    let path = dir.path().join("asyncapi.json");
     // The service's own output goes to stderr, so that stdout holds the document only.
     let mut child = tokio::process::Command::new(&args.from_bin)
         .args(&args.args)
@@ -38,7 +45,7 @@ pub(crate) async fn from_bin(args: &AsyncApiArgs) -> Outcome {
         }
     };
     let written = std::fs::read(&path);
-    let _ = std::fs::remove_file(&path);
+    drop(dir);
     let text = match written {
         Ok(text) => text,
         Err(_) => {
@@ -52,6 +59,5 @@ pub(crate) async fn from_bin(args: &AsyncApiArgs) -> Outcome {
     }
     let document: Value = serde_json::from_slice(&text)
         .map_err(|e| Failure::Error(format!("{bin} wrote a document that is not JSON: {e}")))?;
-    println!("{}", serde_json::to_string_pretty(&document)?);
-    Ok(())
+    output::println(&serde_json::to_string_pretty(&document)?)
 }

@@ -22,15 +22,31 @@ pub(crate) enum Failure {
     Refused(String),
     /// Any other error, e.g. from the bus.
     Error(String),
+    /// The reader of stdout went away (`slim-bus tail s | head -1`): the command ends
+    /// quietly with success, as `head`-style pipelines expect.
+    StdoutClosed,
 }
 
 impl Failure {
     pub(crate) fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
+            Failure::StdoutClosed => 0,
             Failure::Error(_) => 1,
             Failure::NotFound(_) => 3,
             Failure::Refused(_) => 4,
         })
+    }
+}
+
+impl Failure {
+    /// The same failure, with `note` after its message.
+    pub(crate) fn note(self, note: &str) -> Failure {
+        match self {
+            Failure::NotFound(message) => Failure::NotFound(format!("{message} ({note})")),
+            Failure::Refused(message) => Failure::Refused(format!("{message} ({note})")),
+            Failure::Error(message) => Failure::Error(format!("{message} ({note})")),
+            Failure::StdoutClosed => Failure::StdoutClosed,
+        }
     }
 }
 
@@ -40,6 +56,7 @@ impl fmt::Display for Failure {
             Failure::NotFound(message) | Failure::Refused(message) | Failure::Error(message) => {
                 f.write_str(message)
             }
+            Failure::StdoutClosed => f.write_str("stdout is closed"),
         }
     }
 }

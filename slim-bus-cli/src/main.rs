@@ -4,13 +4,15 @@
 use std::io::Write as _;
 use std::process::ExitCode;
 
-use clap::Parser;
 use slim_bus::EventBus;
 
 mod args;
 mod asyncapi;
 mod dlq;
 mod exit;
+mod interrupt;
+mod lookup;
+mod output;
 mod status;
 mod table;
 mod tail;
@@ -23,7 +25,7 @@ const DEFAULT_URL: &str = "redis://127.0.0.1:6379/";
 
 fn main() -> ExitCode {
     // clap prints its own usage errors and exits with 2.
-    let cli = Cli::parse();
+    let cli = Cli::parse_checked();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -33,7 +35,8 @@ fn main() -> ExitCode {
         Err(error) => return fail(&Failure::from(error)),
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        // What `head`-style pipelines expect: the reader has what it wanted.
+        Ok(()) | Err(Failure::StdoutClosed) => ExitCode::SUCCESS,
         Err(failure) => fail(&failure),
     }
 }
@@ -75,12 +78,4 @@ async fn connect(connection: &Connection) -> Result<EventBus, Failure> {
         builder = builder.tls_client_key(path);
     }
     Ok(builder.build().await?)
-}
-
-/// Prints `value` as one line of JSON.
-fn print_json(value: &impl serde::Serialize) -> Outcome {
-    let mut stdout = std::io::stdout().lock();
-    serde_json::to_writer(&mut stdout, value)?;
-    writeln!(stdout)?;
-    Ok(())
 }

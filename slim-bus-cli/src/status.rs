@@ -1,12 +1,14 @@
 //! `slim-bus status`: streams, their consumer groups and dead letters.
 
-use std::io::{IsTerminal as _, Write as _};
+use std::io::IsTerminal as _;
 
 use slim_bus::{EventBus, StreamStatus};
 
 use crate::args::StatusArgs;
 use crate::exit::Outcome;
-use crate::print_json;
+use crate::interrupt::CtrlC;
+use crate::lookup;
+use crate::output::{self, print_json};
 use crate::table::{self, Table};
 
 /// Clears a terminal and moves the cursor home, so that `--watch` refreshes in place.
@@ -17,41 +19,89 @@ pub(crate) async fn run(bus: &EventBus, args: &StatusArgs, json: bool) -> Outcom
         return show(bus, args, json, false).await;
     }
     let in_place = !json && std::io::stdout().is_terminal();
+    let mut ctrl_c = CtrlC::listen()?;
     loop {
-        show(bus, args, json, in_place).await?;
+        // Ctrl-C also ends a refresh that waits on a server that does not answer.
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            () = ctrl_c.pressed() => return Ok(()),
+            shown = show(bus, args, json, in_place) => shown?,
+        }
+        tokio::select! {
+            () = ctrl_c.pressed() => return Ok(()),
             () = tokio::time::sleep(args.interval) => {}
         }
     }
 }
 
+/// What one name on the command line shows.
+enum Shown {
+    Stream(StreamStatus),
+    /// The logical name of a partitioned stream, and each partition's status.
+    Partitioned(String, Vec<StreamStatus>),
+}
+
 async fn show(bus: &EventBus, args: &StatusArgs, json: bool, in_place: bool) -> Outcome {
-    let mut statuses = Vec::with_capacity(args.streams.len());
+    let mut shown = Vec::with_capacity(args.streams.len());
     for stream in &args.streams {
-        let mut status = bus.stream_status(stream).await?;
+        shown.push(match bus.stream_status(stream).await {
+            Ok(status) => Shown::Stream(status),
+            Err(not_found @ slim_bus::Error::StreamNotFound { .. }) => {
+                let partitions = lookup::partitions(bus, stream).await?;
+                if partitions.is_empty() {
+                    return Err(not_found.into());
+                }
+                Shown::Partitioned(stream.clone(), partitions)
+            }
+            Err(error) => return Err(error.into()),
+        });
+    }
+    for status in shown.iter_mut().flat_map(|shown| match shown {
+        Shown::Stream(status) => std::slice::from_mut(status),
+        Shown::Partitioned(_, partitions) => partitions.as_mut_slice(),
+    }) {
         if let Some(group) = &args.group {
             status.groups.retain(|g| &g.name == group);
         }
-        statuses.push(status);
     }
     if json {
+        // One status per Redis stream: each partition's, in place of its logical name.
+        let statuses: Vec<&StreamStatus> = shown
+            .iter()
+            .flat_map(|shown| match shown {
+                Shown::Stream(status) => std::slice::from_ref(status),
+                Shown::Partitioned(_, partitions) => partitions.as_slice(),
+            })
+            .collect();
         return print_json(&statuses);
     }
     let mut out = String::new();
     if in_place {
         out.push_str(CLEAR);
     }
-    for (index, status) in statuses.iter().enumerate() {
+    for (index, shown) in shown.iter().enumerate() {
         if index > 0 {
             out.push('\n');
         }
-        out.push_str(&render(status, args.group.as_deref()));
+        match shown {
+            Shown::Stream(status) => out.push_str(&render(status, args.group.as_deref())),
+            Shown::Partitioned(stream, partitions) => {
+                let names: Vec<&str> = partitions.iter().map(|p| p.stream.as_str()).collect();
+                out.push_str(&format!(
+                    "partitioned stream {stream}: {} partitions, {}\n",
+                    names.len(),
+                    match names.as_slice() {
+                        [first, .., last] => format!("{first} ... {last}"),
+                        _ => names.join(""),
+                    }
+                ));
+                for status in partitions {
+                    out.push('\n');
+                    out.push_str(&render(status, args.group.as_deref()));
+                }
+            }
+        }
     }
-    let mut stdout = std::io::stdout().lock();
-    stdout.write_all(out.as_bytes())?;
-    stdout.flush()?;
-    Ok(())
+    output::print(&out)
 }
 
 fn render(status: &StreamStatus, group: Option<&str>) -> String {

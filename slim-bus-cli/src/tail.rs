@@ -8,20 +8,29 @@ use slim_bus::{EventBus, StreamEntry};
 
 use crate::args::{PendingArgs, TailArgs};
 use crate::exit::{Failure, Outcome};
-use crate::print_json;
+use crate::interrupt::CtrlC;
+use crate::output::{self, print_json};
 use crate::table::{self, Table};
 
 pub(crate) async fn tail(bus: &EventBus, args: &TailArgs, json: bool) -> Outcome {
-    let entries = bus.tail(&args.stream, args.from).await?;
+    let mut ctrl_c = CtrlC::listen()?;
+    let entries = tokio::select! {
+        () = ctrl_c.pressed() => return Ok(()),
+        entries = bus.tail(&args.stream, args.from) => entries?,
+    };
     let mut entries = std::pin::pin!(entries);
     let from = args
         .from
         .map_or_else(|| "new entries".to_owned(), |id| format!("after {id}"));
     // On stderr, so that stdout holds entries only; a script can wait for this line.
-    eprintln!("tailing `{}` from {from} (Ctrl-C to stop)", args.stream);
+    let _ = writeln!(
+        std::io::stderr(),
+        "tailing `{}` from {from} (Ctrl-C to stop)",
+        args.stream
+    );
     loop {
         let entry = tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            () = ctrl_c.pressed() => return Ok(()),
             entry = entries.next() => entry,
         };
         match entry {
@@ -47,10 +56,7 @@ fn print_entry(entry: &StreamEntry) -> Outcome {
             line.push_str(&value);
         }
     }
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{line}")?;
-    stdout.flush()?;
-    Ok(())
+    output::println(&line)
 }
 
 pub(crate) async fn pending(bus: &EventBus, args: &PendingArgs, json: bool) -> Outcome {
@@ -67,11 +73,10 @@ pub(crate) async fn pending(bus: &EventBus, args: &PendingArgs, json: bool) -> O
         return print_json(&entries);
     }
     if entries.is_empty() {
-        println!(
+        return output::println(&format!(
             "nothing pending in group `{}` on `{}`",
             args.group, args.stream
-        );
-        return Ok(());
+        ));
     }
     let mut rows = Table::new(&["ID", "CONSUMER", "IDLE", "DELIVERIES"]);
     for entry in &entries {
@@ -82,6 +87,5 @@ pub(crate) async fn pending(bus: &EventBus, args: &PendingArgs, json: bool) -> O
             entry.delivery_count.to_string(),
         ]);
     }
-    print!("{}", rows.render());
-    Ok(())
+    output::print(&rows.render())
 }

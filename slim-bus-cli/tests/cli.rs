@@ -2,166 +2,14 @@
 //! exit codes scripts rely on.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::collections::HashMap;
-use std::process::{Output, Stdio};
-use std::time::Duration;
+mod support;
 
-use slim_bus::{Context, EventBus, HandlerError, StreamHandler};
+use std::process::Stdio;
+
 use slim_bus_tests::{RedisServer, within};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 
-/// How long any single awaited step may take.
-const STEP: Duration = Duration::from_secs(20);
-
-async fn start_server() -> RedisServer {
-    slim_bus_tests::init_tracing();
-    within("redis-server to start", STEP, RedisServer::start())
-        .await
-        .expect("redis-server starts")
-}
-
-/// The binary with `--url` set and nothing taken from the environment that could point
-/// it elsewhere; stdin is not a terminal.
-fn slim_bus(url: &str) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_slim-bus"));
-    command
-        .env_remove("REDIS_URL")
-        .arg("--url")
-        .arg(url)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    command
-}
-
-/// Runs the binary with `args` to its end.
-async fn run(url: &str, args: &[&str]) -> Output {
-    within(
-        &format!("slim-bus {}", args.join(" ")),
-        STEP,
-        slim_bus(url).args(args).output(),
-    )
-    .await
-    .expect("the binary runs")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8(output.stdout.clone()).unwrap()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8(output.stderr.clone()).unwrap()
-}
-
-#[track_caller]
-fn assert_exit(output: &Output, code: i32) {
-    assert_eq!(
-        output.status.code(),
-        Some(code),
-        "stdout: {}\nstderr: {}",
-        stdout(output),
-        stderr(output)
-    );
-}
-
-fn json(output: &Output) -> serde_json::Value {
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("stdout is JSON ({e}): {}", stdout(output)))
-}
-
-async fn redis_cmd<T: redis::FromRedisValue>(server: &RedisServer, cmd: &redis::Cmd) -> T {
-    let mut conn = within("connect", STEP, server.connection()).await;
-    within("a redis command", STEP, cmd.query_async(&mut conn))
-        .await
-        .unwrap()
-}
-
-async fn xadd(server: &RedisServer, stream: &str, order_id: &str) -> String {
-    redis_cmd(
-        server,
-        redis::cmd("XADD")
-            .arg(stream)
-            .arg("*")
-            .arg("order_id")
-            .arg(order_id),
-    )
-    .await
-}
-
-/// A handler that refuses every order for good.
-struct Refuse;
-
-#[slim_bus::async_trait]
-impl StreamHandler for Refuse {
-    type Event = HashMap<String, String>;
-
-    async fn handle(&self, _: Self::Event, _: Context) -> Result<(), HandlerError> {
-        Err(HandlerError::permanent("order is refused"))
-    }
-}
-
-/// Adds `count` orders and lets group `billing` dead-letter them all.
-async fn dead_letter_orders(server: &RedisServer, count: u64) {
-    for n in 0..count {
-        xadd(server, "orders", &format!("o-{n}")).await;
-    }
-    let bus = within(
-        "build",
-        STEP,
-        EventBus::builder()
-            .url(server.url())
-            .consumer_group("billing")
-            .consumer_name("pod-1")
-            .handler_on("orders", Refuse)
-            .build(),
-    )
-    .await
-    .unwrap();
-    let listener = within("listen", STEP, bus.listen()).await.unwrap();
-    let dead = bus.dead_letters("orders");
-    within("every order to be dead-lettered", STEP, async {
-        while dead.len().await.unwrap() < count {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    within("shutdown", STEP, listener.shutdown()).await.unwrap();
-}
-
-/// Delivers `count` new orders to `consumer` of `group` and never acknowledges them.
-async fn read_and_die(server: &RedisServer, group: &str, consumer: &str, count: usize) {
-    // The group may exist already (BUSYGROUP): fine.
-    let mut conn = within("connect", STEP, server.connection()).await;
-    let _: redis::RedisResult<redis::Value> = within(
-        "XGROUP CREATE",
-        STEP,
-        redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg("orders")
-            .arg(group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn),
-    )
-    .await;
-    let _: redis::Value = redis_cmd(
-        server,
-        redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(group)
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(count)
-            .arg("STREAMS")
-            .arg("orders")
-            .arg(">"),
-    )
-    .await;
-}
-
-async fn dead_letter_count(server: &RedisServer) -> u64 {
-    redis_cmd(server, redis::cmd("XLEN").arg("{orders}:dlq")).await
-}
+use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_groups_consumers_and_dead_letters_as_a_table_and_as_json() {
@@ -384,15 +232,7 @@ async fn tail_prints_entries_published_after_it_started_until_interrupted() {
         .unwrap();
     assert_eq!(line, format!("{id} order_id=o-after"));
 
-    let pid = child.id().unwrap().to_string();
-    let killed = within(
-        "kill -INT",
-        STEP,
-        Command::new("kill").args(["-INT", &pid]).status(),
-    )
-    .await
-    .unwrap();
-    assert!(killed.success());
+    interrupt(&child).await;
     let status = within("tail to stop on SIGINT", STEP, child.wait())
         .await
         .unwrap();
@@ -434,18 +274,348 @@ async fn a_missing_stream_exits_with_the_not_found_code() {
     );
     assert!(output.stdout.is_empty());
 
-    let usage = run(&server.url(), &["status"]).await;
-    assert_exit(&usage, 2);
-    assert!(stderr(&usage).contains("<STREAM>"));
+    for args in [
+        &["dlq", "list", "no.such.stream"][..],
+        &["dlq", "list", "no.such.stream", "--json"],
+        &["dlq", "show", "no.such.stream", "1-1"],
+        &["dlq", "replay", "no.such.stream", "--all", "--yes"],
+        &["dlq", "purge", "no.such.stream", "--id", "1-1", "--yes"],
+    ] {
+        let output = run(&server.url(), args).await;
+        assert_exit(&output, 3);
+        assert_eq!(
+            stderr(&output),
+            "error: stream `no.such.stream` does not exist, nor its dead-letter stream \
+             {no.such.stream}:dlq\n",
+            "{args:?}"
+        );
+        assert!(output.stdout.is_empty(), "{args:?}");
+    }
+
+    // A stream without dead letters is no error.
+    xadd(&server, "orders", "o-1").await;
+    let none = run(&server.url(), &["dlq", "list", "orders"]).await;
+    assert_exit(&none, 0);
+    assert_eq!(stdout(&none), "no dead letters in {orders}:dlq\n");
+    let none = run(
+        &server.url(),
+        &["dlq", "purge", "orders", "--all", "--json"],
+    )
+    .await;
+    assert_exit(&none, 0);
+    assert_eq!(json(&none)["count"], 0);
 }
 
-/// Writes an executable shell script `name` into `dir`.
-fn script(dir: &std::path::Path, name: &str, body: &str) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_say_what_is_wrong_and_exit_2() {
+    // No Redis is needed: usage errors come before connecting.
+    let url = "redis://127.0.0.1:1/";
+    let usage = run(url, &["status"]).await;
+    assert_exit(&usage, 2);
+    let message = stderr(&usage);
+    assert!(
+        message.contains("status takes the streams to show")
+            && message.contains("does not scan the keyspace"),
+        "{message}"
+    );
+    assert!(message.contains("<STREAM>"), "the usage line: {message}");
+
+    for args in [
+        &["dlq", "list", "orders", "--limit", "0"][..],
+        &["pending", "orders", "billing", "--limit", "0"],
+    ] {
+        let output = run(url, args).await;
+        assert_exit(&output, 2);
+        let message = stderr(&output);
+        assert!(
+            message.contains("--limit") && message.contains("the limit is 1 or more"),
+            "{args:?}: {message}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_each_command_quietly_with_success() {
+    let server = start_server().await;
+    dead_letter_orders(&server, 1).await;
+    read_and_die(&server, "reports", "reports-1", 1).await;
+    let letters = json(&run(&server.url(), &["dlq", "list", "orders", "--json"]).await);
+    let id = letters[0]["id"].as_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let service = script(
+        dir.path(),
+        "service",
+        r#"printf '{"asyncapi":"3.0.0"}' > "$SLIM_BUS_ASYNCAPI""#,
+    );
+    let service = service.to_str().unwrap();
+
+    for args in [
+        &["status", "orders"][..],
+        &["status", "orders", "--json"],
+        &["status", "orders", "--watch", "--interval", "10ms"],
+        &["dlq", "list", "orders"],
+        &["dlq", "list", "orders", "--json"],
+        &["dlq", "show", "orders", &id],
+        &["dlq", "show", "orders", &id, "--json"],
+        &["pending", "orders", "reports"],
+        &["pending", "orders", "reports", "--json"],
+        &["tail", "orders", "--from", "0-0"],
+        &["tail", "orders", "--from", "0-0", "--json"],
+        &["asyncapi", "--from-bin", service],
+    ] {
+        let output = within(
+            &format!("slim-bus {}", args.join(" ")),
+            STEP,
+            // Not `output()`, which would pipe stdout to this process.
+            slim_bus(&server.url())
+                .args(args)
+                .stdout(closed_pipe())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+                .wait_with_output(),
+        )
+        .await
+        .unwrap();
+        assert_exit(&output, 0);
+        // `tail` says on stderr where it starts; nothing else is said.
+        let said = stderr(&output);
+        assert!(
+            said.is_empty() || said.starts_with("tailing `orders` from after 0-0"),
+            "{args:?}: {said}"
+        );
+        assert_eq!(
+            said.lines().count(),
+            usize::from(!said.is_empty()),
+            "{said}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_ends_on_ctrl_c_while_redis_does_not_answer() {
+    let server = start_server().await;
+    xadd(&server, "orders", "o-1").await;
+    let proxy = StallProxy::start(&server).await;
+    let mut child = slim_bus(&proxy.url())
+        .args(["--timeout", "60s", "--json", "status", "orders", "--watch"])
+        .args(["--interval", "10ms"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = within("the first status", STEP, stdout.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.contains(r#""stream":"orders""#), "{first}");
+
+    // The next refresh starts with `TYPE orders`, which Redis now never answers.
+    proxy.hold(b"\r\nTYPE\r\n");
+    within("a refresh to wait on Redis", STEP, proxy.held()).await;
+    interrupt(&child).await;
+    let status = within("status --watch to stop on SIGINT", STEP, child.wait())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_ends_on_ctrl_c_while_it_looks_for_where_to_start() {
+    let server = start_server().await;
+    xadd(&server, "orders", "o-1").await;
+    let proxy = StallProxy::start(&server).await;
+    // `tail` without --from asks for the stream's newest entry before it prints anything.
+    proxy.hold(b"\r\nTYPE\r\n");
+    let child = slim_bus(&proxy.url())
+        .args(["--timeout", "60s", "tail", "orders"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    within("tail to wait on Redis", STEP, proxy.held()).await;
+    interrupt(&child).await;
+    let output = within("tail to stop on SIGINT", STEP, child.wait_with_output())
+        .await
+        .unwrap();
+    assert_exit(&output, 0);
+    assert!(output.stdout.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_fails_part_way_reports_what_it_replayed() {
+    let server = start_server().await;
+    dead_letter_orders(&server, 3).await;
+    let letters = json(&run(&server.url(), &["dlq", "list", "orders", "--json"]).await);
+    let ids: Vec<String> = letters
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|letter| letter["id"].as_str().unwrap().to_owned())
+        .collect();
+    let proxy = StallProxy::start(&server).await;
+    // Redis never answers the replay of the second: it times out.
+    proxy.hold(ids[1].as_bytes());
+    let args = [
+        "--timeout",
+        "1s",
+        "dlq",
+        "replay",
+        "orders",
+        "--yes",
+        "--id",
+        &ids[0],
+        &ids[1],
+        &ids[2],
+    ];
+    let output = run(&proxy.url(), &args).await;
+    assert_exit(&output, 1);
+    let text = stdout(&output);
+    assert!(
+        text.starts_with(&format!("replayed {} to `orders` as ", ids[0])),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let message = stderr(&output);
+    assert!(
+        message.contains("1 of 3 replayed before it; the others are still in {orders}:dlq"),
+        "{message}"
+    );
+
+    let args = [
+        "--timeout",
+        "1s",
+        "--json",
+        "dlq",
+        "replay",
+        "orders",
+        "--yes",
+        "--id",
+        &ids[2],
+        &ids[1],
+    ];
+    let output = run(&proxy.url(), &args).await;
+    assert_exit(&output, 1);
+    let result = json(&output);
+    assert_eq!(result["count"], 1, "{result}");
+    assert_eq!(result["replayed"][0]["id"], ids[2].as_str(), "{result}");
+    assert!(
+        result["error"]
+            .as_str()
+            .unwrap()
+            .contains("1 of 2 replayed"),
+        "{result}"
+    );
+    drop(proxy);
+    assert_eq!(dead_letter_count(&server).await, 1, "the held one is left");
+}
+
+/// Runs `dlq ACTION orders --all --yes --json` while a dead letter arrives between the
+/// listing and the first replay or purge; returns what it printed.
+async fn act_on_all_while_one_arrives(server: &RedisServer, action: &str) -> serde_json::Value {
+    let letters = json(&run(&server.url(), &["dlq", "list", "orders", "--json"]).await);
+    let first = letters[0]["id"].as_str().unwrap().to_owned();
+    let proxy = StallProxy::start(server).await;
+    proxy.hold(first.as_bytes());
+    let child = slim_bus(&proxy.url())
+        .args(["--json", "dlq", action, "orders", "--all", "--yes"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    within(&format!("the first {action}"), STEP, proxy.held()).await;
+    redis_cmd::<String>(
+        server,
+        redis::cmd("XADD")
+            .arg("{orders}:dlq")
+            .arg("*")
+            .arg("order_id")
+            .arg("o-late"),
+    )
+    .await;
+    proxy.release();
+    let output = within(
+        &format!("dlq {action} --all"),
+        STEP,
+        child.wait_with_output(),
+    )
+    .await
+    .unwrap();
+    assert_exit(&output, 0);
+    json(&output)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_and_purge_all_act_on_the_dead_letters_there_were_when_confirmed() {
+    let server = start_server().await;
+    dead_letter_orders(&server, 2).await;
+    let replayed = act_on_all_while_one_arrives(&server, "replay").await;
+    assert_eq!(replayed["count"], 2, "{replayed}");
+    assert_eq!(
+        replayed["replayed"].as_array().unwrap().len(),
+        2,
+        "{replayed}"
+    );
+    assert_eq!(dead_letter_count(&server).await, 1, "the late one is left");
+
+    xadd(&server, "{orders}:dlq", "o-later").await;
+    let purged = act_on_all_while_one_arrives(&server, "purge").await;
+    assert_eq!(purged["count"], 2, "{purged}");
+    let left = json(&run(&server.url(), &["dlq", "list", "orders", "--json"]).await);
+    let left = left.as_array().unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["fields"]["order_id"], "o-late");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_stream_shows_each_partition_and_dead_letters_name_them() {
+    let server = start_server().await;
+    xadd(&server, "orders:{0}", "o-0").await;
+    xadd(&server, "orders:{2}", "o-2").await;
+    dead_letter(&server, "orders:{1}", 2).await;
+
+    let table = run(&server.url(), &["status", "orders"]).await;
+    assert_exit(&table, 0);
+    let text = stdout(&table);
+    assert!(
+        text.starts_with("partitioned stream orders: 3 partitions, orders:{0} ... orders:{2}\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("stream orders:{1}: 2 entries")
+            && text.contains("2 dead letters in orders:{1}:dlq"),
+        "{text}"
+    );
+    let output = run(&server.url(), &["status", "orders", "--json"]).await;
+    assert_exit(&output, 0);
+    let statuses = json(&output);
+    let streams: Vec<&str> = statuses
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|status| status["stream"].as_str().unwrap())
+        .collect();
+    assert_eq!(streams, ["orders:{0}", "orders:{1}", "orders:{2}"]);
+    assert_eq!(statuses[1]["dead_letters"], 2);
+
+    for args in [
+        &["dlq", "list", "orders"][..],
+        &["dlq", "show", "orders", "1-1"],
+        &["dlq", "replay", "orders", "--all", "--yes"],
+        &["dlq", "purge", "orders", "--id", "1-1", "--yes"],
+    ] {
+        let output = run(&server.url(), args).await;
+        assert_exit(&output, 3);
+        assert_eq!(
+            stderr(&output),
+            "error: `orders` is a partitioned stream: name a partition, \
+             `orders:{0}` ... `orders:{2}`\n",
+            "{args:?}"
+        );
+    }
+    let letters = run(&server.url(), &["dlq", "list", "orders:{1}", "--json"]).await;
+    assert_exit(&letters, 0);
+    assert_eq!(json(&letters).as_array().unwrap().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,6 +640,40 @@ printf '{"asyncapi":"3.0.0","info":{"title":"billing","version":"1"}}' > "$SLIM_
     let document = json(&output);
     assert_eq!(document["asyncapi"], "3.0.0");
     assert_eq!(document["info"]["title"], "billing");
+
+    // Where the document is written: a directory of its own, private, removed afterwards.
+    let tmp = tempfile::tempdir().unwrap();
+    let record = dir.path().join("record");
+    let recording = script(
+        dir.path(),
+        "recording-service",
+        r#"printf '%s\n' "$SLIM_BUS_ASYNCAPI" > "$RECORD"
+stat -c %a "$(dirname "$SLIM_BUS_ASYNCAPI")" >> "$RECORD"
+printf '{"asyncapi":"3.0.0"}' > "$SLIM_BUS_ASYNCAPI""#,
+    );
+    let output = within(
+        "slim-bus asyncapi",
+        STEP,
+        slim_bus("redis://127.0.0.1:1/")
+            .env("TMPDIR", tmp.path())
+            .env("RECORD", &record)
+            .args(["asyncapi", "--from-bin", recording.to_str().unwrap()])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert_exit(&output, 0);
+    let recorded = std::fs::read_to_string(&record).unwrap();
+    let mut recorded = recorded.lines();
+    let path = std::path::Path::new(recorded.next().unwrap());
+    let own_dir = path.parent().unwrap();
+    assert_eq!(own_dir.parent(), Some(tmp.path()), "{path:?}");
+    assert_eq!(recorded.next(), Some("700"), "the directory's mode");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "the directory is removed"
+    );
 
     let silent = script(dir.path(), "not-a-service", "exit 0");
     let output = run(
