@@ -15,7 +15,6 @@ use crate::error::Result;
 use crate::event::EntryId;
 use crate::inspect::{PendingEntry, StreamStatus};
 
-mod commands;
 pub(crate) mod memory;
 pub(crate) mod redis;
 mod resp;

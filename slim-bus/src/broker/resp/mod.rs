@@ -795,7 +795,6 @@ fn parse_read_reply_bytes(bytes: &[u8], streams: &[Arc<str>]) -> Parsed<Vec<Stre
 }
 
 #[cfg(test)]
-#[path = "resp_proptests.rs"]
 mod proptests;
 
 #[cfg(test)]

@@ -30,7 +30,6 @@ use crate::event::EntryId;
 use crate::inspect::{PendingEntry, StreamStatus};
 use crate::testing::Outcome;
 
-#[path = "memory_inspect.rs"]
 mod inspect;
 
 /// The scheme of URLs that select the in-memory backend: `memory://` for a private broker,

@@ -12,7 +12,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Value};
 use tokio::time::Instant;
 
-use super::commands::{CommandConnection, TimedConnection};
+use self::commands::{CommandConnection, TimedConnection};
 use super::resp::{Endpoint, RespConnection, RespError, encode_xadd, is_failover_line, xadd_len};
 use super::{
     Broker, ClaimPage, DeadLetterMove, Delivery, EntryFields, GroupStats, LeaseState, RawFields,
@@ -26,7 +26,7 @@ use crate::event::EntryId;
 use crate::inspect::{PendingEntry, StreamStatus};
 use crate::tls::Tls;
 
-#[path = "redis_inspect.rs"]
+mod commands;
 mod inspect;
 
 /// How often a wake retries before the reader's block reaches the server (1 ms apart).
@@ -413,7 +413,7 @@ impl RedisBroker {
             idle_consumers_script: redis::Script::new(IDLE_CONSUMERS_SCRIPT),
             hold_lease_script: redis::Script::new(HOLD_LEASE_SCRIPT),
             release_lease_script: redis::Script::new(RELEASE_LEASE_SCRIPT),
-            trim_acked_script: redis::Script::new(include_str!("scripts/trim_acked.lua")),
+            trim_acked_script: redis::Script::new(include_str!("../scripts/trim_acked.lua")),
             reader: Mutex::new(ReaderState::default()),
         })
     }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use redis::aio::ConnectionManager;
 use redis::{Client, Value};
 
-use super::is_failover_code;
-use super::redis::manager;
+use super::manager;
+use crate::broker::is_failover_code;
 use crate::consumer::Backoff;
 use crate::error::{Error, server_code};
 
