@@ -13,6 +13,8 @@ pub(crate) const BUSY_GROUP: &str = "BUSYGROUP";
 pub(crate) const GENERIC_ERROR: &str = "ERR";
 /// The ACL user may not run the command.
 pub(crate) const NO_PERMISSION: &str = "NOPERM";
+/// Redis Cluster: the keys of one command or script are in different hash slots.
+pub(crate) const CROSS_SLOT: &str = "CROSSSLOT";
 
 /// The `TYPE` of a stream key, and of a missing key.
 pub(crate) const TYPE_STREAM: &str = "stream";

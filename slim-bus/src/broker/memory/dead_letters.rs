@@ -9,6 +9,7 @@ use super::MemoryConnection;
 use super::state::{State, server_error};
 use crate::broker::{
     DEAD_LETTER_SCRIPT_MAX_VALUES, DeadLetterMove, DeadLetterStore, GENERIC_ERROR, RawFields,
+    trimmed_count_key,
 };
 use crate::dead_letter::{
     DeadLetter, META_PACKED_FIELDS, META_PREFIX, dlq_error, pack_fields, unpack_fields,
@@ -32,6 +33,8 @@ impl State {
         meta: &[(&'static str, String)],
         max_len: Option<usize>,
     ) -> Result<DeadLetterMove, redis::RedisError> {
+        let trimmed_count = trimmed_count_key(dead_letters);
+        self.same_slot([stream, dead_letters, &trimmed_count])?;
         let (entries, group) = self.locate(stream, group, "XPENDING")?;
         let Some(nack) = group
             .pending
@@ -100,6 +103,7 @@ impl State {
         origin: &str,
         id: EntryId,
     ) -> Result<Option<EntryId>, redis::RedisError> {
+        self.same_slot([dead_letters, origin])?;
         let Some(letter) = self
             .streams
             .get(dead_letters)

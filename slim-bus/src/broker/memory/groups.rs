@@ -25,6 +25,7 @@ impl State {
         count: usize,
         now: Instant,
     ) -> Result<Vec<StreamDeliveries>, redis::RedisError> {
+        self.same_slot(streams.iter().map(|stream| &**stream))?;
         // Redis checks every stream before it delivers from any.
         for stream in streams {
             self.locate(stream, group, "XREADGROUP")?;

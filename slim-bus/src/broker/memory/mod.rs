@@ -143,6 +143,41 @@ impl MemoryBroker {
         }
     }
 
+    /// A new, empty broker of its own that refuses what Redis Cluster refuses: a command
+    /// or script whose keys are in different hash slots fails with the cluster's
+    /// `CROSSSLOT` error. Everything else behaves as in [`new`](Self::new). A test suite
+    /// run against it catches operations that would fail on a cluster, without one: a
+    /// read of several streams at once, or a dead-letter stream outside its stream's slot.
+    ///
+    /// The slot of a key is Redis Cluster's: CRC16 of its hash tag (the part between the
+    /// first `{` and the next `}`) or of the whole key, modulo 16384.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # async fn run() -> slim_bus::Result<()> {
+    /// use slim_bus::{EventBus, MemoryBroker};
+    ///
+    /// let broker = MemoryBroker::cluster_like();
+    /// let bus = EventBus::builder().memory(&broker).build().await?;
+    /// bus.send("orders", [("order_id", "o-1")]).await?;
+    /// assert!(broker.is_cluster_like());
+    /// # Ok(())
+    /// # }
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(run()).unwrap();
+    /// ```
+    pub fn cluster_like() -> Self {
+        let broker = Self::new();
+        broker.lock().cluster_like = true;
+        broker
+    }
+
+    /// Whether this broker refuses cross-slot operations as Redis Cluster does (see
+    /// [`cluster_like`](Self::cluster_like)).
+    pub fn is_cluster_like(&self) -> bool {
+        self.lock().cluster_like
+    }
+
     /// The process-wide broker called `name`, created empty on first use: the one a bus
     /// built with the URL `memory://NAME` uses. It lives as long as the process.
     ///

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-use crate::broker::{EntryFields, NO_GROUP, RawFields};
+use crate::broker::{CROSS_SLOT, EntryFields, NO_GROUP, RawFields, cross_slot};
 use crate::config::StartFrom;
 use crate::event::EntryId;
 use crate::testing::Outcome;
@@ -27,6 +27,9 @@ pub(super) struct State {
     pub(super) trimmed: HashMap<String, u64>,
     /// Leases by key: the holder, and when the lease lapses on tokio's clock.
     pub(super) leases: HashMap<String, (String, Instant)>,
+    /// Refuse commands and scripts whose keys are in several hash slots, as Redis Cluster
+    /// does ([`MemoryBroker::cluster_like`](super::MemoryBroker::cluster_like)).
+    pub(super) cluster_like: bool,
 }
 
 #[derive(Default)]
@@ -125,6 +128,24 @@ impl State {
         let trimmed = stream.entries.len() as u64;
         stream.entries = kept;
         trimmed
+    }
+
+    /// The `CROSSSLOT` error of Redis Cluster when this broker behaves like one and `keys`
+    /// (of one command or script) are in different hash slots.
+    pub(super) fn same_slot<'a>(
+        &self,
+        keys: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), redis::RedisError> {
+        if !self.cluster_like {
+            return Ok(());
+        }
+        match cross_slot(keys.into_iter().map(str::as_bytes)) {
+            None => Ok(()),
+            Some(_) => Err(server_error(
+                CROSS_SLOT,
+                "Keys in request don't hash to the same slot",
+            )),
+        }
     }
 
     /// `XGROUP CREATE stream group 0|$ MKSTREAM`; an existing group is left as it is.

@@ -520,3 +520,62 @@ async fn named_brokers_are_shared_and_memory_urls_pick_them() {
     assert_eq!(private.stream_len("s"), 0);
     assert!(MemoryBroker::from_url("redis://127.0.0.1/").is_none());
 }
+
+#[tokio::test]
+async fn a_cluster_like_broker_refuses_keys_of_several_slots_in_one_command() {
+    let handle = MemoryBroker::cluster_like();
+    let broker = handle.connect();
+    let crossslot = |error: Error| {
+        assert_eq!(code(&error), Some("CROSSSLOT"), "{error}");
+    };
+    // `foo` and `bar` are in slots 12182 and 5061; `{foo}.b` shares `foo`'s.
+    for stream in ["foo", "bar", "{foo}.b"] {
+        broker
+            .ensure_group(stream, "g", StartFrom::Beginning)
+            .await
+            .expect("created");
+        publish(&broker, stream, 1).await;
+    }
+    crossslot(
+        broker
+            .read_new("g", "c", &streams(&["foo", "bar"]), 10, None)
+            .await
+            .expect_err("two slots"),
+    );
+    let read = broker
+        .read_new("g", "c", &streams(&["foo", "{foo}.b"]), 10, None)
+        .await
+        .expect("one slot");
+    assert_eq!(read.len(), 2);
+    let id = read[0].deliveries[0].id;
+    crossslot(
+        broker
+            .dead_letter("foo", "bar:dlq", "g", "c", id, &[], None)
+            .await
+            .expect_err("the dead-letter stream is in another slot"),
+    );
+    assert_eq!(handle.pending("foo", "g").len(), 1, "nothing moved");
+    assert_eq!(
+        broker
+            .dead_letter("foo", "{foo}:dlq", "g", "c", id, &[], None)
+            .await
+            .expect("one slot"),
+        DeadLetterMove::Moved { trimmed: 0 }
+    );
+    let letter = handle.entries("{foo}:dlq")[0].0;
+    crossslot(
+        broker
+            .replay("{foo}:dlq", "bar", letter)
+            .await
+            .expect_err("the origin is in another slot"),
+    );
+    assert!(
+        broker
+            .replay("{foo}:dlq", "foo", letter)
+            .await
+            .expect("one slot")
+            .is_some()
+    );
+    // A broker that is not cluster-like reads any streams together.
+    assert!(!MemoryBroker::new().is_cluster_like());
+}
