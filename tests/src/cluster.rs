@@ -613,9 +613,14 @@ async fn start_node() -> io::Result<RedisServer> {
     Err(last_error.unwrap_or_else(|| io::Error::other("no cluster node started")))
 }
 
-/// `REDIS_CLI_BIN`, else the `redis-cli` or `valkey-cli` beside the server binary (the one
-/// of the same build), else one on `PATH`.
-fn find_cli(server_binary: &Path) -> io::Result<PathBuf> {
+/// The `redis-cli` to use with the server `server_binary`: `REDIS_CLI_BIN`, else the
+/// `redis-cli` or `valkey-cli` beside the server binary (the one of the same build), else
+/// one on `PATH`.
+///
+/// # Errors
+///
+/// [`io::ErrorKind::NotFound`] when there is none; the message says how to get one.
+pub fn find_cli(server_binary: &Path) -> io::Result<PathBuf> {
     if let Some(explicit) = std::env::var_os("REDIS_CLI_BIN").filter(|value| !value.is_empty()) {
         let explicit = PathBuf::from(explicit);
         return if explicit.is_file() {

@@ -25,7 +25,7 @@ mod tls;
 use std::future::Future;
 use std::time::Duration;
 
-pub use cluster::{ClusterNode, RedisCluster};
+pub use cluster::{ClusterNode, RedisCluster, find_cli};
 pub use proxy::Proxy;
 pub use server::{RedisServer, RedisServerBuilder};
 pub use tls::TestCertificates;
