@@ -5,6 +5,10 @@
 //! Each command runs under one lock, so every command is atomic like a Redis command or
 //! script. Idle times follow tokio's clock, so `tokio::time::pause()` drives claims and
 //! retries; entry ids follow the system clock like Redis's.
+//!
+//! [`state`] holds the data, [`groups`], [`dead_letters`] and [`inspect`] the commands by
+//! role, and [`connection`] one bus's use of it. A [cluster-like](MemoryBroker::cluster_like)
+//! broker refuses what Redis Cluster refuses.
 
 use std::collections::HashMap;
 use std::fmt;

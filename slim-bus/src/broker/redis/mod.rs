@@ -48,7 +48,8 @@ pub(crate) struct RedisBroker {
     /// `XREADGROUP ... BLOCK`, which holds its connection for the whole block time, so it
     /// gets a connection of its own, opened on first use and again after it broke.
     read_connection: tokio::sync::Mutex<Option<RespConnection>>,
-    /// `XREAD ... BLOCK` of [`Inspection::read_after`](crate::broker::Inspection::read_after), for the same reason.
+    /// `XREAD ... BLOCK` of [`Inspection::read_after`](crate::broker::Inspection::read_after),
+    /// for the same reason.
     tail_connection: tokio::sync::Mutex<Option<RespConnection>>,
     command_timeout: Duration,
     scripts: Scripts,
