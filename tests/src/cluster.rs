@@ -96,7 +96,8 @@ impl ClusterNode {
 impl RedisCluster {
     /// Starts six nodes, forms a cluster of three masters with a replica each, and waits
     /// (bounded) until every node reports `cluster_state:ok` with all 16384 slots served
-    /// and knows all six nodes.
+    /// and knows all six nodes, and every master's replica is in sync (so that a write
+    /// `WAIT` sees replicated survives a failover).
     ///
     /// The nodes run the binary [`RedisServer`] picks (`REDIS_SERVER_BIN`, then `PATH`);
     /// the cluster is formed with the `redis-cli` or `valkey-cli` beside it, else
@@ -120,6 +121,7 @@ impl RedisCluster {
         cluster
             .wait_until_ok(FORM_TIMEOUT, "the cluster to form")
             .await?;
+        cluster.wait_until_replicated().await?;
         Ok(cluster)
     }
 
@@ -214,11 +216,15 @@ impl RedisCluster {
             .iter()
             .find(|line| line.port == port && line.is_serving_master())
             .ok_or_else(|| io::Error::other(format!("port {port} is not a serving master")))?;
-        let replica = view
-            .iter()
-            .find(|line| line.master_id.as_deref() == Some(&master.id) && !line.has_flag("fail"))
-            .map(|line| line.port)
-            .ok_or_else(|| io::Error::other(format!("the master on {port} has no replica")))?;
+        // The master's own word on its replicas: another node's view may lag behind.
+        let replica = self
+            .online_replicas(master.port)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                io::Error::other(format!("the master on {port} has no replica in sync"))
+            })?;
         let index = self
             .nodes
             .iter()
@@ -390,6 +396,52 @@ impl RedisCluster {
         )))
     }
 
+    /// Waits until every serving master has its replicas connected and in sync
+    /// (`INFO replication`: a `slaveN` line with `state=online` each): a cluster reports
+    /// ok before its replicas finish their first sync.
+    async fn wait_until_replicated(&self) -> io::Result<()> {
+        let deadline = Instant::now() + FORM_TIMEOUT;
+        loop {
+            let mut lagging = None;
+            for port in self.masters().await? {
+                if self.online_replicas(port).await?.len() < REPLICAS_PER_MASTER {
+                    lagging = Some(port);
+                    break;
+                }
+            }
+            let Some(port) = lagging else {
+                return Ok(());
+            };
+            if Instant::now() >= deadline {
+                return Err(self
+                    .timed_out(
+                        FORM_TIMEOUT,
+                        &format!("the replica of the master on {port} to be in sync"),
+                    )
+                    .await);
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// The ports of the replicas of the master on `port` that are in sync with it, from its
+    /// `INFO replication` (`slave0:ip=...,port=...,state=online,...`).
+    async fn online_replicas(&self, port: u16) -> io::Result<Vec<u16>> {
+        let info: String = query(
+            &self.node(port).server,
+            redis::cmd("INFO").arg("replication"),
+        )
+        .await?;
+        Ok(info
+            .lines()
+            .filter(|line| line.starts_with("slave") && line.contains("state=online"))
+            .filter_map(|line| {
+                line.split(',')
+                    .find_map(|field| field.strip_prefix("port=")?.parse().ok())
+            })
+            .collect())
+    }
+
     /// Waits until [`all_ok`](Self::all_ok), or fails naming `what` after `timeout`.
     async fn wait_until_ok(&self, timeout: Duration, what: &str) -> io::Result<()> {
         let deadline = Instant::now() + timeout;
@@ -512,7 +564,6 @@ struct NodeLine {
     id: String,
     port: u16,
     flags: Vec<String>,
-    master_id: Option<String>,
     /// Slot ranges served, inclusive; migration markers (`[slot->-id]`) left out.
     slots: Vec<(u16, u16)>,
 }
@@ -524,9 +575,8 @@ impl NodeLine {
         let addr = parts.next()?;
         let port = addr.split('@').next()?.rsplit(':').next()?.parse().ok()?;
         let flags = parts.next()?.split(',').map(str::to_owned).collect();
-        let master_id = Some(parts.next()?)
-            .filter(|master| *master != "-")
-            .map(str::to_owned);
+        // The master id of a replica, `-` for a master.
+        parts.next()?;
         let slots = parts
             .skip(4)
             .filter(|range| !range.starts_with('['))
@@ -539,7 +589,6 @@ impl NodeLine {
             id,
             port,
             flags,
-            master_id,
             slots,
         })
     }
@@ -600,6 +649,10 @@ async fn start_node() -> io::Result<RedisServer> {
                 &millis(NODE_TIMEOUT).to_string(),
                 // A replica may take over however long it was cut off from its master.
                 "--cluster-replica-validity-factor",
+                "0",
+                // A replica's first sync starts at once, not after the 5 s a master waits
+                // by default for more replicas to share a diskless transfer.
+                "--repl-diskless-sync-delay",
                 "0",
             ])
             .startup_timeout(NODE_STARTUP_TIMEOUT)
@@ -687,7 +740,7 @@ mod tests {
             "e7d1 127.0.0.1:30005@40005,host slave 07c3 0 1426238316232 2 connected",
         )
         .expect("a replica line");
-        assert_eq!(replica.master_id.as_deref(), Some("07c3"));
+        assert!(replica.has_flag("slave"));
         assert!(!replica.is_serving_master());
         let failed = NodeLine::parse("a1 127.0.0.1:30006@40006 master,fail - 0 0 3 disconnected")
             .expect("a failed master line");
