@@ -8,7 +8,8 @@
 //! - [`codes`]: the error codes, versions, key names and script limits both backends use;
 //! - [`transport`]: how bytes get to a server (TCP, TLS, Unix socket);
 //! - [`resp`]: the RESP protocol the fast read and publish paths speak over a transport;
-//! - [`slot`]: Redis Cluster's hash slots ([`key_slot`](slot::key_slot)), which keys one command may use;
+//! - [`slot`]: Redis Cluster's hash slots ([`key_slot`](slot::key_slot)): which keys one
+//!   command may use together;
 //! - [`topology`]: which server a command goes to (one server today);
 //! - [`redis`] and [`memory`]: the two backends, each split by role; the Redis backend's
 //!   Lua scripts are files of their own in `scripts/`.

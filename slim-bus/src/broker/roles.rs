@@ -59,7 +59,8 @@ pub(crate) trait Publishing: Send + Sync + 'static {
     ) -> Result<Vec<EntryId>>;
 }
 
-/// Consumer groups: reading, acknowledging and claiming entries, and keeping a group and its stream tidy.
+/// Consumer groups: reading, acknowledging and claiming entries, and keeping a group and
+/// its stream tidy.
 #[async_trait]
 pub(crate) trait GroupReading: Send + Sync + 'static {
     /// Creates `group` on `stream` (and the stream) unless it exists.
@@ -134,7 +135,8 @@ pub(crate) trait GroupReading: Send + Sync + 'static {
     async fn trim_acked(&self, stream: &str) -> Result<u64>;
 }
 
-/// Dead-letter streams: moving a failed entry there, replaying it, and reading, counting and deleting what they hold.
+/// Dead-letter streams: moving a failed entry there, replaying it, and reading, counting
+/// and deleting what they hold.
 #[async_trait]
 pub(crate) trait DeadLetterStore: Send + Sync + 'static {
     /// Atomically moves entry `id` of `stream`, pending with `consumer`, to `dead_letters`:
@@ -180,7 +182,8 @@ pub(crate) trait DeadLetterStore: Send + Sync + 'static {
     async fn delete_key(&self, stream: &str) -> Result<()>;
 }
 
-/// What a stream, its groups and their pending lists look like, for health and for the inspection API.
+/// What a stream, its groups and their pending lists look like, for health and for the
+/// inspection API.
 #[async_trait]
 pub(crate) trait Inspection: Send + Sync + 'static {
     /// How far `group` is behind on `stream`, and how many dead letters it has.

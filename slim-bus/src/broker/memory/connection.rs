@@ -19,7 +19,8 @@ use crate::config::StartFrom;
 use crate::error::{Error, Result};
 use crate::event::EntryId;
 
-/// One bus's use of a [`MemoryBroker`](super::MemoryBroker): the data is shared, the blocking read is its own.
+/// One bus's use of a [`MemoryBroker`](super::MemoryBroker): the data is shared, the
+/// blocking read is its own.
 pub(crate) struct MemoryConnection {
     pub(super) store: Arc<Store>,
     pub(super) reader: Mutex<ReaderState>,
