@@ -48,6 +48,8 @@ pub(crate) enum Case {
     Rss,
     /// As `Rss`, with a five times larger backlog.
     RssBacklog,
+    /// 1, 2 and 3 consumer processes in one group sharing a stream of 6 partitions.
+    Compete,
     /// As `Baseline`, over TLS.
     BaselineTls,
     /// As `Consume`, over TLS.
@@ -59,7 +61,7 @@ pub(crate) enum Case {
 }
 
 impl Case {
-    pub(crate) const ALL: [Case; 25] = [
+    pub(crate) const ALL: [Case; 26] = [
         Case::Baseline,
         Case::Consume,
         Case::ConsumeObserved,
@@ -81,6 +83,7 @@ impl Case {
         Case::RssRaw,
         Case::Rss,
         Case::RssBacklog,
+        Case::Compete,
         Case::BaselineTls,
         Case::ConsumeTls,
         Case::PublishRawTls,
@@ -110,6 +113,7 @@ impl Case {
             Case::RssRaw => "rss-raw",
             Case::Rss => "rss",
             Case::RssBacklog => "rss-backlog",
+            Case::Compete => "compete",
             Case::BaselineTls => "baseline-tls",
             Case::ConsumeTls => "consume-tls",
             Case::PublishRawTls => "publish-raw-tls",
@@ -189,6 +193,8 @@ pub(crate) struct Sizes {
     pub(crate) rss: u64,
     /// Backlog of `rss-backlog`.
     pub(crate) rss_backlog: u64,
+    /// Backlog of each run of `compete`, over all partitions.
+    pub(crate) compete: u64,
 }
 
 impl Sizes {
@@ -204,6 +210,7 @@ impl Sizes {
         latency_duration: Duration::from_secs(10),
         rss: 200_000,
         rss_backlog: 1_000_000,
+        compete: 120_000,
     };
 
     /// `--quick`: a tenth of the full sizes, for a run of well under a minute.
@@ -218,6 +225,7 @@ impl Sizes {
         latency_duration: Duration::from_secs(2),
         rss: 20_000,
         rss_backlog: 100_000,
+        compete: 12_000,
     };
 
     /// The test-mode run (`cargo test`, nextest): checks that every case still works.
@@ -232,6 +240,7 @@ impl Sizes {
         latency_duration: Duration::from_millis(300),
         rss: 2_000,
         rss_backlog: 10_000,
+        compete: 1_200,
     };
 }
 

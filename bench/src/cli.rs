@@ -21,7 +21,7 @@ environment: BENCH_REPS, BENCH_CASES, BENCH_QUICK=1 (arguments win);
 
 cases:  baseline consume poison transient cpu-1 cpu-2 io-64 io-512 publish-raw
         publish-raw-seq publish-seq publish-64 publish-batch latency-raw latency rss-raw
-        rss rss-backlog baseline-tls consume-tls publish-raw-tls publish-64-tls
+        rss rss-backlog compete baseline-tls consume-tls publish-raw-tls publish-64-tls
 groups: all failures (consume poison transient) cpu io publish memory
         tls (the *-tls cases and the plain ones they compare with)";
 
@@ -68,6 +68,9 @@ pub(crate) enum ChildKind {
     Consume,
     /// Fill the stream and create the group (for profiling a `consume` child by hand).
     Prefill,
+    /// One of the competing consumer processes of the `compete` case (`--entries` is its
+    /// index, naming its consumer).
+    Compete,
 }
 
 /// The name nextest and `cargo test` filters see.
@@ -182,6 +185,7 @@ fn parse_child(args: &[String]) -> Result<ChildArgs, String> {
             "raw" => ChildKind::Raw,
             "consume" => ChildKind::Consume,
             "prefill" => ChildKind::Prefill,
+            "compete" => ChildKind::Compete,
             other => return Err(format!("unknown child kind `{other}`")),
         });
     }
@@ -205,7 +209,7 @@ fn parse_child(args: &[String]) -> Result<ChildArgs, String> {
         }
     }
     Ok(ChildArgs {
-        kind: kind.ok_or("--child needs a kind: raw, consume or prefill")?,
+        kind: kind.ok_or("--child needs a kind: raw, consume, prefill or compete")?,
         url: url.ok_or("--child needs --url")?,
         stream: stream.ok_or("--child needs --stream")?,
         entries: entries.ok_or("--child needs --entries")?,

@@ -13,6 +13,7 @@
 mod bus;
 mod cases;
 mod cli;
+mod compete;
 mod memory;
 mod observe;
 mod raw;

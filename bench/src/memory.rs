@@ -33,7 +33,9 @@ pub(crate) async fn run_in_child(
     let kind = match kind {
         ChildKind::Raw => "raw",
         ChildKind::Consume => "consume",
-        ChildKind::Prefill => bail!("a prefill child measures nothing"),
+        ChildKind::Prefill | ChildKind::Compete => {
+            bail!("a {kind:?} child does not report a consume run")
+        }
     };
     let exe = std::env::current_exe().context("finding this benchmark's binary")?;
     let entries_arg = entries.to_string();
@@ -101,6 +103,7 @@ pub(crate) fn child_main(args: ChildArgs) -> ExitCode {
 
 async fn child(args: &ChildArgs) -> anyhow::Result<()> {
     let (handled, elapsed) = match args.kind {
+        ChildKind::Compete => return crate::compete::child(args).await,
         ChildKind::Prefill => {
             let mut conn = raw::connect(&args.url).await?;
             raw::prefill(&mut conn, &args.stream, args.entries, false).await?;

@@ -11,6 +11,7 @@ use slim_bus_tests::{RedisServer, TestCertificates};
 use crate::bus::{self, ConsumeSettings};
 use crate::cases::{Case, Measurement, Reading, Row, Sizes, Target, Unit, count};
 use crate::cli::{ChildKind, Options};
+use crate::compete;
 use crate::memory;
 use crate::raw::{self, CommandStats, PUBLISH_PIPELINE, READ_COUNT};
 use crate::report::{self, Report};
@@ -658,8 +659,46 @@ impl Suite {
             Case::RssRaw | Case::Rss | Case::RssBacklog => {
                 memory_case(case, url, conn, &stats, stream, &sizes).await?
             }
+            Case::Compete => compete_case(url, conn, stream, &sizes).await?,
         })
     }
+}
+
+/// The `compete` case: a run with each number of consumer processes, one row each.
+async fn compete_case(
+    url: &str,
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    sizes: &Sizes,
+) -> anyhow::Result<CaseRun> {
+    let mut rows = Vec::new();
+    for processes in compete::PROCESSES {
+        let run = compete::run(
+            url,
+            conn,
+            &format!("{stream}-{processes}"),
+            sizes.compete,
+            processes,
+        )
+        .await?;
+        eprintln!(
+            "          compete-{processes}: entries per process {:?} in {:.2} s",
+            run.handled,
+            run.elapsed.as_secs_f64()
+        );
+        let row = Row::new(
+            format!("compete-{processes}"),
+            format!(
+                "{processes} slim-bus process(es) in one group, a stream of {} partitions, {} backlog in all, no-op handler, max_concurrent 64 each",
+                compete::PARTITIONS,
+                count(sizes.compete)
+            ),
+            Unit::EntriesPerSec,
+        )
+        .vs("baseline");
+        rows.push(throughput(row, run.handled.iter().sum(), run.elapsed));
+    }
+    Ok(CaseRun::new(rows))
 }
 
 /// What the server did during the timed part of one case run.

@@ -71,6 +71,23 @@ pub(crate) enum Command {
     /// The pending entries of a consumer group: who holds each, for how long, and how
     /// often it was delivered.
     Pending(PendingArgs),
+    /// Print the AsyncAPI 3.0 document of a service built on slim-bus: runs its binary
+    /// with SLIM_BUS_ASYNCAPI set, which makes its `EventBus` build write the document and
+    /// end the process before connecting to anything.
+    Asyncapi(AsyncApiArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AsyncApiArgs {
+    /// The service's binary.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) from_bin: PathBuf,
+    /// How long the service may take to build its bus and exit.
+    #[arg(long = "wait", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub(crate) wait: Duration,
+    /// Arguments for the service (after `--`).
+    #[arg(last = true, value_name = "ARGS")]
+    pub(crate) args: Vec<String>,
 }
 
 #[derive(Debug, Args)]

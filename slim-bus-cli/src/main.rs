@@ -8,6 +8,7 @@ use clap::Parser;
 use slim_bus::EventBus;
 
 mod args;
+mod asyncapi;
 mod dlq;
 mod exit;
 mod status;
@@ -43,6 +44,9 @@ fn fail(failure: &Failure) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Outcome {
+    if let Command::Asyncapi(args) = &cli.command {
+        return asyncapi::from_bin(args).await;
+    }
     let bus = connect(&cli.connection).await?;
     let json = cli.json;
     match cli.command {
@@ -50,6 +54,7 @@ async fn run(cli: Cli) -> Outcome {
         Command::Dlq(command) => dlq::run(&bus, command, json).await,
         Command::Tail(args) => tail::tail(&bus, &args, json).await,
         Command::Pending(args) => tail::pending(&bus, &args, json).await,
+        Command::Asyncapi(_) => Ok(()),
     }
 }
 

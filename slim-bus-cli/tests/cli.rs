@@ -438,3 +438,49 @@ async fn a_missing_stream_exits_with_the_not_found_code() {
     assert_exit(&usage, 2);
     assert!(stderr(&usage).contains("<STREAM>"));
 }
+
+/// Writes an executable shell script `name` into `dir`.
+fn script(dir: &std::path::Path, name: &str, body: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncapi_prints_the_document_a_service_writes_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    // A stand-in for a service: what `EventBus::build` does when SLIM_BUS_ASYNCAPI is set.
+    let service = script(
+        dir.path(),
+        "service",
+        r#"echo "service log line"
+[ "$1" = "--port" ] || exit 9
+printf '{"asyncapi":"3.0.0","info":{"title":"billing","version":"1"}}' > "$SLIM_BUS_ASYNCAPI""#,
+    );
+    let service = service.to_str().unwrap();
+    // No Redis is needed: the URL is never used.
+    let output = run(
+        "redis://127.0.0.1:1/",
+        &["asyncapi", "--from-bin", service, "--", "--port", "8080"],
+    )
+    .await;
+    assert_exit(&output, 0);
+    let document = json(&output);
+    assert_eq!(document["asyncapi"], "3.0.0");
+    assert_eq!(document["info"]["title"], "billing");
+
+    let silent = script(dir.path(), "not-a-service", "exit 0");
+    let output = run(
+        "redis://127.0.0.1:1/",
+        &["asyncapi", "--from-bin", silent.to_str().unwrap()],
+    )
+    .await;
+    assert_exit(&output, 1);
+    assert!(
+        stderr(&output).contains("without writing an AsyncAPI document"),
+        "{}",
+        stderr(&output)
+    );
+}

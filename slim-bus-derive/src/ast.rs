@@ -3,6 +3,7 @@
 
 use proc_macro2::{Span, TokenStream};
 use quote::ToTokens;
+use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::{
     Attribute, Data, DeriveInput, Fields, FnArg, Generics, Ident, ImplItem, ItemFn, ItemImpl,
@@ -22,9 +23,26 @@ pub(crate) struct Event<'a> {
     pub(crate) stream: Option<LitStr>,
     /// `max_len = N`, checked to be a whole number of at least 1.
     pub(crate) max_len: Option<LitInt>,
+    /// `partitions = N`, checked to be a whole number of at least 1.
+    pub(crate) partitions: Option<LitInt>,
+    /// `key = "field"`, as written.
+    pub(crate) key: Option<LitStr>,
+    /// The name the key field has in the stream entry; set by `valid` once the key is
+    /// known to name a field.
+    pub(crate) key_wire_name: Option<String>,
+    /// The named fields, each with the name serde writes it under.
+    pub(crate) fields: Vec<FieldName>,
     pub(crate) krate: Path,
     /// The `flatten` keys of `#[serde(...)]` attributes on its fields.
     pub(crate) flattened: Vec<Path>,
+}
+
+/// A field of an event, by the name it has in Rust and in the stream entry.
+pub(crate) struct FieldName {
+    pub(crate) rust: String,
+    pub(crate) wire: String,
+    /// The `skip` or `skip_serializing` of its `#[serde(...)]`: it never reaches an entry.
+    pub(crate) skipped: Option<Path>,
 }
 
 /// What kind of type the event is; only structs with named fields can be events.
@@ -41,13 +59,34 @@ impl<'a> Event<'a> {
     pub(crate) fn from_syn(input: &'a DeriveInput, errors: &mut Errors) -> Self {
         let attrs = attr::event_attrs(&input.attrs, errors);
         let mut flattened = Vec::new();
+        let mut field_names = Vec::new();
         let shape = match &input.data {
             Data::Struct(data) => match &data.fields {
                 Fields::Named(fields) => {
                     flattened = fields
                         .named
                         .iter()
-                        .flat_map(|field| attr::serde_flatten_keys(&field.attrs))
+                        .flat_map(|field| attr::serde_keys(&field.attrs, &["flatten"]))
+                        .collect();
+                    let rename_all = attr::serde_rename(&input.attrs, "rename_all");
+                    field_names = fields
+                        .named
+                        .iter()
+                        .filter_map(|field| field.ident.as_ref().map(|ident| (ident, field)))
+                        .map(|(ident, field)| {
+                            let rust = ident.unraw().to_string();
+                            let wire = attr::serde_rename(&field.attrs, "rename")
+                                .unwrap_or_else(|| renamed(&rust, rename_all.as_deref()));
+                            let skipped =
+                                attr::serde_keys(&field.attrs, &["skip", "skip_serializing"])
+                                    .into_iter()
+                                    .next();
+                            FieldName {
+                                rust,
+                                wire,
+                                skipped,
+                            }
+                        })
                         .collect();
                     Shape::NamedStruct
                 }
@@ -75,9 +114,44 @@ impl<'a> Event<'a> {
             shape,
             stream: attrs.stream,
             max_len: attrs.max_len,
+            partitions: attrs.partitions,
+            key: attrs.key,
+            key_wire_name: None,
+            fields: field_names,
             krate: attrs.krate.unwrap_or_else(default_crate),
             flattened,
         }
+    }
+}
+
+/// The name serde's `rename_all = "rule"` gives the field `field` (a snake_case Rust
+/// name), as serde's `RenameRule::apply_to_field` does; unchanged for no rule or one serde
+/// does not know (serde reports that).
+fn renamed(field: &str, rule: Option<&str>) -> String {
+    let pascal = || {
+        field
+            .split('_')
+            .map(|word| {
+                let mut chars = word.chars();
+                chars.next().map_or_else(String::new, |first| {
+                    first.to_ascii_uppercase().to_string() + chars.as_str()
+                })
+            })
+            .collect::<String>()
+    };
+    match rule {
+        Some("UPPERCASE" | "SCREAMING_SNAKE_CASE") => field.to_ascii_uppercase(),
+        Some("PascalCase") => pascal(),
+        Some("camelCase") => {
+            let pascal = pascal();
+            let mut chars = pascal.chars();
+            chars.next().map_or_else(String::new, |first| {
+                first.to_ascii_lowercase().to_string() + chars.as_str()
+            })
+        }
+        Some("kebab-case") => field.replace('_', "-"),
+        Some("SCREAMING-KEBAB-CASE") => field.to_ascii_uppercase().replace('_', "-"),
+        _ => field.to_owned(),
     }
 }
 
@@ -305,6 +379,24 @@ pub(crate) fn type_text(ty: &Type) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fields_are_renamed_as_serde_renames_them() {
+        let cases = [
+            (None, "order_id"),
+            (Some("lowercase"), "order_id"),
+            (Some("snake_case"), "order_id"),
+            (Some("UPPERCASE"), "ORDER_ID"),
+            (Some("SCREAMING_SNAKE_CASE"), "ORDER_ID"),
+            (Some("PascalCase"), "OrderId"),
+            (Some("camelCase"), "orderId"),
+            (Some("kebab-case"), "order-id"),
+            (Some("SCREAMING-KEBAB-CASE"), "ORDER-ID"),
+        ];
+        for (rule, name) in cases {
+            assert_eq!(renamed("order_id", rule), name, "{rule:?}");
+        }
+    }
 
     #[test]
     fn types_print_as_written() {

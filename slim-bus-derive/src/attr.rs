@@ -13,12 +13,17 @@ use syn::{Attribute, Expr, ExprLit, Ident, Lit, LitInt, LitStr, Meta, Path, Toke
 
 use crate::ctxt::Errors;
 
-/// `#[event(stream = "...", max_len = N, crate = "...")]` on a derived event.
+/// `#[event(stream = "...", max_len = N, partitions = N, key = "...", crate = "...")]` on a
+/// derived event.
 #[derive(Default)]
 pub(crate) struct EventAttrs {
     pub(crate) stream: Option<LitStr>,
     /// `max_len = 100_000`: the cap on the stream's length at publish.
     pub(crate) max_len: Option<LitInt>,
+    /// `partitions = 8`: the stream is partitioned into this many streams.
+    pub(crate) partitions: Option<LitInt>,
+    /// `key = "order_id"`: the field whose value picks the partition.
+    pub(crate) key: Option<LitStr>,
     pub(crate) krate: Option<Path>,
 }
 
@@ -33,6 +38,13 @@ pub(crate) fn event_attrs(attrs: &[Attribute], errors: &mut Errors) -> EventAttr
                 if let Some(lit) = event_max_len(&meta, errors)? {
                     set_once(&mut parsed.max_len, lit, &meta.path, "max_len", errors);
                 }
+            } else if meta.path.is_ident("partitions") {
+                if let Some(lit) = event_partitions(&meta, errors)? {
+                    set_once(&mut parsed.partitions, lit, &meta.path, "partitions", errors);
+                }
+            } else if meta.path.is_ident("key") {
+                let lit = string_value(&meta, "key = \"order_id\"")?;
+                set_once(&mut parsed.key, lit, &meta.path, "key", errors);
             } else if meta.path.is_ident("crate") {
                 let lit = string_value(&meta, "crate = \"my_crate::slim_bus\"")?;
                 if let Some(path) = crate_path(&lit, errors) {
@@ -42,7 +54,7 @@ pub(crate) fn event_attrs(attrs: &[Attribute], errors: &mut Errors) -> EventAttr
                 errors.spanned(
                     &meta.path,
                     format_args!(
-                        "unknown `event` attribute `{}`: expected `stream = \"...\"`, `max_len = N` or `crate = \"...\"`",
+                        "unknown `event` attribute `{}`: expected `stream = \"...\"`, `max_len = N`, `partitions = N`, `key = \"...\"` or `crate = \"...\"`",
                         path_text(&meta.path)
                     ),
                 );
@@ -90,13 +102,85 @@ fn event_max_len(meta: &ParseNestedMeta<'_>, errors: &mut Errors) -> syn::Result
     }
 }
 
-/// The `flatten` keys in a field's `#[serde(...)]` attributes. Other serde keys are serde's
-/// business; what cannot be parsed here is left for serde to report.
-pub(crate) fn serde_flatten_keys(attrs: &[Attribute]) -> Vec<Path> {
+/// `partitions = N`: a whole number of at least 1 that fits a `u32`; `None` after
+/// reporting anything else.
+fn event_partitions(
+    meta: &ParseNestedMeta<'_>,
+    errors: &mut Errors,
+) -> syn::Result<Option<LitInt>> {
+    let example = "partitions = 8";
+    let value: Expr = meta.value()?.parse()?;
+    let lit = match value {
+        Expr::Lit(ExprLit {
+            lit: Lit::Int(lit), ..
+        }) => lit,
+        other => {
+            errors.spanned(other, format_args!("expected a whole number: `{example}`"));
+            return Ok(None);
+        }
+    };
+    match lit.base10_parse::<u32>() {
+        Ok(0) => {
+            errors.spanned(
+                &lit,
+                "`partitions` must be at least 1: a stream of 0 partitions could hold no entry",
+            );
+            Ok(None)
+        }
+        Ok(_) => Ok(Some(lit)),
+        Err(_) => {
+            errors.spanned(
+                &lit,
+                format_args!("expected a whole number that fits a u32: `{example}`"),
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// The name serde gives a field or the rule it renames fields by: the value of `rename`
+/// (or `rename_all`, for `key = "rename_all"`) in `#[serde(...)]` attributes, also in
+/// its `(serialize = "...")` form. What cannot be parsed is left for serde to report.
+pub(crate) fn serde_rename(attrs: &[Attribute], key: &str) -> Option<String> {
+    let mut renamed = None;
+    for attr in attrs.iter().filter(|attr| attr.path().is_ident("serde")) {
+        let _ = attr.parse_nested_meta(|meta| {
+            if !meta.path.is_ident(key) {
+                return skip_value(&meta);
+            }
+            if meta.input.peek(Token![=]) {
+                if let Expr::Lit(ExprLit {
+                    lit: Lit::Str(lit), ..
+                }) = meta.value()?.parse()?
+                {
+                    renamed = Some(lit.value());
+                }
+            } else if meta.input.peek(syn::token::Paren) {
+                meta.parse_nested_meta(|nested| {
+                    if nested.path.is_ident("serialize")
+                        && let Expr::Lit(ExprLit {
+                            lit: Lit::Str(lit), ..
+                        }) = nested.value()?.parse()?
+                    {
+                        renamed = Some(lit.value());
+                        return Ok(());
+                    }
+                    skip_value(&nested)
+                })?;
+            }
+            Ok(())
+        });
+    }
+    renamed
+}
+
+/// The keys named `names` (e.g. `flatten`) in a field's `#[serde(...)]` attributes. Other
+/// serde keys are serde's business; what cannot be parsed here is left for serde to report.
+pub(crate) fn serde_keys(attrs: &[Attribute], names: &[&str]) -> Vec<Path> {
     let mut keys = Vec::new();
     for attr in attrs.iter().filter(|attr| attr.path().is_ident("serde")) {
         let _ = attr.parse_nested_meta(|meta| {
-            if meta.path.is_ident("flatten") {
+            if names.iter().any(|name| meta.path.is_ident(name)) {
                 keys.push(meta.path.clone());
             }
             skip_value(&meta)

@@ -19,6 +19,8 @@ pub(crate) fn event(event: &Event<'_>, errors: &Errors) -> TokenStream {
         generics,
         stream,
         max_len,
+        partitions,
+        key_wire_name,
         krate,
         ..
     } = event;
@@ -28,6 +30,14 @@ pub(crate) fn event(event: &Event<'_>, errors: &Errors) -> TokenStream {
     // without it stays as it was.
     let max_len = max_len.as_ref().map(|lit| {
         quote! { const MAX_LEN: ::core::option::Option<usize> = ::core::option::Option::Some(#lit); }
+    });
+    let partitions = partitions.as_ref().map(|lit| {
+        // Without a suffix the literal written (`8`, `8_u32`, ...) types as the `u32` here.
+        let lit = syn::LitInt::new(lit.base10_digits(), lit.span());
+        quote! { const PARTITIONS: ::core::option::Option<u32> = ::core::option::Option::Some(#lit); }
+    });
+    let key = key_wire_name.as_ref().map(|name| {
+        quote! { const PARTITION_KEY: ::core::option::Option<&'static str> = ::core::option::Option::Some(#name); }
     });
     // A generic event is an event for those arguments that make it (de)serializable.
     let where_clause = if generics.params.is_empty() {
@@ -68,6 +78,8 @@ pub(crate) fn event(event: &Event<'_>, errors: &Errors) -> TokenStream {
         impl #impl_generics #krate::__private::Event for #ident #ty_generics #where_clause {
             const STREAM: ::core::option::Option<&'static str> = #stream;
             #max_len
+            #partitions
+            #key
         }
     }
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use quote::ToTokens;
 use syn::{FnArg, ImplItem, LitStr, Type};
 
-use crate::ast::{Event, Handler, Kind, Service, Shape};
+use crate::ast::{Event, FieldName, Handler, Kind, Service, Shape};
 use crate::ctxt::Errors;
 
 pub(crate) fn event(event: &mut Event<'_>, errors: &mut Errors) {
@@ -29,6 +29,37 @@ pub(crate) fn event(event: &mut Event<'_>, errors: &mut Errors) {
         let instead = "write a name like `#[event(stream = \"user.created\")]`, or leave `stream` out and publish the event with `publish_to`";
         if !stream_name(lit, instead, errors) {
             event.stream = None;
+        }
+    }
+    if let (Some(key), Shape::NamedStruct) = (&event.key, &event.shape) {
+        let name = key.value();
+        match event.fields.iter().find(|field| field.rust == name) {
+            Some(FieldName {
+                skipped: Some(skip),
+                ..
+            }) => errors.spanned(
+                key,
+                format_args!(
+                    "`key` names the field `{name}`, which `#[serde({})]` keeps out of the stream entry: every entry would go to the same partition; name a field that is stored",
+                    skip.to_token_stream()
+                ),
+            ),
+            Some(field) => event.key_wire_name = Some(field.wire.clone()),
+            None => {
+                let fields: Vec<String> = event
+                    .fields
+                    .iter()
+                    .map(|field| format!("`{}`", field.rust))
+                    .collect();
+                errors.spanned(
+                    key,
+                    format_args!(
+                        "`key` names no field of `{}`: the key is the field whose value picks the partition, one of {}",
+                        event.ident,
+                        fields.join(", ")
+                    ),
+                );
+            }
         }
     }
 }

@@ -140,6 +140,11 @@ pub struct EventBusConfig {
     /// handled them or not; see `trim_acked` for the group-aware way. A cap here overrides
     /// the event type's [`Event::MAX_LEN`](crate::Event::MAX_LEN). Empty by default.
     pub stream_max_len: BTreeMap<String, usize>,
+    /// Partitioned streams, by logical stream name: each is stored as the Redis streams
+    /// `NAME:{0}` ... `NAME:{N-1}`, published to by key or in turn, and read whole by a
+    /// handler of `NAME` (see the README's "Partitioned streams"). Must agree with the
+    /// event types' [`Event::PARTITIONS`](crate::Event::PARTITIONS). Empty by default.
+    pub stream_partitions: BTreeMap<String, u32>,
     /// Group-aware retention of every stream the bus handles: while it listens, the bus
     /// deletes, every `trim_acked_interval`, the entries that every consumer group of the
     /// stream has been delivered and has acknowledged. Off by default.
@@ -185,6 +190,7 @@ impl Default for EventBusConfig {
             dead_letter_suffix: ":dlq".to_owned(),
             dead_letter_max_len: None,
             stream_max_len: BTreeMap::new(),
+            stream_partitions: BTreeMap::new(),
             trim_acked: false,
             trim_acked_streams: Vec::new(),
             trim_acked_interval: Duration::from_secs(60),
@@ -223,6 +229,7 @@ impl std::fmt::Debug for EventBusConfig {
             wait_for_redis,
             consumer_lease_ttl,
             stream_max_len,
+            stream_partitions,
             trim_acked,
             trim_acked_streams,
             trim_acked_interval,
@@ -254,6 +261,7 @@ impl std::fmt::Debug for EventBusConfig {
             .field("wait_for_redis", wait_for_redis)
             .field("consumer_lease_ttl", consumer_lease_ttl)
             .field("stream_max_len", stream_max_len)
+            .field("stream_partitions", stream_partitions)
             .field("trim_acked", trim_acked)
             .field("trim_acked_streams", trim_acked_streams)
             .field("trim_acked_interval", trim_acked_interval)
@@ -487,6 +495,9 @@ impl EventBusConfig {
                     ),
                 ));
             }
+        }
+        for (stream, &partitions) in &self.stream_partitions {
+            crate::partition::check_partitioned(stream, partitions, "stream_partitions")?;
         }
         if self.trim_acked_streams.iter().any(String::is_empty) {
             return Err(Error::config("trim_acked_streams", "names an empty stream"));

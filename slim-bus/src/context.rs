@@ -26,6 +26,8 @@ pub struct Context {
     publisher: Publisher,
     /// `None` when the entry has none, so that most contexts allocate nothing for them.
     headers: Option<Arc<Headers>>,
+    /// Which partition `stream` is, when it is one of a partitioned stream.
+    partition: Option<u32>,
 }
 
 impl Context {
@@ -51,7 +53,14 @@ impl Context {
             cancellation,
             publisher,
             headers: None,
+            partition: None,
         }
+    }
+
+    /// The context of an entry of partition `partition` (if any) of a partitioned stream.
+    pub(crate) fn with_partition(mut self, partition: Option<u32>) -> Self {
+        self.partition = partition;
+        self
     }
 
     /// The context with the entry's headers.
@@ -75,9 +84,16 @@ impl Context {
         &self.publisher
     }
 
-    /// The stream the entry was read from.
+    /// The Redis stream the entry was read from: for a partitioned stream, the partition's,
+    /// like `orders:{3}`.
     pub fn stream(&self) -> &str {
         &self.stream
+    }
+
+    /// The partition the entry was read from, when the handler reads a partitioned stream
+    /// (`Some(3)` for `orders:{3}`); `None` for a stream that is not partitioned.
+    pub fn partition(&self) -> Option<u32> {
+        self.partition
     }
 
     /// The consumer group that delivered the entry.

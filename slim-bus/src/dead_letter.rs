@@ -299,6 +299,9 @@ pub struct DeadLetters {
     broker: Arc<dyn Broker>,
     origin: String,
     stream: String,
+    /// The partition count of `origin` when it is a partitioned stream's logical name,
+    /// whose dead letters are per partition.
+    partitions: Option<u32>,
 }
 
 impl fmt::Debug for DeadLetters {
@@ -316,6 +319,25 @@ impl DeadLetters {
             broker,
             origin: origin.to_owned(),
             stream: dead_letter_stream(origin, suffix),
+            partitions: None,
+        }
+    }
+
+    /// The dead letters asked for by the logical name of a stream of `partitions`
+    /// partitions: every call fails with [`Error::PartitionedStream`].
+    pub(crate) fn of_partitioned(mut self, partitions: u32) -> Self {
+        self.partitions = Some(partitions);
+        self
+    }
+
+    /// Fails for a partitioned stream's logical name, which has no dead letters of its own.
+    fn whole(&self) -> Result<()> {
+        match self.partitions {
+            Some(partitions) => Err(Error::PartitionedStream {
+                stream: self.origin.clone(),
+                partitions,
+            }),
+            None => Ok(()),
         }
     }
 
@@ -333,8 +355,10 @@ impl DeadLetters {
     ///
     /// # Errors
     ///
-    /// Redis errors.
+    /// Redis errors, and [`Error::PartitionedStream`] for a partitioned stream's logical
+    /// name.
     pub async fn len(&self) -> Result<u64> {
+        self.whole()?;
         self.broker.stream_len(&self.stream).await
     }
 
@@ -342,7 +366,8 @@ impl DeadLetters {
     ///
     /// # Errors
     ///
-    /// Redis errors.
+    /// Redis errors, and [`Error::PartitionedStream`] for a partitioned stream's logical
+    /// name.
     pub async fn is_empty(&self) -> Result<bool> {
         Ok(self.len().await? == 0)
     }
@@ -352,8 +377,10 @@ impl DeadLetters {
     ///
     /// # Errors
     ///
-    /// Redis errors.
+    /// Redis errors, and [`Error::PartitionedStream`] for a partitioned stream's logical
+    /// name.
     pub async fn list(&self, after: Option<EntryId>, count: usize) -> Result<Vec<DeadLetter>> {
+        self.whole()?;
         let entries = self
             .broker
             .range_after(&self.stream, after, count.max(1))
@@ -368,8 +395,10 @@ impl DeadLetters {
     ///
     /// # Errors
     ///
-    /// Redis errors.
+    /// Redis errors, and [`Error::PartitionedStream`] for a partitioned stream's logical
+    /// name.
     pub async fn get(&self, id: EntryId) -> Result<Option<DeadLetter>> {
+        self.whole()?;
         let before = match (id.millis(), id.seq()) {
             (0, 0) => None,
             (millis, 0) => Some(EntryId::new(millis - 1, u64::MAX)),
@@ -388,8 +417,10 @@ impl DeadLetters {
     ///
     /// # Errors
     ///
-    /// Redis errors.
+    /// Redis errors, and [`Error::PartitionedStream`] for a partitioned stream's logical
+    /// name.
     pub async fn replay(&self, id: EntryId) -> Result<Option<EntryId>> {
+        self.whole()?;
         self.broker.replay(&self.stream, &self.origin, id).await
     }
 
@@ -398,8 +429,10 @@ impl DeadLetters {
     ///
     /// # Errors
     ///
-    /// Redis errors; the dead letters replayed before the error stay replayed.
+    /// Redis errors (the dead letters replayed before the error stay replayed), and
+    /// [`Error::PartitionedStream`] for a partitioned stream's logical name.
     pub async fn replay_all(&self) -> Result<usize> {
+        self.whole()?;
         // The dead letters there are now, listed first: entries that fail again while this
         // runs come back under new ids, and must not be replayed again and again.
         let mut ids = Vec::new();
@@ -425,8 +458,10 @@ impl DeadLetters {
     ///
     /// # Errors
     ///
-    /// Redis errors.
+    /// Redis errors, and [`Error::PartitionedStream`] for a partitioned stream's logical
+    /// name.
     pub async fn purge(&self, id: EntryId) -> Result<bool> {
+        self.whole()?;
         Ok(self.broker.delete(&self.stream, &[id]).await? > 0)
     }
 
@@ -434,8 +469,10 @@ impl DeadLetters {
     ///
     /// # Errors
     ///
-    /// Redis errors.
+    /// Redis errors, and [`Error::PartitionedStream`] for a partitioned stream's logical
+    /// name.
     pub async fn purge_all(&self) -> Result<()> {
+        self.whole()?;
         self.broker.delete_key(&self.stream).await
     }
 }

@@ -5,6 +5,7 @@ use serde::Serialize;
 use crate::codec::{self, EncodedField};
 use crate::error::{Error, Result};
 use crate::event::Event;
+use crate::partition::Declared;
 
 /// Events a handler returns to have them published before its entry is acknowledged.
 ///
@@ -54,8 +55,9 @@ use crate::event::Event;
 #[derive(Debug, Default)]
 #[must_use = "events are published only when the handler returns them"]
 pub struct Emit {
-    /// Each event's stream, the cap of its event type ([`Event::MAX_LEN`]), and fields.
-    entries: Vec<(String, Option<usize>, Vec<EncodedField>)>,
+    /// Each event's stream, what its event type declares about the stream (its cap,
+    /// partitions and key), and fields.
+    entries: Vec<EmittedEntry>,
 }
 
 impl Emit {
@@ -64,7 +66,8 @@ impl Emit {
         Emit::default()
     }
 
-    /// Adds `event`, to be published to its stream ([`Event::STREAM`]).
+    /// Adds `event`, to be published to its stream ([`Event::STREAM`]); to one of its
+    /// partitions when the stream is partitioned, as [`EventBus::publish`](crate::EventBus::publish) picks it.
     ///
     /// # Errors
     ///
@@ -74,22 +77,23 @@ impl Emit {
         let stream = E::STREAM.ok_or(Error::NoEventStream {
             event: std::any::type_name::<E>(),
         })?;
-        self.push_capped(stream, E::MAX_LEN, event)
+        self.push_declared(stream, Declared::of::<E>(), event)
     }
 
-    /// Adds `event`, to be published to `stream`.
+    /// Adds `event`, to be published to `stream`; to one of its partitions in turn when
+    /// the bus knows `stream` as partitioned, as [`EventBus::publish_to`](crate::EventBus::publish_to) does.
     ///
     /// # Errors
     ///
     /// [`Error::EmptyStream`] for an empty stream name, and as [`push`](Self::push).
     pub fn push_to<E: Serialize + ?Sized>(&mut self, stream: &str, event: &E) -> Result<&mut Self> {
-        self.push_capped(stream, None, event)
+        self.push_declared(stream, Declared::default(), event)
     }
 
-    fn push_capped<E: Serialize + ?Sized>(
+    fn push_declared<E: Serialize + ?Sized>(
         &mut self,
         stream: &str,
-        event_max_len: Option<usize>,
+        declared: Declared,
         event: &E,
     ) -> Result<&mut Self> {
         if stream.is_empty() {
@@ -105,8 +109,11 @@ impl Emit {
                 "an entry needs at least one field, and every field is None".to_owned(),
             ));
         }
-        self.entries
-            .push((stream.to_owned(), event_max_len, fields));
+        self.entries.push(EmittedEntry {
+            stream: stream.to_owned(),
+            declared,
+            fields,
+        });
         Ok(self)
     }
 
@@ -122,7 +129,7 @@ impl Emit {
 
     /// The stream of each event, in order.
     pub fn streams(&self) -> impl Iterator<Item = &str> {
-        self.entries.iter().map(|(stream, _, _)| stream.as_str())
+        self.entries.iter().map(|entry| entry.stream.as_str())
     }
 
     /// Adds the events of `other` after these.
@@ -130,30 +137,17 @@ impl Emit {
         self.entries.extend(other.entries);
     }
 
-    /// The entries by stream, streams in the order of their first event, each stream's
-    /// entries in order, with the cap of the first event type that has one for it.
-    pub(crate) fn by_stream(self) -> Vec<StreamEntries> {
-        let mut streams: Vec<StreamEntries> = Vec::new();
-        for (stream, event_max_len, fields) in self.entries {
-            match streams.iter_mut().find(|s| s.stream == stream) {
-                Some(known) => {
-                    known.event_max_len = known.event_max_len.or(event_max_len);
-                    known.entries.push(fields);
-                }
-                None => streams.push(StreamEntries {
-                    stream,
-                    event_max_len,
-                    entries: vec![fields],
-                }),
-            }
-        }
-        streams
+    /// The events, in order.
+    pub(crate) fn into_entries(self) -> Vec<EmittedEntry> {
+        self.entries
     }
 }
 
-/// The events of an [`Emit`] for one stream.
-pub(crate) struct StreamEntries {
+/// One event of an [`Emit`], encoded.
+#[derive(Debug)]
+pub(crate) struct EmittedEntry {
+    /// The stream it is published to: a partitioned stream's logical name, or a stream.
     pub(crate) stream: String,
-    pub(crate) event_max_len: Option<usize>,
-    pub(crate) entries: Vec<Vec<EncodedField>>,
+    pub(crate) declared: Declared,
+    pub(crate) fields: Vec<EncodedField>,
 }

@@ -65,6 +65,18 @@ pub enum Error {
     #[error("stream names must not be empty")]
     EmptyStream,
 
+    /// The dead letters of a partitioned stream were asked for by the stream's logical
+    /// name: each partition has dead letters of its own.
+    #[error(
+        "stream `{stream}` is partitioned ({partitions} partitions, `{stream}:{{0}}` ...), and each partition has its own dead letters: ask for those of a partition, like `dead_letters(\"{stream}:{{0}}\")`"
+    )]
+    PartitionedStream {
+        /// The logical stream.
+        stream: String,
+        /// How many partitions it has: `{stream}:{0}` to `{stream}:{partitions - 1}`.
+        partitions: u32,
+    },
+
     /// An event could not be turned into stream fields.
     #[error("cannot encode event for stream `{stream}`: {reason}")]
     Encode {

@@ -45,6 +45,24 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     ///
     /// `#[derive(Event)]` sets it with `#[event(stream = "...", max_len = N)]`.
     const MAX_LEN: Option<usize> = None;
+
+    /// The number of partitions of [`STREAM`](Event::STREAM), when it is a partitioned
+    /// stream: one logical stream stored as the Redis streams `STREAM:{0}` ...
+    /// `STREAM:{N-1}` (see the README's "Partitioned streams"). `None` (the default): one
+    /// Redis stream. Must be at least 1.
+    /// [`EventBusBuilder::stream_partitions`](crate::EventBusBuilder::stream_partitions)
+    /// sets it for a stream on the bus; the two must agree.
+    ///
+    /// `#[derive(Event)]` sets it with `#[event(stream = "...", partitions = N)]`.
+    const PARTITIONS: Option<u32> = None;
+
+    /// The name of the field whose value picks the partition of a partitioned stream, as
+    /// it is stored in the entry (after serde's renames): events with the same value go
+    /// to the same partition ([`partition_for_key`](crate::partition_for_key)). `None`
+    /// (the default): publishes take the partitions in turn.
+    ///
+    /// `#[derive(Event)]` sets it with `#[event(key = "order_id")]`, naming a field.
+    const PARTITION_KEY: Option<&'static str> = None;
 }
 
 /// Untyped events: every field as text, for streams whose shape is not known in advance,

@@ -14,6 +14,7 @@ use crate::emit::Emit;
 use crate::error::HandlerError;
 use crate::event::Event;
 use crate::middleware::{AnyEvent, HandlerService, Layered};
+use crate::partition::Declared;
 
 /// Handles the entries of one stream, decoded into [`Self::Event`](StreamHandler::Event).
 ///
@@ -246,6 +247,8 @@ impl Handlers {
         self.registrations.push(Registration {
             stream,
             handler_name: std::any::type_name::<H>(),
+            event_stream: <H::Event as Event>::STREAM,
+            declared: Declared::of::<H::Event>(),
             handler: RegisteredHandler::One(Arc::new(Typed(handler))),
         });
         self
@@ -255,6 +258,8 @@ impl Handlers {
         self.registrations.push(Registration {
             stream,
             handler_name: std::any::type_name::<H>(),
+            event_stream: <H::Event as Event>::STREAM,
+            declared: Declared::of::<H::Event>(),
             handler: RegisteredHandler::Batch(Arc::new(TypedBatch(handler))),
         });
         self
@@ -276,6 +281,11 @@ impl std::fmt::Debug for Handlers {
 pub(crate) struct Registration {
     pub(crate) stream: Option<String>,
     pub(crate) handler_name: &'static str,
+    /// The stream of the handler's event type ([`Event::STREAM`]), which its
+    /// [`declared`](Self::declared) partitions are of.
+    pub(crate) event_stream: Option<&'static str>,
+    /// What the handler's event type declares about its stream.
+    pub(crate) declared: Declared,
     pub(crate) handler: RegisteredHandler,
 }
 

@@ -1,5 +1,6 @@
 #![doc = include_str!("docs/crate.md")]
 
+mod asyncapi;
 mod batch;
 mod broker;
 mod bus;
@@ -20,12 +21,14 @@ mod listener;
 mod middleware;
 #[cfg(feature = "opentelemetry")]
 mod otel;
+mod partition;
 mod publisher;
 mod spans;
 mod telemetry;
 pub mod testing;
 mod tls;
 
+pub use crate::asyncapi::ASYNCAPI_ENV;
 pub use crate::batch::{BatchHandler, BatchOutcome};
 pub use crate::broker::memory::MemoryBroker;
 pub use crate::bus::{EventBus, EventBusBuilder};
@@ -41,6 +44,7 @@ pub use crate::health::{Health, StreamHealth};
 pub use crate::inspect::{ConsumerStatus, GroupStatus, PendingEntry, StreamEntry, StreamStatus};
 pub use crate::listener::{Listener, ShutdownHandle};
 pub use crate::middleware::{AnyEvent, BusService, HandlerRequest, HandlerService, Layered};
+pub use crate::partition::{partition_for_key, partition_stream};
 pub use crate::publisher::Publisher;
 
 /// Re-exported so that handler impls need no dependency of their own:

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::bus::EventBus;
-use crate::codec::EncodedField;
+use crate::emit::Emit;
 use crate::error::Result;
 use crate::event::{EntryId, Event};
 use crate::headers::Headers;
@@ -125,14 +125,9 @@ impl Publisher {
         self.bus.send(stream, fields).await
     }
 
-    /// Publishes entries already encoded, e.g. the events a handler returned: as
-    /// [`EventBus::publish_batch_to`] does once the events are encoded.
-    pub(crate) async fn publish_encoded_batch(
-        &self,
-        stream: String,
-        event_max_len: Option<usize>,
-        entries: Vec<Vec<EncodedField>>,
-    ) -> Result<Vec<EntryId>> {
-        self.bus.append_batch(&stream, event_max_len, entries).await
+    /// Publishes the events a handler returned, each to its stream or the partition it
+    /// picks, all sent at once.
+    pub(crate) async fn publish_emitted(&self, emit: Emit) -> Result<Vec<EntryId>> {
+        self.bus.append_routed(emit.into_entries()).await
     }
 }

@@ -17,6 +17,7 @@
 //! # }
 //! ```
 
+pub mod asyncapi_service;
 mod cluster;
 mod proxy;
 mod server;

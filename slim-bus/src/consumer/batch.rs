@@ -124,7 +124,8 @@ async fn run_batch(
                         cancellation.clone(),
                         shared.publisher.clone(),
                     )
-                    .with_headers(Headers::of_entry(&fields));
+                    .with_headers(Headers::of_entry(&fields))
+                    .with_partition(route.partition);
                     metrics.started(delivery.id);
                     called.push((fields, ctx, attempt));
                 }

@@ -316,7 +316,8 @@ impl Task<'_> {
             self.cancellation.clone(),
             self.shared.publisher.clone(),
         )
-        .with_headers(Headers::of_entry(&fields));
+        .with_headers(Headers::of_entry(&fields))
+        .with_partition(route.partition);
         let metrics = self.metrics();
         metrics.started(delivery.id);
         let started = Instant::now();
@@ -382,19 +383,10 @@ impl Task<'_> {
         outcome
     }
 
-    /// Publishes the events a handler returned: one batch per stream, all sent at once so
-    /// that they share the publisher's pipeline.
+    /// Publishes the events a handler returned: one batch per stream (or partition), all
+    /// sent at once so that they share the publisher's pipeline.
     async fn publish_emitted(&self, emit: Emit) -> crate::Result<()> {
-        let publishes = emit.by_stream().into_iter().map(|stream| {
-            self.shared.publisher.publish_encoded_batch(
-                stream.stream,
-                stream.event_max_len,
-                stream.entries,
-            )
-        });
-        futures_util::future::try_join_all(publishes)
-            .await
-            .map(drop)
+        self.shared.publisher.publish_emitted(emit).await.map(drop)
     }
 
     fn verdict(&self, outcome: AttemptOutcome, id: crate::EntryId, delivery_count: u64) -> Verdict {

@@ -42,7 +42,10 @@ const ABANDON_WAIT: Duration = Duration::from_secs(1);
 
 /// A stream the consumer reads, with its handler and failure settings.
 pub(crate) struct Route {
+    /// The Redis stream read: a stream, or one partition of a partitioned stream.
     pub(crate) stream: Arc<str>,
+    /// Which partition `stream` is, when it is one.
+    pub(crate) partition: Option<u32>,
     pub(crate) handler: RegisteredHandler,
     pub(crate) dead_letters: Arc<str>,
     pub(crate) max_deliveries: u64,

@@ -9,6 +9,10 @@
 //! at different times) and then prints `ledger <entry id> <seq> <delivery count>` instead of
 //! the lines above; the bus reads and runs at most `<max in flight>` entries at once and uses
 //! the suite's short timings, so entries of a killed process are claimed within seconds.
+//! `partitioned:<partitions>:<millis>` reads `user.created` as a partitioned stream of
+//! `<partitions>` partitions, each handler taking `<millis>`, and prints
+//! `handled-in <partition stream> <entry id> <seq> <delivery count>` for each, for the
+//! tests of competing consumers.
 
 use std::io::Write;
 use std::time::Duration;
@@ -77,6 +81,29 @@ impl StreamHandler for LedgerHandler {
     }
 }
 
+/// The handler of `partitioned` mode: one line per finished handler, naming the partition
+/// stream and entry.
+struct PartitionedHandler {
+    work: Duration,
+}
+
+#[slim_bus::async_trait]
+impl StreamHandler for PartitionedHandler {
+    type Event = UserCreated;
+
+    async fn handle(&self, event: UserCreated, ctx: Context) -> Result<(), HandlerError> {
+        tokio::time::sleep(self.work).await;
+        say(format!(
+            "handled-in {} {} {} {}",
+            ctx.stream(),
+            ctx.entry_id(),
+            event.seq,
+            ctx.delivery_count()
+        ));
+        Ok(())
+    }
+}
+
 fn bus(url: String, name: String) -> EventBusBuilder {
     EventBus::builder()
         .url(url)
@@ -91,11 +118,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let (Some(url), Some(name), Some(mode)) = (args.next(), args.next(), args.next()) else {
         return Err(
-            "usage: slim-bus-test-consumer <redis url> <consumer name> <hang|work:MILLIS|ledger:MILLIS:MAX_IN_FLIGHT>"
+            "usage: slim-bus-test-consumer <redis url> <consumer name> <hang|work:MILLIS|ledger:MILLIS:MAX_IN_FLIGHT|partitioned:PARTITIONS:MILLIS>"
                 .into(),
         );
     };
-    let builder = if let Some(ledger) = mode.strip_prefix("ledger:") {
+    let builder = if let Some(partitioned) = mode.strip_prefix("partitioned:") {
+        let Some((partitions, work)) = partitioned.split_once(':') else {
+            return Err(format!("mode `{mode}` is not partitioned:PARTITIONS:MILLIS").into());
+        };
+        bus(url, name)
+            .stream_partitions("user.created", partitions.parse()?)
+            .max_concurrent(8)
+            .max_count(8)
+            .handler(PartitionedHandler {
+                work: Duration::from_millis(work.parse()?),
+            })
+    } else if let Some(ledger) = mode.strip_prefix("ledger:") {
         let Some((work, max_in_flight)) = ledger.split_once(':') else {
             return Err(format!("mode `{mode}` is not ledger:MILLIS:MAX_IN_FLIGHT").into());
         };

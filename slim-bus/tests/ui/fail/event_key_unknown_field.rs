@@ -1,0 +1,10 @@
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, slim_bus::Event)]
+#[event(stream = "orders", partitions = 8, key = "order")]
+struct OrderPlaced {
+    order_id: String,
+    cents: u64,
+}
+
+fn main() {}
