@@ -78,9 +78,7 @@ pub(crate) fn dead_letter_stream(stream: &str, suffix: &str) -> String {
 /// Whether Redis Cluster hashes `key` by a `{tag}`: a `{` followed later by a `}` with at
 /// least one byte between them.
 fn has_hash_tag(key: &str) -> bool {
-    key.find('{')
-        .and_then(|open| key[open + 1..].find('}'))
-        .is_some_and(|len| len > 0)
+    crate::broker::hash_tag(key.as_bytes()).is_some()
 }
 
 /// Why an entry was dead-lettered.

@@ -1,8 +1,9 @@
 //! Test harness for slim-bus: throwaway `redis-server` processes and helpers that keep every
 //! awaited test step bounded.
 //!
-//! Each test starts its own [`RedisServer`] on a free port, so tests run in parallel and
-//! never touch a shared Redis (in particular not the one on `127.0.0.1:6379`).
+//! Each test starts its own [`RedisServer`] on a free port (or a whole [`RedisCluster`] of
+//! them), so tests run in parallel and never touch a shared Redis (in particular not the
+//! one on `127.0.0.1:6379`).
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -17,6 +18,7 @@
 //! ```
 
 pub mod asyncapi_service;
+mod cluster;
 mod proxy;
 mod server;
 mod tls;
@@ -24,6 +26,7 @@ mod tls;
 use std::future::Future;
 use std::time::Duration;
 
+pub use cluster::{ClusterNode, RedisCluster, find_cli};
 pub use proxy::Proxy;
 pub use server::{RedisServer, RedisServerBuilder};
 pub use tls::TestCertificates;

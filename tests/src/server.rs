@@ -128,6 +128,16 @@ impl RedisServerBuilder {
         self
     }
 
+    /// Appends raw command-line arguments, e.g. `.args(["--maxmemory", "10mb"])`.
+    pub fn args<I, A>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = A>,
+        A: Into<OsString>,
+    {
+        self.extra_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
     /// Also listens with TLS, on a second free port ([`RedisServer::tls_url`]), with the
     /// server certificate of `certs`; with `auth_clients` it requires a client certificate
     /// signed by their CA (`--tls-auth-clients yes`). The plain port stays open for the
@@ -422,6 +432,28 @@ impl RedisServer {
         }
     }
 
+    /// Kills the process with `SIGKILL` and reaps it, as a crash or an OOM kill would end
+    /// it: nothing is flushed, and clients see their connections reset.
+    /// [`restart`](Self::restart) brings it back on the same port and dir.
+    ///
+    /// # Errors
+    ///
+    /// When the server is stopped already.
+    pub fn kill(&mut self) -> io::Result<()> {
+        let process = self
+            .process
+            .take()
+            .ok_or_else(|| io::Error::other("redis-server is stopped"))?;
+        // `Process::drop` sends SIGKILL and waits for the exit.
+        drop(process);
+        Ok(())
+    }
+
+    /// The `redis-server` (or `valkey-server`) binary this server runs.
+    pub fn binary(&self) -> &Path {
+        &self.launch.binary
+    }
+
     /// Freezes the process (`SIGSTOP`): connections stay open but nothing is answered, as
     /// with a hung or partitioned server.
     ///
@@ -694,7 +726,7 @@ fn send_shutdown(port: u16) -> io::Result<()> {
     stream.write_all(b"*1\r\n$8\r\nSHUTDOWN\r\n")
 }
 
-fn free_port() -> io::Result<u16> {
+pub(crate) fn free_port() -> io::Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     Ok(listener.local_addr()?.port())
 }
@@ -840,6 +872,18 @@ mod tests {
         within("stop", STEP, server.stop()).await.unwrap();
         assert_eq!(server.pid(), None);
         assert!(server.try_connection().await.is_err());
+        within("restart", STEP, server.restart()).await.unwrap();
+        assert_eq!(ping(&server).await, "PONG");
+    }
+
+    #[tokio::test]
+    async fn kill_ends_the_process_at_once_and_restart_brings_it_back() {
+        let mut server = within("start", STEP, RedisServer::start()).await.unwrap();
+        let pid = server.pid().unwrap();
+        server.kill().unwrap();
+        assert_eq!(server.pid(), None);
+        assert!(!alive(pid), "killed and reaped");
+        assert!(server.kill().is_err(), "nothing left to kill");
         within("restart", STEP, server.restart()).await.unwrap();
         assert_eq!(ping(&server).await, "PONG");
     }

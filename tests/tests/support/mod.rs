@@ -309,6 +309,13 @@ impl Backend {
         Backend::Memory(MemoryBroker::new())
     }
 
+    /// An in-memory broker that refuses what Redis Cluster refuses: commands and scripts
+    /// whose keys are in different hash slots fail with `CROSSSLOT`.
+    pub fn memory_cluster_like() -> Self {
+        slim_bus_tests::init_tracing();
+        Backend::Memory(MemoryBroker::cluster_like())
+    }
+
     /// A builder on this backend with nothing else set.
     pub fn builder(&self) -> EventBusBuilder {
         match self {
@@ -476,36 +483,48 @@ impl Backend {
 /// `$name::redis` (a throwaway redis-server, multi-threaded runtime) and `$name::memory`
 /// (an in-memory broker, tokio's clock paused: waiting for claims and retries costs no
 /// real time, and a test that hangs fails at its `within` bound at once). With `tls`, also
-/// as `$name::tls`: the redis-server over mutual TLS.
+/// as `$name::tls`: the redis-server over mutual TLS. Each also runs as
+/// `$name::memory_cluster_like`, on an in-memory broker that refuses multi-key operations
+/// across hash slots as Redis Cluster does.
 macro_rules! conformance {
-    ($name:ident, tls) => {
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn redis() {
-                super::$name(super::Backend::redis().await).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn tls() {
-                super::$name(super::Backend::tls().await).await
-            }
-
-            #[tokio::test(start_paused = true)]
-            async fn memory() {
-                super::$name(super::Backend::memory()).await
-            }
-        }
-    };
     ($name:ident) => {
+        $crate::support::conformance!(@tests $name, [], []);
+    };
+    ($name:ident, tls) => {
+        $crate::support::conformance!(@tests $name, [tls], []);
+    };
+    // The bus reads several streams of different hash slots in one `XREADGROUP`, which a
+    // cluster refuses (`CROSSSLOT`): the cluster-like run is ignored until reads are
+    // issued per slot (issue 15, "reads are issued per node and per slot").
+    ($name:ident, reads_across_slots) => {
+        $crate::support::conformance!(@tests $name, [], [ignore = "reads several slots in one XREADGROUP"]);
+    };
+    ($name:ident, tls, reads_across_slots) => {
+        $crate::support::conformance!(@tests $name, [tls], [ignore = "reads several slots in one XREADGROUP"]);
+    };
+    (@tests $name:ident, [$($tls:ident)?], [$($ignore:meta)?]) => {
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn redis() {
                 super::$name(super::Backend::redis().await).await
             }
 
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $tls() {
+                    super::$name(super::Backend::tls().await).await
+                }
+            )?
+
             #[tokio::test(start_paused = true)]
             async fn memory() {
                 super::$name(super::Backend::memory()).await
+            }
+
+            #[tokio::test(start_paused = true)]
+            $(#[$ignore])?
+            async fn memory_cluster_like() {
+                super::$name(super::Backend::memory_cluster_like()).await
             }
         }
     };

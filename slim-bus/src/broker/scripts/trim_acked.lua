@@ -4,7 +4,11 @@
 -- Redis 8.2 and newer the trim also passes `ACKED`, so the server itself keeps whatever
 -- some group has not acknowledged; older servers and Valkey refuse the option, and the
 -- trim goes without it.
--- KEYS: the stream. Returns how many entries were deleted.
+--
+-- KEYS[1]  the stream
+-- Returns how many entries were deleted.
+--
+--   redis-cli --eval trim_acked.lua orders
 if redis.call('TYPE', KEYS[1]).ok == 'none' then
   return 0
 end

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 use redis::aio::ConnectionManager;
 use redis::{Client, Value};
 
-use super::is_failover_code;
-use super::redis::manager;
+use redis::aio::ConnectionManagerConfig;
+
+use super::CONNECT_TIMEOUT;
+use crate::broker::is_failover_code;
 use crate::consumer::Backoff;
 use crate::error::{Error, server_code};
 
@@ -254,5 +256,65 @@ async fn keep_connecting(connection: Weak<CommandConnection>) {
             "cannot connect to redis yet; publishes and listening wait or fail until it answers"
         );
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// What a failed first connection may mean when its URL and the port disagree about TLS
+/// (a TLS port closes on the plain bytes of `redis://`, a plain port answers a TLS
+/// handshake with nothing or with something that is not TLS), or when the handshake
+/// failed: which setting to look at.
+fn wrong_transport_hint(addr: &redis::ConnectionAddr, error: &redis::RedisError) -> &'static str {
+    match addr {
+        redis::ConnectionAddr::Tcp(..)
+            if error.is_connection_dropped() && !error.is_connection_refusal() =>
+        {
+            " (the server closed the connection at once: if this port wants TLS, use a rediss:// URL)"
+        }
+        // rustls reports bytes that are not TLS as a corrupt message.
+        redis::ConnectionAddr::TcpTls { .. }
+            if error.is_timeout() || error.to_string().contains("corrupt message") =>
+        {
+            " over TLS (no TLS handshake came back: if this port does not speak TLS, use a redis:// URL)"
+        }
+        redis::ConnectionAddr::TcpTls { .. }
+            if error.to_string().contains("invalid peer certificate") =>
+        {
+            " over TLS (the server's certificate is not trusted: check tls_ca_cert)"
+        }
+        redis::ConnectionAddr::TcpTls { .. }
+            if error.to_string().contains("received fatal alert") =>
+        {
+            " over TLS (the server refused the handshake: check tls_client_cert and tls_client_key)"
+        }
+        _ => "",
+    }
+}
+
+async fn manager(client: &Client, response_timeout: Duration) -> Result<ConnectionManager, Error> {
+    // The bus's own loops back off between attempts, so a reconnect fails within the
+    // command timeout rather than holding every caller through rounds of retries: redis-rs
+    // makes two connection attempts even without retries, each given half of it.
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT.min(response_timeout / 2)))
+        .set_response_timeout(Some(response_timeout))
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_secs(1))
+        .set_number_of_retries(0);
+    let action = || format!("connecting to {}", client.get_connection_info().addr());
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT * 2,
+        ConnectionManager::new_with_config(client.clone(), config),
+    )
+    .await
+    {
+        Ok(Ok(manager)) => Ok(manager),
+        Ok(Err(source)) => {
+            let hint = wrong_transport_hint(client.get_connection_info().addr(), &source);
+            Err(Error::redis(format!("{}{hint}", action()), source))
+        }
+        Err(_) => Err(Error::Timeout {
+            action: action(),
+            timeout: CONNECT_TIMEOUT * 2,
+        }),
     }
 }

@@ -7,11 +7,15 @@ use std::time::Duration;
 use redis::Value;
 use tokio::time::Instant;
 
-use super::{
-    CONNECT_TIMEOUT, RedisBroker, classify, entry_id, millis, parse_raw_entry, unexpected,
-};
-use crate::broker::RawFields;
+use async_trait::async_trait;
+
+use super::replies::{entry_id, parse_raw_entry};
+use super::{CONNECT_TIMEOUT, RedisBroker, classify, millis, unexpected};
 use crate::broker::resp::{RespConnection, RespError, is_failover_line};
+use crate::broker::{
+    GENERIC_ERROR, GroupStats, Inspection, NO_GROUP, RawFields, TYPE_NONE, TYPE_STREAM,
+    trimmed_count_key,
+};
 use crate::error::{Error, Result, server_code};
 use crate::event::EntryId;
 use crate::inspect::{ConsumerStatus, GroupStatus, PendingEntry, StreamStatus};
@@ -29,8 +33,8 @@ impl RedisBroker {
             .await
             .map_err(|e| Error::redis(action(), e))?;
         match kind.as_str() {
-            "none" => return Ok(None),
-            "stream" => {}
+            TYPE_NONE => return Ok(None),
+            TYPE_STREAM => {}
             _ => {
                 return Err(Error::WrongType {
                     stream: stream.to_owned(),
@@ -137,7 +141,7 @@ impl RedisBroker {
         }
         let reply: Value = match cmd.query_async(&mut self.commands()).await {
             Ok(reply) => reply,
-            Err(e) if server_code(&e).as_deref() == Some("NOGROUP") => {
+            Err(e) if server_code(&e).as_deref() == Some(NO_GROUP) => {
                 return Err(Error::GroupNotFound {
                     stream: stream.to_owned(),
                     group: group.to_owned(),
@@ -174,12 +178,14 @@ impl RedisBroker {
         let mut slot = self.tail_connection.lock().await;
         let mut connection = match slot.take() {
             Some(connection) if !connection.is_dirty() => connection,
-            _ => RespConnection::connect(&self.endpoint, Instant::now() + CONNECT_TIMEOUT)
-                .await
-                .map_err(|e| {
-                    let addr = self.endpoint.info.addr().to_string();
-                    Error::redis(format!("connecting to {addr}"), e.into_redis())
-                })?,
+            _ => {
+                RespConnection::connect(self.topology.endpoint(), Instant::now() + CONNECT_TIMEOUT)
+                    .await
+                    .map_err(|e| {
+                        let addr = self.topology.endpoint().info.addr().to_string();
+                        Error::redis(format!("connecting to {addr}"), e.into_redis())
+                    })?
+            }
         };
         let count = count.to_string();
         let after = after.to_string();
@@ -313,4 +319,128 @@ fn parse_pending_row(row: Value) -> Option<PendingEntry> {
         }),
         _ => None,
     }
+}
+
+#[async_trait]
+impl Inspection for RedisBroker {
+    async fn group_stats(
+        &self,
+        stream: &str,
+        group: &str,
+        dead_letters: &str,
+    ) -> Result<GroupStats> {
+        let action = || format!("reading the state of group `{group}` on stream `{stream}`");
+        let groups: redis::RedisResult<Value> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(stream)
+            .query_async(&mut self.commands())
+            .await;
+        let info = match groups {
+            Ok(reply) => find_group(reply, group),
+            // The stream does not exist (yet, or any more): nothing to do there.
+            Err(e) if e.code() == Some(GENERIC_ERROR) => None,
+            Err(e) => return Err(self.name_type(classify(stream, e, action)).await),
+        };
+        let mut pipe = redis::pipe();
+        pipe.cmd("XLEN").arg(stream);
+        pipe.cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .arg("-")
+            .arg("+")
+            .arg(1);
+        pipe.cmd("XLEN").arg(dead_letters);
+        pipe.cmd("GET").arg(trimmed_count_key(dead_letters));
+        let (length, oldest, dead, trimmed): (u64, Value, u64, Option<u64>) = match info {
+            Some(_) => pipe
+                .query_async(&mut self.commands())
+                .await
+                .map_err(|e| classify(stream, e, action))?,
+            None => (0, Value::Nil, 0, None),
+        };
+        let oldest_pending_idle = match oldest {
+            Value::Array(rows) => rows.into_iter().next().and_then(|row| match row {
+                Value::Array(row) => match row.get(2) {
+                    Some(Value::Int(idle)) => {
+                        Some(Duration::from_millis(u64::try_from(*idle).unwrap_or(0)))
+                    }
+                    _ => None,
+                },
+                _ => None,
+            }),
+            _ => None,
+        };
+        let info = info.unwrap_or_default();
+        Ok(GroupStats {
+            length,
+            lag: info.lag,
+            pending: info.pending,
+            oldest_pending_idle,
+            dead_letters: dead,
+            dead_letters_trimmed: trimmed.unwrap_or(0),
+        })
+    }
+
+    async fn stream_status(
+        &self,
+        stream: &str,
+        dead_letters: &str,
+    ) -> Result<Option<StreamStatus>> {
+        self.inspect_stream(stream, dead_letters).await
+    }
+
+    async fn pending_entries(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<PendingEntry>> {
+        self.inspect_pending(stream, group, consumer, count).await
+    }
+
+    async fn read_after(
+        &self,
+        stream: &str,
+        after: EntryId,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<(EntryId, RawFields)>> {
+        self.read_entries_after(stream, after, count, block).await
+    }
+}
+
+/// The `lag` and `pending` of `group` in an `XINFO GROUPS` reply; `None` when the group
+/// does not exist.
+fn find_group(reply: Value, group: &str) -> Option<GroupStats> {
+    let Value::Array(groups) = reply else {
+        return None;
+    };
+    groups.into_iter().find_map(|info| {
+        let pairs: Vec<(Value, Value)> = match info {
+            Value::Map(pairs) => pairs,
+            Value::Array(flat) => {
+                let mut flat = flat.into_iter();
+                std::iter::from_fn(|| Some((flat.next()?, flat.next()?))).collect()
+            }
+            _ => return None,
+        };
+        let mut stats = GroupStats::default();
+        let mut name_matches = false;
+        for (key, value) in pairs {
+            let key = match &key {
+                Value::BulkString(bytes) => bytes.as_slice(),
+                Value::SimpleString(text) => text.as_bytes(),
+                _ => continue,
+            };
+            match (key, value) {
+                (b"name", Value::BulkString(name)) => name_matches = name == group.as_bytes(),
+                (b"name", Value::SimpleString(name)) => name_matches = name == group,
+                (b"pending", Value::Int(n)) => stats.pending = u64::try_from(n).unwrap_or(0),
+                (b"lag", Value::Int(n)) => stats.lag = u64::try_from(n).ok(),
+                _ => {}
+            }
+        }
+        name_matches.then_some(stats)
+    })
 }

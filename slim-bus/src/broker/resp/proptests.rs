@@ -7,8 +7,9 @@ use proptest::prelude::*;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
-use super::{RespConnection, RespError, Transport};
+use super::{RespConnection, RespError};
 use crate::broker::StreamDeliveries;
+use crate::broker::transport::Transport;
 use crate::event::EntryId;
 
 /// The streams every generated reply may name.
@@ -137,13 +138,7 @@ fn receive_in_pieces(wire: &[u8], cuts: &[usize]) -> Result<Vec<StreamDeliveries
     runtime.block_on(async {
         let (ours, mut theirs) = tokio::io::duplex(1 << 20);
         let transport: std::pin::Pin<Box<dyn Transport>> = Box::pin(ours);
-        let mut connection = RespConnection {
-            transport,
-            buffer: Vec::new(),
-            start: 0,
-            client_id: 0,
-            dirty: false,
-        };
+        let mut connection = RespConnection::over(transport);
         let streams: Vec<Arc<str>> = STREAMS.iter().map(|s| Arc::from(*s)).collect();
         let pieces: Vec<Vec<u8>> = std::iter::once(0)
             .chain(cuts.iter().copied())
@@ -195,10 +190,10 @@ proptest! {
         let wire = encode(&reply);
         let end = cut.index(wire.len());
         let streams: Vec<Arc<str>> = STREAMS.iter().map(|s| Arc::from(*s)).collect();
-        prop_assert_eq!(super::Scan::start().reply_len(&wire[..end]), Ok(None));
+        prop_assert_eq!(super::decode::Scan::start().reply_len(&wire[..end]), Ok(None));
         prop_assert!(matches!(
-            super::parse_read_reply_bytes(&wire[..end], &streams),
-            super::Parsed::Incomplete
+            super::decode::parse_read_reply_bytes(&wire[..end], &streams),
+            super::decode::Parsed::Incomplete
         ));
     }
 }

@@ -6,15 +6,18 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{MemoryConnection, State, whole_millis};
-use crate::broker::RawFields;
+use async_trait::async_trait;
+
+use super::MemoryConnection;
+use super::state::{State, whole_millis};
+use crate::broker::{GroupStats, Inspection, RawFields};
 use crate::error::{Error, Result};
 use crate::event::EntryId;
 use crate::inspect::{ConsumerStatus, GroupStatus, PendingEntry, StreamStatus};
 
 impl State {
     /// `XLEN`, `XINFO GROUPS`, `XINFO CONSUMERS` and `XPENDING` as the Redis backend
-    /// reads them for [`Broker::stream_status`](crate::broker::Broker::stream_status).
+    /// reads them for [`Inspection::stream_status`].
     pub(super) fn stream_status(
         &self,
         name: &str,
@@ -144,5 +147,92 @@ impl MemoryConnection {
                 () = tokio::time::sleep_until(deadline) => return Vec::new(),
             }
         }
+    }
+}
+
+impl State {
+    /// `XINFO GROUPS` and `XPENDING` as the Redis backend reads them: nothing when the
+    /// stream or the group does not exist.
+    pub(super) fn group_stats(
+        &self,
+        stream: &str,
+        group: &str,
+        dead_letters: &str,
+        now: Instant,
+    ) -> GroupStats {
+        let Some(stream) = self.streams.get(stream) else {
+            return GroupStats::default();
+        };
+        let Some(group) = stream.groups.get(group) else {
+            return GroupStats::default();
+        };
+        GroupStats {
+            length: stream.entries.len() as u64,
+            lag: Some(
+                stream
+                    .entries
+                    .range((Bound::Excluded(group.last_delivered), Bound::Unbounded))
+                    .count() as u64,
+            ),
+            pending: group.pending.len() as u64,
+            // XPENDING - + 1: the entry with the lowest id, not the longest idle.
+            oldest_pending_idle: group
+                .pending
+                .first_key_value()
+                .map(|(_, nack)| whole_millis(now.saturating_duration_since(nack.delivered_at))),
+            dead_letters: self
+                .streams
+                .get(dead_letters)
+                .map_or(0, |s| s.entries.len() as u64),
+            dead_letters_trimmed: self.trimmed.get(dead_letters).copied().unwrap_or(0),
+        }
+    }
+}
+
+#[async_trait]
+impl Inspection for MemoryConnection {
+    async fn group_stats(
+        &self,
+        stream: &str,
+        group: &str,
+        dead_letters: &str,
+    ) -> Result<GroupStats> {
+        Ok(self
+            .store
+            .lock()
+            .group_stats(stream, group, dead_letters, Instant::now()))
+    }
+
+    async fn stream_status(
+        &self,
+        stream: &str,
+        dead_letters: &str,
+    ) -> Result<Option<StreamStatus>> {
+        Ok(self
+            .store
+            .lock()
+            .stream_status(stream, dead_letters, Instant::now()))
+    }
+
+    async fn pending_entries(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<PendingEntry>> {
+        self.store
+            .lock()
+            .pending_entries(stream, group, consumer, count, Instant::now())
+    }
+
+    async fn read_after(
+        &self,
+        stream: &str,
+        after: EntryId,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<(EntryId, RawFields)>> {
+        Ok(self.read_entries_after(stream, after, count, block).await)
     }
 }

@@ -1,0 +1,255 @@
+//! Consumer groups in memory: reads of new and pending entries, acks, claims, and the
+//! removal of idle consumers, each like the Redis command it stands for.
+
+use std::ops::Bound;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::state::{Nack, State, delivered, whole_millis};
+use crate::broker::{ClaimPage, Delivery, EntryFields, StreamDeliveries};
+use crate::event::EntryId;
+use crate::testing::Outcome;
+
+/// XAUTOCLAIM looks at no more than this many pending entries per entry it may return.
+const AUTOCLAIM_ATTEMPTS_PER_COUNT: usize = 10;
+
+impl State {
+    /// `XREADGROUP GROUP group consumer COUNT count STREAMS streams... > ...`.
+    pub(super) fn read_new(
+        &mut self,
+        group: &str,
+        consumer: &str,
+        streams: &[Arc<str>],
+        count: usize,
+        now: Instant,
+    ) -> Result<Vec<StreamDeliveries>, redis::RedisError> {
+        self.same_slot(streams.iter().map(|stream| &**stream))?;
+        // Redis checks every stream before it delivers from any.
+        for stream in streams {
+            self.locate(stream, group, "XREADGROUP")?;
+        }
+        let consumer: Arc<str> = consumer.into();
+        let mut batches = Vec::new();
+        for (stream_index, stream) in streams.iter().enumerate() {
+            let (entries, group) = self.locate(stream, group, "XREADGROUP")?;
+            group.seen(&consumer, now);
+            let deliveries: Vec<Delivery> = entries
+                .range((Bound::Excluded(group.last_delivered), Bound::Unbounded))
+                .take(count)
+                .map(|(id, fields)| Delivery {
+                    id: *id,
+                    fields: Some(delivered(fields)),
+                    delivery_count: 1,
+                    delivered_at: now,
+                })
+                .collect();
+            let Some(last) = deliveries.last() else {
+                continue;
+            };
+            group.last_delivered = last.id;
+            for delivery in &deliveries {
+                group.pending.insert(
+                    delivery.id,
+                    Nack {
+                        consumer: consumer.clone(),
+                        delivery_count: 1,
+                        delivered_at: now,
+                    },
+                );
+            }
+            batches.push(StreamDeliveries {
+                stream_index,
+                deliveries,
+            });
+        }
+        Ok(batches)
+    }
+
+    /// `XREADGROUP ... STREAMS stream after`: the consumer's own pending entries again,
+    /// each delivery counted and its idle time reset; deleted entries come without fields.
+    pub(super) fn read_own_pending(
+        &mut self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        after: EntryId,
+        count: usize,
+        now: Instant,
+    ) -> Result<Vec<Delivery>, redis::RedisError> {
+        let (entries, group) = self.locate(stream, group, "XPENDING")?;
+        group.seen(&consumer.into(), now);
+        Ok(group
+            .pending
+            .range_mut((Bound::Excluded(after), Bound::Unbounded))
+            .filter(|(_, nack)| &*nack.consumer == consumer)
+            .take(count)
+            .map(|(id, nack)| {
+                nack.delivery_count += 1;
+                nack.delivered_at = now;
+                Delivery {
+                    id: *id,
+                    fields: entries.get(id).map(delivered),
+                    delivery_count: nack.delivery_count,
+                    delivered_at: now,
+                }
+            })
+            .collect())
+    }
+
+    /// The idle-consumer script: removes the consumers of `group` other than `except`
+    /// that have been idle for at least `min_idle` and hold no pending entries.
+    pub(super) fn remove_idle_consumers(
+        &mut self,
+        stream: &str,
+        group: &str,
+        min_idle: Duration,
+        except: &str,
+        now: Instant,
+    ) -> Vec<String> {
+        let Ok((_, group)) = self.locate(stream, group, "XINFO") else {
+            return Vec::new();
+        };
+        let min_idle = whole_millis(min_idle);
+        let idle: Vec<Arc<str>> = group
+            .consumers
+            .iter()
+            .filter(|(name, seen)| {
+                &***name != except
+                    && now.saturating_duration_since(**seen) >= min_idle
+                    && !group.pending.values().any(|nack| nack.consumer == **name)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &idle {
+            group.consumers.remove(name);
+        }
+        idle.iter().map(|name| name.to_string()).collect()
+    }
+
+    /// `XACK stream group ids...`; a missing stream or group acknowledges nothing.
+    pub(super) fn ack(&mut self, stream: &str, group: &str, ids: &[EntryId]) {
+        if let Ok((_, group)) = self.locate(stream, group, "XACK") {
+            for id in ids {
+                if let Some(nack) = group.pending.remove(id) {
+                    group.settle(
+                        *id,
+                        Outcome::Acked {
+                            deliveries: nack.delivery_count,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// `XAUTOCLAIM stream group consumer min_idle cursor COUNT count`, with the delivery
+    /// count of each claimed entry after the claim.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn claim_stale(
+        &mut self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        cursor: EntryId,
+        count: usize,
+        now: Instant,
+    ) -> Result<ClaimPage, redis::RedisError> {
+        let (entries, group) = self.locate(stream, group, "XAUTOCLAIM")?;
+        let min_idle = whole_millis(min_idle);
+        let consumer: Arc<str> = consumer.into();
+        group.seen(&consumer, now);
+        let mut page = ClaimPage {
+            deliveries: Vec::new(),
+            next_cursor: EntryId::MIN,
+            deleted: Vec::new(),
+        };
+        let mut attempts = count.saturating_mul(AUTOCLAIM_ATTEMPTS_PER_COUNT);
+        let mut remaining = count;
+        let mut from = Bound::Included(cursor);
+        loop {
+            let next = group
+                .pending
+                .range((from, Bound::Unbounded))
+                .next()
+                .map(|(id, _)| *id);
+            let Some(id) = next else {
+                // The scan went through the whole list.
+                return Ok(page);
+            };
+            if attempts == 0 || remaining == 0 {
+                page.next_cursor = id;
+                return Ok(page);
+            }
+            attempts -= 1;
+            from = Bound::Excluded(id);
+            let Some(fields) = entries.get(&id) else {
+                // Deleted from the stream: Redis drops it from the pending list, and it
+                // counts against COUNT.
+                group.pending.remove(&id);
+                page.deleted.push(id);
+                remaining -= 1;
+                continue;
+            };
+            let Some(nack) = group.pending.get_mut(&id) else {
+                continue;
+            };
+            if !min_idle.is_zero() && now.saturating_duration_since(nack.delivered_at) < min_idle {
+                continue;
+            }
+            nack.consumer = consumer.clone();
+            nack.delivered_at = now;
+            nack.delivery_count += 1;
+            page.deliveries.push(Delivery {
+                id,
+                fields: Some(delivered(fields)),
+                delivery_count: nack.delivery_count,
+                delivered_at: now,
+            });
+            remaining -= 1;
+        }
+    }
+
+    /// `XCLAIM stream group consumer min_idle id` for each request: claims an entry only
+    /// if it has been idle for at least its `min_idle`; drops deleted entries from the
+    /// pending list.
+    pub(super) fn claim_for_retry(
+        &mut self,
+        group: &str,
+        consumer: &str,
+        requests: &[(Arc<str>, EntryId, Duration)],
+        now: Instant,
+    ) -> Result<Vec<Option<EntryFields>>, redis::RedisError> {
+        // Like a pipeline whose first error fails the whole reply.
+        for (stream, _, _) in requests {
+            self.locate(stream, group, "XCLAIM")?;
+        }
+        let consumer: Arc<str> = consumer.into();
+        let mut claimed = Vec::with_capacity(requests.len());
+        for (stream, id, min_idle) in requests {
+            let (entries, group) = self.locate(stream, group, "XCLAIM")?;
+            group.seen(&consumer, now);
+            let Some(fields) = entries.get(id) else {
+                group.pending.remove(id);
+                claimed.push(None);
+                continue;
+            };
+            let min_idle = whole_millis(*min_idle);
+            match group.pending.get_mut(id) {
+                Some(nack)
+                    if min_idle.is_zero()
+                        || now.saturating_duration_since(nack.delivered_at) >= min_idle =>
+                {
+                    nack.consumer = consumer.clone();
+                    nack.delivered_at = now;
+                    nack.delivery_count += 1;
+                    claimed.push(Some(delivered(fields)));
+                }
+                _ => claimed.push(None),
+            }
+        }
+        Ok(claimed)
+    }
+}

@@ -1,0 +1,79 @@
+//! Redis Cluster's hash slots: a cluster serves each of its 16384 slots from one master,
+//! and refuses (`CROSSSLOT`) a command or script whose keys are in different slots.
+
+/// How many hash slots a Redis Cluster has.
+pub(crate) const SLOT_COUNT: u16 = 16384;
+
+/// The part of `key` that Redis Cluster hashes when the key has one: the bytes between
+/// its first `{` and the first `}` after it, if there is at least one byte between them.
+pub(crate) fn hash_tag(key: &[u8]) -> Option<&[u8]> {
+    let open = key.iter().position(|&b| b == b'{')?;
+    let rest = &key[open + 1..];
+    let close = rest.iter().position(|&b| b == b'}')?;
+    (close > 0).then(|| &rest[..close])
+}
+
+/// The hash slot of `key`, as Redis Cluster computes it: CRC16 (XMODEM) of the key's hash
+/// tag, or of the whole key when it has none, modulo [`SLOT_COUNT`]. Keys that must be
+/// used together in one command (a stream and its dead-letter stream) share a hash tag.
+pub(crate) fn key_slot(key: &[u8]) -> u16 {
+    const XMODEM: crc::Crc<u16> = crc::Crc::<u16>::new(&crc::CRC_16_XMODEM);
+    XMODEM.checksum(hash_tag(key).unwrap_or(key)) % SLOT_COUNT
+}
+
+/// The first key of `keys` whose slot differs from the first key's, if any.
+pub(crate) fn cross_slot<'a>(keys: impl IntoIterator<Item = &'a [u8]>) -> Option<&'a [u8]> {
+    let mut keys = keys.into_iter();
+    let first = key_slot(keys.next()?);
+    keys.find(|key| key_slot(key) != first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_those_redis_cluster_computes() {
+        // `CLUSTER KEYSLOT` on Redis 7.0.
+        for (key, slot) in [
+            ("foo", 12182),
+            ("bar", 5061),
+            ("hello", 866),
+            ("somekey", 11058),
+            ("user.created", 9287),
+            ("{user.created}:dlq", 9287),
+            ("{user1000}.following", 3443),
+            ("foo{}{bar}", 8363),
+            ("foo{{bar}}zap", 4015),
+            ("a{}b", 13694),
+            ("", 0),
+        ] {
+            assert_eq!(key_slot(key.as_bytes()), slot, "{key}");
+        }
+    }
+
+    #[test]
+    fn a_hash_tag_is_the_first_non_empty_braced_part() {
+        assert_eq!(hash_tag(b"{user1000}.following"), Some(&b"user1000"[..]));
+        assert_eq!(hash_tag(b"foo{bar}{zap}"), Some(&b"bar"[..]));
+        assert_eq!(hash_tag(b"foo{{bar}}zap"), Some(&b"{bar"[..]));
+        // `{}` is no tag, and Redis does not look for one after it.
+        assert_eq!(hash_tag(b"foo{}{bar}"), None);
+        assert_eq!(hash_tag(b"foo{bar"), None);
+        assert_eq!(hash_tag(b"plain"), None);
+        assert_eq!(
+            key_slot(b"{user1000}.following"),
+            key_slot(b"{user1000}.followers")
+        );
+    }
+
+    #[test]
+    fn keys_of_several_slots_are_told_apart() {
+        assert_eq!(cross_slot([&b"a"[..]]), None);
+        assert_eq!(
+            cross_slot([&b"user.created"[..], b"{user.created}:dlq"]),
+            None
+        );
+        assert_eq!(cross_slot([&b"foo"[..], b"bar"]), Some(&b"bar"[..]));
+    }
+}
