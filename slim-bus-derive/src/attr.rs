@@ -72,34 +72,12 @@ pub(crate) fn event_attrs(attrs: &[Attribute], errors: &mut Errors) -> EventAttr
 /// `max_len = N`: a whole number of at least 1 that fits a `usize`; `None` after reporting
 /// anything else.
 fn event_max_len(meta: &ParseNestedMeta<'_>, errors: &mut Errors) -> syn::Result<Option<LitInt>> {
-    let example = "max_len = 100_000";
-    let value: Expr = meta.value()?.parse()?;
-    let lit = match value {
-        Expr::Lit(ExprLit {
-            lit: Lit::Int(lit), ..
-        }) => lit,
-        other => {
-            errors.spanned(other, format_args!("expected a whole number: `{example}`"));
-            return Ok(None);
-        }
-    };
-    match lit.base10_parse::<usize>() {
-        Ok(0) => {
-            errors.spanned(
-                &lit,
-                "`max_len` must be at least 1: a cap of 0 would delete every entry as it is published",
-            );
-            Ok(None)
-        }
-        Ok(_) => Ok(Some(lit)),
-        Err(_) => {
-            errors.spanned(
-                &lit,
-                format_args!("expected a whole number that fits a usize: `{example}`"),
-            );
-            Ok(None)
-        }
-    }
+    positive_number::<usize>(
+        meta,
+        errors,
+        "max_len = 100_000",
+        "`max_len` must be at least 1: a cap of 0 would delete every entry as it is published",
+    )
 }
 
 /// `partitions = N`: a whole number of at least 1 that fits a `u32`; `None` after
@@ -108,7 +86,26 @@ fn event_partitions(
     meta: &ParseNestedMeta<'_>,
     errors: &mut Errors,
 ) -> syn::Result<Option<LitInt>> {
-    let example = "partitions = 8";
+    positive_number::<u32>(
+        meta,
+        errors,
+        "partitions = 8",
+        "`partitions` must be at least 1: a stream of 0 partitions could hold no entry",
+    )
+}
+
+/// The value of `meta` as a whole number of at least 1 that fits `N`, else `None` after
+/// reporting `if_zero`, or what to write instead (`example`).
+fn positive_number<N>(
+    meta: &ParseNestedMeta<'_>,
+    errors: &mut Errors,
+    example: &str,
+    if_zero: &str,
+) -> syn::Result<Option<LitInt>>
+where
+    N: std::str::FromStr + From<u8> + PartialEq,
+    N::Err: std::fmt::Display,
+{
     let value: Expr = meta.value()?.parse()?;
     let lit = match value {
         Expr::Lit(ExprLit {
@@ -119,19 +116,19 @@ fn event_partitions(
             return Ok(None);
         }
     };
-    match lit.base10_parse::<u32>() {
-        Ok(0) => {
-            errors.spanned(
-                &lit,
-                "`partitions` must be at least 1: a stream of 0 partitions could hold no entry",
-            );
+    match lit.base10_parse::<N>() {
+        Ok(number) if number == N::from(0) => {
+            errors.spanned(&lit, if_zero);
             Ok(None)
         }
         Ok(_) => Ok(Some(lit)),
         Err(_) => {
             errors.spanned(
                 &lit,
-                format_args!("expected a whole number that fits a u32: `{example}`"),
+                format_args!(
+                    "expected a whole number that fits a {}: `{example}`",
+                    std::any::type_name::<N>()
+                ),
             );
             Ok(None)
         }
