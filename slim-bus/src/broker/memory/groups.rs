@@ -35,8 +35,8 @@ impl State {
         for (stream_index, stream) in streams.iter().enumerate() {
             let (entries, group) = self.locate(stream, group, "XREADGROUP")?;
             group.seen(&consumer, now);
-            let deliveries: Vec<Delivery> = entries
-                .range((Bound::Excluded(group.last_delivered), Bound::Unbounded))
+            let deliveries: Vec<Delivery> = group
+                .undelivered(entries)
                 .take(count)
                 .map(|(id, fields)| Delivery {
                     id: *id,

@@ -30,16 +30,9 @@ impl State {
             .iter()
             .map(|(group_name, group)| GroupStatus {
                 name: group_name.clone(),
-                lag: Some(
-                    stream
-                        .entries
-                        .range((Bound::Excluded(group.last_delivered), Bound::Unbounded))
-                        .count() as u64,
-                ),
+                lag: Some(group.undelivered(&stream.entries).count() as u64),
                 pending: group.pending.len() as u64,
-                oldest_pending_idle: group.pending.first_key_value().map(|(_, nack)| {
-                    whole_millis(now.saturating_duration_since(nack.delivered_at))
-                }),
+                oldest_pending_idle: group.oldest_pending_idle(now),
                 last_delivered_id: group.last_delivered,
                 consumers: group
                     .consumers
@@ -168,18 +161,9 @@ impl State {
         };
         GroupStats {
             length: stream.entries.len() as u64,
-            lag: Some(
-                stream
-                    .entries
-                    .range((Bound::Excluded(group.last_delivered), Bound::Unbounded))
-                    .count() as u64,
-            ),
+            lag: Some(group.undelivered(&stream.entries).count() as u64),
             pending: group.pending.len() as u64,
-            // XPENDING - + 1: the entry with the lowest id, not the longest idle.
-            oldest_pending_idle: group
-                .pending
-                .first_key_value()
-                .map(|(_, nack)| whole_millis(now.saturating_duration_since(nack.delivered_at))),
+            oldest_pending_idle: group.oldest_pending_idle(now),
             dead_letters: self
                 .streams
                 .get(dead_letters)

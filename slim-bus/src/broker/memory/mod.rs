@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use tokio::sync::Notify;
@@ -386,12 +385,7 @@ impl MemoryBroker {
             let Some(group) = stream.groups.get(group) else {
                 return false;
             };
-            group.pending.is_empty()
-                && stream
-                    .entries
-                    .range((Bound::Excluded(group.last_delivered), Bound::Unbounded))
-                    .next()
-                    .is_none()
+            group.pending.is_empty() && group.undelivered(&stream.entries).next().is_none()
         })
     }
 

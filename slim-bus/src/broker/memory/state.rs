@@ -1,7 +1,9 @@
 //! The data of an in-memory broker: streams, their entries and consumer groups, each
 //! group's pending list; and the commands that add entries and create groups.
 
+use std::collections::btree_map;
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -193,6 +195,23 @@ impl State {
 }
 
 impl Group {
+    /// The entries of a stream's `entries` this group has not been delivered yet: what
+    /// `XREADGROUP ... >` reads next, lowest id first.
+    pub(super) fn undelivered<'a>(
+        &self,
+        entries: &'a BTreeMap<EntryId, RawFields>,
+    ) -> btree_map::Range<'a, EntryId, RawFields> {
+        entries.range((Bound::Excluded(self.last_delivered), Bound::Unbounded))
+    }
+
+    /// How long ago the pending entry with the lowest id was delivered (`XPENDING - + 1`:
+    /// the lowest id, not the longest idle), in whole milliseconds.
+    pub(super) fn oldest_pending_idle(&self, now: Instant) -> Option<Duration> {
+        self.pending
+            .first_key_value()
+            .map(|(_, nack)| whole_millis(now.saturating_duration_since(nack.delivered_at)))
+    }
+
     /// Records that `consumer` read or claimed just now, adding it to the group if new.
     pub(super) fn seen(&mut self, consumer: &Arc<str>, now: Instant) {
         self.consumers.insert(consumer.clone(), now);
