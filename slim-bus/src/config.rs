@@ -48,6 +48,13 @@ pub struct EventBusConfig {
     /// `redis+unix:///run/redis.sock`. Ignored when the builder is given a `redis::Client`.
     #[serde(serialize_with = "serialize_redacted_url")]
     pub url: String,
+    /// Seed nodes of a Redis Cluster, e.g. `["redis://user:pass@10.0.0.1:7000/"]`: set,
+    /// the bus uses the cluster instead of `url` (leave `url` at its default). One node is
+    /// enough, more let the bus start while one is down; it discovers the others. All use
+    /// one scheme, `redis://` or `rediss://` (with the `tls_*` settings); every node is
+    /// reached with the first one's credentials. Empty by default.
+    #[serde(serialize_with = "serialize_redacted_urls")]
+    pub cluster_nodes: Vec<String>,
     /// A PEM file of the CA (or CAs) that signed the server's certificate, trusted instead
     /// of the system's root certificates for a `rediss://` URL.
     pub tls_ca_cert: Option<PathBuf>,
@@ -162,10 +169,14 @@ pub struct EventBusConfig {
     pub span_level: tracing::Level,
 }
 
+/// The `url` of a default config: a Redis on this host.
+const DEFAULT_URL: &str = "redis://127.0.0.1:6379/";
+
 impl Default for EventBusConfig {
     fn default() -> Self {
         EventBusConfig {
-            url: "redis://127.0.0.1:6379/".to_owned(),
+            url: DEFAULT_URL.to_owned(),
+            cluster_nodes: Vec::new(),
             tls_ca_cert: None,
             tls_client_cert: None,
             tls_client_key: None,
@@ -205,6 +216,7 @@ impl std::fmt::Debug for EventBusConfig {
         // it may be printed.
         let EventBusConfig {
             url,
+            cluster_nodes,
             tls_ca_cert,
             tls_client_cert,
             tls_client_key,
@@ -237,6 +249,13 @@ impl std::fmt::Debug for EventBusConfig {
         } = self;
         f.debug_struct("EventBusConfig")
             .field("url", &redacted_url(url))
+            .field(
+                "cluster_nodes",
+                &cluster_nodes
+                    .iter()
+                    .map(|node| redacted_url(node))
+                    .collect::<Vec<_>>(),
+            )
             .field("tls_ca_cert", tls_ca_cert)
             .field("tls_client_cert", tls_client_cert)
             .field("tls_client_key", tls_client_key)
@@ -292,6 +311,13 @@ mod level_name {
             ))
         })
     }
+}
+
+fn serialize_redacted_urls<S: serde::Serializer>(
+    urls: &[String],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(urls.iter().map(|url| redacted_url(url)))
 }
 
 fn serialize_redacted_url<S: serde::Serializer>(
@@ -365,6 +391,43 @@ const MAX_BLOCK_TIME: Duration = Duration::from_secs(60);
 
 impl EventBusConfig {
     /// Checks every setting, naming the first invalid one.
+    /// `cluster_nodes`: each a `redis://` or `rediss://` URL, all of one scheme, and not
+    /// with a `url` of its own.
+    fn check_cluster_nodes(&self) -> Result<()> {
+        let Some(first) = self.cluster_nodes.first() else {
+            return Ok(());
+        };
+        if self.url != DEFAULT_URL {
+            return Err(Error::config(
+                "cluster_nodes",
+                "cannot be used with url: set one of them (a cluster's nodes, or one server)",
+            ));
+        }
+        let scheme = |node: &str| node.split_once("://").map(|(scheme, _)| scheme.to_owned());
+        let first_scheme = scheme(first);
+        for node in &self.cluster_nodes {
+            match scheme(node).as_deref() {
+                Some("redis" | "rediss") => {}
+                _ => {
+                    return Err(Error::config(
+                        "cluster_nodes",
+                        format!(
+                            "`{}` is not a redis:// or rediss:// URL",
+                            redacted_url(node)
+                        ),
+                    ));
+                }
+            }
+            if scheme(node) != first_scheme {
+                return Err(Error::config(
+                    "cluster_nodes",
+                    "mix redis:// and rediss://: every node of a cluster is reached the same way",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         let durations = [
             ("handler_timeout", Some(self.handler_timeout)),
@@ -386,6 +449,7 @@ impl EventBusConfig {
         if self.url.trim().is_empty() {
             return Err(Error::config("url", "must not be empty"));
         }
+        self.check_cluster_nodes()?;
         check_name("consumer_group", self.consumer_group.as_deref())?;
         check_name("consumer_name", self.consumer_name.as_deref())?;
         if self.max_count == 0 {

@@ -70,6 +70,20 @@ impl EventBusBuilder {
         self
     }
 
+    /// A Redis Cluster, reached through these seed nodes (one is enough; the bus
+    /// discovers the others), instead of [`url`](Self::url): e.g.
+    /// `["redis://user:pass@10.0.0.1:7000/", "redis://user:pass@10.0.0.2:7000/"]`, or
+    /// `rediss://` URLs with the `tls_*` settings. See
+    /// [`EventBusConfig::cluster_nodes`].
+    pub fn cluster<I, S>(mut self, nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config.cluster_nodes = nodes.into_iter().map(Into::into).collect();
+        self
+    }
+
     /// For a `rediss://` URL: trust the CA (or CAs) in this PEM file instead of the
     /// system's root certificates.
     pub fn tls_ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
@@ -461,8 +475,23 @@ impl EventBusBuilder {
             (None, None) => MemoryBroker::from_url(&self.config.url),
             (None, Some(_)) => None,
         };
+        let cluster = !self.config.cluster_nodes.is_empty();
+        if cluster && (memory.is_some() || self.client.is_some()) {
+            return Err(Error::config(
+                "cluster_nodes",
+                "cannot be used with a redis::Client or an in-memory broker",
+            ));
+        }
         let broker: Arc<dyn Broker> = match (memory, self.client) {
             (Some(memory), _) => Arc::new(memory.connect()),
+            (None, None) if cluster => {
+                let (seeds, tls) = cluster_seeds(&self.config)?;
+                Arc::new(RedisBroker::cluster(
+                    seeds,
+                    tls,
+                    self.config.command_timeout,
+                )?)
+            }
             (None, client) => {
                 let (client, tls) = match client {
                     Some(client) => {
@@ -499,6 +528,48 @@ impl EventBusBuilder {
             }),
         })
     }
+}
+
+/// The connection info of each of `config.cluster_nodes`, and the TLS settings for
+/// `rediss://` nodes.
+fn cluster_seeds(config: &EventBusConfig) -> Result<(Vec<redis::ConnectionInfo>, Option<Tls>)> {
+    let seeds = config
+        .cluster_nodes
+        .iter()
+        .map(|node| {
+            let info = redis::IntoConnectionInfo::into_connection_info(node.as_str()).map_err(|e| {
+                Error::config(
+                    "cluster_nodes",
+                    format!("`{}` is not a Redis URL: {e}", redacted_url(node)),
+                )
+            })?;
+            if let redis::ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
+                return Err(Error::config(
+                    "cluster_nodes",
+                    "`#insecure` (TLS without verifying the server's certificate) is not supported: set tls_ca_cert to the PEM file of the CA that signed it",
+                ));
+            }
+            if info.redis_settings().db() != 0 {
+                return Err(Error::config(
+                    "cluster_nodes",
+                    format!(
+                        "`{}` names database {}: a cluster has only database 0",
+                        redacted_url(node),
+                        info.redis_settings().db()
+                    ),
+                ));
+            }
+            Ok(info)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tls = match seeds.first().map(redis::ConnectionInfo::addr) {
+        Some(redis::ConnectionAddr::TcpTls { .. }) => Some(Tls::load(config)?),
+        _ => {
+            reject_without_tls(config)?;
+            None
+        }
+    };
+    Ok((seeds, tls))
 }
 
 /// The redis-rs client for `config.url`, and its TLS settings for a `rediss://` URL.

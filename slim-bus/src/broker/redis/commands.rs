@@ -174,6 +174,7 @@ impl CommandConnection {
 /// The command connection with every request bounded by the command timeout, including
 /// the time it waits for the connection manager to reconnect: against a server that
 /// accepts connections but does not answer, that wait alone took 20 s.
+#[derive(Clone)]
 pub(crate) struct TimedConnection {
     connection: Arc<CommandConnection>,
 }

@@ -10,8 +10,7 @@ use tokio::time::Instant;
 use async_trait::async_trait;
 
 use super::replies::{entry_id, parse_raw_entry};
-use super::{CONNECT_TIMEOUT, RedisBroker, classify, millis, unexpected};
-use crate::broker::resp::{RespConnection, RespError, is_failover_line};
+use super::{RedisBroker, classify, millis, unexpected};
 use crate::broker::{
     GENERIC_ERROR, GroupStats, Inspection, NO_GROUP, RawFields, TYPE_NONE, TYPE_STREAM,
     trimmed_count_key,
@@ -175,18 +174,8 @@ impl RedisBroker {
         block: Option<Duration>,
     ) -> Result<Vec<(EntryId, RawFields)>> {
         let action = || format!("reading stream `{stream}`");
-        let mut slot = self.tail_connection.lock().await;
-        let mut connection = match slot.take() {
-            Some(connection) if !connection.is_dirty() => connection,
-            _ => {
-                RespConnection::connect(self.topology.endpoint(), Instant::now() + CONNECT_TIMEOUT)
-                    .await
-                    .map_err(|e| {
-                        let addr = self.topology.endpoint().info.addr().to_string();
-                        Error::redis(format!("connecting to {addr}"), e.into_redis())
-                    })?
-            }
-        };
+        let key = self.topology.connection_key(stream);
+        let mut connection = self.tail_connections.take(self, key, false).await?;
         let count = count.to_string();
         let after = after.to_string();
         let block_millis = block.map(|block| millis(block).max(1).to_string());
@@ -198,29 +187,29 @@ impl RedisBroker {
         let streams = [Arc::<str>::from(stream)];
         let deadline = Instant::now() + block.unwrap_or(Duration::ZERO) + self.command_timeout;
         // The reply to XREAD has the shape of the reply to XREADGROUP.
-        match connection.read_group(&args, &streams, deadline).await {
-            Ok(mut batches) => {
-                *slot = Some(connection);
-                Ok(batches
-                    .pop()
-                    .map(|batch| batch.deliveries)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|delivery| {
-                        let fields = delivery.fields?;
-                        let raw = fields
-                            .pairs()
-                            .map(|(name, value)| (name.to_vec(), value.to_vec()))
-                            .collect();
-                        Some((delivery.id, raw))
-                    })
-                    .collect())
-            }
+        let result = connection
+            .connection
+            .read_group(&args, &streams, deadline)
+            .await;
+        self.tail_connections
+            .put_back(self, key, connection, &result)
+            .await;
+        match result {
+            Ok(mut batches) => Ok(batches
+                .pop()
+                .map(|batch| batch.deliveries)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|delivery| {
+                    let fields = delivery.fields?;
+                    let raw = fields
+                        .pairs()
+                        .map(|(name, value)| (name.to_vec(), value.to_vec()))
+                        .collect();
+                    Some((delivery.id, raw))
+                })
+                .collect()),
             Err(error) => {
-                if matches!(&error, RespError::Server(line) if !is_failover_line(line)) {
-                    *slot = Some(connection);
-                }
-                drop(slot);
                 let error = classify(stream, error.into_redis(), action);
                 Err(self.name_type(error).await)
             }

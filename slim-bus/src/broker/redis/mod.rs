@@ -3,6 +3,7 @@
 //! [`publish`] (pipelined `XADD`s), [`read`] (consumer groups), [`dead_letters`],
 //! [`inspect`] and [`leases`]; the Lua scripts they run are in [`scripts`].
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,17 +11,17 @@ use async_trait::async_trait;
 use redis::{Client, Value};
 use tokio::sync::mpsc;
 
-use self::commands::TimedConnection;
-use self::publish::{PublishRequest, keep_publishing};
+use self::connections::ConnectionPool;
+use self::publish::PublishRequest;
 use self::read::ReaderState;
 use self::scripts::Scripts;
-use super::resp::RespConnection;
-use super::topology::SingleServer;
+use super::topology::{Cluster, Commands, NodeAddr, SingleServer, Topology};
 use super::{Broker, NO_PERMISSION, TYPE_NONE, TYPE_STREAM, WRONG_TYPE, is_supported_version};
 use crate::error::{Error, Result, server_code};
 use crate::tls::Tls;
 
 pub(crate) mod commands;
+mod connections;
 mod dead_letters;
 mod inspect;
 mod leases;
@@ -40,62 +41,104 @@ fn is_unix_socket(_: &redis::ConnectionAddr) -> bool {
 }
 
 /// How long connecting may take before it counts as a failure.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct RedisBroker {
-    /// The server, and the connection for acks, claims, scripts and group management.
-    topology: SingleServer,
+    /// The server or cluster, and the connection for acks, claims, scripts and group
+    /// management.
+    topology: Topology,
     /// `XREADGROUP ... BLOCK`, which holds its connection for the whole block time, so it
-    /// gets a connection of its own, opened on first use and again after it broke.
-    read_connection: tokio::sync::Mutex<Option<RespConnection>>,
+    /// gets a connection of its own (one per hash slot read on a cluster), opened on first
+    /// use and again after it broke.
+    read_connections: ConnectionPool,
     /// `XREAD ... BLOCK` of [`Inspection::read_after`](crate::broker::Inspection::read_after),
     /// for the same reason.
-    tail_connection: tokio::sync::Mutex<Option<RespConnection>>,
+    tail_connections: ConnectionPool,
     command_timeout: Duration,
     scripts: Scripts,
-    /// Whether a read blocks, and whether a wake came while none did.
+    /// Whether reads block, and whether a wake came while none did.
     reader: Mutex<ReaderState>,
-    /// Publishes go to a task that sends them in pipelines.
-    publisher: mpsc::UnboundedSender<PublishRequest>,
+    /// An error of one slot's read that came with entries from another: returned by the
+    /// next read.
+    deferred_read_error: Mutex<Option<Error>>,
+    /// Publishes go to a task per server (per master on a cluster) that sends them in
+    /// pipelines, started on the first publish there.
+    publishers: Mutex<HashMap<Option<NodeAddr>, mpsc::UnboundedSender<PublishRequest>>>,
+}
+
+/// Whether the bus can reach a server at `addr` with the TLS settings it has.
+fn check_address(addr: &redis::ConnectionAddr, has_tls: bool, setting: &'static str) -> Result<()> {
+    let supported = match addr {
+        redis::ConnectionAddr::Tcp(..) => true,
+        redis::ConnectionAddr::TcpTls { insecure, .. } => !insecure && has_tls,
+        other => is_unix_socket(other),
+    };
+    if supported {
+        return Ok(());
+    }
+    Err(Error::config(
+        setting,
+        format!(
+            "{addr} is not supported: use redis:// (TCP), rediss:// (TLS, without #insecure) or a Unix socket"
+        ),
+    ))
 }
 
 impl RedisBroker {
     /// A broker for the server `client` names, connecting in the background: this
     /// fails only for an address the bus cannot use, never because Redis is down.
     pub(crate) fn new(client: Client, tls: Option<Tls>, command_timeout: Duration) -> Result<Self> {
-        let addr = client.get_connection_info().addr();
-        let supported = match addr {
-            redis::ConnectionAddr::Tcp(..) => true,
-            redis::ConnectionAddr::TcpTls { insecure, .. } => !insecure && tls.is_some(),
-            other => is_unix_socket(other),
-        };
-        if !supported {
-            return Err(Error::config(
-                "url",
-                format!(
-                    "{addr} is not supported: use redis:// (TCP), rediss:// (TLS, without #insecure) or a Unix socket"
-                ),
-            ));
-        }
+        check_address(client.get_connection_info().addr(), tls.is_some(), "url")?;
         let topology = SingleServer::new(client, tls.map(|tls| tls.connector), command_timeout);
-        let (publisher, requests) = mpsc::unbounded_channel();
-        tokio::spawn(keep_publishing(
-            topology.endpoint().clone(),
+        Ok(Self::with_topology(
+            Topology::Single(topology),
             command_timeout,
-            requests,
-        ));
-        Ok(RedisBroker {
+        ))
+    }
+
+    /// A broker for the Redis Cluster behind `seeds`, connecting in the background.
+    pub(crate) fn cluster(
+        seeds: Vec<redis::ConnectionInfo>,
+        tls: Option<Tls>,
+        command_timeout: Duration,
+    ) -> Result<Self> {
+        for seed in &seeds {
+            if matches!(seed.addr(), redis::ConnectionAddr::Unix(..)) {
+                return Err(Error::config(
+                    "cluster_nodes",
+                    format!(
+                        "{} is a Unix socket: cluster nodes are TCP addresses",
+                        seed.addr()
+                    ),
+                ));
+            }
+            check_address(seed.addr(), tls.is_some(), "cluster_nodes")?;
+        }
+        let cluster = Cluster::new(
+            seeds,
+            tls.map(|tls| (tls.connector, tls.certificates)),
+            command_timeout,
+        )?;
+        Ok(Self::with_topology(
+            Topology::Cluster(cluster),
+            command_timeout,
+        ))
+    }
+
+    fn with_topology(topology: Topology, command_timeout: Duration) -> Self {
+        RedisBroker {
             topology,
-            publisher,
-            read_connection: tokio::sync::Mutex::new(None),
-            tail_connection: tokio::sync::Mutex::new(None),
+            read_connections: ConnectionPool::default(),
+            tail_connections: ConnectionPool::default(),
             command_timeout,
             scripts: Scripts::load(),
             reader: Mutex::new(ReaderState::default()),
-        })
+            deferred_read_error: Mutex::new(None),
+            publishers: Mutex::new(HashMap::new()),
+        }
     }
 
-    fn commands(&self) -> TimedConnection {
+    fn commands(&self) -> Commands {
         self.topology.commands()
     }
 }
@@ -110,8 +153,8 @@ impl Broker for RedisBroker {
     }
 
     async fn check_version(&self) -> Result<()> {
-        let addr = self.topology.endpoint().info.addr().to_string();
-        let info: String = match redis::cmd("INFO")
+        let addr = self.topology.describe();
+        let info: Value = match redis::cmd("INFO")
             .arg("server")
             .query_async(&mut self.commands())
             .await
@@ -129,18 +172,39 @@ impl Broker for RedisBroker {
                 ));
             }
         };
-        // Valkey reports the Redis version it is compatible with here too.
-        match info
-            .lines()
-            .find_map(|line| line.strip_prefix("redis_version:"))
-        {
-            Some(version) if !is_supported_version(version) => Err(Error::UnsupportedServer {
-                addr,
-                version: version.trim().to_owned(),
-                required: "7.0",
-            }),
-            _ => Ok(()),
+        // A cluster answers for each of its nodes, by address.
+        let infos: Vec<(String, Value)> = match info {
+            Value::Map(nodes) => nodes
+                .into_iter()
+                .map(|(node, info)| {
+                    let node =
+                        redis::from_redis_value::<String>(node).unwrap_or_else(|_| addr.clone());
+                    (node, info)
+                })
+                .collect(),
+            info => vec![(addr, info)],
+        };
+        for (addr, info) in infos {
+            let info: String = redis::from_redis_value(info).map_err(|e| {
+                Error::redis(
+                    format!("reading the version of the server at {addr}"),
+                    e.into(),
+                )
+            })?;
+            // Valkey reports the Redis version it is compatible with here too.
+            if let Some(version) = info
+                .lines()
+                .find_map(|line| line.strip_prefix("redis_version:"))
+                && !is_supported_version(version)
+            {
+                return Err(Error::UnsupportedServer {
+                    addr,
+                    version: version.trim().to_owned(),
+                    required: "7.0",
+                });
+            }
         }
+        Ok(())
     }
 }
 
@@ -163,25 +227,23 @@ impl RedisBroker {
         error: redis::RedisError,
         action: impl FnOnce() -> String,
     ) -> Error {
-        let mut pipe = redis::pipe();
+        // One TYPE at a time: on a cluster the streams may be in different slots.
         for stream in streams {
-            pipe.cmd("TYPE").arg(stream.as_ref());
-        }
-        let types: Vec<String> = match pipe.query_async(&mut self.commands()).await {
-            Ok(types) => types,
-            Err(_) => return Error::redis(action(), error),
-        };
-        streams
-            .iter()
-            .zip(types)
-            .find(|(_, actual)| actual != TYPE_STREAM && actual != TYPE_NONE)
-            .map_or_else(
-                || Error::redis(action(), error),
-                |(stream, actual)| Error::WrongType {
+            let Ok(actual) = redis::cmd("TYPE")
+                .arg(stream.as_ref())
+                .query_async::<String>(&mut self.commands())
+                .await
+            else {
+                break;
+            };
+            if actual != TYPE_STREAM && actual != TYPE_NONE {
+                return Error::WrongType {
                     stream: stream.to_string(),
                     actual,
-                },
-            )
+                };
+            }
+        }
+        Error::redis(action(), error)
     }
 
     /// The error for a key of the wrong type, naming the type found there.

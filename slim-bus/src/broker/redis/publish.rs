@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use super::{RedisBroker, classify};
 use crate::broker::Publishing;
 use crate::broker::resp::{RespConnection, RespError, encode_xadd, is_failover_line, xadd_len};
+use crate::broker::topology::{NodeAddr, Redirect};
 use crate::broker::transport::Endpoint;
 use crate::codec::EncodedField;
 use crate::error::{Error, Result};
@@ -28,6 +29,8 @@ pub(super) struct PublishRequest {
 pub(super) enum PublishReply {
     One(oneshot::Sender<Result<EntryId>>),
     Batch(oneshot::Sender<Result<Vec<EntryId>>>),
+    /// One outcome per `XADD`: a cluster publish sends again those redirected elsewhere.
+    Each(oneshot::Sender<Vec<Result<EntryId>>>),
 }
 
 impl PublishRequest {
@@ -49,6 +52,9 @@ impl PublishRequest {
                 // outcomes start where they should, whatever failed.
                 let ids: Vec<Result<EntryId>> = (0..self.count).map(|_| next()).collect();
                 let _ = reply.send(ids.into_iter().collect());
+            }
+            PublishReply::Each(reply) => {
+                let _ = reply.send((0..self.count).map(|_| next()).collect());
             }
         }
     }
@@ -255,13 +261,19 @@ async fn send_pipeline(
 }
 
 impl RedisBroker {
-    pub(super) fn send_to_publisher(
+    /// Queues `count` encoded `XADD`s of `stream` for the publishing task of the server
+    /// (the master) that serves it, starting that task on its first publish.
+    pub(super) async fn send_to_publisher(
         &self,
         stream: &str,
         commands: Vec<u8>,
         count: usize,
         reply: PublishReply,
     ) -> Result<()> {
+        let (node, endpoint) = self
+            .topology
+            .endpoint(self.topology.connection_key(stream))
+            .await?;
         let request = PublishRequest {
             stream: stream.into(),
             commands,
@@ -269,10 +281,140 @@ impl RedisBroker {
             deadline: Instant::now() + self.command_timeout,
             reply,
         };
-        self.publisher
-            .send(request)
-            .map_err(|_| publisher_stopped())
+        let publisher = {
+            let mut publishers = self
+                .publishers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            publishers
+                .entry(node)
+                .or_insert_with(|| {
+                    let (publisher, requests) = mpsc::unbounded_channel();
+                    tokio::spawn(keep_publishing(endpoint, self.command_timeout, requests));
+                    publisher
+                })
+                .clone()
+        };
+        publisher.send(request).map_err(|_| publisher_stopped())
     }
+
+    /// Publishes to a stream of a cluster, one `XADD` per entry of `entries`: those the
+    /// server redirects are sent again where it says, following `MOVED` (the slot's new
+    /// master) and `ASK` (with `ASKING`, while the slot migrates), within the command
+    /// timeout. The ids in order, or the first error that is not a redirect.
+    async fn publish_on_cluster(
+        &self,
+        stream: &str,
+        entries: Vec<Vec<u8>>,
+    ) -> Result<Vec<EntryId>> {
+        let deadline = Instant::now() + self.command_timeout;
+        let mut ids: Vec<Option<EntryId>> = vec![None; entries.len()];
+        let mut asked: Option<Redirect> = None;
+        loop {
+            let unsent: Vec<usize> = (0..entries.len()).filter(|&i| ids[i].is_none()).collect();
+            let mut wire = Vec::with_capacity(unsent.iter().map(|&i| entries[i].len()).sum());
+            for &i in &unsent {
+                wire.extend_from_slice(&entries[i]);
+            }
+            let outcomes = match asked.take() {
+                Some(redirect) => {
+                    self.publish_asking(stream, &redirect, &wire, unsent.len(), deadline)
+                        .await
+                }
+                None => {
+                    let (reply, answer) = oneshot::channel();
+                    self.send_to_publisher(stream, wire, unsent.len(), PublishReply::Each(reply))
+                        .await?;
+                    answer.await.map_err(|_| publisher_stopped())?
+                }
+            };
+            let mut redirected = None;
+            for (&i, outcome) in unsent.iter().zip(outcomes) {
+                match outcome {
+                    Ok(id) => ids[i] = Some(id),
+                    Err(error) => match redirect_of(&error) {
+                        Some(redirect) => {
+                            redirected.get_or_insert(redirect);
+                        }
+                        None => return Err(error),
+                    },
+                }
+            }
+            let Some(redirect) = redirected else {
+                return Ok(ids.into_iter().flatten().collect());
+            };
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    action: format!("publishing to stream `{stream}` while its hash slot moves"),
+                    timeout: self.command_timeout,
+                });
+            }
+            if redirect.ask {
+                asked = Some(redirect);
+            } else {
+                self.topology.moved(redirect.slot, redirect.node);
+            }
+        }
+    }
+
+    /// Sends `XADD`s over a connection of their own to the node an `ASK` named, each
+    /// after `ASKING`: during a migration the importing node serves them only then.
+    async fn publish_asking(
+        &self,
+        stream: &str,
+        redirect: &Redirect,
+        wire: &[u8],
+        count: usize,
+        deadline: Instant,
+    ) -> Vec<Result<EntryId>> {
+        let Some(cluster) = self.topology.cluster() else {
+            return Vec::new();
+        };
+        let endpoint = cluster.endpoint(&redirect.node);
+        let mut replies = Vec::with_capacity(count);
+        let sent = async {
+            let mut connection = RespConnection::connect(&endpoint, deadline).await?;
+            connection.asking(deadline).await?;
+            connection
+                .add_entries(wire, count, deadline, &mut replies)
+                .await
+        }
+        .await;
+        let action = || format!("publishing to stream `{stream}`");
+        let mut outcomes: Vec<Result<EntryId>> = replies
+            .into_iter()
+            .map(|reply| {
+                reply.map_err(|line| classify(stream, RespError::Server(line).into_redis(), action))
+            })
+            .collect();
+        if let Err(error) = sent {
+            let cause = crate::error::report(&error.into_redis());
+            while outcomes.len() < count {
+                let error = std::io::Error::other(format!(
+                    "{cause}; the entry may or may not have been written"
+                ));
+                outcomes.push(Err(Error::redis(action(), error.into())));
+            }
+        }
+        outcomes
+    }
+}
+
+/// The `MOVED` or `ASK` an error is, if it is one.
+fn redirect_of(error: &Error) -> Option<Redirect> {
+    let Error::Redis { source, .. } = error else {
+        return None;
+    };
+    let (addr, slot) = source.redirect_node()?;
+    let (host, port) = addr.rsplit_once(':')?;
+    Some(Redirect {
+        ask: source.code() == Some("ASK"),
+        slot,
+        node: NodeAddr {
+            host: host.into(),
+            port: port.parse().ok()?,
+        },
+    })
 }
 
 pub(super) fn publisher_stopped() -> Error {
@@ -291,8 +433,13 @@ impl Publishing for RedisBroker {
     ) -> Result<EntryId> {
         let mut commands = Vec::with_capacity(xadd_len(stream, max_len, &fields));
         encode_xadd(&mut commands, stream, max_len, &fields);
+        if self.topology.cluster().is_some() {
+            let mut ids = self.publish_on_cluster(stream, vec![commands]).await?;
+            return ids.pop().ok_or_else(publisher_stopped);
+        }
         let (reply, answer) = oneshot::channel();
-        self.send_to_publisher(stream, commands, 1, PublishReply::One(reply))?;
+        self.send_to_publisher(stream, commands, 1, PublishReply::One(reply))
+            .await?;
         answer.await.map_err(|_| publisher_stopped())?
     }
 
@@ -302,6 +449,17 @@ impl Publishing for RedisBroker {
         max_len: Option<usize>,
         entries: &[Vec<EncodedField>],
     ) -> Result<Vec<EntryId>> {
+        if self.topology.cluster().is_some() {
+            let commands = entries
+                .iter()
+                .map(|fields| {
+                    let mut commands = Vec::with_capacity(xadd_len(stream, max_len, fields));
+                    encode_xadd(&mut commands, stream, max_len, fields);
+                    commands
+                })
+                .collect();
+            return self.publish_on_cluster(stream, commands).await;
+        }
         let len = entries
             .iter()
             .map(|fields| xadd_len(stream, max_len, fields))
@@ -311,7 +469,8 @@ impl Publishing for RedisBroker {
             encode_xadd(&mut commands, stream, max_len, fields);
         }
         let (reply, answer) = oneshot::channel();
-        self.send_to_publisher(stream, commands, entries.len(), PublishReply::Batch(reply))?;
+        self.send_to_publisher(stream, commands, entries.len(), PublishReply::Batch(reply))
+            .await?;
         answer.await.map_err(|_| publisher_stopped())?
     }
 }

@@ -197,6 +197,12 @@ impl RespConnection {
         Ok(())
     }
 
+    /// `ASKING`: the next command on this connection is served for a slot the node is
+    /// importing (after an `ASK` redirect).
+    pub(crate) async fn asking(&mut self, deadline: Instant) -> Result<(), RespError> {
+        self.simple(&[b"ASKING"], deadline).await.map(drop)
+    }
+
     /// A command whose reply is `+OK`-like or an integer.
     async fn simple(&mut self, args: &[&[u8]], deadline: Instant) -> Result<Simple, RespError> {
         self.send(args, deadline).await?;

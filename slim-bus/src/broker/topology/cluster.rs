@@ -1,0 +1,545 @@
+//! A Redis Cluster: which master serves each hash slot, learnt from `CLUSTER SLOTS` and
+//! corrected by `MOVED` replies, and a redis-rs cluster connection for every command but
+//! reads of new entries and publishes (which go over RESP connections of their own to the
+//! master of their slot).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{ConnectionAddr, ConnectionInfo, TlsCertificates, Value};
+use tokio::sync::OnceCell;
+use tokio_rustls::TlsConnector;
+
+use crate::broker::transport::Endpoint;
+use crate::error::{Error, Result};
+
+/// How long a refresh waits for one node to answer `CLUSTER SLOTS`.
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A master's address, as the cluster announces it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct NodeAddr {
+    pub(crate) host: Arc<str>,
+    pub(crate) port: u16,
+}
+
+impl std::fmt::Display for NodeAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// Which master serves which slots.
+#[derive(Debug, Default)]
+struct SlotMap {
+    /// `(first slot, last slot, master)`, in slot order.
+    ranges: Vec<(u16, u16, NodeAddr)>,
+    /// Slots a `MOVED` reply placed elsewhere since the last `CLUSTER SLOTS`.
+    moved: HashMap<u16, NodeAddr>,
+    /// A connection to a master broke: the map may be out of date (a failover).
+    stale: bool,
+}
+
+impl SlotMap {
+    fn master_of(&self, slot: u16) -> Option<&NodeAddr> {
+        if let Some(moved) = self.moved.get(&slot) {
+            return Some(moved);
+        }
+        let index = self.ranges.partition_point(|(_, last, _)| *last < slot);
+        self.ranges
+            .get(index)
+            .filter(|(first, _, _)| *first <= slot)
+            .map(|(_, _, node)| node)
+    }
+
+    fn masters(&self) -> Vec<NodeAddr> {
+        let mut masters: Vec<NodeAddr> = Vec::new();
+        for (_, _, node) in &self.ranges {
+            if !masters.contains(node) {
+                masters.push(node.clone());
+            }
+        }
+        masters
+    }
+}
+
+/// A Redis Cluster behind one or more seed nodes.
+pub(crate) struct Cluster {
+    /// The first seed's address, credentials and TLS settings: every node is reached
+    /// with them.
+    template: ConnectionInfo,
+    seeds: Vec<NodeAddr>,
+    tls: Option<TlsConnector>,
+    certificates: Option<TlsCertificates>,
+    client: Arc<ClusterClient>,
+    commands: Arc<OnceCell<ClusterConnection>>,
+    command_timeout: Duration,
+    slots: RwLock<SlotMap>,
+    /// Held while `CLUSTER SLOTS` is asked, so that concurrent misses ask once.
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+/// The address of a `redis://` or `rediss://` node.
+fn node_addr(info: &ConnectionInfo) -> Option<NodeAddr> {
+    match info.addr() {
+        ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+            Some(NodeAddr {
+                host: host.as_str().into(),
+                port: *port,
+            })
+        }
+        _ => None,
+    }
+}
+
+impl Cluster {
+    /// The cluster behind `seeds` (at least one), its command connection opening in the
+    /// background: this fails only for seeds the bus cannot use, never because the cluster
+    /// is down.
+    pub(crate) fn new(
+        seeds: Vec<ConnectionInfo>,
+        tls: Option<(TlsConnector, TlsCertificates)>,
+        command_timeout: Duration,
+    ) -> Result<Self> {
+        let template = seeds.first().cloned().ok_or_else(|| {
+            Error::config(
+                "cluster_nodes",
+                "must name at least one node of the cluster",
+            )
+        })?;
+        let seed_addrs = seeds
+            .iter()
+            .map(|info| {
+                node_addr(info).ok_or_else(|| {
+                    Error::config(
+                        "cluster_nodes",
+                        format!("{} is not a TCP address", info.addr()),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut builder = ClusterClient::builder(seeds)
+            .connection_timeout(crate::broker::redis::CONNECT_TIMEOUT.min(command_timeout))
+            .response_timeout(command_timeout);
+        let (tls, certificates) = match tls {
+            Some((connector, certificates)) => {
+                builder = builder
+                    .tls(redis::TlsMode::Secure)
+                    .certs(certificates.clone());
+                (Some(connector), Some(certificates))
+            }
+            None => (None, None),
+        };
+        let client = builder.build().map_err(|e| {
+            Error::config("cluster_nodes", format!("cannot be used as a cluster: {e}"))
+        })?;
+        let cluster = Cluster {
+            template,
+            seeds: seed_addrs,
+            tls,
+            certificates,
+            client: Arc::new(client),
+            commands: Arc::new(OnceCell::new()),
+            command_timeout,
+            slots: RwLock::new(SlotMap::default()),
+            refreshing: tokio::sync::Mutex::new(()),
+        };
+        cluster.connect_in_background();
+        Ok(cluster)
+    }
+
+    /// Opens the command connection in a background task, retrying with backoff, so that
+    /// the first command finds it open.
+    fn connect_in_background(&self) {
+        let cell = Arc::downgrade(&self.commands);
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let mut backoff =
+                crate::consumer::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+            loop {
+                let Some(cell) = cell.upgrade() else {
+                    return;
+                };
+                if cell.initialized() {
+                    return;
+                }
+                match cell.get_or_try_init(|| client.get_async_connection()).await {
+                    Ok(_) => {
+                        tracing::info!("connected to the redis cluster");
+                        return;
+                    }
+                    Err(error) => {
+                        drop(cell);
+                        let delay = backoff.next_delay();
+                        tracing::warn!(
+                            error = &error as &dyn std::error::Error,
+                            attempt = backoff.attempts(),
+                            retry_in = ?delay,
+                            "cannot connect to the redis cluster yet; publishes and listening wait or fail until it answers"
+                        );
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// A handle on the command connection: redis-rs routes each command by its key and
+    /// follows `MOVED`, `ASK` and failovers itself.
+    pub(crate) fn commands(&self) -> ClusterCommands {
+        ClusterCommands {
+            cell: self.commands.clone(),
+            client: self.client.clone(),
+            timeout: self.command_timeout,
+        }
+    }
+
+    /// The address commands are described with in errors: the first seed.
+    pub(crate) fn describe(&self) -> String {
+        self.seeds
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    }
+
+    /// Where the read and publish connections for keys in `slot` go: its master.
+    pub(crate) async fn endpoint_of_slot(&self, slot: u16) -> Result<(NodeAddr, Endpoint)> {
+        let known = {
+            let map = self.read_map();
+            (!map.stale).then(|| map.master_of(slot).cloned()).flatten()
+        };
+        let node = match known {
+            Some(node) => node,
+            None => {
+                self.refresh().await?;
+                self.read_map().master_of(slot).cloned().ok_or_else(|| {
+                    Error::redis(
+                        format!("finding the master of hash slot {slot}"),
+                        std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            "no master of the cluster serves it",
+                        )
+                        .into(),
+                    )
+                })?
+            }
+        };
+        let endpoint = self.endpoint(&node);
+        Ok((node, endpoint))
+    }
+
+    /// The endpoint of one node, reached with the seeds' credentials and TLS settings.
+    pub(crate) fn endpoint(&self, node: &NodeAddr) -> Endpoint {
+        let addr = match self.template.addr() {
+            ConnectionAddr::TcpTls { .. } => ConnectionAddr::TcpTls {
+                host: node.host.to_string(),
+                port: node.port,
+                insecure: false,
+                tls_params: None,
+            },
+            _ => ConnectionAddr::Tcp(node.host.to_string(), node.port),
+        };
+        Endpoint {
+            info: self.template.clone().set_addr(addr),
+            tls: self.tls.clone(),
+        }
+    }
+
+    /// A `MOVED` reply: `slot` is served by `node` now.
+    pub(crate) fn moved(&self, slot: u16, node: NodeAddr) {
+        tracing::debug!(slot, %node, "hash slot moved");
+        self.write_map().moved.insert(slot, node);
+    }
+
+    /// A connection to a master broke: ask the cluster for its slots before the next
+    /// connection to one of them, in case a replica took over.
+    pub(crate) fn connection_lost(&self) {
+        self.write_map().stale = true;
+    }
+
+    fn read_map(&self) -> std::sync::RwLockReadGuard<'_, SlotMap> {
+        self.slots
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_map(&self) -> std::sync::RwLockWriteGuard<'_, SlotMap> {
+        self.slots
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Asks the known masters, then the seeds, for `CLUSTER SLOTS` until one answers,
+    /// unless another refresh did meanwhile.
+    async fn refresh(&self) -> Result<()> {
+        let _refreshing = self.refreshing.lock().await;
+        let candidates = {
+            let map = self.read_map();
+            if !map.stale && !map.ranges.is_empty() {
+                return Ok(());
+            }
+            let mut candidates = map.masters();
+            for seed in &self.seeds {
+                if !candidates.contains(seed) {
+                    candidates.push(seed.clone());
+                }
+            }
+            candidates
+        };
+        let mut last_error = None;
+        for node in &candidates {
+            match self.cluster_slots(node).await {
+                Ok(ranges) if !ranges.is_empty() => {
+                    let mut map = self.write_map();
+                    if map.ranges != ranges {
+                        tracing::debug!(masters = ranges.len(), "learnt the cluster's slots");
+                    }
+                    *map = SlotMap {
+                        ranges,
+                        moved: HashMap::new(),
+                        stale: false,
+                    };
+                    return Ok(());
+                }
+                Ok(_) => {
+                    last_error = Some(format!("{node} serves no slots"));
+                }
+                Err(error) => last_error = Some(format!("{node}: {error}")),
+            }
+        }
+        Err(Error::redis(
+            "asking the cluster which master serves which slots",
+            std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                last_error.unwrap_or_else(|| "no node to ask".to_owned()),
+            )
+            .into(),
+        ))
+    }
+
+    async fn cluster_slots(
+        &self,
+        node: &NodeAddr,
+    ) -> redis::RedisResult<Vec<(u16, u16, NodeAddr)>> {
+        let info = self.endpoint(node).info;
+        let client = match &self.certificates {
+            Some(certificates) => redis::Client::build_with_tls(info, certificates.clone())?,
+            None => redis::Client::open(info)?,
+        };
+        let reply: Value = tokio::time::timeout(REFRESH_TIMEOUT, async {
+            let mut connection = client.get_multiplexed_async_connection().await?;
+            redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async(&mut connection)
+                .await
+        })
+        .await
+        .map_err(|_| {
+            redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer in time",
+            ))
+        })??;
+        parse_cluster_slots(reply, &node.host).map_err(|detail| {
+            redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::InvalidData, detail))
+        })
+    }
+}
+
+/// The `(first, last, master)` ranges of a `CLUSTER SLOTS` reply, in slot order. A master
+/// announced without a host (`""` or `?`) is at the host that was asked.
+fn parse_cluster_slots(reply: Value, asked: &str) -> Result<Vec<(u16, u16, NodeAddr)>, String> {
+    let Value::Array(rows) = reply else {
+        return Err(format!("CLUSTER SLOTS did not answer an array: {reply:?}"));
+    };
+    let mut ranges = Vec::with_capacity(rows.len());
+    for row in rows {
+        let Value::Array(fields) = row else {
+            return Err("a CLUSTER SLOTS row is not an array".to_owned());
+        };
+        let mut fields = fields.into_iter();
+        let (Some(Value::Int(first)), Some(Value::Int(last)), Some(Value::Array(master))) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            return Err("a CLUSTER SLOTS row lacks its range or master".to_owned());
+        };
+        let mut master = master.into_iter();
+        let host = match master.next() {
+            Some(Value::BulkString(host)) => String::from_utf8_lossy(&host).into_owned(),
+            Some(Value::SimpleString(host)) => host,
+            _ => String::new(),
+        };
+        let host = if host.is_empty() || host == "?" {
+            asked.to_owned()
+        } else {
+            host
+        };
+        let Some(Value::Int(port)) = master.next() else {
+            return Err("a CLUSTER SLOTS master lacks its port".to_owned());
+        };
+        let (Ok(first), Ok(last), Ok(port)) = (
+            u16::try_from(first),
+            u16::try_from(last),
+            u16::try_from(port),
+        ) else {
+            return Err("a CLUSTER SLOTS row is out of range".to_owned());
+        };
+        ranges.push((
+            first,
+            last,
+            NodeAddr {
+                host: host.into(),
+                port,
+            },
+        ));
+    }
+    ranges.sort_by_key(|(first, _, _)| *first);
+    Ok(ranges)
+}
+
+/// The cluster's command connection with every request bounded by the command timeout,
+/// opening it first if the background task has not yet.
+#[derive(Clone)]
+pub(crate) struct ClusterCommands {
+    cell: Arc<OnceCell<ClusterConnection>>,
+    client: Arc<ClusterClient>,
+    timeout: Duration,
+}
+
+impl ClusterCommands {
+    async fn connection(&self) -> redis::RedisResult<ClusterConnection> {
+        self.cell
+            .get_or_try_init(|| self.client.get_async_connection())
+            .await
+            .cloned()
+    }
+
+    fn timed_out(&self) -> redis::RedisError {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the redis cluster did not answer within {:?}", self.timeout),
+        )
+        .into()
+    }
+
+    /// Sends `cmd` to the node at `node`, whatever its keys: `CLIENT UNBLOCK` of a read
+    /// blocked there.
+    pub(crate) async fn on_node(
+        &self,
+        node: &NodeAddr,
+        cmd: &redis::Cmd,
+    ) -> redis::RedisResult<Value> {
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: node.host.to_string(),
+            port: node.port,
+        });
+        tokio::time::timeout(self.timeout, async {
+            self.connection()
+                .await?
+                .route_command(cmd.clone(), routing)
+                .await
+        })
+        .await
+        .unwrap_or_else(|_| Err(self.timed_out()))
+    }
+}
+
+impl redis::aio::ConnectionLike for ClusterCommands {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        Box::pin(async move {
+            tokio::time::timeout(self.timeout, async {
+                self.connection().await?.req_packed_command(cmd).await
+            })
+            .await
+            .unwrap_or_else(|_| Err(self.timed_out()))
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            tokio::time::timeout(self.timeout, async {
+                self.connection()
+                    .await?
+                    .req_packed_commands(pipeline, offset, count)
+                    .await
+            })
+            .await
+            .unwrap_or_else(|_| Err(self.timed_out()))
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn row(first: i64, last: i64, host: &str, port: i64) -> Value {
+        Value::Array(vec![
+            Value::Int(first),
+            Value::Int(last),
+            Value::Array(vec![bulk(host), Value::Int(port), bulk("id")]),
+            Value::Array(vec![bulk(host), Value::Int(port + 1), bulk("replica")]),
+        ])
+    }
+
+    #[test]
+    fn cluster_slots_give_each_slot_its_master_in_slot_order() {
+        let reply = Value::Array(vec![
+            row(10923, 16383, "10.0.0.3", 7002),
+            row(0, 5460, "10.0.0.1", 7000),
+            row(5461, 10922, "", 7001),
+        ]);
+        let ranges = parse_cluster_slots(reply, "seed").expect("a CLUSTER SLOTS reply");
+        let map = SlotMap {
+            ranges,
+            ..SlotMap::default()
+        };
+        assert_eq!(map.master_of(0).expect("a master").to_string(), "10.0.0.1:7000");
+        assert_eq!(map.master_of(5460).expect("a master").to_string(), "10.0.0.1:7000");
+        assert_eq!(map.master_of(5461).expect("a master").to_string(), "seed:7001");
+        assert_eq!(map.master_of(16383).expect("a master").to_string(), "10.0.0.3:7002");
+        assert_eq!(map.masters().len(), 3);
+    }
+
+    #[test]
+    fn a_moved_slot_goes_to_its_new_master_and_gaps_to_none() {
+        let reply = Value::Array(vec![row(0, 99, "a", 1), row(200, 16383, "b", 2)]);
+        let mut map = SlotMap {
+            ranges: parse_cluster_slots(reply, "seed").expect("a CLUSTER SLOTS reply"),
+            ..SlotMap::default()
+        };
+        assert!(map.master_of(150).is_none());
+        map.moved.insert(
+            5,
+            NodeAddr {
+                host: "b".into(),
+                port: 2,
+            },
+        );
+        assert_eq!(map.master_of(5).expect("a master").to_string(), "b:2");
+        assert_eq!(map.master_of(6).expect("a master").to_string(), "a:1");
+    }
+
+    #[test]
+    fn a_reply_that_is_not_cluster_slots_is_an_error() {
+        assert!(parse_cluster_slots(Value::Okay, "seed").is_err());
+        assert!(parse_cluster_slots(Value::Array(vec![Value::Int(1)]), "seed").is_err());
+    }
+}
