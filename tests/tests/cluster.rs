@@ -380,3 +380,80 @@ async fn a_consumed_stream_whose_slot_migrates_is_followed_and_nothing_is_lost()
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
     until_nothing_pending(&cluster, &streams).await;
 }
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, slim_bus::Event)]
+#[event(stream = "orders", partitions = 6, key = "order_id")]
+struct OrderPlaced {
+    order_id: String,
+    seq: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_stream_spreads_over_the_masters_and_keeps_each_key_in_order() {
+    let cluster = start_cluster().await;
+    let mut masters = BTreeSet::new();
+    for partition in 0..6 {
+        let stream = slim_bus::partition_stream("orders", partition);
+        masters.insert(cluster.master_of(&stream).await.unwrap());
+    }
+    assert_eq!(masters.len(), 3, "the six partitions are on every master");
+
+    let (seen, mut rx) = mpsc::unbounded_channel();
+    let bus = within(
+        "build",
+        STEP,
+        bus(&cluster)
+            .max_concurrent(1)
+            .handler(OrderRecord { seen })
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    let keys = ["o-1", "o-2", "o-3", "o-4", "o-5", "o-6", "o-7", "o-8"];
+    for seq in 0..80 {
+        let order = OrderPlaced {
+            order_id: keys[usize::try_from(seq).unwrap() % keys.len()].to_owned(),
+            seq,
+        };
+        within("publish", STEP, bus.publish(&order)).await.unwrap();
+    }
+    let mut by_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut partitions = BTreeSet::new();
+    for _ in 0..80 {
+        let (order, partition) = recv(&mut rx, "an order").await;
+        partitions.insert(partition);
+        by_key.entry(order.order_id).or_default().push(order.seq);
+    }
+    assert!(
+        partitions.len() > 1,
+        "orders came from several partitions: {partitions:?}"
+    );
+    for (key, seqs) in &by_key {
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        assert_eq!(seqs, &sorted, "the orders of {key} in publish order");
+    }
+    let streams: Vec<String> = (0..6)
+        .map(|partition| slim_bus::partition_stream("orders", partition))
+        .collect();
+    until_nothing_pending(&cluster, &streams).await;
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
+/// Reports each order with the partition it came from.
+struct OrderRecord {
+    seen: mpsc::UnboundedSender<(OrderPlaced, u32)>,
+}
+
+#[slim_bus::async_trait]
+impl slim_bus::StreamHandler for OrderRecord {
+    type Event = OrderPlaced;
+
+    async fn handle(&self, order: OrderPlaced, ctx: slim_bus::Context) -> Result<(), HandlerError> {
+        let _ = self
+            .seen
+            .send((order, ctx.partition().expect("a partition")));
+        Ok(())
+    }
+}

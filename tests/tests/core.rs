@@ -555,8 +555,7 @@ async fn competing_consumers_in_one_group_handle_each_entry_once(backend: Backen
 
 conformance!(
     one_bus_handles_several_streams_and_publishes_while_listening,
-    tls,
-    reads_across_slots
+    tls
 );
 async fn one_bus_handles_several_streams_and_publishes_while_listening(backend: Backend) {
     #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -1207,10 +1206,7 @@ async fn the_listener_stops_with_an_error_when_redis_refuses_the_credentials() {
     );
 }
 
-conformance!(
-    a_handler_publishes_a_follow_up_event_through_its_context,
-    reads_across_slots
-);
+conformance!(a_handler_publishes_a_follow_up_event_through_its_context);
 async fn a_handler_publishes_a_follow_up_event_through_its_context(backend: Backend) {
     let (welcomer, _) = Scripted::<UserCreated>::new(|event, ctx: Context| async move {
         let follow_up = UserCreated {

@@ -181,10 +181,7 @@ async fn a_layer_that_returns_ok_acknowledges_the_entry_without_calling_the_hand
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-conformance!(
-    a_handler_layer_applies_to_that_handler_only_and_sees_its_typed_event,
-    reads_across_slots
-);
+conformance!(a_handler_layer_applies_to_that_handler_only_and_sees_its_typed_event);
 async fn a_handler_layer_applies_to_that_handler_only_and_sees_its_typed_event(backend: Backend) {
     let (layered_calls, mut seen_layered) = mpsc::unbounded_channel();
     let layer = layer_fn(move |inner: HandlerService<Record<OrderPlaced>>| {

@@ -312,10 +312,7 @@ async fn a_dead_letter_cap_counts_what_it_trims(backend: Backend) {
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
-conformance!(
-    a_busy_stream_next_to_an_idle_one_is_not_held_back_by_its_blocking_reads,
-    reads_across_slots
-);
+conformance!(a_busy_stream_next_to_an_idle_one_is_not_held_back_by_its_blocking_reads);
 async fn a_busy_stream_next_to_an_idle_one_is_not_held_back_by_its_blocking_reads(
     backend: Backend,
 ) {

@@ -320,10 +320,7 @@ async fn a_handler_of_the_logical_stream_gets_every_entry_of_every_partition_onc
         }
     }
 }
-conformance!(
-    a_handler_of_the_logical_stream_gets_every_entry_of_every_partition_once,
-    reads_across_slots
-);
+conformance!(a_handler_of_the_logical_stream_gets_every_entry_of_every_partition_once);
 
 async fn dead_letters_and_their_replay_stay_in_their_partition(backend: Backend) {
     // The first delivery of o-2's entry fails for good; its replay succeeds.
@@ -388,10 +385,7 @@ async fn dead_letters_and_their_replay_stay_in_their_partition(backend: Backend)
     assert!(within("is_empty", STEP, dead.is_empty()).await.unwrap());
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
-conformance!(
-    dead_letters_and_their_replay_stay_in_their_partition,
-    reads_across_slots
-);
+conformance!(dead_letters_and_their_replay_stay_in_their_partition);
 
 /// The WARN events logged while it is installed on this thread.
 #[derive(Clone, Default)]
@@ -463,10 +457,7 @@ async fn a_listener_warns_of_entries_left_in_partitions_beyond_a_shrunk_count(ba
     }
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
-conformance!(
-    a_listener_warns_of_entries_left_in_partitions_beyond_a_shrunk_count,
-    reads_across_slots
-);
+conformance!(a_listener_warns_of_entries_left_in_partitions_beyond_a_shrunk_count);
 
 #[tokio::test]
 async fn bad_partition_settings_are_errors_of_build_naming_the_stream() {

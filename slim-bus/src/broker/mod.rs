@@ -10,7 +10,8 @@
 //! - [`resp`]: the RESP protocol the fast read and publish paths speak over a transport;
 //! - [`slot`]: Redis Cluster's hash slots ([`key_slot`](slot::key_slot)): which keys one
 //!   command may use together;
-//! - [`topology`]: which server a command goes to (one server today);
+//! - [`topology`]: which server a command goes to: the one server, or the master of the
+//!   key's hash slot on a Redis Cluster;
 //! - [`redis`] and [`memory`]: the two backends, each split by role; the Redis backend's
 //!   Lua scripts are files of their own in `scripts/`.
 
@@ -26,4 +27,4 @@ mod transport;
 pub(crate) use codes::*;
 pub(crate) use resp::EntryFields;
 pub(crate) use roles::*;
-pub(crate) use slot::{cross_slot, hash_tag};
+pub(crate) use slot::{cross_slot, group_by_slot, hash_tag};

@@ -21,6 +21,20 @@ pub(crate) fn key_slot(key: &[u8]) -> u16 {
     XMODEM.checksum(hash_tag(key).unwrap_or(key)) % SLOT_COUNT
 }
 
+/// The positions of `keys` grouped by hash slot, each group in order, the groups in the
+/// order of their first key: what one command per slot covers.
+pub(crate) fn group_by_slot<K: AsRef<str>>(keys: &[K]) -> Vec<(u16, Vec<usize>)> {
+    let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+    for (index, key) in keys.iter().enumerate() {
+        let slot = key_slot(key.as_ref().as_bytes());
+        match groups.iter_mut().find(|(s, _)| *s == slot) {
+            Some((_, members)) => members.push(index),
+            None => groups.push((slot, vec![index])),
+        }
+    }
+    groups
+}
+
 /// The first key of `keys` whose slot differs from the first key's, if any.
 pub(crate) fn cross_slot<'a>(keys: impl IntoIterator<Item = &'a [u8]>) -> Option<&'a [u8]> {
     let mut keys = keys.into_iter();

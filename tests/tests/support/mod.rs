@@ -488,21 +488,12 @@ impl Backend {
 /// across hash slots as Redis Cluster does.
 macro_rules! conformance {
     ($name:ident) => {
-        $crate::support::conformance!(@tests $name, [], []);
+        $crate::support::conformance!(@tests $name, []);
     };
     ($name:ident, tls) => {
-        $crate::support::conformance!(@tests $name, [tls], []);
+        $crate::support::conformance!(@tests $name, [tls]);
     };
-    // The bus reads several streams of different hash slots in one `XREADGROUP`, which a
-    // cluster refuses (`CROSSSLOT`): the cluster-like run is ignored until reads are
-    // issued per slot (issue 15, "reads are issued per node and per slot").
-    ($name:ident, reads_across_slots) => {
-        $crate::support::conformance!(@tests $name, [], [ignore = "reads several slots in one XREADGROUP"]);
-    };
-    ($name:ident, tls, reads_across_slots) => {
-        $crate::support::conformance!(@tests $name, [tls], [ignore = "reads several slots in one XREADGROUP"]);
-    };
-    (@tests $name:ident, [$($tls:ident)?], [$($ignore:meta)?]) => {
+    (@tests $name:ident, [$($tls:ident)?]) => {
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn redis() {
@@ -522,7 +513,6 @@ macro_rules! conformance {
             }
 
             #[tokio::test(start_paused = true)]
-            $(#[$ignore])?
             async fn memory_cluster_like() {
                 super::$name(super::Backend::memory_cluster_like()).await
             }

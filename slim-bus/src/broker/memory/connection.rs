@@ -114,7 +114,7 @@ impl GroupReading for MemoryConnection {
             let (appended, deadline) = {
                 let mut state = self.store.lock();
                 let batches = state
-                    .read_new(group, consumer, streams, count, Instant::now())
+                    .read_new_per_slot(group, consumer, streams, count, Instant::now())
                     .map_err(|e| {
                         Error::redis(format!("reading new entries for group `{group}`"), e)
                     })?;

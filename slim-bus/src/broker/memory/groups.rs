@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::state::{Nack, State, delivered, whole_millis};
-use crate::broker::{ClaimPage, Delivery, EntryFields, StreamDeliveries};
+use crate::broker::{ClaimPage, Delivery, EntryFields, StreamDeliveries, group_by_slot};
 use crate::event::EntryId;
 use crate::testing::Outcome;
 
@@ -16,6 +16,36 @@ use crate::testing::Outcome;
 const AUTOCLAIM_ATTEMPTS_PER_COUNT: usize = 10;
 
 impl State {
+    /// What the bus reads of `streams`: one [`read_new`](Self::read_new) of all of them, or
+    /// when this broker behaves like a cluster one per hash slot, as the Redis backend
+    /// reads a cluster. Every stream is checked before any is read, so that an error
+    /// leaves nothing delivered.
+    pub(super) fn read_new_per_slot(
+        &mut self,
+        group: &str,
+        consumer: &str,
+        streams: &[Arc<str>],
+        count: usize,
+        now: Instant,
+    ) -> Result<Vec<StreamDeliveries>, redis::RedisError> {
+        if !self.cluster_like {
+            return self.read_new(group, consumer, streams, count, now);
+        }
+        for stream in streams {
+            self.locate(stream, group, "XREADGROUP")?;
+        }
+        let mut batches = Vec::new();
+        for (_, members) in group_by_slot(streams) {
+            let slot_streams: Vec<Arc<str>> = members.iter().map(|&i| streams[i].clone()).collect();
+            for mut batch in self.read_new(group, consumer, &slot_streams, count, now)? {
+                batch.stream_index = members[batch.stream_index];
+                batches.push(batch);
+            }
+        }
+        batches.sort_by_key(|batch| batch.stream_index);
+        Ok(batches)
+    }
+
     /// `XREADGROUP GROUP group consumer COUNT count STREAMS streams... > ...`.
     pub(super) fn read_new(
         &mut self,

@@ -511,10 +511,22 @@ mod tests {
             ranges,
             ..SlotMap::default()
         };
-        assert_eq!(map.master_of(0).expect("a master").to_string(), "10.0.0.1:7000");
-        assert_eq!(map.master_of(5460).expect("a master").to_string(), "10.0.0.1:7000");
-        assert_eq!(map.master_of(5461).expect("a master").to_string(), "seed:7001");
-        assert_eq!(map.master_of(16383).expect("a master").to_string(), "10.0.0.3:7002");
+        assert_eq!(
+            map.master_of(0).expect("a master").to_string(),
+            "10.0.0.1:7000"
+        );
+        assert_eq!(
+            map.master_of(5460).expect("a master").to_string(),
+            "10.0.0.1:7000"
+        );
+        assert_eq!(
+            map.master_of(5461).expect("a master").to_string(),
+            "seed:7001"
+        );
+        assert_eq!(
+            map.master_of(16383).expect("a master").to_string(),
+            "10.0.0.3:7002"
+        );
         assert_eq!(map.masters().len(), 3);
     }
 

@@ -11,7 +11,7 @@ pub(crate) use cluster::{Cluster, ClusterCommands, NodeAddr};
 pub(crate) use single::SingleServer;
 
 use crate::broker::redis::commands::TimedConnection;
-use crate::broker::slot::key_slot;
+use crate::broker::slot::{group_by_slot, key_slot};
 use crate::broker::transport::Endpoint;
 use crate::error::Result;
 
@@ -187,15 +187,14 @@ pub(crate) fn by_slot<K: AsRef<str>>(
     topology: &Topology,
     keys: &[K],
 ) -> Vec<(ConnectionKey, Vec<usize>)> {
-    let mut groups: Vec<(ConnectionKey, Vec<usize>)> = Vec::new();
-    for (index, key) in keys.iter().enumerate() {
-        let connection = topology.connection_key(key.as_ref());
-        match groups.iter_mut().find(|(c, _)| *c == connection) {
-            Some((_, members)) => members.push(index),
-            None => groups.push((connection, vec![index])),
-        }
+    match topology {
+        Topology::Single(_) if keys.is_empty() => Vec::new(),
+        Topology::Single(_) => vec![(None, (0..keys.len()).collect())],
+        Topology::Cluster(_) => group_by_slot(keys)
+            .into_iter()
+            .map(|(slot, members)| (Some(slot), members))
+            .collect(),
     }
-    groups
 }
 
 #[cfg(test)]
