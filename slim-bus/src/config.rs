@@ -51,8 +51,8 @@ pub struct EventBusConfig {
     /// Seed nodes of a Redis Cluster, e.g. `["redis://user:pass@10.0.0.1:7000/"]`: set,
     /// the bus uses the cluster instead of `url` (leave `url` at its default). One node is
     /// enough, more let the bus start while one is down; it discovers the others. All use
-    /// one scheme, `redis://` or `rediss://` (with the `tls_*` settings); every node is
-    /// reached with the first one's credentials. Empty by default.
+    /// one scheme, `redis://` or `rediss://` (with the `tls_*` settings), and the same
+    /// user and password, with which every node is reached. Empty by default.
     #[serde(serialize_with = "serialize_redacted_urls")]
     pub cluster_nodes: Vec<String>,
     /// A PEM file of the CA (or CAs) that signed the server's certificate, trusted instead
@@ -390,7 +390,6 @@ const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 const MAX_BLOCK_TIME: Duration = Duration::from_secs(60);
 
 impl EventBusConfig {
-    /// Checks every setting, naming the first invalid one.
     /// `cluster_nodes`: each a `redis://` or `rediss://` URL, all of one scheme, and not
     /// with a `url` of its own.
     fn check_cluster_nodes(&self) -> Result<()> {
@@ -421,13 +420,14 @@ impl EventBusConfig {
             if scheme(node) != first_scheme {
                 return Err(Error::config(
                     "cluster_nodes",
-                    "mix redis:// and rediss://: every node of a cluster is reached the same way",
+                    "mixes redis:// and rediss://: every node of a cluster is reached the same way",
                 ));
             }
         }
         Ok(())
     }
 
+    /// Checks every setting, naming the first invalid one.
     pub(crate) fn validate(&self) -> Result<()> {
         let durations = [
             ("handler_timeout", Some(self.handler_timeout)),

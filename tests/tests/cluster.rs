@@ -34,10 +34,15 @@ async fn start_cluster() -> RedisCluster {
 
 /// A bus on `cluster`, seeded with one node only: it discovers the others.
 fn bus(cluster: &RedisCluster) -> EventBusBuilder {
-    EventBus::builder()
-        .cluster([cluster.urls()[0].clone()])
+    bus_without_handlers(cluster)
         .consumer_group("tests")
         .consumer_name("consumer-1")
+}
+
+/// A bus on `cluster` that publishes (and listens, given handlers), seeded with one node.
+fn bus_without_handlers(cluster: &RedisCluster) -> EventBusBuilder {
+    EventBus::builder()
+        .cluster([cluster.urls()[0].clone()])
         .block_time(Duration::from_millis(200))
         .handler_timeout(Duration::from_secs(5))
         .command_timeout(Duration::from_secs(3))
@@ -312,27 +317,52 @@ async fn a_killed_master_is_followed_to_its_promoted_replica_and_nothing_is_lost
     let mut cluster = start_cluster().await;
     let streams = stream_per_master(&cluster).await;
     let (bus, mut seen) = ledger_bus(&cluster, &streams).await;
+    // A bus that only publishes: nothing but its publishes tells it of the failover.
+    let publisher = within("build", STEP, bus_without_handlers(&cluster).build())
+        .await
+        .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
-    publish_all(&bus, &streams, 0..300).await;
+    publish_all(&publisher, &streams, 0..300).await;
     let ledger = until_all_handled(&mut seen, BTreeMap::new(), 300).await;
 
     // Replicated before the kill: Redis Cluster's replication is asynchronous, and a
     // write the replica never got is lost with its master whatever the client does.
-    publish_all(&bus, &streams, 300..600).await;
+    publish_all(&publisher, &streams, 300..600).await;
     let victim = cluster.master_of(&streams[0]).await.unwrap();
-    let mut connection = master_connection(&cluster, &streams[0]).await;
-    let _: i64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(5000)
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    drop(connection);
+    within(
+        "the replica to catch up",
+        FAILOVER,
+        cluster.wait_for_replication(victim),
+    )
+    .await
+    .unwrap();
     let promoted = within("the failover", FAILOVER, cluster.kill_master(victim))
         .await
         .unwrap();
     assert_eq!(cluster.master_of(&streams[0]).await.unwrap(), promoted);
-    publish_all(&bus, &streams, 600..900).await;
+
+    // The publisher finds the promoted replica: at most the first publish to the dead
+    // master's slots fails (its connection is gone), the others go through.
+    let mut failed = 0;
+    for seq in 600..900 {
+        let stream = &streams[usize::try_from(seq).unwrap() % streams.len()];
+        if let Err(error) =
+            within("a publish", STEP, publisher.publish_to(stream, &user(seq))).await
+        {
+            failed += 1;
+            assert!(
+                failed <= 1,
+                "a second publish failed after the failover: {error}"
+            );
+            within(
+                "the publish again",
+                STEP,
+                publisher.publish_to(stream, &user(seq)),
+            )
+            .await
+            .unwrap();
+        }
+    }
 
     let ledger = until_all_handled(&mut seen, ledger, 900).await;
     assert_eq!(
@@ -346,34 +376,89 @@ async fn a_killed_master_is_followed_to_its_promoted_replica_and_nothing_is_lost
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_consumed_stream_whose_slot_migrates_is_followed_and_nothing_is_lost() {
+async fn a_consumed_stream_whose_slot_migrates_is_followed_through_ask_and_moved() {
     let cluster = start_cluster().await;
     let streams = stream_per_master(&cluster).await;
     let (bus, mut seen) = ledger_bus(&cluster, &streams).await;
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
     let moving = &streams[0];
     let slot = cluster.slot_of(moving).await.unwrap();
+    let source = cluster.master_of(moving).await.unwrap();
     let target = cluster.master_of(&streams[1]).await.unwrap();
+    publish_all(&bus, &streams, 0..300).await;
+    let ledger = until_all_handled(&mut seen, BTreeMap::new(), 300).await;
 
-    // Publishing and consuming go on while the slot moves: the bus meets ASK (the
-    // stream's key moved, the slot not yet) and MOVED (the slot moved) mid-stream.
-    let publishing = {
-        let bus = bus.clone();
-        let streams = streams.clone();
-        tokio::spawn(async move { publish_all(&bus, &streams, 0..1500).await })
-    };
-    let first = recv(&mut seen, "consuming under way").await;
-    let ledger = BTreeMap::from([(first.event.seq, 1)]);
-    within("the migration", SETTLE, cluster.migrate_slot(slot, target))
-        .await
-        .unwrap();
-    within("publishing", SETTLE, publishing).await.unwrap();
+    // While the stream's key is on the target and the slot still the source's, the
+    // source answers ASK: publishes (one by one and in a batch) and reads follow it.
+    let ledger = within(
+        "the migration",
+        SETTLE,
+        cluster.migrate_slot_with(slot, target, async {
+            let mut on_source = within(
+                "a connection",
+                STEP,
+                cluster.node(source).server().connection(),
+            )
+            .await;
+            let asked = redis::cmd("XLEN")
+                .arg(moving)
+                .query_async::<u64>(&mut on_source)
+                .await
+                .expect_err("the key moved");
+            assert_eq!(asked.code(), Some("ASK"), "{asked}");
+            for seq in 300..400 {
+                within(
+                    "a publish during the migration",
+                    STEP,
+                    bus.publish_to(moving, &user(seq)),
+                )
+                .await
+                .unwrap();
+            }
+            let batch: Vec<UserCreated> = (400..450).map(user).collect();
+            within(
+                "a batch during the migration",
+                STEP,
+                bus.publish_batch_to(moving, &batch),
+            )
+            .await
+            .unwrap();
+            let mut ledger = ledger;
+            for seq in 300..450 {
+                ledger.insert(seq, 0);
+            }
+            within(
+                "the entries published during the migration",
+                SETTLE,
+                async {
+                    while ledger.values().any(|&count| count == 0) {
+                        let seen = seen.recv().await.unwrap();
+                        *ledger.entry(seen.event.seq).or_default() += 1;
+                    }
+                },
+            )
+            .await;
+            ledger
+        }),
+    )
+    .await;
+    let ledger = ledger.unwrap();
     assert_eq!(cluster.master_of(moving).await.unwrap(), target);
 
-    let ledger = until_all_handled(&mut seen, ledger, 1500).await;
+    // Afterwards the source answers MOVED, and the bus goes to the target.
+    for seq in 450..600 {
+        within(
+            "a publish after the migration",
+            STEP,
+            bus.publish_to(moving, &user(seq)),
+        )
+        .await
+        .unwrap();
+    }
+    let ledger = until_all_handled(&mut seen, ledger, 600).await;
     assert_eq!(
         ledger.keys().copied().collect::<Vec<_>>(),
-        (0..1500).collect::<Vec<_>>(),
+        (0..600).collect::<Vec<_>>(),
         "every entry handled"
     );
     until_nothing_pending(&cluster, &streams).await;

@@ -270,6 +270,22 @@ impl RedisCluster {
     ///
     /// When `to` is not a serving master, a step fails, or the nodes do not agree in time.
     pub async fn migrate_slot(&self, slot: u16, to: u16) -> io::Result<()> {
+        self.migrate_slot_with(slot, to, async {}).await
+    }
+
+    /// [`migrate_slot`](Self::migrate_slot), awaiting `meanwhile` after the slot's keys
+    /// moved and before the slot does: while it runs the source answers `ASK` for every
+    /// key of the slot, which is now on the target.
+    ///
+    /// # Errors
+    ///
+    /// As [`migrate_slot`](Self::migrate_slot).
+    pub async fn migrate_slot_with<T>(
+        &self,
+        slot: u16,
+        to: u16,
+        meanwhile: impl Future<Output = T>,
+    ) -> io::Result<T> {
         let view = self.view().await?;
         let source = view
             .iter()
@@ -280,7 +296,7 @@ impl RedisCluster {
             .find(|line| line.port == to && line.has_flag("master") && !line.has_flag("fail"))
             .ok_or_else(|| io::Error::other(format!("port {to} is not a master")))?;
         if source.port == target.port {
-            return Ok(());
+            return Ok(meanwhile.await);
         }
         let (source_node, target_node) = (&self.node(source.port).server, &self.node(to).server);
         let setslot = |state: &str, id: &str| {
@@ -315,6 +331,7 @@ impl RedisCluster {
             )
             .await?;
         }
+        let outcome = meanwhile.await;
         // The target first, so that it serves the slot before the source sends clients
         // there for good.
         query::<()>(target_node, &setslot("NODE", &target.id)).await?;
@@ -336,7 +353,7 @@ impl RedisCluster {
                 agreed &= sees_target;
             }
             if agreed {
-                return Ok(());
+                return Ok(outcome);
             }
             if Instant::now() >= deadline {
                 return Err(self
@@ -420,6 +437,59 @@ impl RedisCluster {
                     .timed_out(
                         FORM_TIMEOUT,
                         &format!("the replica of the master on {port} to be in sync"),
+                    )
+                    .await);
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Waits (bounded) until every replica of the master on `port` has everything the
+    /// master had when this was called (its `master_repl_offset`): a write before the call
+    /// then survives a failover.
+    ///
+    /// # Errors
+    ///
+    /// When the master does not answer, or a replica does not catch up in time.
+    pub async fn wait_for_replication(&self, port: u16) -> io::Result<()> {
+        let replication = || async {
+            let info: String = query(
+                &self.node(port).server,
+                redis::cmd("INFO").arg("replication"),
+            )
+            .await?;
+            let field = |line: &str, name: &str| -> Option<u64> {
+                line.split(',')
+                    .find_map(|field| field.strip_prefix(name)?.trim().parse().ok())
+            };
+            let master = info
+                .lines()
+                .find_map(|line| {
+                    line.strip_prefix("master_repl_offset:")?
+                        .trim()
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or(0u64);
+            let replicas: Vec<u64> = info
+                .lines()
+                .filter(|line| line.starts_with("slave") && line.contains("state=online"))
+                .filter_map(|line| field(line, "offset="))
+                .collect();
+            io::Result::Ok((master, replicas))
+        };
+        let (target, _) = replication().await?;
+        let deadline = Instant::now() + FAILOVER_TIMEOUT;
+        loop {
+            let (_, replicas) = replication().await?;
+            if !replicas.is_empty() && replicas.iter().all(|&offset| offset >= target) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self
+                    .timed_out(
+                        FAILOVER_TIMEOUT,
+                        &format!("the replicas of the master on {port} to reach offset {target}"),
                     )
                     .await);
             }

@@ -33,7 +33,7 @@ impl ConnectionPool {
         key: ConnectionKey,
         with_id: bool,
     ) -> Result<NodeConnection> {
-        let (node, endpoint) = broker.topology.endpoint(key).await?;
+        let node = broker.topology.node(key).await?;
         let idle = self.idle.lock().await.remove(&key);
         if let Some(idle) = idle
             && idle.node == node
@@ -41,6 +41,7 @@ impl ConnectionPool {
         {
             return Ok(idle);
         }
+        let endpoint = broker.topology.endpoint(node.as_ref());
         let deadline = Instant::now() + CONNECT_TIMEOUT;
         let connection = if with_id {
             RespConnection::connect_with_id(&endpoint, deadline).await

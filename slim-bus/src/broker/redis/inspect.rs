@@ -11,6 +11,7 @@ use async_trait::async_trait;
 
 use super::replies::{entry_id, parse_raw_entry};
 use super::{RedisBroker, classify, millis, unexpected};
+use crate::broker::resp::RespError;
 use crate::broker::{
     GENERIC_ERROR, GroupStats, Inspection, NO_GROUP, RawFields, TYPE_NONE, TYPE_STREAM,
     trimmed_count_key,
@@ -175,7 +176,6 @@ impl RedisBroker {
     ) -> Result<Vec<(EntryId, RawFields)>> {
         let action = || format!("reading stream `{stream}`");
         let key = self.topology.connection_key(stream);
-        let mut connection = self.tail_connections.take(self, key, false).await?;
         let count = count.to_string();
         let after = after.to_string();
         let block_millis = block.map(|block| millis(block).max(1).to_string());
@@ -186,14 +186,26 @@ impl RedisBroker {
         args.extend([b"STREAMS".as_slice(), stream.as_bytes(), after.as_bytes()]);
         let streams = [Arc::<str>::from(stream)];
         let deadline = Instant::now() + block.unwrap_or(Duration::ZERO) + self.command_timeout;
-        // The reply to XREAD has the shape of the reply to XREADGROUP.
-        let result = connection
-            .connection
-            .read_group(&args, &streams, deadline)
-            .await;
-        self.tail_connections
-            .put_back(self, key, connection, &result)
-            .await;
+        // The reply to XREAD has the shape of the reply to XREADGROUP. A `MOVED` (the
+        // slot was resharded) is followed once, to the master the slot map now names.
+        let mut result = None;
+        for _ in 0..2 {
+            let mut connection = self.tail_connections.take(self, key, false).await?;
+            let read = connection
+                .connection
+                .read_group(&args, &streams, deadline)
+                .await;
+            self.tail_connections
+                .put_back(self, key, connection, &read)
+                .await;
+            let moved = matches!(&read, Err(RespError::Server(line))
+                if self.topology.redirect(line).is_some_and(|redirect| !redirect.ask));
+            result = Some(read);
+            if !moved {
+                break;
+            }
+        }
+        let result = result.expect("a read was made");
         match result {
             Ok(mut batches) => Ok(batches
                 .pop()

@@ -1,21 +1,19 @@
 //! The Redis backend: reads of new entries and publishes over connections of their own
 //! (see [`super::resp`]), everything else over a managed redis-rs connection. By role:
-//! [`publish`] (pipelined `XADD`s), [`read`] (consumer groups), [`dead_letters`],
+//! [`publish`] (pipelined `XADD`s), [`new_entries`] and [`read`] (consumer groups), [`dead_letters`],
 //! [`inspect`] and [`leases`]; the Lua scripts they run are in [`scripts`].
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::{Client, Value};
-use tokio::sync::mpsc;
 
 use self::connections::ConnectionPool;
-use self::publish::PublishRequest;
-use self::read::ReaderState;
+use self::new_entries::ReaderState;
+use self::publish::Publishers;
 use self::scripts::Scripts;
-use super::topology::{Cluster, Commands, NodeAddr, SingleServer, Topology};
+use super::topology::{Cluster, Commands, SingleServer, Topology};
 use super::{Broker, NO_PERMISSION, TYPE_NONE, TYPE_STREAM, WRONG_TYPE, is_supported_version};
 use crate::error::{Error, Result, server_code};
 use crate::tls::Tls;
@@ -25,6 +23,7 @@ mod connections;
 mod dead_letters;
 mod inspect;
 mod leases;
+mod new_entries;
 mod publish;
 mod read;
 mod replies;
@@ -62,8 +61,8 @@ pub(crate) struct RedisBroker {
     /// next read.
     deferred_read_error: Mutex<Option<Error>>,
     /// Publishes go to a task per server (per master on a cluster) that sends them in
-    /// pipelines, started on the first publish there.
-    publishers: Mutex<HashMap<Option<NodeAddr>, mpsc::UnboundedSender<PublishRequest>>>,
+    /// pipelines.
+    publishers: Publishers,
 }
 
 /// Whether the bus can reach a server at `addr` with the TLS settings it has.
@@ -90,8 +89,10 @@ impl RedisBroker {
     pub(crate) fn new(client: Client, tls: Option<Tls>, command_timeout: Duration) -> Result<Self> {
         check_address(client.get_connection_info().addr(), tls.is_some(), "url")?;
         let topology = SingleServer::new(client, tls.map(|tls| tls.connector), command_timeout);
+        let publishers = Publishers::one(topology.endpoint().clone(), command_timeout);
         Ok(Self::with_topology(
             Topology::Single(topology),
+            publishers,
             command_timeout,
         ))
     }
@@ -121,11 +122,16 @@ impl RedisBroker {
         )?;
         Ok(Self::with_topology(
             Topology::Cluster(cluster),
+            Publishers::per_master(),
             command_timeout,
         ))
     }
 
-    fn with_topology(topology: Topology, command_timeout: Duration) -> Self {
+    fn with_topology(
+        topology: Topology,
+        publishers: Publishers,
+        command_timeout: Duration,
+    ) -> Self {
         RedisBroker {
             topology,
             read_connections: ConnectionPool::default(),
@@ -134,7 +140,7 @@ impl RedisBroker {
             scripts: Scripts::load(),
             reader: Mutex::new(ReaderState::default()),
             deferred_read_error: Mutex::new(None),
-            publishers: Mutex::new(HashMap::new()),
+            publishers,
         }
     }
 

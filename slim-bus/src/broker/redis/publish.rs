@@ -1,5 +1,6 @@
 //! Publishing: `XADD`s encoded once and sent in pipelines over a connection of their own.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -260,40 +261,68 @@ async fn send_pipeline(
         .map_err(PipelineFailure::Unanswered)
 }
 
+/// The publishing tasks of a broker: one for the one server, or one per master of a
+/// cluster, each started on the first publish there.
+pub(super) enum Publishers {
+    One(mpsc::UnboundedSender<PublishRequest>),
+    PerMaster(std::sync::Mutex<HashMap<NodeAddr, mpsc::UnboundedSender<PublishRequest>>>),
+}
+
+impl Publishers {
+    /// The task for the one server behind `endpoint`, started now.
+    pub(super) fn one(endpoint: Endpoint, timeout: Duration) -> Self {
+        let (publisher, requests) = mpsc::unbounded_channel();
+        tokio::spawn(keep_publishing(endpoint, timeout, requests));
+        Publishers::One(publisher)
+    }
+
+    pub(super) fn per_master() -> Self {
+        Publishers::PerMaster(std::sync::Mutex::new(HashMap::new()))
+    }
+}
+
 impl RedisBroker {
     /// Queues `count` encoded `XADD`s of `stream` for the publishing task of the server
-    /// (the master) that serves it, starting that task on its first publish.
+    /// (the master) that serves it, to be answered by `deadline`.
     pub(super) async fn send_to_publisher(
         &self,
         stream: &str,
         commands: Vec<u8>,
         count: usize,
+        deadline: Instant,
         reply: PublishReply,
     ) -> Result<()> {
-        let (node, endpoint) = self
-            .topology
-            .endpoint(self.topology.connection_key(stream))
-            .await?;
         let request = PublishRequest {
             stream: stream.into(),
             commands,
             count,
-            deadline: Instant::now() + self.command_timeout,
+            deadline,
             reply,
         };
-        let publisher = {
-            let mut publishers = self
-                .publishers
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            publishers
-                .entry(node)
-                .or_insert_with(|| {
-                    let (publisher, requests) = mpsc::unbounded_channel();
-                    tokio::spawn(keep_publishing(endpoint, self.command_timeout, requests));
-                    publisher
-                })
-                .clone()
+        let publisher = match &self.publishers {
+            Publishers::One(publisher) => {
+                return publisher.send(request).map_err(|_| publisher_stopped());
+            }
+            Publishers::PerMaster(publishers) => {
+                let key = self.topology.connection_key(stream);
+                let node = self
+                    .topology
+                    .node(key)
+                    .await?
+                    .ok_or_else(publisher_stopped)?;
+                let mut publishers = publishers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                publishers
+                    .entry(node)
+                    .or_insert_with_key(|node| {
+                        let (publisher, requests) = mpsc::unbounded_channel();
+                        let endpoint = self.topology.endpoint(Some(node));
+                        tokio::spawn(keep_publishing(endpoint, self.command_timeout, requests));
+                        publisher
+                    })
+                    .clone()
+            }
         };
         publisher.send(request).map_err(|_| publisher_stopped())
     }
@@ -312,18 +341,24 @@ impl RedisBroker {
         let mut asked: Option<Redirect> = None;
         loop {
             let unsent: Vec<usize> = (0..entries.len()).filter(|&i| ids[i].is_none()).collect();
-            let mut wire = Vec::with_capacity(unsent.iter().map(|&i| entries[i].len()).sum());
-            for &i in &unsent {
-                wire.extend_from_slice(&entries[i]);
+            let mut wire = Vec::new();
+            if asked.is_none() {
+                wire.reserve(unsent.iter().map(|&i| entries[i].len()).sum());
+                for &i in &unsent {
+                    wire.extend_from_slice(&entries[i]);
+                }
             }
             let outcomes = match asked.take() {
                 Some(redirect) => {
-                    self.publish_asking(stream, &redirect, &wire, unsent.len(), deadline)
+                    let unsent_entries: Vec<&[u8]> =
+                        unsent.iter().map(|&i| entries[i].as_slice()).collect();
+                    self.publish_asking(stream, &redirect, &unsent_entries, deadline)
                         .await
                 }
                 None => {
                     let (reply, answer) = oneshot::channel();
-                    self.send_to_publisher(stream, wire, unsent.len(), PublishReply::Each(reply))
+                    let reply = PublishReply::Each(reply);
+                    self.send_to_publisher(stream, wire, unsent.len(), deadline, reply)
                         .await?;
                     answer.await.map_err(|_| publisher_stopped())?
                 }
@@ -336,7 +371,15 @@ impl RedisBroker {
                         Some(redirect) => {
                             redirected.get_or_insert(redirect);
                         }
-                        None => return Err(error),
+                        None => {
+                            // The master may be gone: the next publish asks the cluster
+                            // where its slot is served now.
+                            if matches!(&error, Error::Redis { source, .. } if source.code().is_none())
+                            {
+                                self.topology.connection_lost();
+                            }
+                            return Err(error);
+                        }
                     },
                 }
             }
@@ -344,8 +387,12 @@ impl RedisBroker {
                 return Ok(ids.into_iter().flatten().collect());
             };
             if Instant::now() >= deadline {
+                let written = ids.iter().flatten().count();
                 return Err(Error::Timeout {
-                    action: format!("publishing to stream `{stream}` while its hash slot moves"),
+                    action: format!(
+                        "publishing to stream `{stream}` while its hash slot moves ({written} of {} entries written)",
+                        entries.len()
+                    ),
                     timeout: self.command_timeout,
                 });
             }
@@ -358,38 +405,39 @@ impl RedisBroker {
     }
 
     /// Sends `XADD`s over a connection of their own to the node an `ASK` named, each
-    /// after `ASKING`: during a migration the importing node serves them only then.
+    /// after an `ASKING` of its own (it holds for one command): during a migration the
+    /// importing node serves them only then. One outcome per entry, in order.
     async fn publish_asking(
         &self,
         stream: &str,
         redirect: &Redirect,
-        wire: &[u8],
-        count: usize,
+        entries: &[&[u8]],
         deadline: Instant,
     ) -> Vec<Result<EntryId>> {
-        let Some(cluster) = self.topology.cluster() else {
-            return Vec::new();
-        };
-        let endpoint = cluster.endpoint(&redirect.node);
-        let mut replies = Vec::with_capacity(count);
+        let action = || format!("publishing to stream `{stream}`");
+        let endpoint = self.topology.endpoint(Some(&redirect.node));
+        let mut outcomes: Vec<Result<EntryId>> = Vec::with_capacity(entries.len());
+        let mut replies = Vec::with_capacity(1);
         let sent = async {
             let mut connection = RespConnection::connect(&endpoint, deadline).await?;
-            connection.asking(deadline).await?;
-            connection
-                .add_entries(wire, count, deadline, &mut replies)
-                .await
+            for entry in entries {
+                connection.asking(deadline).await?;
+                replies.clear();
+                connection
+                    .add_entries(entry, 1, deadline, &mut replies)
+                    .await?;
+                outcomes.extend(replies.drain(..).map(|reply| {
+                    reply.map_err(|line| {
+                        classify(stream, RespError::Server(line).into_redis(), action)
+                    })
+                }));
+            }
+            Ok::<_, RespError>(())
         }
         .await;
-        let action = || format!("publishing to stream `{stream}`");
-        let mut outcomes: Vec<Result<EntryId>> = replies
-            .into_iter()
-            .map(|reply| {
-                reply.map_err(|line| classify(stream, RespError::Server(line).into_redis(), action))
-            })
-            .collect();
         if let Err(error) = sent {
             let cause = crate::error::report(&error.into_redis());
-            while outcomes.len() < count {
+            while outcomes.len() < entries.len() {
                 let error = std::io::Error::other(format!(
                     "{cause}; the entry may or may not have been written"
                 ));
@@ -438,7 +486,8 @@ impl Publishing for RedisBroker {
             return ids.pop().ok_or_else(publisher_stopped);
         }
         let (reply, answer) = oneshot::channel();
-        self.send_to_publisher(stream, commands, 1, PublishReply::One(reply))
+        let deadline = Instant::now() + self.command_timeout;
+        self.send_to_publisher(stream, commands, 1, deadline, PublishReply::One(reply))
             .await?;
         answer.await.map_err(|_| publisher_stopped())?
     }
@@ -469,8 +518,15 @@ impl Publishing for RedisBroker {
             encode_xadd(&mut commands, stream, max_len, fields);
         }
         let (reply, answer) = oneshot::channel();
-        self.send_to_publisher(stream, commands, entries.len(), PublishReply::Batch(reply))
-            .await?;
+        let deadline = Instant::now() + self.command_timeout;
+        self.send_to_publisher(
+            stream,
+            commands,
+            entries.len(),
+            deadline,
+            PublishReply::Batch(reply),
+        )
+        .await?;
         answer.await.map_err(|_| publisher_stopped())?
     }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
@@ -19,6 +19,8 @@ use crate::error::{Error, Result};
 
 /// How long a refresh waits for one node to answer `CLUSTER SLOTS`.
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long after a failed refresh the next one is tried.
+const RETRY_REFRESH: Duration = Duration::from_millis(200);
 
 /// A master's address, as the cluster announces it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -79,8 +81,9 @@ pub(crate) struct Cluster {
     commands: Arc<OnceCell<ClusterConnection>>,
     command_timeout: Duration,
     slots: RwLock<SlotMap>,
-    /// Held while `CLUSTER SLOTS` is asked, so that concurrent misses ask once.
-    refreshing: tokio::sync::Mutex<()>,
+    /// Held while `CLUSTER SLOTS` is asked, so that concurrent misses ask once; holds when
+    /// the last attempt failed, and why.
+    refreshing: tokio::sync::Mutex<Option<(Instant, String)>>,
 }
 
 /// The address of a `redis://` or `rediss://` node.
@@ -146,7 +149,7 @@ impl Cluster {
             commands: Arc::new(OnceCell::new()),
             command_timeout,
             slots: RwLock::new(SlotMap::default()),
-            refreshing: tokio::sync::Mutex::new(()),
+            refreshing: tokio::sync::Mutex::new(None),
         };
         cluster.connect_in_background();
         Ok(cluster)
@@ -206,30 +209,46 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    /// Where the read and publish connections for keys in `slot` go: its master.
-    pub(crate) async fn endpoint_of_slot(&self, slot: u16) -> Result<(NodeAddr, Endpoint)> {
-        let known = {
+    /// The master serving `slot`: from the slot map, asking the cluster first when the
+    /// map is not known or out of date (a connection broke). When no node answers, a
+    /// stale map is used as it is.
+    pub(crate) async fn master_of_slot(&self, slot: u16) -> Result<NodeAddr> {
+        let (known, stale) = {
             let map = self.read_map();
-            (!map.stale).then(|| map.master_of(slot).cloned()).flatten()
+            (map.master_of(slot).cloned(), map.stale)
         };
-        let node = match known {
-            Some(node) => node,
-            None => {
-                self.refresh().await?;
-                self.read_map().master_of(slot).cloned().ok_or_else(|| {
-                    Error::redis(
-                        format!("finding the master of hash slot {slot}"),
-                        std::io::Error::new(
-                            std::io::ErrorKind::NotFound,
-                            "no master of the cluster serves it",
-                        )
-                        .into(),
-                    )
-                })?
-            }
-        };
-        let endpoint = self.endpoint(&node);
-        Ok((node, endpoint))
+        if let (Some(node), false) = (&known, stale) {
+            return Ok(node.clone());
+        }
+        match self.refresh().await {
+            Ok(()) => {}
+            Err(error) => match known {
+                Some(node) => {
+                    tracing::debug!(
+                        error = &error as &dyn std::error::Error,
+                        %node,
+                        "could not refresh the cluster's slots; using what was known"
+                    );
+                    return Ok(node);
+                }
+                None => return Err(error),
+            },
+        }
+        self.read_map().master_of(slot).cloned().ok_or_else(|| {
+            Error::redis(
+                format!("finding the master of hash slot {slot}"),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no master of the cluster serves it",
+                )
+                .into(),
+            )
+        })
+    }
+
+    /// The first seed node.
+    pub(crate) fn first_seed(&self) -> NodeAddr {
+        self.seeds[0].clone()
     }
 
     /// The endpoint of one node, reached with the seeds' credentials and TLS settings.
@@ -274,9 +293,11 @@ impl Cluster {
     }
 
     /// Asks the known masters, then the seeds, for `CLUSTER SLOTS` until one answers,
-    /// unless another refresh did meanwhile.
+    /// unless another refresh did meanwhile, all within the command timeout. After a
+    /// failed attempt, callers for [`RETRY_REFRESH`] get its error rather than each make
+    /// one of their own.
     async fn refresh(&self) -> Result<()> {
-        let _refreshing = self.refreshing.lock().await;
+        let mut last_failure = self.refreshing.lock().await;
         let candidates = {
             let map = self.read_map();
             if !map.stale && !map.ranges.is_empty() {
@@ -290,35 +311,54 @@ impl Cluster {
             }
             candidates
         };
-        let mut last_error = None;
-        for node in &candidates {
-            match self.cluster_slots(node).await {
-                Ok(ranges) if !ranges.is_empty() => {
-                    let mut map = self.write_map();
-                    if map.ranges != ranges {
-                        tracing::debug!(masters = ranges.len(), "learnt the cluster's slots");
-                    }
-                    *map = SlotMap {
-                        ranges,
-                        moved: HashMap::new(),
-                        stale: false,
-                    };
-                    return Ok(());
+        let not_known = |cause: String| {
+            Error::redis(
+                "asking the cluster which master serves which slots",
+                std::io::Error::new(std::io::ErrorKind::NotConnected, cause).into(),
+            )
+        };
+        if let Some((at, cause)) = last_failure.as_ref()
+            && at.elapsed() < RETRY_REFRESH
+        {
+            return Err(not_known(cause.clone()));
+        }
+        let asked = tokio::time::timeout(self.command_timeout, async {
+            let mut failures = Vec::new();
+            for node in &candidates {
+                match self.cluster_slots(node).await {
+                    Ok(ranges) if !ranges.is_empty() => return Ok(ranges),
+                    Ok(_) => failures.push(format!("{node} serves no slots")),
+                    Err(error) => failures.push(format!("{node}: {error}")),
                 }
-                Ok(_) => {
-                    last_error = Some(format!("{node} serves no slots"));
+            }
+            Err(failures.join("; "))
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no node answered within {:?}",
+                self.command_timeout
+            ))
+        });
+        match asked {
+            Ok(ranges) => {
+                *last_failure = None;
+                let mut map = self.write_map();
+                if map.ranges != ranges {
+                    tracing::debug!(masters = ranges.len(), "learnt the cluster's slots");
                 }
-                Err(error) => last_error = Some(format!("{node}: {error}")),
+                *map = SlotMap {
+                    ranges,
+                    moved: HashMap::new(),
+                    stale: false,
+                };
+                Ok(())
+            }
+            Err(cause) => {
+                *last_failure = Some((Instant::now(), cause.clone()));
+                Err(not_known(cause))
             }
         }
-        Err(Error::redis(
-            "asking the cluster which master serves which slots",
-            std::io::Error::new(
-                std::io::ErrorKind::NotConnected,
-                last_error.unwrap_or_else(|| "no node to ask".to_owned()),
-            )
-            .into(),
-        ))
     }
 
     async fn cluster_slots(
@@ -350,8 +390,7 @@ impl Cluster {
     }
 }
 
-/// The `(first, last, master)` ranges of a `CLUSTER SLOTS` reply, in slot order. A master
-/// announced without a host (`""` or `?`) is at the host that was asked.
+/// The `(first, last, master)` ranges of a `CLUSTER SLOTS` reply, in slot order.
 fn parse_cluster_slots(reply: Value, asked: &str) -> Result<Vec<(u16, u16, NodeAddr)>, String> {
     let Value::Array(rows) = reply else {
         return Err(format!("CLUSTER SLOTS did not answer an array: {reply:?}"));
@@ -373,7 +412,13 @@ fn parse_cluster_slots(reply: Value, asked: &str) -> Result<Vec<(u16, u16, NodeA
             Some(Value::SimpleString(host)) => host,
             _ => String::new(),
         };
-        let host = if host.is_empty() || host == "?" {
+        // As redis-rs reads them, so that both name a node alike: `?` is a master whose
+        // address is not known yet (its range is left out), an empty or wildcard host is
+        // the node that answered.
+        if host == "?" {
+            continue;
+        }
+        let host = if host.is_empty() || host == "0.0.0.0" || host == "::" {
             asked.to_owned()
         } else {
             host
@@ -505,6 +550,7 @@ mod tests {
             row(10923, 16383, "10.0.0.3", 7002),
             row(0, 5460, "10.0.0.1", 7000),
             row(5461, 10922, "", 7001),
+            row(10000, 10000, "?", 7009),
         ]);
         let ranges = parse_cluster_slots(reply, "seed").expect("a CLUSTER SLOTS reply");
         let map = SlotMap {

@@ -59,19 +59,25 @@ impl Topology {
         }
     }
 
-    /// Where a read or publish connection for keys of `connection` goes, and the node it
-    /// reaches (`None` on a single server).
-    pub(crate) async fn endpoint(
-        &self,
-        connection: ConnectionKey,
-    ) -> Result<(Option<NodeAddr>, Endpoint)> {
+    /// The node that serves keys of `connection`: the master of its slot on a cluster
+    /// (asking the cluster when the slot map is not known or out of date), `None` on a
+    /// single server.
+    pub(crate) async fn node(&self, connection: ConnectionKey) -> Result<Option<NodeAddr>> {
         match (self, connection) {
             (Topology::Cluster(cluster), Some(slot)) => {
-                let (node, endpoint) = cluster.endpoint_of_slot(slot).await?;
-                Ok((Some(node), endpoint))
+                Ok(Some(cluster.master_of_slot(slot).await?))
             }
-            (Topology::Single(single), _) => Ok((None, single.endpoint().clone())),
-            (Topology::Cluster(cluster), None) => Ok((None, cluster.endpoint_of_slot(0).await?.1)),
+            (Topology::Cluster(cluster), None) => Ok(Some(cluster.master_of_slot(0).await?)),
+            (Topology::Single(_), _) => Ok(None),
+        }
+    }
+
+    /// Where a read or publish connection to `node` goes (the one server for `None`).
+    pub(crate) fn endpoint(&self, node: Option<&NodeAddr>) -> Endpoint {
+        match (self, node) {
+            (Topology::Cluster(cluster), Some(node)) => cluster.endpoint(node),
+            (Topology::Cluster(cluster), None) => cluster.endpoint(&cluster.first_seed()),
+            (Topology::Single(single), _) => single.endpoint().clone(),
         }
     }
 
