@@ -20,7 +20,8 @@ mod tail;
 use args::{Cli, Command, Connection};
 use exit::{Failure, Outcome};
 
-/// The server when neither `--url` nor `REDIS_URL` names one: the library's default.
+/// The server when none of `--url`, `--cluster` and their environment variables names
+/// one: the library's default.
 const DEFAULT_URL: &str = "redis://127.0.0.1:6379/";
 
 fn main() -> ExitCode {
@@ -64,8 +65,12 @@ async fn run(cli: Cli) -> Outcome {
 /// A bus with only the connection settings: no consumer group, no handlers, so it
 /// inspects any stream and takes nothing from anyone.
 async fn connect(connection: &Connection) -> Result<EventBus, Failure> {
-    let mut builder = EventBus::builder()
-        .url(connection.url.as_deref().unwrap_or(DEFAULT_URL))
+    let builder = if connection.cluster.is_empty() {
+        EventBus::builder().url(connection.url.as_deref().unwrap_or(DEFAULT_URL))
+    } else {
+        EventBus::builder().cluster(connection.cluster.iter().cloned())
+    };
+    let mut builder = builder
         .command_timeout(connection.timeout)
         .dead_letter_suffix(connection.dead_letter_suffix.clone());
     if let Some(path) = &connection.tls_ca_cert {
