@@ -4,7 +4,7 @@
 use std::io::Write as _;
 use std::process::ExitCode;
 
-use slim_bus::EventBus;
+use slim_bus::{EventBus, EventBusConfig};
 
 mod args;
 mod asyncapi;
@@ -53,13 +53,44 @@ async fn run(cli: Cli) -> Outcome {
     }
     let bus = connect(&cli.connection).await?;
     let json = cli.json;
-    match cli.command {
+    let outcome = match cli.command {
         Command::Status(args) => status::run(&bus, &args, json).await,
         Command::Dlq(command) => dlq::run(&bus, command, json).await,
         Command::Tail(args) => tail::tail(&bus, &args, json).await,
         Command::Pending(args) => tail::pending(&bus, &args, json).await,
         Command::Asyncapi(_) => Ok(()),
+    };
+    outcome.map_err(|failure| name_the_cluster(failure, &cli.connection.cluster))
+}
+
+/// `failure`, naming the seed nodes when it is about talking to a cluster: the library's
+/// errors name a single server's address, but on a cluster that none of the seeds
+/// answers they say only that the initial connections failed.
+fn name_the_cluster(failure: Failure, nodes: &[String]) -> Failure {
+    if nodes.is_empty() || !matches!(failure, Failure::Redis(_)) {
+        return failure;
     }
+    match redacted(nodes) {
+        Some(nodes) => failure.note(&format!("Redis Cluster seed nodes: {}", nodes.join(", "))),
+        None => failure,
+    }
+}
+
+/// `nodes` with their passwords as `***`, the way the library's config serializes them
+/// (its redaction is not public otherwise).
+fn redacted(nodes: &[String]) -> Option<Vec<String>> {
+    let mut config = EventBusConfig::default();
+    config.cluster_nodes = nodes.to_vec();
+    let serde_json::Value::Object(mut settings) = serde_json::to_value(&config).ok()? else {
+        return None;
+    };
+    let serde_json::Value::Array(shown) = settings.remove("cluster_nodes")? else {
+        return None;
+    };
+    shown
+        .into_iter()
+        .map(|node| node.as_str().map(str::to_owned))
+        .collect()
 }
 
 /// A bus with only the connection settings: no consumer group, no handlers, so it
