@@ -4,15 +4,24 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::error::ErrorKind;
-use clap::{Args, CommandFactory as _, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use slim_bus::EntryId;
 
 use crate::exit::EXIT_CODES;
 
-/// Inspect and operate slim-bus streams on a Redis server: stream and consumer-group
-/// status, dead letters (list, show, replay, purge), pending entries, and a live tail.
+/// How to say where Redis is, as `--help` shows it.
+const EXAMPLES: &str = "\
+Examples:
+  slim-bus --url redis://:PASSWORD@10.0.0.1:6379/ status orders
+  slim-bus --cluster redis://10.0.0.1:7000 status orders
+  REDIS_CLUSTER_NODES=redis://10.0.0.1:7000,redis://10.0.0.2:7000 slim-bus dlq list orders";
+
+/// Inspect and operate slim-bus streams on a Redis server or a Redis Cluster: stream and
+/// consumer-group status, dead letters (list, show, replay, purge), pending entries, and a
+/// live tail.
 #[derive(Debug, Parser)]
-#[command(name = "slim-bus", version, after_help = EXIT_CODES)]
+#[command(name = "slim-bus", version, after_help = format!("{EXAMPLES}\n\n{EXIT_CODES}"))]
 pub(crate) struct Cli {
     #[command(flatten)]
     pub(crate) connection: Connection,
@@ -29,7 +38,12 @@ pub(crate) struct Cli {
 impl Cli {
     /// Parses the command line, exiting with clap's usage error (code 2) when it is wrong.
     pub(crate) fn parse_checked() -> Self {
-        let cli = Cli::parse();
+        let matches = Cli::command().get_matches();
+        let mut cli = Cli::from_arg_matches(&matches)
+            .unwrap_or_else(|error| error.format(&mut Cli::command()).exit());
+        if let Err((kind, message)) = cli.connection.choose_server(&matches) {
+            Cli::command().error(kind, message).exit();
+        }
         if let Command::Status(status) = &cli.command
             && status.streams.is_empty()
         {
@@ -50,6 +64,75 @@ impl Cli {
     }
 }
 
+impl Connection {
+    /// Leaves one of `url` and `cluster` set, and `cluster` split into its nodes. A
+    /// setting on the command line wins over the other's environment variable, so an
+    /// exported `REDIS_URL` does not stand in the way of `--cluster`; both on the command
+    /// line, or both in the environment, is an error.
+    fn choose_server(&mut self, matches: &ArgMatches) -> Result<(), (ErrorKind, String)> {
+        let source = |id: &str| matches.value_source(id);
+        let from_env = |id: &str| source(id) == Some(ValueSource::EnvVariable);
+        match (source("url"), source("cluster")) {
+            (Some(ValueSource::CommandLine), Some(ValueSource::CommandLine)) => {
+                return Err((
+                    ErrorKind::ArgumentConflict,
+                    "--url and --cluster cannot be used together: --url names one server, \
+                     --cluster the nodes of a Redis Cluster"
+                        .to_owned(),
+                ));
+            }
+            (Some(ValueSource::EnvVariable), Some(ValueSource::EnvVariable)) => {
+                return Err((
+                    ErrorKind::ArgumentConflict,
+                    "REDIS_URL and REDIS_CLUSTER_NODES are both set: unset one, or choose \
+                     with --url or --cluster"
+                        .to_owned(),
+                ));
+            }
+            _ if from_env("url") && !self.cluster.is_empty() => self.url = None,
+            _ if from_env("cluster") && self.url.is_some() => self.cluster.clear(),
+            _ => {}
+        }
+        let setting = if from_env("cluster") {
+            "REDIS_CLUSTER_NODES"
+        } else {
+            "--cluster"
+        };
+        let given = !self.cluster.is_empty();
+        self.cluster = cluster_nodes(&self.cluster, setting)
+            .map_err(|message| (ErrorKind::ValueValidation, message))?;
+        if given && self.cluster.is_empty() {
+            return Err((
+                ErrorKind::ValueValidation,
+                format!("{setting} names no node"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The node URLs in `values`, each of which may hold several separated by commas.
+///
+/// A piece that is no URL is not shown: it may be the end of a password with a comma in
+/// it, which the library's redaction (of what follows `scheme://user:`) would not hide.
+fn cluster_nodes(values: &[String], setting: &str) -> Result<Vec<String>, String> {
+    let nodes: Vec<String> = values
+        .iter()
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|node| !node.is_empty())
+        .map(str::to_owned)
+        .collect();
+    match nodes.iter().position(|node| !node.contains("://")) {
+        Some(index) => Err(format!(
+            "node {} of {setting} is not a URL (redis://... or rediss://...); nodes are \
+             separated by commas, and a comma in a password is written %2C",
+            index + 1
+        )),
+        None => Ok(nodes),
+    }
+}
+
 /// `--limit`: a count of 1 or more.
 fn at_least_one(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
@@ -63,10 +146,23 @@ fn at_least_one(text: &str) -> Result<usize, String> {
 #[derive(Debug, Args)]
 pub(crate) struct Connection {
     /// The Redis server: redis://[user:password@]host:port/db, rediss://... for TLS, or
-    /// redis+unix:///path/to/redis.sock; single servers only (no Redis Cluster)
+    /// redis+unix:///path/to/redis.sock; for a Redis Cluster, see --cluster
     /// [default: redis://127.0.0.1:6379/]
     #[arg(long, env = "REDIS_URL", hide_env_values = true, global = true)]
     pub(crate) url: Option<String>,
+
+    /// A seed node of a Redis Cluster, instead of --url: redis://[user:password@]host:port
+    /// or rediss://... for TLS; repeat it, or separate URLs with commas (a comma in a
+    /// password is written %2C). One node is enough, the others are discovered. A --url or
+    /// --cluster on the command line wins over the other's environment variable.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "REDIS_CLUSTER_NODES",
+        hide_env_values = true,
+        global = true
+    )]
+    pub(crate) cluster: Vec<String>,
 
     /// PEM file of the CA that signed the server's certificate (rediss:// only; default:
     /// the system's root certificates).

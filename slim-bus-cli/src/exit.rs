@@ -20,6 +20,8 @@ pub(crate) enum Failure {
     NotFound(String),
     /// A destructive command was not confirmed.
     Refused(String),
+    /// Redis could not be reached, did not answer in time, or refused a command.
+    Redis(String),
     /// Any other error, e.g. from the bus.
     Error(String),
     /// The reader of stdout went away (`slim-bus tail s | head -1`): the command ends
@@ -31,7 +33,7 @@ impl Failure {
     pub(crate) fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
             Failure::StdoutClosed => 0,
-            Failure::Error(_) => 1,
+            Failure::Error(_) | Failure::Redis(_) => 1,
             Failure::NotFound(_) => 3,
             Failure::Refused(_) => 4,
         })
@@ -45,6 +47,7 @@ impl Failure {
             Failure::NotFound(message) => Failure::NotFound(format!("{message} ({note})")),
             Failure::Refused(message) => Failure::Refused(format!("{message} ({note})")),
             Failure::Error(message) => Failure::Error(format!("{message} ({note})")),
+            Failure::Redis(message) => Failure::Redis(format!("{message} ({note})")),
             Failure::StdoutClosed => Failure::StdoutClosed,
         }
     }
@@ -53,9 +56,10 @@ impl Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Failure::NotFound(message) | Failure::Refused(message) | Failure::Error(message) => {
-                f.write_str(message)
-            }
+            Failure::NotFound(message)
+            | Failure::Refused(message)
+            | Failure::Error(message)
+            | Failure::Redis(message) => f.write_str(message),
             Failure::StdoutClosed => f.write_str("stdout is closed"),
         }
     }
@@ -67,6 +71,9 @@ impl From<slim_bus::Error> for Failure {
         match error {
             slim_bus::Error::StreamNotFound { .. } | slim_bus::Error::GroupNotFound { .. } => {
                 Failure::NotFound(message)
+            }
+            slim_bus::Error::Redis { .. } | slim_bus::Error::Timeout { .. } => {
+                Failure::Redis(message)
             }
             _ => Failure::Error(message),
         }

@@ -4,7 +4,7 @@
 use std::io::Write as _;
 use std::process::ExitCode;
 
-use slim_bus::EventBus;
+use slim_bus::{EventBus, EventBusConfig};
 
 mod args;
 mod asyncapi;
@@ -20,7 +20,8 @@ mod tail;
 use args::{Cli, Command, Connection};
 use exit::{Failure, Outcome};
 
-/// The server when neither `--url` nor `REDIS_URL` names one: the library's default.
+/// The server when none of `--url`, `--cluster` and their environment variables names
+/// one: the library's default.
 const DEFAULT_URL: &str = "redis://127.0.0.1:6379/";
 
 fn main() -> ExitCode {
@@ -52,20 +53,55 @@ async fn run(cli: Cli) -> Outcome {
     }
     let bus = connect(&cli.connection).await?;
     let json = cli.json;
-    match cli.command {
+    let outcome = match cli.command {
         Command::Status(args) => status::run(&bus, &args, json).await,
         Command::Dlq(command) => dlq::run(&bus, command, json).await,
         Command::Tail(args) => tail::tail(&bus, &args, json).await,
         Command::Pending(args) => tail::pending(&bus, &args, json).await,
         Command::Asyncapi(_) => Ok(()),
+    };
+    outcome.map_err(|failure| name_the_cluster(failure, &cli.connection.cluster))
+}
+
+/// `failure`, naming the seed nodes when it is about talking to a cluster: the library's
+/// errors name a single server's address, but on a cluster that none of the seeds
+/// answers they say only that the initial connections failed.
+fn name_the_cluster(failure: Failure, nodes: &[String]) -> Failure {
+    if nodes.is_empty() || !matches!(failure, Failure::Redis(_)) {
+        return failure;
     }
+    match redacted(nodes) {
+        Some(nodes) => failure.note(&format!("Redis Cluster seed nodes: {}", nodes.join(", "))),
+        None => failure,
+    }
+}
+
+/// `nodes` with their passwords as `***`, the way the library's config serializes them
+/// (its redaction is not public otherwise).
+fn redacted(nodes: &[String]) -> Option<Vec<String>> {
+    let mut config = EventBusConfig::default();
+    config.cluster_nodes = nodes.to_vec();
+    let serde_json::Value::Object(mut settings) = serde_json::to_value(&config).ok()? else {
+        return None;
+    };
+    let serde_json::Value::Array(shown) = settings.remove("cluster_nodes")? else {
+        return None;
+    };
+    shown
+        .into_iter()
+        .map(|node| node.as_str().map(str::to_owned))
+        .collect()
 }
 
 /// A bus with only the connection settings: no consumer group, no handlers, so it
 /// inspects any stream and takes nothing from anyone.
 async fn connect(connection: &Connection) -> Result<EventBus, Failure> {
-    let mut builder = EventBus::builder()
-        .url(connection.url.as_deref().unwrap_or(DEFAULT_URL))
+    let builder = if connection.cluster.is_empty() {
+        EventBus::builder().url(connection.url.as_deref().unwrap_or(DEFAULT_URL))
+    } else {
+        EventBus::builder().cluster(connection.cluster.iter().cloned())
+    };
+    let mut builder = builder
         .command_timeout(connection.timeout)
         .dead_letter_suffix(connection.dead_letter_suffix.clone());
     if let Some(path) = &connection.tls_ca_cert {

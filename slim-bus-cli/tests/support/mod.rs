@@ -1,12 +1,14 @@
 //! What the tests of the `slim-bus` binary share: running it against a throwaway
 //! redis-server, reading its output, and a proxy that makes Redis stop answering.
+// Each test binary uses its part.
+#![allow(dead_code)]
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use slim_bus::{Context, EventBus, HandlerError, StreamHandler};
+use slim_bus::{Context, EventBus, EventBusBuilder, HandlerError, StreamHandler};
 use slim_bus_tests::{RedisServer, within};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,25 +26,42 @@ pub(crate) async fn start_server() -> RedisServer {
         .expect("redis-server starts")
 }
 
-/// The binary with `--url` set and nothing taken from the environment that could point
-/// it elsewhere; stdin is not a terminal.
-pub(crate) fn slim_bus(url: &str) -> Command {
+/// The binary with nothing taken from the environment that could say where Redis is;
+/// stdin is not a terminal.
+pub(crate) fn slim_bus_anywhere() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_slim-bus"));
     command
         .env_remove("REDIS_URL")
-        .arg("--url")
-        .arg(url)
+        .env_remove("REDIS_CLUSTER_NODES")
         .stdin(Stdio::null())
         .kill_on_drop(true);
     command
 }
 
+/// The binary with `--url` set and nothing taken from the environment that could point
+/// it elsewhere; stdin is not a terminal.
+pub(crate) fn slim_bus(url: &str) -> Command {
+    let mut command = slim_bus_anywhere();
+    command.arg("--url").arg(url);
+    command
+}
+
 /// Runs the binary with `args` to its end.
 pub(crate) async fn run(url: &str, args: &[&str]) -> Output {
+    run_command(slim_bus(url).args(args)).await
+}
+
+/// Runs `command` (the binary, with its arguments) to its end.
+pub(crate) async fn run_command(command: &mut Command) -> Output {
+    let args: Vec<_> = command
+        .as_std()
+        .get_args()
+        .map(|arg| arg.to_string_lossy())
+        .collect();
     within(
         &format!("slim-bus {}", args.join(" ")),
         STEP,
-        slim_bus(url).args(args).output(),
+        command.output(),
     )
     .await
     .expect("the binary runs")
@@ -116,26 +135,33 @@ pub(crate) async fn dead_letter(server: &RedisServer, stream: &str, count: u64) 
     for n in 0..count {
         xadd(server, stream, &format!("o-{n}")).await;
     }
-    let bus = within(
-        "build",
-        STEP,
-        EventBus::builder()
-            .url(server.url())
-            .consumer_group("billing")
-            .consumer_name("pod-1")
-            .handler_on(stream, Refuse)
-            .build(),
-    )
-    .await
-    .unwrap();
+    let_billing_dead_letter(EventBus::builder().url(server.url()), &[(stream, count)]).await;
+}
+
+/// Lets group `billing`, on a bus from `builder` (which says where Redis is), dead-letter
+/// every entry of each stream: waits until each has as many dead letters as it is paired
+/// with.
+pub(crate) async fn let_billing_dead_letter(builder: EventBusBuilder, streams: &[(&str, u64)]) {
+    let mut builder = builder.consumer_group("billing").consumer_name("pod-1");
+    for &(stream, _) in streams {
+        builder = builder.handler_on(stream, Refuse);
+    }
+    let bus = within("build", STEP, builder.build()).await.unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
-    let dead = bus.dead_letters(stream);
-    within("every order to be dead-lettered", STEP, async {
-        while dead.len().await.unwrap() < count {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    for &(stream, count) in streams {
+        let dead = bus.dead_letters(stream);
+        within(
+            &format!("every entry of {stream} to be dead-lettered"),
+            STEP,
+            async {
+                // The listener has no event for this to await; Redis is asked until it is so.
+                while dead.len().await.unwrap() < count {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+        )
+        .await;
+    }
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
