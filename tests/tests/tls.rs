@@ -287,3 +287,60 @@ async fn the_publish_connection_verifies_the_server_certificate_too() {
     let report = format!("{:#}", anyhow::Error::new(error));
     assert!(report.contains("UnknownIssuer"), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_on_a_tls_cluster_reaches_every_master_over_tls_from_one_seed() {
+    slim_bus_tests::init_tracing();
+    let certs = slim_bus_tests::TestCertificates::generate().unwrap();
+    let cluster = within(
+        "the cluster to start",
+        Duration::from_secs(120),
+        slim_bus_tests::RedisCluster::start_tls(&certs),
+    )
+    .await
+    .unwrap();
+    // A stream on each master.
+    let masters = cluster.masters().await.unwrap();
+    let mut streams: Vec<(String, u16)> = Vec::new();
+    for n in 0.. {
+        let stream = format!("s{n}.events");
+        let owner = cluster.master_of(&stream).await.unwrap();
+        if !streams.iter().any(|(_, port)| *port == owner) {
+            streams.push((stream, owner));
+        }
+        if streams.len() == masters.len() {
+            break;
+        }
+    }
+    let (handler, mut seen) = Record::<UserCreated>::new();
+    let mut builder = EventBus::builder()
+        .cluster([cluster.nodes()[0].tls_url()])
+        .tls_ca_cert(certs.ca())
+        .consumer_group("tests")
+        .block_time(Duration::from_millis(200));
+    for (stream, _) in &streams {
+        builder = builder.handler_on(
+            stream.clone(),
+            Record {
+                seen: handler.seen.clone(),
+            },
+        );
+    }
+    let bus = within("build", STEP, builder.build()).await.unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    for (seq, (stream, _)) in streams.iter().enumerate() {
+        within("publish", STEP, bus.publish_to(stream, &user(seq as u64)))
+            .await
+            .unwrap();
+    }
+    let mut handled = std::collections::BTreeSet::new();
+    while handled.len() < streams.len() {
+        let delivery = support::recv(&mut seen, "a delivery").await;
+        handled.insert(delivery.stream);
+    }
+    assert_eq!(
+        handled,
+        streams.iter().map(|(stream, _)| stream.clone()).collect()
+    );
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}

@@ -3,6 +3,7 @@
 //! and the faults a test puts it through: a master killed with `SIGKILL` until its replica
 //! takes over, a slot migrated to another master.
 
+use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -59,6 +60,8 @@ pub struct RedisCluster {
     nodes: Vec<ClusterNode>,
     /// `redis-cli` (or `valkey-cli`), for `--cluster create`.
     cli: PathBuf,
+    /// The CA of a cluster started with [`start_tls`](RedisCluster::start_tls).
+    tls_ca: Option<PathBuf>,
 }
 
 /// One node of a [`RedisCluster`].
@@ -78,6 +81,16 @@ impl ClusterNode {
     /// `redis://127.0.0.1:PORT/`.
     pub fn url(&self) -> String {
         self.server.url()
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT/`, for a cluster started with
+    /// [`start_tls`](RedisCluster::start_tls).
+    ///
+    /// # Panics
+    ///
+    /// When the cluster was started without TLS.
+    pub fn tls_url(&self) -> String {
+        self.server.tls_url()
     }
 
     /// The node id, as `CLUSTER NODES` shows it.
@@ -112,14 +125,34 @@ impl RedisCluster {
     /// the cluster is not formed in time; the message carries what the tool printed, or the
     /// nodes' `CLUSTER INFO` and log tails.
     pub async fn start() -> io::Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// [`start`](Self::start), each node also serving TLS (with `certs`' server
+    /// certificate, clients not authenticated), the cluster bus and replication running
+    /// over TLS: a client connected over TLS learns the nodes' TLS ports from
+    /// `CLUSTER SLOTS`. The plain ports stay open for the harness's own commands.
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start).
+    pub async fn start_tls(certs: &crate::TestCertificates) -> io::Result<Self> {
+        Self::start_with(Some(certs)).await
+    }
+
+    async fn start_with(tls: Option<&crate::TestCertificates>) -> io::Result<Self> {
         let mut nodes = Vec::with_capacity(MASTERS * (1 + REPLICAS_PER_MASTER));
         for _ in 0..MASTERS * (1 + REPLICAS_PER_MASTER) {
-            let server = start_node().await?;
+            let server = start_node(tls).await?;
             let id: String = query(&server, redis::cmd("CLUSTER").arg("MYID")).await?;
             nodes.push(ClusterNode { server, id });
         }
         let cli = find_cli(nodes[0].server.binary())?;
-        let cluster = RedisCluster { nodes, cli };
+        let cluster = RedisCluster {
+            nodes,
+            cli,
+            tls_ca: tls.map(crate::TestCertificates::ca),
+        };
         cluster.create().await?;
         cluster
             .wait_until_ok(FORM_TIMEOUT, "the cluster to form")
@@ -373,13 +406,21 @@ impl RedisCluster {
         command
             .arg("--cluster")
             .arg("create")
-            .args(
-                self.nodes
-                    .iter()
-                    .map(|node| format!("127.0.0.1:{}", node.port())),
-            )
+            .args(self.nodes.iter().map(|node| {
+                // Over TLS the nodes meet at their TLS ports, the ones they announce.
+                let port = match &self.tls_ca {
+                    Some(_) => node.server.tls_port().unwrap_or(node.port()),
+                    None => node.port(),
+                };
+                format!("127.0.0.1:{port}")
+            }))
             .args(["--cluster-replicas", &REPLICAS_PER_MASTER.to_string()])
             .arg("--cluster-yes")
+            .args(
+                self.tls_ca
+                    .iter()
+                    .flat_map(|ca| [OsString::from("--tls"), "--cacert".into(), ca.into()]),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -653,11 +694,23 @@ pub(super) async fn query<T: FromRedisValue>(
 }
 
 /// A cluster node on a free port, its cluster bus on another free port.
-async fn start_node() -> io::Result<RedisServer> {
+async fn start_node(tls: Option<&crate::TestCertificates>) -> io::Result<RedisServer> {
     let mut last_error = None;
     for _ in 0..NODE_START_ATTEMPTS {
         let bus_port = free_port()?;
-        let started = RedisServer::builder()
+        let mut builder = RedisServer::builder();
+        if let Some(certs) = tls {
+            // The cluster bus always authenticates the connecting node, which presents
+            // its client certificate: the server's is for server authentication only.
+            builder = builder
+                .tls(certs, false)
+                .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                .arg("--tls-client-cert-file")
+                .arg(certs.client_cert())
+                .arg("--tls-client-key-file")
+                .arg(certs.client_key());
+        }
+        let started = builder
             .args([
                 "--cluster-enabled",
                 "yes",
