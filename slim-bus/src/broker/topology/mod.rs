@@ -4,6 +4,7 @@
 
 mod cluster;
 mod single;
+mod slot_map;
 
 use redis::Value;
 
