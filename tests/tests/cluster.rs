@@ -423,6 +423,24 @@ async fn a_consumed_stream_whose_slot_migrates_is_followed_through_ask_and_moved
             )
             .await
             .unwrap();
+            // Each XADD there went after an ASKING of its own (one holds for one command).
+            let mut on_target = within(
+                "a connection",
+                STEP,
+                cluster.node(target).server().connection(),
+            )
+            .await;
+            let stats: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut on_target)
+                .await
+                .unwrap();
+            let asking: u64 = stats
+                .lines()
+                .find_map(|line| line.strip_prefix("cmdstat_asking:calls="))
+                .and_then(|rest| rest.split(',').next())
+                .map_or(0, |calls| calls.parse().unwrap());
+            assert!(asking >= 150, "{asking} ASKING calls for 150 publishes");
             let mut ledger = ledger;
             for seq in 300..450 {
                 ledger.insert(seq, 0);

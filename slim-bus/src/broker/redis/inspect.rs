@@ -11,7 +11,7 @@ use async_trait::async_trait;
 
 use super::replies::{entry_id, parse_raw_entry};
 use super::{RedisBroker, classify, millis, unexpected};
-use crate::broker::resp::RespError;
+use crate::broker::resp::{RespConnection, RespError};
 use crate::broker::{
     GENERIC_ERROR, GroupStats, Inspection, NO_GROUP, RawFields, TYPE_NONE, TYPE_STREAM,
     trimmed_count_key,
@@ -198,11 +198,28 @@ impl RedisBroker {
             self.tail_connections
                 .put_back(self, key, connection, &read)
                 .await;
-            let moved = matches!(&read, Err(RespError::Server(line))
-                if self.topology.redirect(line).is_some_and(|redirect| !redirect.ask));
+            let redirect = match &read {
+                Err(RespError::Server(line)) => self.topology.redirect(line),
+                _ => None,
+            };
             result = Some(read);
-            if !moved {
-                break;
+            match redirect {
+                // The slot map names the new master for the next round.
+                Some(redirect) if !redirect.ask => {}
+                // The slot migrates: asked once of the importing node, after ASKING.
+                Some(redirect) => {
+                    let endpoint = self.topology.endpoint(Some(&redirect.node));
+                    result = Some(
+                        async {
+                            let mut asked = RespConnection::connect(&endpoint, deadline).await?;
+                            asked.asking(deadline).await?;
+                            asked.read_group(&args, &streams, deadline).await
+                        }
+                        .await,
+                    );
+                    break;
+                }
+                None => break,
             }
         }
         let result = result.expect("a read was made");

@@ -20,6 +20,13 @@ use crate::error::{Error, Result, server_code};
 
 /// How often a wake retries before the reader's block reaches the server (1 ms apart).
 const WAKE_ATTEMPTS: usize = 100;
+/// The longest a read redirected by `ASK` (its slot migrating) blocks on the importing
+/// node. Such a read is not woken early, so this bounds how late it sees a wake.
+const ASK_BLOCK: Duration = Duration::from_millis(100);
+
+fn millis_of(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
 
 /// A read's connection as a wake finds it: the node (`None` on a single server) and the
 /// connection's client id there. Ids are counted per node, so both name one connection.
@@ -80,6 +87,30 @@ struct SlotRead {
     blocked_on: BlockedOn,
 }
 
+/// `XREADGROUP` of `streams` with `args`, blocking for `block` milliseconds if given.
+fn xreadgroup<'a>(
+    args: &'a ReadArgs<'_>,
+    streams: &'a [Arc<str>],
+    block: Option<&'a str>,
+) -> Vec<&'a [u8]> {
+    let mut command: Vec<&[u8]> = Vec::with_capacity(10 + 2 * streams.len());
+    command.extend([
+        b"XREADGROUP".as_slice(),
+        b"GROUP",
+        args.group.as_bytes(),
+        args.consumer.as_bytes(),
+        b"COUNT",
+        args.count.as_bytes(),
+    ]);
+    if let Some(millis) = block {
+        command.extend([b"BLOCK".as_slice(), millis.as_bytes()]);
+    }
+    command.push(b"STREAMS");
+    command.extend(streams.iter().map(|s| s.as_bytes()));
+    command.extend(streams.iter().map(|_| b">".as_slice()));
+    command
+}
+
 /// What one [`SlotRead`] gave: its connection back and the outcome.
 struct SlotOutcome {
     read: SlotRead,
@@ -121,8 +152,19 @@ impl RedisBroker {
         let several = slots.len() > 1;
         let mut reads = Vec::with_capacity(slots.len());
         let mut unreachable = None;
-        for (key, members) in slots {
-            let connection = match self.read_connections.take(self, key, true).await {
+        let connections = if several {
+            futures_util::future::join_all(
+                slots
+                    .iter()
+                    .map(|(key, _)| self.read_connections.take(self, *key, true)),
+            )
+            .await
+        } else {
+            let (key, _) = &slots[0];
+            vec![self.read_connections.take(self, *key, true).await]
+        };
+        for ((key, members), connection) in slots.into_iter().zip(connections) {
+            let connection = match connection {
                 Ok(connection) => connection,
                 Err(error) if several => {
                     unreachable.get_or_insert(error);
@@ -189,6 +231,9 @@ impl RedisBroker {
                 Err(_) => {}
             }
         }
+        if several {
+            deliveries.sort_by_key(|batch| batch.stream_index);
+        }
         match first_error {
             None => Ok(deliveries),
             // What the other slots delivered is pending with this consumer now: it is
@@ -250,32 +295,27 @@ impl RedisBroker {
     }
 
     /// Sends one `XREADGROUP` on `read`'s connection, following a `MOVED` or `ASK` reply
-    /// to the node it names (that second attempt does not block: the reader reads again
-    /// at once).
+    /// to the node it names. After a `MOVED` that second attempt does not block (the
+    /// slot map names the new master for the next read); after an `ASK` it blocks for at
+    /// most [`ASK_BLOCK`], on a connection not kept, so that a stream read alone does not
+    /// spin while its slot migrates.
     async fn read_slot(&self, mut read: SlotRead, args: &ReadArgs<'_>) -> SlotOutcome {
         let streams = &read.streams;
-        let command = |blocking: bool| {
-            let mut command: Vec<&[u8]> = Vec::with_capacity(10 + 2 * streams.len());
-            command.extend([
-                b"XREADGROUP".as_slice(),
-                b"GROUP",
-                args.group.as_bytes(),
-                args.consumer.as_bytes(),
-                b"COUNT",
-                args.count.as_bytes(),
-            ]);
-            if let Some(millis) = args.block_millis.as_deref().filter(|_| blocking) {
-                command.extend([b"BLOCK".as_slice(), millis.as_bytes()]);
-            }
-            command.push(b"STREAMS");
-            command.extend(streams.iter().map(|s| s.as_bytes()));
-            command.extend(streams.iter().map(|_| b">".as_slice()));
-            command
-        };
+        let ask_block = args.block_millis.as_deref().map(|millis| {
+            millis
+                .parse::<u64>()
+                .unwrap_or(0)
+                .min(millis_of(ASK_BLOCK))
+                .to_string()
+        });
         let result = read
             .connection
             .connection
-            .read_group(&command(true), streams, args.deadline)
+            .read_group(
+                &xreadgroup(args, streams, args.block_millis.as_deref()),
+                streams,
+                args.deadline,
+            )
             .await;
         let redirect = match &result {
             Err(RespError::Server(line)) => self.topology.redirect(line),
@@ -285,7 +325,15 @@ impl RedisBroker {
             return SlotOutcome { read, result };
         };
         let endpoint = cluster.endpoint(&redirect.node);
-        let again = command(false);
+        let again = xreadgroup(
+            args,
+            streams,
+            if redirect.ask {
+                ask_block.as_deref()
+            } else {
+                None
+            },
+        );
         let result = async {
             let mut connection =
                 RespConnection::connect_with_id(&endpoint, Instant::now() + CONNECT_TIMEOUT)
@@ -333,15 +381,16 @@ impl RedisBroker {
                 state.blocked.clone()
             };
             let mut waiting = false;
-            for connection in blocked {
-                let (node, client_id) = &connection;
-                let unblocked = self
-                    .commands()
+            let unblocks = blocked.iter().map(|(node, client_id)| async move {
+                self.commands()
                     .on_node(
                         node.as_ref(),
                         redis::cmd("CLIENT").arg("UNBLOCK").arg(*client_id),
                     )
-                    .await;
+                    .await
+            });
+            let outcomes = futures_util::future::join_all(unblocks).await;
+            for (connection, unblocked) in blocked.into_iter().zip(outcomes) {
                 match unblocked {
                     Ok(Value::Int(1)) => lock(&self.reader)
                         .blocked

@@ -378,7 +378,7 @@ impl RedisBroker {
                             {
                                 self.topology.connection_lost();
                             }
-                            return Err(error);
+                            return Err(partly_written(stream, error, &ids));
                         }
                     },
                 }
@@ -445,6 +445,22 @@ impl RedisBroker {
             }
         }
         outcomes
+    }
+}
+
+/// `error`, saying how many of the entries were written before it when some were (on an
+/// earlier round, before a redirect).
+fn partly_written(stream: &str, error: Error, ids: &[Option<EntryId>]) -> Error {
+    let written = ids.iter().flatten().count();
+    match error {
+        Error::Redis { source, .. } if written > 0 => Error::redis(
+            format!(
+                "publishing to stream `{stream}` ({written} of {} entries written before this failure)",
+                ids.len()
+            ),
+            source,
+        ),
+        other => other,
     }
 }
 

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
@@ -187,6 +189,13 @@ impl Cluster {
         if let (Some(node), false) = (&known, stale) {
             return Ok(node.clone());
         }
+        // While another caller refreshes, what is known serves: a refresh can take the
+        // command timeout when a node does not answer, and should cost one caller that.
+        if let Some(node) = &known
+            && self.refreshing.try_lock().is_err()
+        {
+            return Ok(node.clone());
+        }
         match self.refresh().await {
             Ok(()) => {}
             Err(error) => match known {
@@ -289,10 +298,16 @@ impl Cluster {
         {
             return Err(not_known(cause.clone()));
         }
+        // Every candidate at once, the first answer wins: a node that does not answer
+        // holds up no other.
         let asked = tokio::time::timeout(self.command_timeout, async {
+            let mut asking: FuturesUnordered<_> = candidates
+                .iter()
+                .map(|node| async move { (node, self.cluster_slots(node).await) })
+                .collect();
             let mut failures = Vec::new();
-            for node in &candidates {
-                match self.cluster_slots(node).await {
+            while let Some((node, answer)) = asking.next().await {
+                match answer {
                     Ok(ranges) if !ranges.is_empty() => return Ok(ranges),
                     Ok(_) => failures.push(format!("{node} serves no slots")),
                     Err(error) => failures.push(format!("{node}: {error}")),
