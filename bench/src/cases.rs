@@ -272,7 +272,7 @@ pub(crate) struct Row {
     pub(crate) what: String,
     pub(crate) unit: Unit,
     /// The row whose value (same repetition) the ratio divides by.
-    pub(crate) reference: Option<&'static str>,
+    pub(crate) reference: Option<String>,
     pub(crate) target: Option<Target>,
 }
 
@@ -287,8 +287,8 @@ impl Row {
         }
     }
 
-    pub(crate) fn vs(mut self, reference: &'static str) -> Self {
-        self.reference = Some(reference);
+    pub(crate) fn vs(mut self, reference: impl Into<String>) -> Self {
+        self.reference = Some(reference.into());
         self
     }
 
