@@ -50,6 +50,8 @@ pub(crate) enum Case {
     RssBacklog,
     /// 1, 2 and 3 consumer processes in one group sharing a stream of 6 partitions.
     Compete,
+    /// As `Compete`, on a 3-master Redis Cluster, next to a hand-written loop per master.
+    CompeteCluster,
     /// As `Baseline`, over TLS.
     BaselineTls,
     /// As `Consume`, over TLS.
@@ -61,7 +63,7 @@ pub(crate) enum Case {
 }
 
 impl Case {
-    pub(crate) const ALL: [Case; 26] = [
+    pub(crate) const ALL: [Case; 27] = [
         Case::Baseline,
         Case::Consume,
         Case::ConsumeObserved,
@@ -84,6 +86,7 @@ impl Case {
         Case::Rss,
         Case::RssBacklog,
         Case::Compete,
+        Case::CompeteCluster,
         Case::BaselineTls,
         Case::ConsumeTls,
         Case::PublishRawTls,
@@ -114,6 +117,7 @@ impl Case {
             Case::Rss => "rss",
             Case::RssBacklog => "rss-backlog",
             Case::Compete => "compete",
+            Case::CompeteCluster => "compete-cluster",
             Case::BaselineTls => "baseline-tls",
             Case::ConsumeTls => "consume-tls",
             Case::PublishRawTls => "publish-raw-tls",
@@ -155,6 +159,8 @@ impl Case {
                 Case::PublishRawTls,
                 Case::Publish64Tls,
             ],
+            // With the cases its rows are compared with.
+            "cluster" => &[Case::Baseline, Case::Compete, Case::CompeteCluster],
             _ => {
                 return Case::ALL
                     .into_iter()
@@ -193,7 +199,7 @@ pub(crate) struct Sizes {
     pub(crate) rss: u64,
     /// Backlog of `rss-backlog`.
     pub(crate) rss_backlog: u64,
-    /// Backlog of each run of `compete`, over all partitions.
+    /// Backlog of each run of `compete` and `compete-cluster`, over all partitions.
     pub(crate) compete: u64,
 }
 
@@ -272,7 +278,7 @@ pub(crate) struct Row {
     pub(crate) what: String,
     pub(crate) unit: Unit,
     /// The row whose value (same repetition) the ratio divides by.
-    pub(crate) reference: Option<&'static str>,
+    pub(crate) reference: Option<String>,
     pub(crate) target: Option<Target>,
 }
 
@@ -287,8 +293,8 @@ impl Row {
         }
     }
 
-    pub(crate) fn vs(mut self, reference: &'static str) -> Self {
-        self.reference = Some(reference);
+    pub(crate) fn vs(mut self, reference: impl Into<String>) -> Self {
+        self.reference = Some(reference.into());
         self
     }
 

@@ -21,9 +21,12 @@ environment: BENCH_REPS, BENCH_CASES, BENCH_QUICK=1 (arguments win);
 
 cases:  baseline consume poison transient cpu-1 cpu-2 io-64 io-512 publish-raw
         publish-raw-seq publish-seq publish-64 publish-batch latency-raw latency rss-raw
-        rss rss-backlog compete baseline-tls consume-tls publish-raw-tls publish-64-tls
+        rss rss-backlog compete compete-cluster baseline-tls consume-tls publish-raw-tls
+        publish-64-tls
 groups: all failures (consume poison transient) cpu io publish memory
-        tls (the *-tls cases and the plain ones they compare with)";
+        tls (the *-tls cases and the plain ones they compare with)
+        cluster (compete-cluster, on a throwaway 3-master Redis Cluster, with baseline
+        and compete)";
 
 /// What the process was started to do.
 #[derive(Debug, PartialEq)]
@@ -51,11 +54,15 @@ pub(crate) struct Options {
     pub(crate) redis_url: Option<String>,
 }
 
-/// `--child KIND --url URL --stream NAME --entries N`.
+/// `--child KIND --url URL --stream NAME --entries N`, or `--cluster SEED` for `--url`.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ChildArgs {
     pub(crate) kind: ChildKind,
+    /// The server, or with `cluster` a seed node of the cluster.
     pub(crate) url: String,
+    /// `--cluster SEED` instead of `--url URL`: the bus runs on a Redis Cluster (the
+    /// `compete` child only).
+    pub(crate) cluster: bool,
     pub(crate) stream: String,
     pub(crate) entries: u64,
 }
@@ -177,6 +184,7 @@ fn parse_test_mode(args: &[String], redis_url: Option<String>) -> Mode {
 fn parse_child(args: &[String]) -> Result<ChildArgs, String> {
     let mut kind = None;
     let mut url = None;
+    let mut cluster = false;
     let mut stream = None;
     let mut entries = None;
     let mut args = args.iter();
@@ -196,6 +204,10 @@ fn parse_child(args: &[String]) -> Result<ChildArgs, String> {
             .ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--url" => url = Some(value),
+            "--cluster" => {
+                url = Some(value);
+                cluster = true;
+            }
             "--stream" => stream = Some(value),
             "--entries" => {
                 entries = Some(
@@ -210,7 +222,8 @@ fn parse_child(args: &[String]) -> Result<ChildArgs, String> {
     }
     Ok(ChildArgs {
         kind: kind.ok_or("--child needs a kind: raw, consume, prefill or compete")?,
-        url: url.ok_or("--child needs --url")?,
+        url: url.ok_or("--child needs --url or --cluster")?,
+        cluster,
         stream: stream.ok_or("--child needs --stream")?,
         entries: entries.ok_or("--child needs --entries")?,
     })
@@ -332,10 +345,21 @@ mod tests {
             Ok(Mode::Child(ChildArgs {
                 kind: ChildKind::Consume,
                 url: "redis://x/".to_owned(),
+                cluster: false,
                 stream: "s".to_owned(),
                 entries: 10,
             }))
         );
         assert!(parse(&args("--child consume --url u"), no_env).is_err());
+        let Ok(Mode::Child(on_cluster)) = parse(
+            &args("--child compete --cluster redis://seed/ --stream s --entries 1"),
+            no_env,
+        ) else {
+            panic!("--cluster does not parse");
+        };
+        assert_eq!(
+            (on_cluster.url.as_str(), on_cluster.cluster),
+            ("redis://seed/", true)
+        );
     }
 }

@@ -1,10 +1,13 @@
 //! Competing consumers: 1, 2 and 3 bus processes in one consumer group sharing a stream of
-//! [`PARTITIONS`] partitions, measured together as entries/s of the whole group.
+//! [`PARTITIONS`] partitions, measured together as entries/s of the whole group, on one
+//! server or on a Redis Cluster.
 //!
 //! Each process is a child of this binary (`--child compete`): it builds its bus, says
 //! `ready`, starts listening when the suite writes `go` to its stdin, and shuts down on
 //! `stop`, reporting how many entries it handled. The clock runs from `go` until the group
 //! has read and acknowledged every entry of every partition (polled with `XINFO GROUPS`).
+//! On a cluster the same partitions are also consumed by [`run_raw`]: a hand-written loop
+//! per master, all at once, the ceiling of a client there.
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -29,50 +32,82 @@ pub(crate) const PROCESSES: [usize; 3] = [1, 2, 3];
 /// How often the suite looks whether the group is done.
 const POLL: Duration = Duration::from_millis(2);
 
-/// One run: how long the group took, and how many entries each process handled.
+/// Where the consumer processes connect.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Endpoint<'a> {
+    /// One server, at this URL.
+    Server(&'a str),
+    /// A Redis Cluster, through this seed node (`EventBusBuilder::cluster`).
+    Cluster(&'a str),
+}
+
+impl<'a> Endpoint<'a> {
+    /// The child's arguments that say it: `--url URL` or `--cluster SEED`.
+    fn child_args(self) -> [&'a str; 2] {
+        match self {
+            Endpoint::Server(url) => ["--url", url],
+            Endpoint::Cluster(seed) => ["--cluster", seed],
+        }
+    }
+}
+
+/// A node holding some partitions of the shared stream, with a connection to it (without
+/// a response timeout, see [`raw::connect`]): the one server, or one master of a cluster.
+#[derive(Debug, Clone)]
+pub(crate) struct Node {
+    /// How the node is named in the output, e.g. `127.0.0.1:7001`.
+    pub(crate) name: String,
+    pub(crate) conn: MultiplexedConnection,
+    /// The names of the partitions this node serves.
+    pub(crate) partitions: Vec<String>,
+}
+
+/// The Redis streams of the partitions of `stream`, in partition order.
+pub(crate) fn partitions(stream: &str) -> Vec<String> {
+    (0..PARTITIONS)
+        .map(|partition| partition_stream(stream, partition))
+        .collect()
+}
+
+/// One run: how long it took, and how many entries each process (or loop) handled.
 #[derive(Debug)]
 pub(crate) struct CompeteRun {
     pub(crate) elapsed: Duration,
     pub(crate) handled: Vec<u64>,
 }
 
-/// Fills the partitions of `stream` with `entries` entries in all (the group created on
-/// each), runs `processes` consumer processes until the group is done, and removes the
-/// partitions.
+/// Fills the partitions of `stream` on `nodes` (see [`partitions`]) with `entries` entries
+/// in all, the group created on each, awaits `settle` (on a cluster: the replicas catching
+/// up with the fill, which would otherwise take CPU from the timed part), runs `processes`
+/// consumer processes on `endpoint` until the group is done, and removes the partitions.
 pub(crate) async fn run(
-    url: &str,
-    conn: &mut MultiplexedConnection,
+    endpoint: Endpoint<'_>,
     stream: &str,
+    nodes: &mut [Node],
     entries: u64,
     processes: usize,
+    settle: impl Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<CompeteRun> {
-    let partitions: Vec<String> = (0..PARTITIONS)
-        .map(|partition| partition_stream(stream, partition))
-        .collect();
-    let result = fill_and_run(url, conn, stream, &partitions, entries, processes).await;
-    for partition in &partitions {
-        raw::delete(conn, partition).await?;
-    }
-    result
+    let result = fill_and_run(endpoint, stream, nodes, entries, processes, settle).await;
+    let cleanup = delete(nodes).await;
+    let run = result?;
+    cleanup?;
+    Ok(run)
 }
 
 async fn fill_and_run(
-    url: &str,
-    conn: &mut MultiplexedConnection,
+    endpoint: Endpoint<'_>,
     stream: &str,
-    partitions: &[String],
+    nodes: &mut [Node],
     entries: u64,
     processes: usize,
+    settle: impl Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<CompeteRun> {
-    let per_partition = entries / u64::from(PARTITIONS);
-    for partition in partitions {
-        raw::prefill(conn, partition, per_partition, false).await?;
-        raw::create_group(conn, partition).await?;
-    }
-    let entries = per_partition * u64::from(PARTITIONS);
+    let entries = fill(nodes, entries).await?;
+    settle.await?;
     let mut children = Vec::with_capacity(processes);
     for index in 0..processes {
-        children.push(ConsumerChild::start(url, stream, index).await?);
+        children.push(ConsumerChild::start(endpoint, stream, index).await?);
     }
     let start = Instant::now();
     for child in &mut children {
@@ -80,7 +115,7 @@ async fn fill_and_run(
     }
     let limit = STEP + Duration::from_millis(entries / 2);
     bounded("the group to handle every entry", limit, async {
-        while !done(conn, partitions).await? {
+        while !done(nodes).await? {
             tokio::time::sleep(POLL).await;
         }
         anyhow::Ok(())
@@ -97,8 +132,104 @@ async fn fill_and_run(
     Ok(CompeteRun { elapsed, handled })
 }
 
-/// Whether the group has read and acknowledged every entry of every partition.
-async fn done(conn: &mut MultiplexedConnection, partitions: &[String]) -> anyhow::Result<bool> {
+/// The hand-written reference of a cluster: fills the partitions on `nodes` and awaits
+/// `settle` as [`run`] does, then runs [`raw::consume_partitions`] on every node at once,
+/// each over the partitions that node serves, until all are consumed; removes the
+/// partitions. `handled` is per node, in the order of `nodes`; `elapsed` runs until the
+/// last loop is done.
+pub(crate) async fn run_raw(
+    nodes: &mut [Node],
+    entries: u64,
+    settle: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<CompeteRun> {
+    let result = fill_and_run_raw(nodes, entries, settle).await;
+    let cleanup = delete(nodes).await;
+    let run = result?;
+    cleanup?;
+    Ok(run)
+}
+
+async fn fill_and_run_raw(
+    nodes: &mut [Node],
+    entries: u64,
+    settle: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<CompeteRun> {
+    let entries = fill(nodes, entries).await?;
+    settle.await?;
+    let per_partition = entries / u64::from(PARTITIONS);
+    let mut loops = tokio::task::JoinSet::new();
+    let start = Instant::now();
+    for (index, node) in nodes.iter().enumerate() {
+        let (mut conn, partitions) = (node.conn.clone(), node.partitions.clone());
+        loops.spawn(async move {
+            let consumed = raw::consume_partitions(&mut conn, &partitions, per_partition).await;
+            (
+                index,
+                consumed.map(|_| per_partition * partitions.len() as u64),
+            )
+        });
+    }
+    let mut handled = vec![0; nodes.len()];
+    while let Some(joined) = loops.join_next().await {
+        let (index, consumed) = joined.context("a hand-written loop panicked")?;
+        handled[index] = consumed.with_context(|| format!("the loop on {}", nodes[index].name))?;
+    }
+    let elapsed = start.elapsed();
+    for node in nodes.iter_mut() {
+        for partition in &node.partitions {
+            let pending = raw::pending_count(&mut node.conn, partition).await?;
+            if pending != 0 {
+                bail!("{pending} entries of {partition} are still pending after the loop");
+            }
+        }
+    }
+    Ok(CompeteRun { elapsed, handled })
+}
+
+/// Fills every partition on `nodes` with an equal share of `entries` and creates the group
+/// on it; returns how many entries that made in all (a multiple of [`PARTITIONS`]).
+async fn fill(nodes: &mut [Node], entries: u64) -> anyhow::Result<u64> {
+    let per_partition = entries / u64::from(PARTITIONS);
+    let mut filled = 0;
+    for node in nodes.iter_mut() {
+        for partition in &node.partitions {
+            raw::prefill(&mut node.conn, partition, per_partition, false).await?;
+            raw::create_group(&mut node.conn, partition).await?;
+            filled += 1;
+        }
+    }
+    if filled != PARTITIONS {
+        bail!("the nodes hold {filled} partitions, expected {PARTITIONS}");
+    }
+    Ok(per_partition * u64::from(PARTITIONS))
+}
+
+/// Removes every partition on `nodes`.
+async fn delete(nodes: &mut [Node]) -> anyhow::Result<()> {
+    for node in nodes.iter_mut() {
+        for partition in &node.partitions {
+            raw::delete(&mut node.conn, partition).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether the group has read and acknowledged every entry of every partition: one
+/// pipeline of `XINFO GROUPS` per node. A partition once done stays done (nothing is
+/// added during a run), so asking the nodes one after the other is enough.
+async fn done(nodes: &mut [Node]) -> anyhow::Result<bool> {
+    for node in nodes.iter_mut() {
+        if !node_done(&mut node.conn, &node.partitions).await? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+async fn node_done(
+    conn: &mut MultiplexedConnection,
+    partitions: &[String],
+) -> anyhow::Result<bool> {
     let mut pipe = redis::pipe();
     for partition in partitions {
         pipe.cmd("XINFO").arg("GROUPS").arg(partition);
@@ -149,10 +280,12 @@ struct ConsumerChild {
 
 impl ConsumerChild {
     /// Starts it and waits until its bus is built.
-    async fn start(url: &str, stream: &str, index: usize) -> anyhow::Result<Self> {
+    async fn start(endpoint: Endpoint<'_>, stream: &str, index: usize) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("finding this benchmark's binary")?;
         let mut child = tokio::process::Command::new(exe)
-            .args(["--child", "compete", "--url", url, "--stream", stream])
+            .args(["--child", "compete"])
+            .args(endpoint.child_args())
+            .args(["--stream", stream])
             .args(["--entries", &index.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -218,11 +351,17 @@ impl StreamHandler for NoOp {
     }
 }
 
-/// The child's side: a bus on the partitioned stream, named after its index (`--entries`).
+/// The child's side: a bus on the partitioned stream, named after its index (`--entries`),
+/// on the server or (`--cluster`) the cluster of `args.url`.
 pub(crate) async fn child(args: &ChildArgs) -> anyhow::Result<()> {
     let handled = Arc::new(AtomicU64::new(0));
-    let bus = EventBus::builder()
-        .url(&args.url)
+    let builder = EventBus::builder();
+    let builder = if args.cluster {
+        builder.cluster([args.url.as_str()])
+    } else {
+        builder.url(&args.url)
+    };
+    let bus = builder
         .consumer_group(GROUP)
         .consumer_name(format!("c{}", args.entries))
         .max_count(READ_COUNT)

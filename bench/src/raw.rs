@@ -264,6 +264,61 @@ pub(crate) async fn consume(
     Ok(start.elapsed())
 }
 
+/// The baseline loop over several streams of one node, as a client of a Redis Cluster
+/// would write it: a cluster refuses an `XREADGROUP` over keys of different hash slots, and
+/// each partition of a stream has a slot of its own. So each round sends one pipeline with
+/// the baseline's `XREADGROUP COUNT 100 BLOCK ..` for every stream with entries left, then
+/// one pipeline with an `XACK` of every id read from each stream, until each stream's
+/// `per_stream` entries are consumed. Decodes nothing but the ids. Returns how long it took.
+pub(crate) async fn consume_partitions(
+    conn: &mut MultiplexedConnection,
+    streams: &[String],
+    per_stream: u64,
+) -> anyhow::Result<Duration> {
+    let reads: Vec<redis::Cmd> = streams.iter().map(|s| read_new_command(s)).collect();
+    let mut left = vec![per_stream; streams.len()];
+    let start = Instant::now();
+    while left.iter().any(|&n| n > 0) {
+        let reading: Vec<usize> = (0..streams.len()).filter(|&i| left[i] > 0).collect();
+        let mut pipe = redis::pipe();
+        for &i in &reading {
+            pipe.add_command(reads[i].clone());
+        }
+        let replies: Vec<Value> = query(conn, "pipelined XREADGROUP", &pipe).await?;
+        if replies.len() != reading.len() {
+            bail!("{} replies to {} reads", replies.len(), reading.len());
+        }
+        let mut acks = redis::pipe();
+        let mut expected = Vec::with_capacity(reading.len());
+        for (&i, reply) in reading.iter().zip(replies) {
+            let ids = entry_ids(reply)?;
+            if ids.is_empty() {
+                let consumed = per_stream - left[i];
+                bail!(
+                    "{} ran dry after {consumed} of {per_stream} entries",
+                    streams[i]
+                );
+            }
+            let ack = acks.cmd("XACK").arg(&streams[i]).arg(GROUP);
+            for id in &ids {
+                ack.arg(id.as_slice());
+            }
+            expected.push((i, ids.len() as u64));
+        }
+        let acked: Vec<u64> = query(conn, "pipelined XACK", &acks).await?;
+        for ((i, read), acked) in expected.into_iter().zip(acked) {
+            if acked != read {
+                bail!(
+                    "XACK on {} acknowledged {acked} of {read} entries",
+                    streams[i]
+                );
+            }
+            left[i] = left[i].saturating_sub(acked);
+        }
+    }
+    Ok(start.elapsed())
+}
+
 /// The entry ids of an `XREADGROUP` reply (RESP2 or RESP3), moved out without copying.
 fn entry_ids(reply: Value) -> anyhow::Result<Vec<Vec<u8>>> {
     let mut ids = Vec::new();

@@ -73,6 +73,7 @@ impl Report {
             };
             let ratio = row
                 .reference
+                .as_deref()
                 .and_then(|reference| Some((reference, self.ratio(&row.id, reference)?)));
             let ratio_text = match ratio {
                 Some((reference, r)) => {

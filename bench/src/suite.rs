@@ -6,12 +6,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use redis::aio::MultiplexedConnection;
-use slim_bus_tests::{RedisServer, TestCertificates};
+use slim_bus_tests::{RedisCluster, RedisServer, TestCertificates};
 
 use crate::bus::{self, ConsumeSettings};
 use crate::cases::{Case, Measurement, Reading, Row, Sizes, Target, Unit, count};
 use crate::cli::{ChildKind, Options};
-use crate::compete;
+use crate::compete::{self, Endpoint};
 use crate::memory;
 use crate::raw::{self, CommandStats, PUBLISH_PIPELINE, READ_COUNT};
 use crate::report::{self, Report};
@@ -54,15 +54,24 @@ pub(crate) async fn run(options: Options) -> anyhow::Result<bool> {
     let tls_url = server
         .as_ref()
         .and_then(|(server, _)| server.tls_port().map(|_| server.tls_url()));
+    let cluster = if options.cases.contains(&Case::CompeteCluster) {
+        Some(ClusterBench::start().await?)
+    } else {
+        None
+    };
     let mut suite = Suite {
         conn: raw::connect(&url).await?,
         url,
         tls_url,
+        cluster,
         sizes: options.sizes.clone(),
         run_id: run_id(),
     };
     let version = raw::server_version(&mut suite.conn).await?;
     println!("{}", header(&options, &version, origin));
+    if let Some(cluster) = &suite.cluster {
+        println!("{}", cluster.describe(&suite.run_id).await?);
+    }
 
     let mut report = Report::default();
     let mut traffic: Vec<Traffic> = Vec::new();
@@ -213,6 +222,8 @@ struct Suite {
     /// The throwaway server's TLS port, when a `*-tls` case is selected.
     tls_url: Option<String>,
     conn: MultiplexedConnection,
+    /// The throwaway cluster, when `compete-cluster` is selected.
+    cluster: Option<ClusterBench>,
     sizes: Sizes,
     run_id: String,
 }
@@ -660,6 +671,13 @@ impl Suite {
                 memory_case(case, url, conn, &stats, stream, &sizes).await?
             }
             Case::Compete => compete_case(url, conn, stream, &sizes).await?,
+            Case::CompeteCluster => {
+                let cluster = self
+                    .cluster
+                    .as_ref()
+                    .context("compete-cluster needs the throwaway cluster")?;
+                compete_cluster_case(cluster, stream, &sizes).await?
+            }
         })
     }
 }
@@ -673,18 +691,28 @@ async fn compete_case(
 ) -> anyhow::Result<CaseRun> {
     let mut rows = Vec::new();
     for processes in compete::PROCESSES {
+        let stream = format!("{stream}-{processes}");
+        let mut nodes = [compete::Node {
+            name: "the server".to_owned(),
+            conn: conn.clone(),
+            partitions: compete::partitions(&stream),
+        }];
+        let before = [raw::command_stats(conn).await?];
         let run = compete::run(
-            url,
-            conn,
-            &format!("{stream}-{processes}"),
+            Endpoint::Server(url),
+            &stream,
+            &mut nodes,
             sizes.compete,
             processes,
+            async { Ok(()) },
         )
         .await?;
+        let after = [raw::command_stats(conn).await?];
         eprintln!(
-            "          compete-{processes}: entries per process {:?} in {:.2} s",
+            "          compete-{processes}: entries per process {:?} in {:.2} s; {}",
             run.handled,
-            run.elapsed.as_secs_f64()
+            run.elapsed.as_secs_f64(),
+            traffic_per_node(&nodes, &before, &after, sizes.compete)
         );
         let row = Row::new(
             format!("compete-{processes}"),
@@ -699,6 +727,220 @@ async fn compete_case(
         rows.push(throughput(row, run.handled.iter().sum(), run.elapsed));
     }
     Ok(CaseRun::new(rows))
+}
+
+/// The `compete-cluster` case: the hand-written loop per master, then a run with each
+/// number of consumer processes, on the throwaway cluster; each run's rows against the
+/// loop of this repetition, and against `compete-N` (one server) of this repetition.
+async fn compete_cluster_case(
+    cluster: &ClusterBench,
+    stream: &str,
+    sizes: &Sizes,
+) -> anyhow::Result<CaseRun> {
+    let masters = cluster.masters.len();
+    let raw_stream = format!("{stream}-raw");
+    let mut nodes = cluster.nodes(&raw_stream).await?;
+    let before = cluster.command_stats(&mut nodes).await?;
+    let run = compete::run_raw(&mut nodes, sizes.compete, cluster.replicated()).await?;
+    let after = cluster.command_stats(&mut nodes).await?;
+    eprintln!(
+        "          compete-cluster-raw: entries per master {:?} in {:.2} s; {}",
+        run.handled,
+        run.elapsed.as_secs_f64(),
+        traffic_per_node(&nodes, &before, &after, sizes.compete)
+    );
+    let raw_row = Row::new(
+        "compete-cluster-raw",
+        format!(
+            "hand-written redis-rs loop per master, all {masters} at once: per round a pipeline of XREADGROUP COUNT {READ_COUNT} (one per partition it serves), then a pipeline of XACK; {} partitions, {} backlog in all",
+            compete::PARTITIONS,
+            count(sizes.compete)
+        ),
+        Unit::EntriesPerSec,
+    )
+    .vs("baseline");
+    let mut rows = vec![throughput(raw_row, run.handled.iter().sum(), run.elapsed)];
+    for processes in compete::PROCESSES {
+        let stream = format!("{stream}-{processes}");
+        let mut nodes = cluster.nodes(&stream).await?;
+        let before = cluster.command_stats(&mut nodes).await?;
+        let run = compete::run(
+            Endpoint::Cluster(&cluster.seed),
+            &stream,
+            &mut nodes,
+            sizes.compete,
+            processes,
+            cluster.replicated(),
+        )
+        .await?;
+        let after = cluster.command_stats(&mut nodes).await?;
+        eprintln!(
+            "          compete-cluster-{processes}: entries per process {:?} in {:.2} s; {}",
+            run.handled,
+            run.elapsed.as_secs_f64(),
+            traffic_per_node(&nodes, &before, &after, sizes.compete)
+        );
+        let entries = run.handled.iter().sum();
+        let id = format!("compete-cluster-{processes}");
+        let row = Row::new(
+            id.clone(),
+            format!(
+                "{processes} slim-bus process(es) on the {masters}-master cluster (`.cluster([seed])`), one group, a stream of {} partitions, {} backlog in all, no-op handler, max_concurrent 64 each",
+                compete::PARTITIONS,
+                count(sizes.compete)
+            ),
+            Unit::EntriesPerSec,
+        )
+        .vs("compete-cluster-raw");
+        let single = format!("compete-{processes}");
+        let against_single = Row::new(
+            format!("{id}/single"),
+            format!("the same run of {id}, against {single} (one server)"),
+            Unit::EntriesPerSec,
+        )
+        .vs(single);
+        rows.push(throughput(row, entries, run.elapsed));
+        rows.push(throughput(against_single, entries, run.elapsed));
+    }
+    Ok(CaseRun::new(rows))
+}
+
+/// Per node, what its stream commands did between `before` and `after` of a run of
+/// `entries` in all: `:PORT (P partitions): N XREADGROUP (E per read), M XACK (I per ack)`.
+fn traffic_per_node(
+    nodes: &[compete::Node],
+    before: &[CommandStats],
+    after: &[CommandStats],
+    entries: u64,
+) -> String {
+    let per_partition = entries / u64::from(compete::PARTITIONS);
+    let per_node: Vec<String> = nodes
+        .iter()
+        .zip(before.iter().zip(after))
+        .map(|(node, (before, after))| {
+            let commands = after.since(before);
+            let on_node = per_partition * node.partitions.len() as u64;
+            let per = |calls: u64| on_node as f64 / calls.max(1) as f64;
+            let reads = commands.get("xreadgroup").calls;
+            let acks = commands.get("xack").calls;
+            format!(
+                "{} ({} partition(s)): {reads} XREADGROUP ({:.1} per read), {acks} XACK ({:.1} per ack)",
+                node.name,
+                node.partitions.len(),
+                per(reads),
+                per(acks)
+            )
+        })
+        .collect();
+    per_node.join("; ")
+}
+
+/// The throwaway Redis Cluster of `compete-cluster`: six nodes, three masters with a
+/// replica each (the test harness's), and a connection to each master.
+struct ClusterBench {
+    /// Kept alive until the end of the run; dropping it kills and reaps every node.
+    cluster: RedisCluster,
+    /// The seed node the consumer processes are given (`EventBusBuilder::cluster`).
+    seed: String,
+    /// Each master's port and a connection to it, in port order.
+    masters: Vec<(u16, MultiplexedConnection)>,
+}
+
+impl ClusterBench {
+    async fn start() -> anyhow::Result<Self> {
+        let cluster = RedisCluster::start()
+            .await
+            .context("starting a throwaway Redis Cluster (six redis-server nodes, redis-cli)")?;
+        let mut masters = Vec::new();
+        for port in cluster.masters().await? {
+            masters.push((port, raw::connect(&cluster.node(port).url()).await?));
+        }
+        let seed = cluster
+            .urls()
+            .into_iter()
+            .next()
+            .context("the cluster has no running node")?;
+        Ok(ClusterBench {
+            cluster,
+            seed,
+            masters,
+        })
+    }
+
+    /// The masters holding the partitions of `stream`, each with the partitions it serves
+    /// (asked of the cluster: `CLUSTER KEYSLOT`, `CLUSTER NODES`); masters serving none
+    /// are left out.
+    async fn nodes(&self, stream: &str) -> anyhow::Result<Vec<compete::Node>> {
+        let mut nodes: Vec<compete::Node> = self
+            .masters
+            .iter()
+            .map(|(port, conn)| compete::Node {
+                name: format!(":{port}"),
+                conn: conn.clone(),
+                partitions: Vec::new(),
+            })
+            .collect();
+        for partition in compete::partitions(stream) {
+            let port = self.cluster.master_of(&partition).await?;
+            let index = self
+                .masters
+                .iter()
+                .position(|(master, _)| *master == port)
+                .with_context(|| format!("{partition} is on {port}, not a known master"))?;
+            nodes[index].partitions.push(partition);
+        }
+        nodes.retain(|node| !node.partitions.is_empty());
+        Ok(nodes)
+    }
+
+    /// Waits until every master's replica has what the master has now: after a fill, so
+    /// that the replicas' catching up does not take CPU from the timed part.
+    async fn replicated(&self) -> anyhow::Result<()> {
+        for (port, _) in &self.masters {
+            self.cluster.wait_for_replication(*port).await?;
+        }
+        Ok(())
+    }
+
+    /// Every node's command statistics, in the order of `nodes`.
+    async fn command_stats(
+        &self,
+        nodes: &mut [compete::Node],
+    ) -> anyhow::Result<Vec<CommandStats>> {
+        let mut stats = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            stats.push(raw::command_stats(&mut node.conn).await?);
+        }
+        Ok(stats)
+    }
+
+    /// Which master serves each partition (and slot) of this run's streams: the hash tag
+    /// `{N}` of a partition decides its slot, so every stream of the run is laid out alike.
+    async fn describe(&self, run_id: &str) -> anyhow::Result<String> {
+        let ports: Vec<String> = self.masters.iter().map(|(p, _)| p.to_string()).collect();
+        let mut out = format!(
+            "cluster: {} masters (ports {}) with a replica each; seed {}\n",
+            self.masters.len(),
+            ports.join(", "),
+            self.seed
+        );
+        let example = format!("slim-bus-bench:{run_id}:compete-cluster");
+        for partition in compete::partitions(&example) {
+            let slot = self.cluster.slot_of(&partition).await?;
+            let port = self.cluster.master_of_slot(slot).await?;
+            let _ = writeln!(out, "  {partition}: slot {slot}, master :{port}");
+        }
+        for node in self.nodes(&example).await? {
+            let _ = writeln!(
+                out,
+                "  master {}: {} of {} partitions",
+                node.name,
+                node.partitions.len(),
+                compete::PARTITIONS
+            );
+        }
+        Ok(out)
+    }
 }
 
 /// What the server did during the timed part of one case run.
