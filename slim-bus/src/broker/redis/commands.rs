@@ -249,15 +249,25 @@ async fn keep_connecting(connection: Weak<CommandConnection>) {
             Err(error) => error,
         };
         drop(strong);
-        let delay = backoff.next_delay();
-        tracing::warn!(
-            error = &error as &dyn std::error::Error,
-            attempt = backoff.attempts(),
-            retry_in = ?delay,
-            "cannot connect to redis yet; publishes and listening wait or fail until it answers"
-        );
-        tokio::time::sleep(delay).await;
+        wait_to_connect_again(&mut backoff, &error, "redis").await;
     }
+}
+
+/// After a failed attempt to open a command connection to `what` ("redis", "the redis
+/// cluster"): logs it, and sleeps the backoff's next delay.
+pub(crate) async fn wait_to_connect_again(
+    backoff: &mut Backoff,
+    error: &(dyn std::error::Error + Send + Sync + 'static),
+    what: &str,
+) {
+    let delay = backoff.next_delay();
+    tracing::warn!(
+        error = error as &dyn std::error::Error,
+        attempt = backoff.attempts(),
+        retry_in = ?delay,
+        "cannot connect to {what} yet; publishes and listening wait or fail until it answers"
+    );
+    tokio::time::sleep(delay).await;
 }
 
 /// What a failed first connection may mean when its URL and the port disagree about TLS

@@ -17,6 +17,7 @@ use tokio::sync::OnceCell;
 use tokio_rustls::TlsConnector;
 
 use super::slot_map::{SlotMap, parse_cluster_slots};
+use crate::broker::redis::commands::wait_to_connect_again;
 use crate::broker::transport::Endpoint;
 use crate::error::{Error, Result};
 
@@ -146,14 +147,7 @@ impl Cluster {
                     }
                     Err(error) => {
                         drop(cell);
-                        let delay = backoff.next_delay();
-                        tracing::warn!(
-                            error = &error as &dyn std::error::Error,
-                            attempt = backoff.attempts(),
-                            retry_in = ?delay,
-                            "cannot connect to the redis cluster yet; publishes and listening wait or fail until it answers"
-                        );
-                        tokio::time::sleep(delay).await;
+                        wait_to_connect_again(&mut backoff, &error, "the redis cluster").await;
                     }
                 }
             }
