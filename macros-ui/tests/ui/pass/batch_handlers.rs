@@ -24,7 +24,16 @@ async fn store_views(batch: Vec<(PageViewed, slim_bus::Context)>) -> anyhow::Res
 
 #[slim_bus::stream("views.each", batch = 10)]
 async fn each(batch: Vec<(PageViewed, Context)>) -> Vec<Result<(), HandlerError>> {
-    batch.iter().map(|(view, _)| if view.page.is_empty() { Err("no page".into()) } else { Ok(()) }).collect()
+    batch
+        .iter()
+        .map(|(view, _)| {
+            if view.page.is_empty() {
+                Err("no page".into())
+            } else {
+                Ok(())
+            }
+        })
+        .collect()
 }
 
 #[slim_bus::stream("views.outcome", batch = 10)]

@@ -19,24 +19,32 @@ struct InvoiceRequested {
 
 #[slim_bus::stream]
 async fn one(order: OrderPlaced) -> anyhow::Result<InvoiceRequested> {
-    Ok(InvoiceRequested { order_id: order.order_id })
+    Ok(InvoiceRequested {
+        order_id: order.order_id,
+    })
 }
 
 #[slim_bus::stream("orders.maybe")]
 async fn maybe(order: OrderPlaced) -> Result<Option<InvoiceRequested>, HandlerError> {
-    Ok((!order.order_id.is_empty()).then_some(InvoiceRequested { order_id: order.order_id }))
+    Ok((!order.order_id.is_empty()).then_some(InvoiceRequested {
+        order_id: order.order_id,
+    }))
 }
 
 #[slim_bus::stream("orders.many")]
 async fn many(order: OrderPlaced, _ctx: Context) -> Result<Vec<InvoiceRequested>, String> {
-    Ok(vec![InvoiceRequested { order_id: order.order_id }])
+    Ok(vec![InvoiceRequested {
+        order_id: order.order_id,
+    }])
 }
 
 #[slim_bus::stream("orders.mixed")]
 async fn mixed(order: OrderPlaced) -> slim_bus::Result<Emit> {
     let mut emit = Emit::new();
-    emit.push(&InvoiceRequested { order_id: order.order_id.clone() })?
-        .push_to("audit", &order)?;
+    emit.push(&InvoiceRequested {
+        order_id: order.order_id.clone(),
+    })?
+    .push_to("audit", &order)?;
     Ok(emit)
 }
 
@@ -46,7 +54,9 @@ struct Billing;
 impl Billing {
     #[stream("orders.billing")]
     async fn on_placed(&self, order: OrderPlaced) -> anyhow::Result<Vec<InvoiceRequested>> {
-        Ok(vec![InvoiceRequested { order_id: order.order_id }])
+        Ok(vec![InvoiceRequested {
+            order_id: order.order_id,
+        }])
     }
 }
 
