@@ -61,6 +61,10 @@ impl PublishRequest {
     }
 }
 
+/// How long a cluster publish whose master refused the connection waits before it asks
+/// again where the slot is served.
+const REFUSED_WAIT: Duration = Duration::from_millis(50);
+
 /// The most `XADD`s sent in one pipeline, unless one batch holds more.
 const MAX_PUBLISH_PIPELINE: usize = 512;
 
@@ -364,12 +368,19 @@ impl RedisBroker {
                 }
             };
             let mut redirected = None;
+            let mut refused = None;
             for (&i, outcome) in unsent.iter().zip(outcomes) {
                 match outcome {
                     Ok(id) => ids[i] = Some(id),
                     Err(error) => match redirect_of(&error) {
                         Some(redirect) => {
                             redirected.get_or_insert(redirect);
+                        }
+                        // The master refused the connection: nothing was written, and
+                        // once the cluster names the slot's new master (a replica took
+                        // over) it goes there, within the deadline.
+                        None if is_refusal(&error) && Instant::now() < deadline => {
+                            refused.get_or_insert(error);
                         }
                         None => {
                             // The master may be gone: the next publish asks the cluster
@@ -382,6 +393,14 @@ impl RedisBroker {
                         }
                     },
                 }
+            }
+            if refused.is_some() {
+                self.topology.connection_lost();
+                tokio::time::sleep(
+                    REFUSED_WAIT.min(deadline.saturating_duration_since(Instant::now())),
+                )
+                .await;
+                continue;
             }
             let Some(redirect) = redirected else {
                 return Ok(ids.into_iter().flatten().collect());
@@ -446,6 +465,11 @@ impl RedisBroker {
         }
         outcomes
     }
+}
+
+/// Whether `error` is a refused connection: nothing was sent.
+fn is_refusal(error: &Error) -> bool {
+    matches!(error, Error::Redis { source, .. } if source.is_connection_refusal())
 }
 
 /// `error`, saying how many of the entries were written before it when some were (on an
