@@ -104,7 +104,7 @@ impl EventBusBuilder {
 
     /// Declares that the service publishes `E` to its stream: a `send` operation in the
     /// [AsyncAPI document](EventBus::asyncapi). Its payload is the schema given with
-    /// [`event_schema`](Self::event_schema) (feature `schemars`), else any flat fields.
+    /// `event_schema` (feature `schemars`), else any flat fields.
     /// [`build`](Self::build) fails with [`Error::NoEventStream`] when `E` names no stream.
     ///
     /// When `E` declares partitions (`#[event(partitions = N)]`), the bus knows its stream
@@ -175,7 +175,7 @@ impl EventBus {
     /// address is the stream's name), a `receive` operation per registered handler, and
     /// a `send` operation per event type declared with
     /// [`publishes`](EventBusBuilder::publishes). Message payloads are the JSON Schemas
-    /// given with [`event_schema`](EventBusBuilder::event_schema) (feature `schemars`),
+    /// given with `EventBusBuilder::event_schema` (feature `schemars`),
     /// else any flat fields; `info.description` and each message's description say how
     /// the payload travels as flat stream fields.
     ///
