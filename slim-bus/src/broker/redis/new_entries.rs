@@ -24,10 +24,6 @@ const WAKE_ATTEMPTS: usize = 100;
 /// node. Such a read is not woken early, so this bounds how late it sees a wake.
 const ASK_BLOCK: Duration = Duration::from_millis(100);
 
-fn millis_of(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
 /// A read's connection as a wake finds it: the node (`None` on a single server) and the
 /// connection's client id there. Ids are counted per node, so both name one connection.
 type BlockedOn = (Option<NodeAddr>, i64);
@@ -301,11 +297,11 @@ impl RedisBroker {
     /// spin while its slot migrates.
     async fn read_slot(&self, mut read: SlotRead, args: &ReadArgs<'_>) -> SlotOutcome {
         let streams = &read.streams;
-        let ask_block = args.block_millis.as_deref().map(|millis| {
-            millis
+        let ask_block = args.block_millis.as_deref().map(|block| {
+            block
                 .parse::<u64>()
                 .unwrap_or(0)
-                .min(millis_of(ASK_BLOCK))
+                .min(millis(ASK_BLOCK))
                 .to_string()
         });
         let result = read
