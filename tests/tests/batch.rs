@@ -206,6 +206,84 @@ async fn an_undecodable_entry_of_a_batch_is_dead_lettered_and_the_others_are_han
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
+/// Panics on its first call, then handles every batch; reports each call's seqs.
+struct PanicsOnce {
+    calls: std::sync::atomic::AtomicUsize,
+    seqs: mpsc::UnboundedSender<Vec<u64>>,
+}
+
+#[slim_bus::async_trait]
+impl BatchHandler for PanicsOnce {
+    type Event = UserCreated;
+
+    fn max_batch(&self) -> usize {
+        10
+    }
+
+    async fn handle_batch(&self, batch: Vec<(UserCreated, Context)>) -> BatchOutcome {
+        let _ = self
+            .seqs
+            .send(batch.iter().map(|(event, _)| event.seq).collect());
+        if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            panic!("the batch handler panics once");
+        }
+        BatchOutcome::ok()
+    }
+}
+
+conformance!(an_undecodable_entry_of_a_batch_whose_call_panics_is_dead_lettered_at_once);
+async fn an_undecodable_entry_of_a_batch_whose_call_panics_is_dead_lettered_at_once(
+    backend: Backend,
+) {
+    let (seqs, mut calls) = mpsc::unbounded_channel();
+    let handler = PanicsOnce {
+        calls: Default::default(),
+        seqs,
+    };
+    let bus = within(
+        "build",
+        STEP,
+        backend
+            .bus()
+            .retry_backoff(Duration::from_millis(20), Duration::from_millis(50))
+            .batch_handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    within("publish", STEP, bus.publish(&user(1)))
+        .await
+        .unwrap();
+    let poison = backend
+        .xadd(
+            "user.created",
+            &[("user_id", b"u2"), ("user_name", b"U"), ("seq", b"two")],
+        )
+        .await;
+    within("publish", STEP, bus.publish(&user(3)))
+        .await
+        .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+
+    assert_eq!(recv(&mut calls, "the call that panics").await, [1, 3]);
+    let mut retried = Vec::new();
+    while retried.len() < 2 {
+        retried.extend(recv(&mut calls, "the retried entries").await);
+    }
+    retried.sort_unstable();
+    assert_eq!(retried, [1, 3], "only the entries that decode are retried");
+    let letters = dead_letter_count(&bus, 1).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].origin_id.unwrap().to_string(), poison);
+    assert_eq!(letters[0].reason, Some(DeadLetterReason::Decode));
+    assert_eq!(
+        letters[0].delivery_count, 1,
+        "dead-lettered on its first delivery, not retried"
+    );
+    backend.until_nothing_pending("user.created", "tests").await;
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
 /// A service whose method handles `user.created` in batches of at most three.
 struct Store {
     sizes: mpsc::UnboundedSender<Vec<u64>>,

@@ -152,7 +152,26 @@ async fn run_batch(
     .await;
 }
 
-/// Decodes and calls; one outcome per entry of `called`, in order.
+/// What became of a batch call as a whole, when it did not return an outcome per entry.
+enum CallEnd {
+    TimedOut,
+    Abandoned,
+    Panicked(String),
+}
+
+impl CallEnd {
+    fn outcome(&self) -> AttemptOutcome {
+        match self {
+            CallEnd::TimedOut => AttemptOutcome::TimedOut,
+            CallEnd::Abandoned => AttemptOutcome::Abandoned,
+            CallEnd::Panicked(message) => AttemptOutcome::Panicked(message.clone()),
+        }
+    }
+}
+
+/// Decodes and calls; one outcome per entry of `called`, in order. An entry that does not
+/// decode is a decode failure whatever becomes of the call of the others (a panic, the
+/// timeout): it can never decode on a later delivery, so it is never retried.
 async fn call(
     task: &Task<'_>,
     handler: &dyn ErasedBatchHandler,
@@ -163,38 +182,39 @@ async fn call(
         .iter()
         .map(|(fields, ctx, _)| (fields, ctx.clone()))
         .collect();
-    // Decoding runs inside the catch too, as for single handlers.
-    let run = AssertUnwindSafe(async {
-        let (decode_errors, call) = handler.call(entries);
-        let decoded = decode_errors.iter().filter(|error| error.is_none()).count();
-        let outcomes = match call {
-            Some(call) => call.await.into_outcomes(decoded),
-            None => Vec::new(),
+    // Decoding is caught too, as for single handlers: a panicking `Deserialize` fails the
+    // whole batch, there being no decode result to tell the entries apart.
+    let (decode_errors, call) =
+        match std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(entries))) {
+            Ok(parts) => parts,
+            Err(panic) => {
+                let message = panic_message(&*panic);
+                return called
+                    .iter()
+                    .map(|_| AttemptOutcome::Panicked(message.clone()))
+                    .collect();
+            }
         };
-        (decode_errors, outcomes)
-    })
-    .catch_unwind();
-    let whole = |outcome: fn() -> AttemptOutcome| called.iter().map(|_| outcome()).collect();
-    let result = tokio::select! {
-        result = run => result,
-        () = tokio::time::sleep_until(task.deadline) => {
-            // The handler's future is gone; this stops what it spawned and tied to its context.
-            task.cancellation.cancel();
-            return whole(|| AttemptOutcome::TimedOut);
-        }
-        () = task.cancellation.cancelled() => return whole(|| AttemptOutcome::Abandoned),
-    };
-    let (decode_errors, outcomes) = match result {
-        Ok(parts) => parts,
-        Err(panic) => {
-            let message = panic_message(&*panic);
-            return called
-                .iter()
-                .map(|_| AttemptOutcome::Panicked(message.clone()))
-                .collect();
+    let decoded = decode_errors.iter().filter(|error| error.is_none()).count();
+    let outcomes = match call {
+        None => Ok(Vec::new()),
+        Some(call) => {
+            let run = AssertUnwindSafe(call).catch_unwind();
+            tokio::select! {
+                result = run => result
+                    .map(|outcome| outcome.into_outcomes(decoded))
+                    .map_err(|panic| CallEnd::Panicked(panic_message(&*panic))),
+                () = tokio::time::sleep_until(task.deadline) => {
+                    // The handler's future is gone; this stops what it spawned and tied to
+                    // its context.
+                    task.cancellation.cancel();
+                    Err(CallEnd::TimedOut)
+                }
+                () = task.cancellation.cancelled() => Err(CallEnd::Abandoned),
+            }
         }
     };
-    let mut outcomes = outcomes.into_iter();
+    let mut outcomes = outcomes.map(Vec::into_iter);
     decode_errors
         .into_iter()
         .zip(called)
@@ -205,10 +225,13 @@ async fn call(
                 field: error.field,
                 reason: error.reason,
             }),
-            None => match outcomes.next() {
-                Some(Ok(())) => AttemptOutcome::Handled,
-                Some(Err(error)) => AttemptOutcome::Failed(error),
-                None => unreachable!("into_outcomes gives one outcome per decoded entry"),
+            None => match &mut outcomes {
+                Err(end) => end.outcome(),
+                Ok(outcomes) => match outcomes.next() {
+                    Some(Ok(())) => AttemptOutcome::Handled,
+                    Some(Err(error)) => AttemptOutcome::Failed(error),
+                    None => unreachable!("into_outcomes gives one outcome per decoded entry"),
+                },
             },
         })
         .collect()
