@@ -135,6 +135,19 @@ pub enum Error {
         actual: String,
     },
 
+    /// Redis Cluster refused (`CROSSSLOT`) a command or script whose keys are in different
+    /// hash slots. The keys the bus derives from a stream are in its slot, so this comes
+    /// from a configuration (a key named by hand, a cluster in front of a proxy that hashes
+    /// otherwise); trying again cannot help.
+    #[error(
+        "keys {} are in different Redis Cluster hash slots, so one command cannot use them: give them a common hash tag",
+        .keys.iter().map(|key| format!("`{key}`")).collect::<Vec<_>>().join(", ")
+    )]
+    CrossSlot {
+        /// The keys of the refused command or script.
+        keys: Vec<String>,
+    },
+
     /// An inspected stream does not exist (its key is missing).
     #[error("stream `{stream}` does not exist")]
     StreamNotFound {

@@ -721,6 +721,37 @@ async fn listen_reports_a_stream_key_of_another_type() {
     );
 }
 
+/// When the dead-letter key holds another type, health names that key, not the live
+/// stream: an operator who deletes what the message names must not delete the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_names_the_dead_letter_key_that_holds_another_type_not_the_stream() {
+    let server = start_server().await;
+    string_key(&server, "{user.created}:dlq").await;
+    let (handler, mut seen) = Scripted::<UserCreated>::new(|_, _| async {
+        Err(HandlerError::permanent("the downstream refuses it"))
+    });
+    let bus = within("build", STEP, bus(&server).handler(handler).build())
+        .await
+        .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    within("publish", STEP, bus.publish(&user(1)))
+        .await
+        .unwrap();
+    recv(&mut seen, "the entry to fail").await;
+    let health = within("health", STEP, bus.health()).await;
+    let error = health.streams[0].error.as_deref().unwrap_or_default();
+    assert_eq!(
+        error, "key `{user.created}:dlq` holds a Redis string, not a stream: delete or rename it",
+        "{health:?}"
+    );
+    assert_eq!(
+        stream_len(&server, "user.created").await,
+        1,
+        "the stream is still there"
+    );
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
 /// A stream whose key is given another type while the bus reads it is set aside: the
 /// error names that key (not the first stream of the read), the other streams go on, and
 /// once the key is gone the stream is consumed again.

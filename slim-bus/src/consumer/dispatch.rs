@@ -23,7 +23,7 @@ use crate::broker::{Broker, DeadLetterMove, Delivery};
 use crate::context::Context;
 use crate::dead_letter::{DeadLetterMeta, DeadLetterReason};
 use crate::emit::Emit;
-use crate::error::{DecodeError, HandlerError, Retry, panic_message, report};
+use crate::error::{DecodeError, Error, HandlerError, Retry, panic_message, report};
 use crate::handler::RegisteredHandler;
 use crate::headers::Headers;
 use crate::publisher::Publisher;
@@ -533,6 +533,12 @@ impl Task<'_> {
                 .await;
             match moved {
                 Ok(moved) => break Some(moved),
+                Err(move_error @ Error::CrossSlot { .. }) => {
+                    // The keys do not share a slot: waiting changes nothing, so the entry
+                    // stays pending and the error is for an operator.
+                    tracing::error!(stream, entry_id = %id, %reason, error = &move_error as &dyn std::error::Error, "cannot move the entry to its dead-letter stream; it stays pending");
+                    break None;
+                }
                 Err(move_error) => {
                     if !failing {
                         failing = true;

@@ -155,7 +155,15 @@ impl DeadLetterStore for MemoryConnection {
             .command(|state| {
                 state.dead_letter(stream, dead_letters, group, consumer, id, meta, max_len)
             })
-            .map_err(|e| dlq_error("moving an entry to", dead_letters, e))?;
+            .map_err(|e| {
+                let counter = trimmed_count_key(dead_letters);
+                dlq_error(
+                    "moving an entry to",
+                    dead_letters,
+                    &[stream, dead_letters, &counter],
+                    e,
+                )
+            })?;
         if matches!(moved, DeadLetterMove::Moved { .. }) {
             self.store.appended.notify_waiters();
         }
@@ -171,7 +179,7 @@ impl DeadLetterStore for MemoryConnection {
         let replayed = self
             .store
             .command(|state| state.replay(dead_letters, origin, id))
-            .map_err(|e| dlq_error("replaying from", dead_letters, e))?;
+            .map_err(|e| dlq_error("replaying from", dead_letters, &[dead_letters, origin], e))?;
         if replayed.is_some() {
             self.store.appended.notify_waiters();
         }

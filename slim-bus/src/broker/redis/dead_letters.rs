@@ -6,9 +6,9 @@ use redis::Value;
 
 use super::replies::{entry_id, parse_raw_entry};
 use super::{RedisBroker, classify, unexpected};
-use crate::broker::{DeadLetterMove, DeadLetterStore, RawFields, trimmed_count_key};
+use crate::broker::{DeadLetterMove, DeadLetterStore, RawFields, WRONG_TYPE, trimmed_count_key};
 use crate::dead_letter::{dlq_error, unpack_fields};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, server_code};
 use crate::event::EntryId;
 
 impl RedisBroker {
@@ -33,7 +33,7 @@ impl RedisBroker {
         let (new_id,): (Value,) = pipe
             .query_async(&mut self.commands())
             .await
-            .map_err(|e| dlq_error("replaying from", dead_letters, e))?;
+            .map_err(|e| dlq_error("replaying from", dead_letters, &[dead_letters, origin], e))?;
         entry_id(&new_id).ok_or_else(|| {
             unexpected(
                 format!("replaying from dead-letter stream `{dead_letters}`"),
@@ -67,10 +67,27 @@ impl DeadLetterStore for RedisBroker {
         for (name, value) in meta {
             invocation.arg(*name).arg(value.as_str());
         }
-        let (moved, trimmed): (i64, u64) = invocation
-            .invoke_async(&mut self.commands())
-            .await
-            .map_err(|e| dlq_error("moving an entry to", dead_letters, e))?;
+        let (moved, trimmed): (i64, u64) = match invocation.invoke_async(&mut self.commands()).await
+        {
+            Ok(reply) => reply,
+            Err(e) => {
+                let counter = trimmed_count_key(dead_letters);
+                let wrong_type = server_code(&e).as_deref() == Some(WRONG_TYPE);
+                let error = dlq_error(
+                    "moving an entry to",
+                    dead_letters,
+                    &[stream, dead_letters, &counter],
+                    e,
+                );
+                return Err(if wrong_type {
+                    // The server does not say which key: name the one that is wrong, which
+                    // is rarely the live stream.
+                    self.find_wrong_key(&[dead_letters, stream], error).await
+                } else {
+                    error
+                });
+            }
+        };
         Ok(match moved {
             1 => DeadLetterMove::Moved { trimmed },
             -1 => DeadLetterMove::Deleted,
@@ -89,7 +106,7 @@ impl DeadLetterStore for RedisBroker {
         let reply: Value = invocation
             .invoke_async(&mut self.commands())
             .await
-            .map_err(|e| dlq_error("replaying from", dead_letters, e))?;
+            .map_err(|e| dlq_error("replaying from", dead_letters, &[dead_letters, origin], e))?;
         match reply {
             Value::Nil => Ok(None),
             Value::Array(parts) if parts.len() == 2 => {

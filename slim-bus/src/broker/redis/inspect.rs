@@ -13,7 +13,7 @@ use super::replies::{entry_id, parse_raw_entry};
 use super::{RedisBroker, classify, millis, unexpected};
 use crate::broker::resp::{RespConnection, RespError};
 use crate::broker::{
-    GENERIC_ERROR, GroupStats, Inspection, NO_GROUP, RawFields, TYPE_NONE, TYPE_STREAM,
+    GENERIC_ERROR, GroupStats, Inspection, NO_GROUP, RawFields, TYPE_NONE, TYPE_STREAM, WRONG_TYPE,
     trimmed_count_key,
 };
 use crate::error::{Error, Result, server_code};
@@ -52,10 +52,15 @@ impl RedisBroker {
             .arg(1);
         pipe.cmd("XINFO").arg("GROUPS").arg(stream);
         pipe.cmd("XLEN").arg(dead_letters);
-        let (length, last, groups, dead): (u64, Value, Value, u64) = pipe
-            .query_async(&mut self.commands())
-            .await
-            .map_err(|e| classify(stream, e, action))?;
+        let (length, last, groups, dead): (u64, Value, Value, u64) =
+            match pipe.query_async(&mut self.commands()).await {
+                Ok(replies) => replies,
+                Err(e) if server_code(&e).as_deref() == Some(WRONG_TYPE) => {
+                    let fallback = classify(stream, e, action);
+                    return Err(self.find_wrong_key(&[stream, dead_letters], fallback).await);
+                }
+                Err(e) => return Err(Error::redis(action(), e)),
+            };
         let last_entry_id = match last {
             Value::Array(entries) => match entries.into_iter().next() {
                 Some(entry) => Some(
@@ -370,10 +375,21 @@ impl Inspection for RedisBroker {
         pipe.cmd("XLEN").arg(dead_letters);
         pipe.cmd("GET").arg(trimmed_count_key(dead_letters));
         let (length, oldest, dead, trimmed): (u64, Value, u64, Option<u64>) = match info {
-            Some(_) => pipe
-                .query_async(&mut self.commands())
-                .await
-                .map_err(|e| classify(stream, e, action))?,
+            Some(_) => match pipe.query_async(&mut self.commands()).await {
+                Ok(replies) => replies,
+                Err(e) if server_code(&e).as_deref() == Some(WRONG_TYPE) => {
+                    let counter = trimmed_count_key(dead_letters);
+                    let fallback = Error::redis(
+                        format!(
+                            "{} (its dead letters `{dead_letters}`, their trimmed count `{counter}`)",
+                            action()
+                        ),
+                        e,
+                    );
+                    return Err(self.find_wrong_key(&[stream, dead_letters], fallback).await);
+                }
+                Err(e) => return Err(Error::redis(action(), e)),
+            },
             None => (0, Value::Nil, 0, None),
         };
         let oldest_pending_idle = match oldest {

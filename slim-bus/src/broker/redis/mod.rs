@@ -252,6 +252,30 @@ impl RedisBroker {
         Error::redis(action(), error)
     }
 
+    /// The error for a command or script over several stream keys that answered
+    /// `WRONGTYPE`: the first of `streams` that holds neither a stream nor nothing, so the
+    /// error names the key that is wrong (a dead-letter stream, say) rather than the stream
+    /// the command was about; `fallback` when none does by now.
+    async fn find_wrong_key(&self, streams: &[&str], fallback: Error) -> Error {
+        // One TYPE at a time: the keys of a cluster need not share a slot here.
+        for &key in streams {
+            let Ok(actual) = redis::cmd("TYPE")
+                .arg(key)
+                .query_async::<String>(&mut self.commands())
+                .await
+            else {
+                break;
+            };
+            if actual != TYPE_STREAM && actual != TYPE_NONE {
+                return Error::WrongType {
+                    stream: key.to_owned(),
+                    actual,
+                };
+            }
+        }
+        fallback
+    }
+
     /// The error for a key of the wrong type, naming the type found there.
     async fn wrong_type(&self, stream: &str) -> Error {
         let actual: String = redis::cmd("TYPE")
