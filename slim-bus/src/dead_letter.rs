@@ -62,23 +62,12 @@ pub(crate) fn unpack_fields(mut packed: &[u8]) -> Option<RawFields> {
 /// Error texts are cut to this many bytes, so one huge error cannot bloat Redis.
 pub(crate) const MAX_ERROR_LEN: usize = 1024;
 
-/// The name of the dead-letter stream of `stream`.
-///
-/// `{stream}<suffix>` puts both keys in one Redis Cluster hash slot (the slot of a key is
-/// that of its `{...}` tag, and `stream`'s slot is that of its whole name), so the move of
-/// an entry can be one atomic script. A stream that has a tag of its own keeps it.
+/// The name of the dead-letter stream of `stream`: in `stream`'s Redis Cluster hash slot,
+/// so the move of an entry can be one atomic script (see
+/// [`key_in_slot_of`](crate::broker::key_in_slot_of): `{stream}<suffix>`, or
+/// `stream<suffix>` for a stream with a tag of its own).
 pub(crate) fn dead_letter_stream(stream: &str, suffix: &str) -> String {
-    if has_hash_tag(stream) {
-        format!("{stream}{suffix}")
-    } else {
-        format!("{{{stream}}}{suffix}")
-    }
-}
-
-/// Whether Redis Cluster hashes `key` by a `{tag}`: a `{` followed later by a `}` with at
-/// least one byte between them.
-fn has_hash_tag(key: &str) -> bool {
-    crate::broker::hash_tag(key.as_bytes()).is_some()
+    crate::broker::key_in_slot_of(stream, suffix)
 }
 
 /// Why an entry was dead-lettered.
@@ -477,8 +466,20 @@ impl DeadLetters {
     }
 }
 
-/// Reports a failure to talk to Redis about dead letters; used by the broker.
-pub(crate) fn dlq_error(action: &str, stream: &str, source: redis::RedisError) -> Error {
+/// Reports a failure to talk to Redis about dead letters; used by the broker. A `CROSSSLOT`
+/// refusal names `keys`, the keys of the command: it is a configuration error, which no
+/// retry heals.
+pub(crate) fn dlq_error(
+    action: &str,
+    stream: &str,
+    keys: &[&str],
+    source: redis::RedisError,
+) -> Error {
+    if crate::error::server_code(&source).as_deref() == Some(crate::broker::CROSS_SLOT) {
+        return Error::CrossSlot {
+            keys: keys.iter().map(|key| (*key).to_owned()).collect(),
+        };
+    }
     Error::redis(format!("{action} dead-letter stream `{stream}`"), source)
 }
 
@@ -510,8 +511,16 @@ mod tests {
             dead_letter_stream("{user}.created", ":dlq"),
             "{user}.created:dlq"
         );
-        // `{}` is no tag: Redis hashes the whole name.
-        assert_eq!(dead_letter_stream("a{}b", ":dlq"), "{a{}b}:dlq");
+        // `{}` is no tag: Redis hashes the whole name, which no tag can hold (a tag ends at
+        // the first `}`), so the tag is another name of the same slot.
+        for stream in ["a{}b", "x}y", "}{", "{}"] {
+            let dead_letters = dead_letter_stream(stream, ":dlq");
+            assert_eq!(
+                crate::broker::key_slot(dead_letters.as_bytes()),
+                crate::broker::key_slot(stream.as_bytes()),
+                "{dead_letters}"
+            );
+        }
     }
 
     #[test]

@@ -27,4 +27,6 @@ mod transport;
 pub(crate) use codes::*;
 pub(crate) use resp::EntryFields;
 pub(crate) use roles::*;
-pub(crate) use slot::{cross_slot, group_by_slot, hash_tag};
+#[cfg(test)]
+pub(crate) use slot::key_slot;
+pub(crate) use slot::{cross_slot, group_by_slot, key_in_slot_of};

@@ -21,6 +21,36 @@ pub(crate) fn key_slot(key: &[u8]) -> u16 {
     XMODEM.checksum(hash_tag(key).unwrap_or(key)) % SLOT_COUNT
 }
 
+/// The name of a key the bus keeps next to `stream` (its dead letters, say): `stream` and
+/// `suffix` with a hash tag that puts the key in `stream`'s slot, so that one script may use
+/// both.
+///
+/// - A stream with a hash tag of its own keeps it: `{user}.created` -> `{user}.created:dlq`.
+/// - A stream without one and without `}` becomes the tag: `user.created` ->
+///   `{user.created}:dlq`.
+/// - A stream without a tag but with a `}` (`x}y`, `a{}b`) cannot be a tag, which ends at
+///   the first `}`: its slot is that of its whole name, so the tag is the smallest number
+///   whose slot is the same (`{N}x}y:dlq`).
+pub(crate) fn key_in_slot_of(stream: &str, suffix: &str) -> String {
+    if hash_tag(stream.as_bytes()).is_some() {
+        return format!("{stream}{suffix}");
+    }
+    if !stream.contains('}') {
+        return format!("{{{stream}}}{suffix}");
+    }
+    let slot = key_slot(stream.as_bytes());
+    format!("{{{}}}{stream}{suffix}", number_in_slot(slot))
+}
+
+/// The smallest number whose decimal digits hash to `slot`. Every slot has one below
+/// 2^20 (the tests go through all of them); a few hundred thousand CRCs at most, once per
+/// stream when a bus is built.
+fn number_in_slot(slot: u16) -> u32 {
+    (0u32..)
+        .find(|n| key_slot(n.to_string().as_bytes()) == slot)
+        .unwrap_or_default()
+}
+
 /// The positions of `keys` grouped by hash slot, each group in order, the groups in the
 /// order of their first key: what one command per slot covers.
 pub(crate) fn group_by_slot<K: AsRef<str>>(keys: &[K]) -> Vec<(u16, Vec<usize>)> {
@@ -78,6 +108,68 @@ mod tests {
         assert_eq!(
             key_slot(b"{user1000}.following"),
             key_slot(b"{user1000}.followers")
+        );
+    }
+
+    #[test]
+    fn every_slot_has_a_number_that_hashes_to_it() {
+        let mut first = vec![None; usize::from(SLOT_COUNT)];
+        let mut missing = usize::from(SLOT_COUNT);
+        for n in 0u32..(1 << 20) {
+            let slot = usize::from(key_slot(n.to_string().as_bytes()));
+            if first[slot].is_none() {
+                first[slot] = Some(n);
+                missing -= 1;
+                if missing == 0 {
+                    break;
+                }
+            }
+        }
+        assert_eq!(missing, 0, "slots without a number below 2^20");
+        for slot in [0, 1, 866, 9287, 13694, SLOT_COUNT - 1] {
+            assert_eq!(Some(number_in_slot(slot)), first[usize::from(slot)]);
+        }
+    }
+
+    #[test]
+    fn keys_next_to_a_stream_are_in_its_slot_whatever_its_name() {
+        for stream in [
+            "user.created",
+            "a{}b",
+            "x}y",
+            "}{",
+            "{}",
+            "{a}b",
+            "a{b}c{d}",
+            "a{",
+            "}",
+            "{{}}",
+            "orders:{3}",
+        ] {
+            for suffix in [":dlq", ":retry_at", "-dead{x}"] {
+                let key = key_in_slot_of(stream, suffix);
+                assert_eq!(
+                    key_slot(key.as_bytes()),
+                    key_slot(stream.as_bytes()),
+                    "{stream} -> {key}"
+                );
+                assert!(key.contains(stream) && key.ends_with(suffix), "{key}");
+            }
+        }
+        // Names that were in the stream's slot already keep them: dead letters are stored
+        // under them.
+        assert_eq!(key_in_slot_of("user.created", ":dlq"), "{user.created}:dlq");
+        assert_eq!(
+            key_in_slot_of("{user}.created", ":dlq"),
+            "{user}.created:dlq"
+        );
+        assert_eq!(key_in_slot_of("{a}b", ":dlq"), "{a}b:dlq");
+        assert_eq!(key_in_slot_of("a{b}c{d}", ":dlq"), "a{b}c{d}:dlq");
+        assert_eq!(key_in_slot_of("a{", ":dlq"), "{a{}:dlq");
+        let tag = number_in_slot(key_slot(b"a{}b"));
+        assert_eq!(
+            key_in_slot_of("a{}b", ":dlq"),
+            format!("{{{tag}}}a{{}}b:dlq")
         );
     }
 
