@@ -66,6 +66,16 @@ pub(crate) trait GroupReading: Send + Sync + 'static {
     /// Creates `group` on `stream` (and the stream) unless it exists.
     async fn ensure_group(&self, stream: &str, group: &str, start: StartFrom) -> Result<()>;
 
+    /// Creates `group` on `stream` (and the stream) unless it exists, reading on from just
+    /// after `after`, or from `start` when `after` is `None`. Whether it created the group.
+    async fn recreate_group(
+        &self,
+        stream: &str,
+        group: &str,
+        after: Option<EntryId>,
+        start: StartFrom,
+    ) -> Result<bool>;
+
     /// Delivers up to `count` new entries per stream to `consumer`, waiting up to `block`
     /// for the first one (not at all for `None`). An empty result is not an error.
     async fn read_new(

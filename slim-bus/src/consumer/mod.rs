@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::Broker;
 use crate::config::StartFrom;
 use crate::error::{Error, Result};
+use crate::event::EntryId;
 use crate::handler::RegisteredHandler;
 use crate::health::{LastRead, SetAside};
 use crate::publisher::Publisher;
@@ -101,6 +102,47 @@ impl Consumer {
                 .await
             {
                 Ok(()) => {
+                    if self.set_aside.clear(index) {
+                        tracing::info!(stream = %route.stream, "the stream's key is a stream again; consuming it");
+                    }
+                }
+                Err(error @ Error::WrongType { .. }) => {
+                    self.set_stream_aside(index, &error);
+                    wrong_type.get_or_insert(error);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        match wrong_type {
+            Some(error) if self.set_aside.all() => Err(error),
+            _ => Ok(()),
+        }
+    }
+
+    /// Creates again the groups that are gone (deleted, flushed, lost in a restart without
+    /// persistence): on each stream, just after `delivered_up_to[index]`, the last entry
+    /// this consumer knows was delivered to it there, so that nothing published since is
+    /// skipped and nothing handled is handled again; at `start_from` where it knows none.
+    pub(crate) async fn recreate_groups(&self, delivered_up_to: &[Option<EntryId>]) -> Result<()> {
+        let mut wrong_type = None;
+        for (index, route) in self.routes.iter().enumerate() {
+            let after = delivered_up_to.get(index).copied().flatten();
+            match self
+                .broker
+                .recreate_group(&route.stream, &self.group, after, self.start_from)
+                .await
+            {
+                Ok(created) => {
+                    if created {
+                        match after {
+                            Some(after) => {
+                                tracing::warn!(stream = %route.stream, group = %self.group, after = %after, "consumer group was gone; created it again just after the last entry delivered to this consumer")
+                            }
+                            None => {
+                                tracing::warn!(stream = %route.stream, group = %self.group, start_from = ?self.start_from, "consumer group was gone and no entry of the stream was delivered to this consumer; created it again at start_from")
+                            }
+                        }
+                    }
                     if self.set_aside.clear(index) {
                         tracing::info!(stream = %route.stream, "the stream's key is a stream again; consuming it");
                     }

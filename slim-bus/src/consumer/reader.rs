@@ -75,6 +75,9 @@ pub(super) struct Reader<'a> {
     window: ReadWindow,
     blocked_read: Arc<BlockedRead>,
     backoff: Backoff,
+    /// The highest id delivered to this consumer on each stream since it started: where a
+    /// lost group is created again.
+    delivered_up_to: Vec<Option<EntryId>>,
 }
 
 impl<'a> Reader<'a> {
@@ -101,6 +104,7 @@ impl<'a> Reader<'a> {
             }),
             retries: RetryQueue::new(retry_requests),
             window: ReadWindow::new(streams.len()),
+            delivered_up_to: vec![None; streams.len()],
             streams,
             dispatcher,
             blocked_read,
@@ -611,6 +615,10 @@ impl Reader<'_> {
         reservation: &mut Reservation,
     ) {
         let state = self.route(stream_index).state.clone();
+        if let Some(highest) = deliveries.iter().map(|delivery| delivery.id).max() {
+            let known = &mut self.delivered_up_to[stream_index];
+            *known = (*known).max(Some(highest));
+        }
         let mut jobs = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             let Some(place) = reservation.places.split(1) else {
@@ -671,9 +679,9 @@ impl Reader<'_> {
                     group = %c.group,
                     ?streams,
                     error = &error as &dyn std::error::Error,
-                    "consumer group or stream is gone (deleted, flushed, or Redis restarted without persistence); creating the group again on every stream"
+                    "consumer group or stream is gone (deleted, flushed, or Redis restarted without persistence); creating the group again where it is gone"
                 );
-                match c.prepare().await {
+                match c.recreate_groups(&self.delivered_up_to).await {
                     Ok(()) => return Ok(Healed::GroupRecreated),
                     Err(error @ Error::WrongType { .. }) => return Err(error),
                     Err(error) => tracing::warn!(

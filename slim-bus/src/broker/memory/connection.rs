@@ -100,6 +100,18 @@ impl GroupReading for MemoryConnection {
         Ok(())
     }
 
+    async fn recreate_group(
+        &self,
+        stream: &str,
+        group: &str,
+        after: Option<EntryId>,
+        start: StartFrom,
+    ) -> Result<bool> {
+        Ok(self
+            .store
+            .command(|state| state.recreate_group(stream, group, after, start)))
+    }
+
     async fn read_new(
         &self,
         group: &str,

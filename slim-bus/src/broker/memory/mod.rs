@@ -351,6 +351,40 @@ impl MemoryBroker {
         deleted
     }
 
+    /// Deletes consumer group `group` of `stream` with its pending list, like
+    /// `XGROUP DESTROY`. Whether it existed.
+    pub fn destroy_group(&self, stream: &str, group: &str) -> bool {
+        let destroyed = self
+            .lock()
+            .streams
+            .get_mut(stream)
+            .is_some_and(|s| s.groups.remove(group).is_some());
+        // A read blocked on the stream looks again, and finds its group gone.
+        self.store.appended.notify_waiters();
+        self.store.changed.notify_waiters();
+        destroyed
+    }
+
+    /// Deletes `stream` with its consumer groups, like `DEL`.
+    pub fn delete_stream(&self, stream: &str) {
+        self.lock().streams.remove(stream);
+        self.store.appended.notify_waiters();
+        self.store.changed.notify_waiters();
+    }
+
+    /// Deletes every stream, group, counter and lease, like `FLUSHALL` (or a restart of a
+    /// server without persistence). Ids handed out later are still newer than earlier ones.
+    pub fn flush_all(&self) {
+        {
+            let mut state = self.lock();
+            state.streams.clear();
+            state.trimmed.clear();
+            state.leases.clear();
+        }
+        self.store.appended.notify_waiters();
+        self.store.changed.notify_waiters();
+    }
+
     /// What became of entry `id` of `stream` in `group`.
     pub(crate) fn outcome(&self, stream: &str, group: &str, id: EntryId) -> Option<Outcome> {
         let state = self.lock();

@@ -168,6 +168,33 @@ impl State {
             });
     }
 
+    /// `XGROUP CREATE stream group <after, or start> MKSTREAM`: whether it created it.
+    pub(super) fn recreate_group(
+        &mut self,
+        stream: &str,
+        group: &str,
+        after: Option<EntryId>,
+        start: StartFrom,
+    ) -> bool {
+        let exists = self
+            .streams
+            .get(stream)
+            .is_some_and(|s| s.groups.contains_key(group));
+        if exists {
+            return false;
+        }
+        self.ensure_group(stream, group, start);
+        if let (Some(after), Some(group)) = (
+            after,
+            self.streams
+                .get_mut(stream)
+                .and_then(|s| s.groups.get_mut(group)),
+        ) {
+            group.last_delivered = after;
+        }
+        true
+    }
+
     /// The entries of `stream` and its `group`, or the NOGROUP error Redis answers.
     pub(super) fn locate(
         &mut self,

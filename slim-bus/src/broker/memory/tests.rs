@@ -527,7 +527,10 @@ async fn a_cluster_like_broker_refuses_keys_of_several_slots_in_one_command_and_
     let broker = handle.connect();
     // A configuration error naming the keys, not a Redis error to wait out.
     let crossslot = |error: Error| {
-        assert!(matches!(&error, Error::CrossSlot { keys } if keys.len() >= 2), "{error}");
+        assert!(
+            matches!(&error, Error::CrossSlot { keys } if keys.len() >= 2),
+            "{error}"
+        );
     };
     // `foo` and `bar` are in slots 12182 and 5061; `{foo}.b` shares `foo`'s.
     for stream in ["foo", "bar", "{foo}.b"] {

@@ -43,6 +43,37 @@ impl GroupReading for RedisBroker {
         }
     }
 
+    async fn recreate_group(
+        &self,
+        stream: &str,
+        group: &str,
+        after: Option<EntryId>,
+        start: StartFrom,
+    ) -> Result<bool> {
+        let start_id = match (after, start) {
+            (Some(after), _) => after.to_string(),
+            (None, StartFrom::NewOnly) => "$".to_owned(),
+            (None, _) => "0".to_owned(),
+        };
+        let result: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg(&start_id)
+            .arg("MKSTREAM")
+            .query_async(&mut self.commands())
+            .await;
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) if e.code() == Some(BUSY_GROUP) => Ok(false),
+            Err(e) if e.code() == Some(WRONG_TYPE) => Err(self.wrong_type(stream).await),
+            Err(e) => Err(Error::redis(
+                format!("creating consumer group `{group}` on stream `{stream}` at {start_id}"),
+                e,
+            )),
+        }
+    }
+
     async fn read_new(
         &self,
         group: &str,
