@@ -143,7 +143,7 @@ async fn every_script_runs_with_redis_cli_eval_as_its_header_shows() {
     .await
     .unwrap();
     assert_eq!(acked, 1);
-    let trimmed = eval(&server, "trim_acked.lua", &["orders"], &[]).await;
+    let trimmed = eval(&server, "trim_acked.lua", &["orders"], &["10000"]).await;
     assert_eq!(trimmed, ["(integer) 1"]);
     let removed = eval(
         &server,
@@ -170,4 +170,53 @@ async fn every_script_runs_with_redis_cli_eval_as_its_header_shows() {
         eval(&server, "release_lease.lua", &[key], &["pod-a"]).await,
         ["(integer) 1"]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trim_acked_deletes_at_most_as_many_entries_as_it_is_given_per_call() {
+    slim_bus_tests::init_tracing();
+    let server = within("redis-server", STEP, RedisServer::start())
+        .await
+        .unwrap();
+    let mut conn = within("connect", STEP, server.connection()).await;
+    let _: () = within(
+        "XGROUP CREATE",
+        STEP,
+        redis::cmd("XGROUP")
+            .arg(&["CREATE", "orders", "billing", "0", "MKSTREAM"][..])
+            .query_async(&mut conn),
+    )
+    .await
+    .unwrap();
+    let mut ids = Vec::new();
+    for n in 0..25 {
+        let id: String = within(
+            "XADD",
+            STEP,
+            conn.xadd("orders", "*", &[("order_id", n.to_string())]),
+        )
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    let _: redis::Value = within(
+        "XREADGROUP",
+        STEP,
+        redis::cmd("XREADGROUP")
+            .arg(&["GROUP", "billing", "consumer-1", "STREAMS", "orders", ">"][..])
+            .query_async(&mut conn),
+    )
+    .await
+    .unwrap();
+    let acked: usize = within("XACK", STEP, conn.xack("orders", "billing", &ids))
+        .await
+        .unwrap();
+    assert_eq!(acked, 25);
+    // 24 may go (the last one delivered is kept): 10, 10, then the 4 left.
+    for expected in ["(integer) 10", "(integer) 10", "(integer) 4", "(integer) 0"] {
+        let trimmed = eval(&server, "trim_acked.lua", &["orders"], &["10"]).await;
+        assert_eq!(trimmed, [expected]);
+    }
+    let left: usize = within("XLEN", STEP, conn.xlen("orders")).await.unwrap();
+    assert_eq!(left, 1);
 }

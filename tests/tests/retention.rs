@@ -164,6 +164,102 @@ async fn trim_acked_on_trims_a_stream_the_bus_does_not_handle_and_leaves_the_oth
     assert_eq!(backend.stream_len("user.created").await, 10);
 }
 
+conformance!(trim_acked_on_a_partitioned_stream_trims_its_partitions);
+async fn trim_acked_on_a_partitioned_stream_trims_its_partitions(backend: Backend) {
+    let publisher = within(
+        "build a publisher",
+        STEP,
+        backend.builder().stream_partitions("orders", 2).build(),
+    )
+    .await
+    .unwrap();
+    let users: Vec<UserCreated> = (0..10).map(user).collect();
+    within(
+        "publish",
+        STEP,
+        publisher.publish_batch_to("orders", &users),
+    )
+    .await
+    .unwrap();
+    let partitions = [
+        slim_bus::partition_stream("orders", 0),
+        slim_bus::partition_stream("orders", 1),
+    ];
+    let mut last_ids = Vec::new();
+    for partition in &partitions {
+        backend
+            .read_as_dead_consumer(partition, "auditors", "auditor-1", 10)
+            .await;
+        let ids = entry_ids(&backend, partition).await;
+        assert!(ids.len() > 1, "{partition} holds several entries: {ids:?}");
+        acknowledge(&backend, partition, "auditors", &ids).await;
+        last_ids.push(ids.last().unwrap().clone());
+    }
+
+    let (handler, _seen) = Record::<UserCreated>::new();
+    let bus = within(
+        "build",
+        STEP,
+        backend
+            .bus()
+            .stream_partitions("orders", 2)
+            .trim_acked_on("orders")
+            .trim_acked_interval(Duration::from_millis(50))
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    for (partition, last) in partitions.iter().zip(&last_ids) {
+        until_oldest_is(&backend, partition, last).await;
+    }
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
+conformance!(the_first_trim_of_a_long_stream_deletes_all_it_may_in_bounded_calls);
+async fn the_first_trim_of_a_long_stream_deletes_all_it_may_in_bounded_calls(backend: Backend) {
+    // More than one trim call deletes (10 000 entries): the trim goes on with further calls.
+    const LONG: usize = 12_000;
+    let publisher = within("build a publisher", STEP, backend.builder().build())
+        .await
+        .unwrap();
+    let users: Vec<UserCreated> = (0..LONG as u64).map(user).collect();
+    for batch in users.chunks(1_000) {
+        within(
+            "publish a batch",
+            STEP,
+            publisher.publish_batch_to("orders.audit", batch),
+        )
+        .await
+        .unwrap();
+    }
+    backend
+        .read_as_dead_consumer("orders.audit", "auditors", "auditor-1", LONG)
+        .await;
+    let ids = entry_ids(&backend, "orders.audit").await;
+    assert_eq!(ids.len(), LONG);
+    acknowledge(&backend, "orders.audit", "auditors", &ids).await;
+
+    let (handler, _seen) = Record::<UserCreated>::new();
+    let bus = within(
+        "build",
+        STEP,
+        backend
+            .bus()
+            .trim_acked_on("orders.audit")
+            .trim_acked_interval(Duration::from_millis(50))
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    until_oldest_is(&backend, "orders.audit", &ids[LONG - 1]).await;
+    assert_eq!(backend.stream_len("orders.audit").await, 1);
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
 conformance!(a_stream_without_groups_is_not_trimmed);
 async fn a_stream_without_groups_is_not_trimmed(backend: Backend) {
     let publisher = within("build a publisher", STEP, backend.builder().build())

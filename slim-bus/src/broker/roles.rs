@@ -141,8 +141,9 @@ pub(crate) trait GroupReading: Send + Sync + 'static {
     /// Deletes the entries of `stream` that every consumer group of it has been delivered
     /// and has acknowledged: those before the oldest entry some group still needs (its
     /// oldest pending entry, else the last one delivered to it). Nothing when the stream
-    /// has no group. Returns how many were deleted.
-    async fn trim_acked(&self, stream: &str) -> Result<u64>;
+    /// has no group. At most `max_entries`, the oldest, per call: a caller that got as many
+    /// calls again. Returns how many were deleted.
+    async fn trim_acked(&self, stream: &str, max_entries: usize) -> Result<u64>;
 }
 
 /// Dead-letter streams: moving a failed entry there, replaying it, and reading, counting

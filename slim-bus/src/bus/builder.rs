@@ -320,7 +320,9 @@ impl EventBusBuilder {
     }
 
     /// Trims `stream` as [`trim_acked`](Self::trim_acked) trims the streams this bus
-    /// handles, whether it handles `stream` or not (while it listens).
+    /// handles, whether it handles `stream` or not (while it listens). A partitioned stream
+    /// whose partition count the bus knows ([`stream_partitions`](Self::stream_partitions),
+    /// or an event type it handles or publishes) is trimmed partition by partition.
     pub fn trim_acked_on(mut self, stream: impl Into<String>) -> Self {
         self.config.trim_acked_streams.push(stream.into());
         self

@@ -94,17 +94,27 @@ impl EventBus {
         EventBusBuilder::default()
     }
 
-    /// The streams `trim_acked` and `trim_acked_streams` name, each once.
+    /// The streams `trim_acked` and `trim_acked_streams` name, each once: a partitioned
+    /// stream by its partitions, which are the keys that hold its entries.
     fn trim_acked_streams(&self) -> Arc<[Arc<str>]> {
         let config = &self.inner.config;
         let handled = config
             .trim_acked
             .then(|| self.streams())
             .into_iter()
-            .flatten();
+            .flatten()
+            .map(str::to_owned);
+        let named = config.trim_acked_streams.iter().flat_map(|stream| {
+            match self.inner.partitions.count(stream) {
+                Some(count) => (0..count)
+                    .map(|partition| partition_stream(stream, partition))
+                    .collect(),
+                None => vec![stream.clone()],
+            }
+        });
         let mut streams: Vec<Arc<str>> = Vec::new();
-        for stream in handled.chain(config.trim_acked_streams.iter().map(String::as_str)) {
-            if !streams.iter().any(|known| &**known == stream) {
+        for stream in handled.chain(named) {
+            if !streams.iter().any(|known| **known == *stream) {
                 streams.push(stream.into());
             }
         }

@@ -12,6 +12,13 @@ use tokio::time::MissedTickBehavior;
 use crate::broker::Broker;
 use crate::telemetry;
 
+/// The most entries one trim deletes: one script call, which holds the server while it
+/// runs (an `XTRIM` of 10k entries takes a few milliseconds).
+pub(crate) const TRIM_ACKED_MAX_PER_CALL: usize = 10_000;
+/// The most calls per stream and interval: a stream that has more to trim than that
+/// (the first trim of a long retained stream) goes on at the next interval.
+const TRIM_ACKED_MAX_CALLS: usize = 10;
+
 /// Trims each of `streams` every `interval`, the first time at once, until dropped. A
 /// failed trim is logged and tried again at the next interval: nothing is lost by waiting.
 pub(super) async fn trim_acked_periodically(
@@ -29,21 +36,32 @@ pub(super) async fn trim_acked_periodically(
     }
 }
 
+/// Trims `stream` in calls of at most [`TRIM_ACKED_MAX_PER_CALL`] entries, each its own
+/// script, so that commands of other clients run in between; at most
+/// [`TRIM_ACKED_MAX_CALLS`] calls.
 async fn trim_acked(broker: &dyn Broker, stream: &str) {
-    match broker.trim_acked(stream).await {
-        Ok(0) => {}
-        Ok(trimmed) => {
-            tracing::debug!(
-                stream,
-                trimmed,
-                "trimmed the entries every consumer group acknowledged"
-            );
-            telemetry::trimmed(stream, trimmed);
+    for _ in 0..TRIM_ACKED_MAX_CALLS {
+        match broker.trim_acked(stream, TRIM_ACKED_MAX_PER_CALL).await {
+            Ok(0) => return,
+            Ok(trimmed) => {
+                tracing::debug!(
+                    stream,
+                    trimmed,
+                    "trimmed the entries every consumer group acknowledged"
+                );
+                telemetry::trimmed(stream, trimmed);
+                if trimmed < TRIM_ACKED_MAX_PER_CALL as u64 {
+                    return;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(
+                    stream,
+                    error = &error as &dyn std::error::Error,
+                    "trimming the entries every consumer group acknowledged failed; trying again at the next interval"
+                );
+                return;
+            }
         }
-        Err(error) => tracing::warn!(
-            stream,
-            error = &error as &dyn std::error::Error,
-            "trimming the entries every consumer group acknowledged failed; trying again at the next interval"
-        ),
     }
 }

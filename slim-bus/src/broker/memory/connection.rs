@@ -245,8 +245,10 @@ impl GroupReading for MemoryConnection {
         }))
     }
 
-    async fn trim_acked(&self, stream: &str) -> Result<u64> {
-        Ok(self.store.command(|state| state.trim_acked(stream)))
+    async fn trim_acked(&self, stream: &str, max_entries: usize) -> Result<u64> {
+        Ok(self
+            .store
+            .command(|state| state.trim_acked(stream, max_entries)))
     }
 }
 

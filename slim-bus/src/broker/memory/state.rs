@@ -105,8 +105,9 @@ impl State {
     }
 
     /// Deletes the entries before the oldest one some group of `stream` still needs: its
-    /// oldest pending entry, else the last one delivered to it (kept, as Redis keeps it).
-    pub(super) fn trim_acked(&mut self, stream: &str) -> u64 {
+    /// oldest pending entry, else the last one delivered to it (kept, as Redis keeps it);
+    /// at most the oldest `max_entries` of them.
+    pub(super) fn trim_acked(&mut self, stream: &str, max_entries: usize) -> u64 {
         let Some(stream) = self.streams.get_mut(stream) else {
             return 0;
         };
@@ -126,6 +127,11 @@ impl State {
         else {
             return 0;
         };
+        let needed = stream
+            .entries
+            .keys()
+            .nth(max_entries)
+            .map_or(needed, |&bound| bound.min(needed));
         let kept = stream.entries.split_off(&needed);
         let trimmed = stream.entries.len() as u64;
         stream.entries = kept;

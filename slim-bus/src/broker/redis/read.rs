@@ -262,12 +262,13 @@ impl GroupReading for RedisBroker {
             })
     }
 
-    async fn trim_acked(&self, stream: &str) -> Result<u64> {
+    async fn trim_acked(&self, stream: &str, max_entries: usize) -> Result<u64> {
         let action = || format!("trimming what every group acknowledged from stream `{stream}`");
         match self
             .scripts
             .trim_acked
             .key(stream)
+            .arg(max_entries)
             .invoke_async(&mut self.commands())
             .await
         {

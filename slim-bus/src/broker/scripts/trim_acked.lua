@@ -5,10 +5,15 @@
 -- some group has not acknowledged; older servers and Valkey refuse the option, and the
 -- trim goes without it.
 --
+-- At most ARGV[1] entries go per call, so that the first trim of a long stream does not
+-- hold the server for one huge XTRIM: the bound moves to the id of the entry after the
+-- first ARGV[1] entries when that is older than what is needed, and the caller calls again.
+--
 -- KEYS[1]  the stream
+-- ARGV[1]  the most entries to delete
 -- Returns how many entries were deleted.
 --
---   redis-cli --eval trim_acked.lua orders
+--   redis-cli --eval trim_acked.lua orders , 10000
 if redis.call('TYPE', KEYS[1]).ok == 'none' then
   return 0
 end
@@ -50,6 +55,11 @@ for _, group in ipairs(groups) do
 end
 if needed == nil then
   return 0
+end
+local limit = tonumber(ARGV[1])
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', limit + 1)
+if #first > limit and id_less(first[limit + 1][1], needed) then
+  needed = first[limit + 1][1]
 end
 local trimmed = redis.pcall('XTRIM', KEYS[1], 'MINID', needed, 'ACKED')
 if type(trimmed) == 'table' and trimmed.err then
