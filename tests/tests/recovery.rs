@@ -7,7 +7,9 @@
 
 mod support;
 
-use slim_bus::{EventBus, StartFrom};
+use std::time::Duration;
+
+use slim_bus::{EventBus, HandlerError, StartFrom};
 use slim_bus_tests::within;
 use support::*;
 use tokio::sync::mpsc;
@@ -192,4 +194,76 @@ async fn a_lost_group_on_a_retained_stream_does_not_handle_old_entries_again(bac
     backend.until_nothing_pending("user.created", "tests").await;
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
     assert_eq!(backend.stream_len("user.created").await, 5);
+}
+
+/// How many retry due times group `tests` has recorded on `user.created`.
+async fn recorded_retry_dues(backend: &Backend) -> usize {
+    match backend {
+        Backend::Memory(broker) => broker.recorded_retry_dues("user.created", "tests"),
+        _ => {
+            let mut conn = backend.server().unwrap().connection().await;
+            within(
+                "HLEN",
+                STEP,
+                redis::cmd("HLEN")
+                    .arg("{user.created}:retry_at:tests")
+                    .query_async(&mut conn),
+            )
+            .await
+            .unwrap()
+        }
+    }
+}
+
+// A handler that asked for its retry in 3 s is not run again at once when the bus restarts
+// (recovering what it held), but at that time.
+conformance!(a_retry_asked_for_keeps_its_time_across_a_restart);
+async fn a_retry_asked_for_keeps_its_time_across_a_restart(backend: Backend) {
+    const ASKED: Duration = Duration::from_secs(3);
+    let (later, mut first_calls) = Scripted::<UserCreated>::new(|_, _| async {
+        Err(HandlerError::retry_after(
+            ASKED,
+            "the downstream asks for later",
+        ))
+    });
+    let bus = within("build", STEP, backend.bus().handler(later).build())
+        .await
+        .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    within("publish", STEP, bus.publish(&user(1)))
+        .await
+        .unwrap();
+    let first = recv(&mut first_calls, "the first delivery").await;
+    let asked_at = tokio::time::Instant::now();
+    within("the due time to be recorded", STEP, async {
+        while recorded_retry_dues(&backend).await == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+    assert_eq!(backend.pending_count("user.created", "tests").await, 1);
+
+    let (handler, mut calls) = Record::<UserCreated>::new();
+    let restarted = within("build", STEP, backend.bus().handler(handler).build())
+        .await
+        .unwrap();
+    let listener = within("listen", STEP, restarted.listen()).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), calls.recv())
+            .await
+            .is_err(),
+        "the recovered entry ran before the time its handler asked for"
+    );
+    let again = recv(&mut calls, "the retry at its time").await;
+    assert_eq!(again.entry_id, first.entry_id);
+    assert!(asked_at.elapsed() >= Duration::from_secs(1));
+    backend.until_nothing_pending("user.created", "tests").await;
+    within("the due time to be deleted", STEP, async {
+        while recorded_retry_dues(&backend).await > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }

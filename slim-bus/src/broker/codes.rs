@@ -61,6 +61,13 @@ pub(crate) fn trimmed_count_key(dead_letters: &str) -> String {
     format!("{dead_letters}:trimmed")
 }
 
+/// The hash of the due times (unix milliseconds, by entry id) of the retries that
+/// `group`'s consumers asked for with `retry_after` on `stream`, so that a consumer that
+/// restarts does not run them early: in `stream`'s hash slot, whatever the names.
+pub(crate) fn retry_due_key(stream: &str, group: &str) -> String {
+    super::key_in_slot_of(stream, &format!(":retry_at:{group}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -138,6 +138,15 @@ pub(crate) trait GroupReading: Send + Sync + 'static {
         except: &str,
     ) -> Result<Vec<String>>;
 
+    /// Records in the hash `key` that the retry of entry `id` is due at `due_unix_ms`.
+    async fn record_retry_due(&self, key: &str, id: EntryId, due_unix_ms: u64) -> Result<()>;
+
+    /// Deletes the due times of `ids` from the hash `key`.
+    async fn forget_retry_dues(&self, key: &str, ids: &[EntryId]) -> Result<()>;
+
+    /// The due times (unix milliseconds) the hash `key` holds for `ids`, in order.
+    async fn retry_dues(&self, key: &str, ids: &[EntryId]) -> Result<Vec<Option<u64>>>;
+
     /// Deletes the entries of `stream` that every consumer group of it has been delivered
     /// and has acknowledged: those before the oldest entry some group still needs (its
     /// oldest pending entry, else the last one delivered to it). Nothing when the stream

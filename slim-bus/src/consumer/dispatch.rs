@@ -18,6 +18,7 @@ use super::ack::AckSender;
 use super::backoff::{Backoff, exponential};
 use super::in_flight::Held;
 use super::retry::{BlockedRead, RetryRequest};
+use super::retry_due::RetryDues;
 use super::stream_state::StreamState;
 use crate::broker::{Broker, DeadLetterMove, Delivery};
 use crate::context::Context;
@@ -62,6 +63,8 @@ pub(super) struct DeliveryEnv {
     pub(super) span_level: tracing::Level,
     /// Each route's metric handles, by stream index.
     pub(super) metrics: Box<[StreamMetrics]>,
+    /// The due times of `retry_after` retries, kept across restarts.
+    pub(super) retry_dues: RetryDues,
 }
 
 /// One delivery's entry, with what it holds, between its handler's outcome and its
@@ -110,7 +113,12 @@ impl AttemptOutcome {
 /// What the task does with the entry after the handler.
 enum Verdict {
     Ack,
-    Retry(Duration),
+    /// A retry after `delay`; `asked` when the handler asked for that delay
+    /// (`retry_after`), whose due time is kept across restarts.
+    Retry {
+        delay: Duration,
+        asked: bool,
+    },
     DeadLetter(DeadLetterReason, String),
     Leave,
 }
@@ -265,16 +273,28 @@ impl Task<'_> {
         // Counted before the slot is free: the reader, waiting for the slot, then knows.
         self.record_attempt(&outcome);
         drop(slot);
+        let broker = &*self.shared.broker;
+        let dues = &self.shared.retry_dues;
         match self.verdict(outcome, id, delivery_count) {
-            Verdict::Ack => self.shared.acks.ack(self.stream_index, id, held),
+            Verdict::Ack => {
+                self.shared.acks.ack(self.stream_index, id, held);
+                dues.forget(broker, self.stream_index, id).await;
+            }
             Verdict::Leave => {}
-            Verdict::Retry(delay) => {
+            Verdict::Retry { delay, asked } => {
                 self.metrics().retried();
+                if asked {
+                    let delay = delay.min(MAX_RETRY_DELAY);
+                    dues.record(broker, self.stream_index, id, delay).await;
+                } else {
+                    dues.forget(broker, self.stream_index, id).await;
+                }
                 self.retry(id, delivery_count, delivered_at, delay, held)
                     .await;
             }
             Verdict::DeadLetter(reason, error) => {
                 self.dead_letter(id, delivery_count, reason, &error).await;
+                dues.forget(broker, self.stream_index, id).await;
             }
         }
     }
@@ -399,9 +419,10 @@ impl Task<'_> {
                 tracing::warn!(stream, entry_id = %id, delivery_count, %error, "{reason} failure on the last allowed delivery; dead-lettering");
                 return Verdict::DeadLetter(reason, error);
             }
+            let asked = delay.is_some();
             let delay = delay.unwrap_or_else(|| self.backoff(delivery_count));
             tracing::warn!(stream, entry_id = %id, delivery_count, %error, retry_in = ?delay, "{reason} failure; will retry");
-            Verdict::Retry(delay)
+            Verdict::Retry { delay, asked }
         };
         match outcome {
             AttemptOutcome::Handled => Verdict::Ack,

@@ -11,6 +11,7 @@ mod read_window;
 mod reader;
 mod retention;
 mod retry;
+mod retry_due;
 mod stream_state;
 mod sweep;
 
@@ -36,6 +37,7 @@ use self::dispatch::{DeliveryEnv, Dispatcher};
 use self::reader::Reader;
 pub(crate) use self::reader::is_refused_access;
 use self::retry::BlockedRead;
+use self::retry_due::RetryDues;
 pub(crate) use self::stream_state::StreamState;
 
 /// How long shutdown waits for abandoned handlers to stop.
@@ -206,6 +208,10 @@ impl Consumer {
                     .iter()
                     .map(|route| StreamMetrics::new(&route.stream, &self.group))
                     .collect(),
+                retry_dues: RetryDues::new(
+                    self.routes.iter().map(|route| &*route.stream),
+                    &self.group,
+                ),
             }),
             tasks: tasks.clone(),
             abandon: abandon.clone(),

@@ -165,6 +165,9 @@ impl Reader<'_> {
                             recovery.after = last;
                             recovery.recovered += deliveries.len();
                         }
+                        let deliveries = self
+                            .wait_for_asked_retries(stream_index, deliveries, &mut reservation)
+                            .await;
                         self.dispatch(stream_index, deliveries, &mut reservation)
                             .await;
                     }
@@ -181,6 +184,46 @@ impl Reader<'_> {
                 Ok(())
             }
         }
+    }
+
+    /// Puts the recovered entries whose `retry_after` is not due yet into the retry queue,
+    /// each with a place of `reservation`, instead of running them at once; returns the
+    /// others.
+    async fn wait_for_asked_retries(
+        &mut self,
+        stream_index: usize,
+        deliveries: Vec<Delivery>,
+        reservation: &mut Reservation,
+    ) -> Vec<Delivery> {
+        let ids: Vec<EntryId> = deliveries.iter().map(|delivery| delivery.id).collect();
+        let waiting = self
+            .dispatcher
+            .shared
+            .retry_dues
+            .waiting(&*self.consumer.broker, stream_index, &ids)
+            .await;
+        let state = self.route(stream_index).state.clone();
+        let mut now_due = Vec::with_capacity(deliveries.len());
+        for (delivery, wait) in deliveries.into_iter().zip(waiting) {
+            let (Some(wait), Some(_)) = (wait, &delivery.fields) else {
+                now_due.push(delivery);
+                continue;
+            };
+            let Some(place) = reservation.places.split(1) else {
+                now_due.push(delivery);
+                continue;
+            };
+            tracing::debug!(stream = %self.streams[stream_index], entry_id = %delivery.id, retry_in = ?wait, "recovered entry waits for the retry its handler asked for");
+            self.retries.push(RetryRequest {
+                due: Instant::now() + wait,
+                stream_index,
+                id: delivery.id,
+                delivery_count: delivery.delivery_count,
+                delivered_at: delivery.delivered_at,
+                held: Held::new(place, state.clone()),
+            });
+        }
+        now_due
     }
 
     fn next_recovery_stream(&mut self) {

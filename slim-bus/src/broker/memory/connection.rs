@@ -245,6 +245,40 @@ impl GroupReading for MemoryConnection {
         }))
     }
 
+    async fn record_retry_due(&self, key: &str, id: EntryId, due_unix_ms: u64) -> Result<()> {
+        self.store.command(|state| {
+            state
+                .retry_dues
+                .entry(key.to_owned())
+                .or_default()
+                .insert(id, due_unix_ms)
+        });
+        Ok(())
+    }
+
+    async fn forget_retry_dues(&self, key: &str, ids: &[EntryId]) -> Result<()> {
+        self.store.command(|state| {
+            if let Some(dues) = state.retry_dues.get_mut(key) {
+                for id in ids {
+                    dues.remove(id);
+                }
+                if dues.is_empty() {
+                    state.retry_dues.remove(key);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn retry_dues(&self, key: &str, ids: &[EntryId]) -> Result<Vec<Option<u64>>> {
+        Ok(self.store.command(|state| {
+            let dues = state.retry_dues.get(key);
+            ids.iter()
+                .map(|id| dues.and_then(|dues| dues.get(id).copied()))
+                .collect()
+        }))
+    }
+
     async fn trim_acked(&self, stream: &str, max_entries: usize) -> Result<u64> {
         Ok(self
             .store

@@ -10,7 +10,7 @@
 //! role, and [`connection`] one bus's use of it. A [cluster-like](MemoryBroker::cluster_like)
 //! broker refuses what Redis Cluster refuses.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
@@ -365,6 +365,15 @@ impl MemoryBroker {
         destroyed
     }
 
+    /// How many retries asked for with `retry_after` `group` has recorded the due time of
+    /// on `stream` (the fields of the Redis backend's `retry_at` hash).
+    pub fn recorded_retry_dues(&self, stream: &str, group: &str) -> usize {
+        self.lock()
+            .retry_dues
+            .get(&crate::broker::retry_due_key(stream, group))
+            .map_or(0, BTreeMap::len)
+    }
+
     /// Deletes `stream` with its consumer groups, like `DEL`.
     pub fn delete_stream(&self, stream: &str) {
         self.lock().streams.remove(stream);
@@ -379,6 +388,7 @@ impl MemoryBroker {
             let mut state = self.lock();
             state.streams.clear();
             state.trimmed.clear();
+            state.retry_dues.clear();
             state.leases.clear();
         }
         self.store.appended.notify_waiters();

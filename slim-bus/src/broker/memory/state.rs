@@ -27,6 +27,9 @@ pub(super) struct State {
     /// Dead letters the cap trimmed, by dead-letter stream (the Redis backend's counter
     /// keys).
     pub(super) trimmed: HashMap<String, u64>,
+    /// The due times of retries by hash key, then entry id (the Redis backend's
+    /// `retry_at` hashes).
+    pub(super) retry_dues: HashMap<String, BTreeMap<EntryId, u64>>,
     /// Leases by key: the holder, and when the lease lapses on tokio's clock.
     pub(super) leases: HashMap<String, (String, Instant)>,
     /// Refuse commands and scripts whose keys are in several hash slots, as Redis Cluster

@@ -262,6 +262,41 @@ impl GroupReading for RedisBroker {
             })
     }
 
+    async fn record_retry_due(&self, key: &str, id: EntryId, due_unix_ms: u64) -> Result<()> {
+        redis::cmd("HSET")
+            .arg(key)
+            .arg(id)
+            .arg(due_unix_ms)
+            .query_async::<()>(&mut self.commands())
+            .await
+            .map_err(|e| self.retry_due_error("recording the due time of a retry in", key, e))
+    }
+
+    async fn forget_retry_dues(&self, key: &str, ids: &[EntryId]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        redis::cmd("HDEL")
+            .arg(key)
+            .arg(ids)
+            .query_async::<()>(&mut self.commands())
+            .await
+            .map_err(|e| self.retry_due_error("deleting the due times of retries from", key, e))
+    }
+
+    async fn retry_dues(&self, key: &str, ids: &[EntryId]) -> Result<Vec<Option<u64>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // HMGET of one field answers a one-element array too.
+        redis::cmd("HMGET")
+            .arg(key)
+            .arg(ids)
+            .query_async::<Vec<Option<u64>>>(&mut self.commands())
+            .await
+            .map_err(|e| self.retry_due_error("reading the due times of retries from", key, e))
+    }
+
     async fn trim_acked(&self, stream: &str, max_entries: usize) -> Result<u64> {
         let action = || format!("trimming what every group acknowledged from stream `{stream}`");
         match self
@@ -279,6 +314,17 @@ impl GroupReading for RedisBroker {
 }
 
 impl RedisBroker {
+    /// An error about the hash of retry due times `key`, naming that key.
+    fn retry_due_error(&self, action: &str, key: &str, error: redis::RedisError) -> Error {
+        if server_code(&error).as_deref() == Some(WRONG_TYPE) {
+            return Error::redis(
+                format!("{action} key `{key}`, which holds another type than a hash: delete it"),
+                error,
+            );
+        }
+        Error::redis(format!("{action} hash `{key}`"), error)
+    }
+
     /// Acknowledges entries of streams that share a hash slot, in one pipeline.
     async fn ack_in_one_slot(&self, group: &str, acks: &[&(Arc<str>, Vec<EntryId>)]) -> Result<()> {
         let mut pipe = redis::pipe();
