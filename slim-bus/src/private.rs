@@ -16,6 +16,13 @@ pub use crate::error::HandlerError;
 pub use crate::event::Event;
 pub use crate::handler::{HandlerCall, Handlers, StreamHandler, StreamService};
 
+/// Every key the bus keeps next to `stream` for consumer group `group` (its dead letters
+/// with suffix `dead_letter_suffix`, their trimmed count, the due times of retries), for
+/// tests that hold them to the stream's Redis Cluster hash slot.
+pub fn keys_next_to_stream(stream: &str, dead_letter_suffix: &str, group: &str) -> Vec<String> {
+    crate::broker::keys_next_to(stream, dead_letter_suffix, group)
+}
+
 /// A type `#[derive(Event)]` is given must derive `Serialize`; this says so when it does
 /// not. The bound alone would be reported as one of `Event`'s supertraits, which rustc
 /// calls "sealed" (serde_core, where it lives, is out of the user's reach).

@@ -550,3 +550,91 @@ impl slim_bus::StreamHandler for OrderRecord {
         Ok(())
     }
 }
+
+/// Stream names with braces in every odd place: each key the bus derives from a stream is
+/// in the stream's slot as the cluster itself computes it, and a permanent failure on such
+/// a stream is dead-lettered and replayed (one script over the stream and its dead
+/// letters, which the cluster would refuse with `CROSSSLOT` across slots).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_derived_from_awkward_stream_names_are_in_the_streams_slot() {
+    const AWKWARD: [&str; 6] = ["a{}b", "x}y", "}{", "{}", "{a}b", "a{b}c{d}"];
+    let cluster = start_cluster().await;
+    let mut connection = master_connection(&cluster, "any").await;
+    let mut slot_of = async |key: &str| -> u16 {
+        within(
+            "CLUSTER KEYSLOT",
+            STEP,
+            redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(key)
+                .query_async(&mut connection),
+        )
+        .await
+        .unwrap()
+    };
+    for stream in AWKWARD {
+        let slot = slot_of(stream).await;
+        for key in slim_bus::__private::keys_next_to_stream(stream, ":dlq", "tests") {
+            assert_eq!(slot_of(&key).await, slot, "`{key}` of stream `{stream}`");
+        }
+    }
+
+    let healed = Arc::new(AtomicBool::new(false));
+    let (handler, mut seen) = Scripted::<UserCreated>::new({
+        let healed = healed.clone();
+        move |_, _| {
+            let healed = healed.load(Ordering::SeqCst);
+            async move {
+                if healed {
+                    Ok(())
+                } else {
+                    Err(HandlerError::permanent("the downstream refuses it"))
+                }
+            }
+        }
+    });
+    let streams: Vec<String> = AWKWARD.iter().map(|s| (*s).to_owned()).collect();
+    let mut builder = bus(&cluster);
+    for stream in &streams[..5] {
+        builder = builder.handler_on(stream.clone(), handler.clone());
+    }
+    let bus = within(
+        "build",
+        STEP,
+        builder.handler_on(streams[5].clone(), handler).build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    for (seq, stream) in streams.iter().enumerate() {
+        within("publish", STEP, bus.publish_to(stream, &user(seq as u64)))
+            .await
+            .unwrap();
+    }
+    for stream in &streams {
+        let dead_letters = bus.dead_letters(stream);
+        within("the entry to be dead-lettered", SETTLE, async {
+            while dead_letters.len().await.unwrap() < 1 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    }
+    until_nothing_pending(&cluster, &streams).await;
+    while seen.try_recv().is_ok() {}
+    healed.store(true, Ordering::SeqCst);
+    for stream in &streams {
+        let dead_letters = bus.dead_letters(stream);
+        let replayed = within("replay", STEP, dead_letters.replay_all())
+            .await
+            .unwrap();
+        assert_eq!(replayed, 1, "{stream}");
+        assert_eq!(dead_letters.len().await.unwrap(), 0, "{stream}");
+    }
+    let mut replayed = BTreeSet::new();
+    while replayed.len() < streams.len() {
+        replayed.insert(recv(&mut seen, "a replayed entry").await.stream);
+    }
+    until_nothing_pending(&cluster, &streams).await;
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}

@@ -68,9 +68,51 @@ pub(crate) fn retry_due_key(stream: &str, group: &str) -> String {
     super::key_in_slot_of(stream, &format!(":retry_at:{group}"))
 }
 
+/// Every key the bus keeps next to `stream` for `group`, all in `stream`'s hash slot: the
+/// dead-letter stream, its trimmed count, and the due times of `retry_after` retries.
+pub(crate) fn keys_next_to(stream: &str, dead_letter_suffix: &str, group: &str) -> Vec<String> {
+    let dead_letters = crate::dead_letter::dead_letter_stream(stream, dead_letter_suffix);
+    vec![
+        trimmed_count_key(&dead_letters),
+        dead_letters,
+        retry_due_key(stream, group),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_key_next_to_a_stream_is_in_its_slot() {
+        for stream in [
+            "user.created",
+            "a{}b",
+            "x}y",
+            "}{",
+            "{}",
+            "{a}b",
+            "a{b}c{d}",
+        ] {
+            for group in ["tests", "g{x}", "}"] {
+                for key in keys_next_to(stream, ":dlq", group) {
+                    assert_eq!(
+                        crate::broker::key_slot(key.as_bytes()),
+                        crate::broker::key_slot(stream.as_bytes()),
+                        "{stream} -> {key}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            keys_next_to("user.created", ":dlq", "tests"),
+            [
+                "{user.created}:dlq:trimmed",
+                "{user.created}:dlq",
+                "{user.created}:retry_at:tests"
+            ]
+        );
+    }
 
     #[test]
     fn versions_from_redis_7_0_on_are_supported() {

@@ -153,6 +153,16 @@ pub struct Scripted<E> {
     max_deliveries: Option<u64>,
 }
 
+impl<E> Clone for Scripted<E> {
+    fn clone(&self) -> Self {
+        Scripted {
+            seen: self.seen.clone(),
+            behaviour: self.behaviour.clone(),
+            max_deliveries: self.max_deliveries,
+        }
+    }
+}
+
 impl<E: slim_bus::Event + Clone> Scripted<E> {
     pub fn new<F, Fut>(behaviour: F) -> (Self, mpsc::UnboundedReceiver<Seen<E>>)
     where
