@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// Where a new consumer group starts reading a stream.
+///
+/// A group that is gone while the bus listens (deleted, flushed, lost in a restart of a
+/// server without persistence) is created again just after the last entry delivered to
+/// this consumer on that stream; this applies there only when none was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]

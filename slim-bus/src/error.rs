@@ -126,10 +126,12 @@ pub enum Error {
         holder: String,
     },
 
-    /// The key of a stream holds another Redis type, so the bus cannot use it.
+    /// A key the bus uses as a stream (a stream it handles, or a dead-letter stream) holds
+    /// another Redis type, so the bus cannot use it. The key named is the one that is
+    /// wrong: the dead-letter stream, not its live stream, when that is the one.
     #[error("key `{stream}` holds a Redis {actual}, not a stream: delete or rename it")]
     WrongType {
-        /// The key.
+        /// The key of the other type.
         stream: String,
         /// The Redis type found at the key.
         actual: String,

@@ -19,7 +19,7 @@ const PUBLISHER_RULE: &str = "resetkeys ~user.created resetchannels -@all +ping 
 const CONSUMER_RULE: &str = "resetkeys ~user.created ~{user.created}:* \
     ~slim-bus:consumer:mailer:* resetchannels -@all +ping +info +type +client|id +client|unblock +xgroup|create +xgroup|delconsumer \
     +xreadgroup +xack +xpending +xclaim +xautoclaim +xadd +xrange +xdel +xlen +xinfo|groups \
-    +xinfo|consumers +del +get +set +pttl +incrby +evalsha +script|load";
+    +xinfo|consumers +del +get +set +pttl +incrby +hset +hdel +hmget +evalsha +script|load";
 
 const README: &str = include_str!("../../README.md");
 
