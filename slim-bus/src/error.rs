@@ -13,13 +13,18 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A setting of the builder or of [`EventBusConfig`](crate::EventBusConfig) is invalid.
-    #[error("invalid setting `{setting}`: {reason}")]
+    /// A setting of the builder or of [`EventBusConfig`](crate::EventBusConfig) is invalid;
+    /// `build()` reports every invalid setting in one error, the first here and the
+    /// others in `also`.
+    #[error("invalid setting `{setting}`: {reason}{}", also_invalid(.also))]
     Config {
         /// The name of the setting, as in [`EventBusConfig`](crate::EventBusConfig).
         setting: &'static str,
         /// What is wrong with it and what is expected instead.
         reason: String,
+        /// The other invalid settings, in the order of [`EventBusConfig`](crate::EventBusConfig)'s
+        /// checks; empty when only one is.
+        also: Vec<InvalidSetting>,
     },
 
     /// Two handlers were registered on the same stream of one bus.
@@ -191,6 +196,35 @@ pub enum Error {
     },
 }
 
+/// One invalid setting, beyond the first, of an [`Error::Config`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidSetting {
+    setting: &'static str,
+    reason: String,
+}
+
+impl InvalidSetting {
+    /// The name of the setting, as in [`EventBusConfig`](crate::EventBusConfig).
+    pub fn setting(&self) -> &'static str {
+        self.setting
+    }
+
+    /// What is wrong with it and what is expected instead.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl fmt::Display for InvalidSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid setting `{}`: {}", self.setting, self.reason)
+    }
+}
+
+fn also_invalid(also: &[InvalidSetting]) -> String {
+    also.iter().map(|invalid| format!("; {invalid}")).collect()
+}
+
 /// The code of the server error inside `error` (`NOGROUP`, `WRONGTYPE`, ...), also when it
 /// came back from a pipeline, where redis-rs reports no code of its own.
 pub(crate) fn server_code(error: &redis::RedisError) -> Option<String> {
@@ -217,6 +251,35 @@ impl Error {
         Error::Config {
             setting,
             reason: reason.into(),
+            also: Vec::new(),
+        }
+    }
+
+    /// One [`Error::Config`] for every invalid setting of `errors` (each an
+    /// `Error::Config`; others are passed through first), or `Ok` when there is none.
+    pub(crate) fn configs(errors: Vec<Error>) -> Result<()> {
+        let mut invalid = Vec::new();
+        for error in errors {
+            match error {
+                Error::Config {
+                    setting,
+                    reason,
+                    also,
+                } => {
+                    invalid.push(InvalidSetting { setting, reason });
+                    invalid.extend(also);
+                }
+                other => return Err(other),
+            }
+        }
+        let mut invalid = invalid.into_iter();
+        match invalid.next() {
+            None => Ok(()),
+            Some(first) => Err(Error::Config {
+                setting: first.setting,
+                reason: first.reason,
+                also: invalid.collect(),
+            }),
         }
     }
 

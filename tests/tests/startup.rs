@@ -145,6 +145,8 @@ async fn run_until_ends_at_its_signal_while_waiting_for_redis() {
 conformance!(a_consumer_name_listened_under_by_a_live_bus_is_refused);
 async fn a_consumer_name_listened_under_by_a_live_bus_is_refused(backend: Backend) {
     let lease = Duration::from_millis(600);
+    // The lease must outlast two command timeouts.
+    let command_timeout = Duration::from_millis(300);
     let (first_handler, mut first_seen) = Record::<UserCreated>::new();
     let first = within(
         "build",
@@ -152,6 +154,7 @@ async fn a_consumer_name_listened_under_by_a_live_bus_is_refused(backend: Backen
         backend
             .bus()
             .consumer_lease_ttl(lease)
+            .command_timeout(command_timeout)
             .handler(first_handler)
             .build(),
     )
@@ -166,6 +169,7 @@ async fn a_consumer_name_listened_under_by_a_live_bus_is_refused(backend: Backen
         backend
             .bus()
             .consumer_lease_ttl(lease)
+            .command_timeout(command_timeout)
             .handler(handler)
             .build(),
     )

@@ -155,8 +155,8 @@ impl EventBus {
             claim_min_idle: config.claim_min_idle,
             claim_interval: config.claim_interval,
             consumer_idle_removal: config.consumer_idle_removal,
-            retry_base: config.retry_base,
-            retry_max: config.retry_max,
+            retry_base: config.effective_retry_base(),
+            retry_max: config.effective_retry_max(),
             dead_letter_max_len: config.dead_letter_max_len,
             last_read: self.inner.last_read.clone(),
             set_aside: self.inner.set_aside.clone(),
@@ -169,7 +169,7 @@ impl EventBus {
             self.inner.broker.clone(),
             group.into(),
             self.inner.consumer_name.clone(),
-            config.consumer_lease_ttl,
+            config.effective_consumer_lease_ttl(),
         );
         self.prepare_when_reachable(&consumer, &lease).await?;
         self.warn_of_unread_partitions().await;
