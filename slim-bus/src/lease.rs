@@ -132,9 +132,46 @@ impl ConsumerLease {
     }
 }
 
-/// The key of the lease of `consumer` in `group`.
+/// The key of the lease of `consumer` in `group`: `slim-bus:consumer:{group}:{consumer}`
+/// with `\` and `:` escaped by a `\` in both names, so that `a:b` + `c` and `a` + `b:c`
+/// get two keys. Names without either keep the key they always had.
 pub(crate) fn lease_key(group: &str, consumer: &str) -> String {
-    format!("slim-bus:consumer:{group}:{consumer}")
+    format!(
+        "slim-bus:consumer:{}:{}",
+        escape_key_part(group),
+        escape_key_part(consumer)
+    )
+}
+
+fn escape_key_part(name: &str) -> std::borrow::Cow<'_, str> {
+    if !name.contains([':', '\\']) {
+        return name.into();
+    }
+    let mut escaped = String::with_capacity(name.len() + 4);
+    for c in name.chars() {
+        if c == ':' || c == '\\' {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lease_key;
+
+    #[test]
+    fn lease_keys_of_names_holding_colons_or_backslashes_do_not_collide() {
+        assert_eq!(
+            lease_key("billing", "pod-1"),
+            "slim-bus:consumer:billing:pod-1"
+        );
+        assert_ne!(lease_key("a:b", "c"), lease_key("a", "b:c"));
+        assert_eq!(lease_key("a:b", "c"), r"slim-bus:consumer:a\:b:c");
+        assert_eq!(lease_key("a", "b:c"), r"slim-bus:consumer:a:b\:c");
+        assert_ne!(lease_key("a\\", ":b"), lease_key("a\\:", "b"));
+    }
 }
 
 /// A holder without its token: `pid 1234 on host-a`.

@@ -208,6 +208,33 @@ async fn a_consumer_name_listened_under_by_a_live_bus_is_refused(backend: Backen
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
+conformance!(names_holding_colons_lease_names_of_their_own);
+async fn names_holding_colons_lease_names_of_their_own(backend: Backend) {
+    let mut listeners = Vec::new();
+    for (group, consumer) in [("a:b", "c"), ("a", "b:c")] {
+        let (handler, _seen) = Record::<UserCreated>::new();
+        let bus = within(
+            "build",
+            STEP,
+            backend
+                .bus()
+                .consumer_group(group)
+                .consumer_name(consumer)
+                .handler(handler)
+                .build(),
+        )
+        .await
+        .unwrap();
+        let listener = within("listen", STEP, bus.listen())
+            .await
+            .unwrap_or_else(|e| panic!("group `{group}`, consumer `{consumer}`: {e}"));
+        listeners.push(listener);
+    }
+    for listener in listeners {
+        within("shutdown", STEP, listener.shutdown()).await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_restarted_after_a_crash_under_its_name_handles_its_pending_entries() {
     use tokio::io::{AsyncBufReadExt, BufReader};
