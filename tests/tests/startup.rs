@@ -104,7 +104,7 @@ async fn listen_fails_at_once_without_redis_unless_it_waits() {
     );
     let report = format!("{:#}", anyhow::Error::new(err));
     assert!(
-        report.contains(&format!("connecting to 127.0.0.1:{port}")),
+        report.contains(&format!("connecting to redis://127.0.0.1:{port}/")),
         "{report}"
     );
     assert!(!within("health", STEP, bus.health()).await.listening);
