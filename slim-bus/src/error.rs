@@ -436,23 +436,22 @@ impl fmt::Debug for HandlerError {
 
 impl fmt::Display for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.source, f)?;
-        let mut source = self.source.source();
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
+        f.write_str(&report(&*self.source))
     }
 }
 
-/// `error` and every cause in its source chain, joined as error reporters join them.
+/// `error` and every cause in its source chain, joined as error reporters join them, each
+/// cause once: a redis-rs error prints its cause in its own message and also returns it
+/// as its source, and a cause already in the text is not repeated.
 pub(crate) fn report(error: &(dyn StdError + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
     text
@@ -476,6 +475,31 @@ mod tests {
     /// Every message of `error`'s chain, as error reporters join them.
     fn report(error: impl StdError + Send + Sync + 'static) -> String {
         format!("{:#}", anyhow::Error::new(error))
+    }
+
+    #[test]
+    fn a_cause_a_message_already_holds_is_reported_once() {
+        let server: redis::RedisError =
+            redis::parse_redis_value(b"-WRONGPASS invalid username-password pair\r\n")
+                .and_then(|value| value.extract_error())
+                .expect_err("an error reply");
+        let error = Error::redis("publishing to stream `user.created`", server);
+        let text = super::report(&error);
+        assert_eq!(
+            text.matches("invalid username-password pair").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.starts_with("redis error while publishing"), "{text}");
+
+        #[derive(Debug, thiserror::Error)]
+        #[error("the payment service failed: {0}")]
+        struct Embeds(#[source] std::io::Error);
+        let handler = HandlerError::new(Embeds(std::io::Error::other("connection reset")));
+        assert_eq!(
+            handler.to_string(),
+            "the payment service failed: connection reset"
+        );
     }
 
     #[test]
