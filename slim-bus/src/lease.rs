@@ -7,6 +7,7 @@ use tokio::time::Instant;
 
 use crate::broker::{Broker, LeaseState};
 use crate::error::{Error, Result};
+use crate::health::StartupWait;
 
 /// The lease of one consumer name in one group: a key holding a random token of this
 /// process, which it renews every third of the TTL while it listens and deletes when it
@@ -47,7 +48,8 @@ impl ConsumerLease {
     /// Takes the lease. When another process holds it, waits for it to lapse, which a
     /// lease left by a process that died does within the TTL; a lease that is renewed
     /// meanwhile belongs to a live process, and that is [`Error::ConsumerNameTaken`].
-    pub(crate) async fn acquire(&self) -> Result<()> {
+    /// `wait` tells `health()` whose lease it waits for.
+    pub(crate) async fn acquire(&self, wait: &StartupWait) -> Result<()> {
         let poll = (self.ttl / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
         let tolerance = self.ttl / 10;
         let mut first_seen: Option<(String, Instant)> = None;
@@ -69,6 +71,15 @@ impl ConsumerLease {
                         holder = describe(&holder),
                         lapses_in = ?remaining,
                         "the consumer name is leased by another process; waiting for its lease to lapse, as that of a process that stopped without releasing it does"
+                    );
+                    wait.waiting(
+                        "consumer_lease",
+                        format!(
+                            "the consumer name `{}` of group `{}` is leased by {} (lapses in {remaining:?} unless renewed)",
+                            self.consumer,
+                            self.group,
+                            describe(&holder)
+                        ),
                     );
                     first_seen = Some((holder, lapses));
                 }

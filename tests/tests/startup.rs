@@ -60,6 +60,26 @@ async fn a_bus_builds_without_redis_and_listens_once_redis_answers() {
         let bus = bus.clone();
         async move { bus.listen().await }
     });
+    // health() says what listen() waits for, and why.
+    let waiting = within("health to show the wait for redis", STEP, async {
+        loop {
+            let health = bus.health().await;
+            if health.waiting_for.is_some() {
+                return health;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(waiting.waiting_for, Some("redis"), "{waiting:?}");
+    let last_error = waiting.last_error.clone().unwrap_or_default();
+    assert!(
+        last_error.contains(&format!("127.0.0.1:{port}")),
+        "{last_error}"
+    );
+    let json = serde_json::to_value(&waiting).unwrap();
+    assert_eq!(json["waiting_for"], "redis", "{json}");
+    assert_eq!(json["last_error"], last_error.as_str(), "{json}");
     let server = within(
         "redis-server to start on the bus's port",
         STEP,
@@ -76,7 +96,13 @@ async fn a_bus_builds_without_redis_and_listens_once_redis_answers() {
         .unwrap();
     assert_eq!(recv(&mut seen, "the delivery").await.entry_id, id);
     until_nothing_pending(&server, "user.created", "tests").await;
-    assert!(within("health", STEP, bus.health()).await.connected);
+    let health = within("health", STEP, bus.health()).await;
+    assert!(health.connected, "{health:?}");
+    assert_eq!(
+        (health.waiting_for, health.last_error.as_deref()),
+        (None, None),
+        "{health:?}"
+    );
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
@@ -280,9 +306,31 @@ async fn a_process_restarted_after_a_crash_under_its_name_handles_its_pending_en
     assert!(matches!(err, Error::ConsumerNameTaken { .. }), "{err}");
 
     within("kill -9", STEP, child.kill()).await.unwrap();
-    // The dead process's lease lapses within its TTL (5 s by default).
-    let listener = within("listen after the crash", STEP, bus.listen())
+    // The dead process's lease lapses within its TTL (5 s, as its command timeout is
+    // short); meanwhile health() says whose lease listen() waits for.
+    let listening = tokio::spawn({
+        let bus = bus.clone();
+        async move { bus.listen().await }
+    });
+    let waiting = within("health to show the wait for the lease", STEP, async {
+        loop {
+            let health = bus.health().await;
+            if health.waiting_for.is_some() {
+                return health;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(waiting.waiting_for, Some("consumer_lease"), "{waiting:?}");
+    let last_error = waiting.last_error.unwrap_or_default();
+    assert!(
+        last_error.contains("the consumer name `pod-7` of group `tests` is leased by pid "),
+        "{last_error}"
+    );
+    let listener = within("listen after the crash", STEP, listening)
         .await
+        .unwrap()
         .unwrap();
     let delivery = recv(&mut seen, "the entry the crashed process held").await;
     assert_eq!((delivery.event.seq, delivery.delivery_count), (1, 2));

@@ -18,7 +18,7 @@ use crate::emit::Emit;
 use crate::error::HandlerError;
 use crate::error::{Error, Result};
 use crate::handler::{Handlers, RegisteredHandler, StreamHandler, StreamService};
-use crate::health::{LastRead, SetAside};
+use crate::health::{LastRead, SetAside, StartupWait};
 use crate::middleware::{self, BusLayer, BusService, HandlerRequest};
 use crate::partition::{Partitions, partition_stream};
 use crate::telemetry;
@@ -528,6 +528,7 @@ impl EventBusBuilder {
                 routes,
                 listening: Arc::new(AtomicBool::new(false)),
                 last_read: Arc::new(LastRead::new()),
+                startup_wait: StartupWait::default(),
                 contract: self.contract,
                 partitions,
             }),
