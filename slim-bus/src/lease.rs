@@ -112,7 +112,7 @@ impl ConsumerLease {
                     let error = self.taken(&holder);
                     tracing::error!(
                         error = &error as &dyn std::error::Error,
-                        "another process took this consumer name while its lease could not be renewed; stopping the listener"
+                        "another process took this consumer name while its lease could not be renewed; shutting down: running handlers get the shutdown grace to finish, and nothing more is read"
                     );
                     return error;
                 }

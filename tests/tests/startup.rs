@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use slim_bus::{Error, EventBus};
+use slim_bus::{Error, EventBus, HandlerError};
 use slim_bus_tests::{RedisServer, within};
 use support::*;
 
@@ -337,4 +337,63 @@ async fn a_process_restarted_after_a_crash_under_its_name_handles_its_pending_en
     assert_eq!(delivery.consumer, "pod-7");
     until_nothing_pending(&server, "user.created", "tests").await;
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_that_loses_its_lease_lets_its_running_handlers_finish() {
+    let server = start_server().await;
+    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let (handler, mut seen) = Scripted::new({
+        let release = release.clone();
+        move |_: UserCreated, _| {
+            let release = release.clone();
+            async move {
+                let _permit = release.acquire().await.map_err(HandlerError::new)?;
+                // Work that outlasts the renewal beat (a third of the TTL), by which the
+                // bus finds its lease taken.
+                tokio::time::sleep(Duration::from_millis(900)).await;
+                Ok(())
+            }
+        }
+    });
+    let bus = within(
+        "build",
+        STEP,
+        bus(&server)
+            .consumer_lease_ttl(Duration::from_millis(900))
+            .command_timeout(Duration::from_millis(300))
+            .handler_timeout(Duration::from_secs(8))
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    within("publish", STEP, bus.publish(&user(1)))
+        .await
+        .unwrap();
+    recv(&mut seen, "the handler to start").await;
+
+    // Another process takes the name, as one does after this one could not renew.
+    let mut conn = server.connection().await;
+    let _: () = within(
+        "SET the lease",
+        STEP,
+        redis::cmd("SET")
+            .arg("slim-bus:consumer:tests:consumer-1")
+            .arg("another-token pid 1 on elsewhere")
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut conn),
+    )
+    .await
+    .unwrap();
+    // The renewal that finds it taken comes within a third of the TTL; the running
+    // handler is not abandoned for it, but given the shutdown grace.
+    release.add_permits(1);
+    let error = within("the listener to stop", STEP, listener)
+        .await
+        .expect_err("a bus whose lease was taken stops");
+    assert!(matches!(error, Error::ConsumerNameTaken { .. }), "{error}");
+    until_nothing_pending(&server, "user.created", "tests").await;
 }
