@@ -365,3 +365,71 @@ async fn a_listener_stopped_by_an_unrecoverable_error_logs_error() {
         .await;
     assert!(stopped.fields.contains_key("error"), "{stopped:?}");
 }
+
+/// The retry and dead-letter warnings of a delivery are emitted in its span, so that
+/// what a layer records there (a request id) shows on them.
+async fn retry_and_dead_letter_warnings_carry_the_delivery_span(backend: Backend) {
+    let (captured, _guard) = capture_at_info();
+    let (handler, mut seen) =
+        Scripted::new(|event: UserCreated, ctx: slim_bus::Context| async move {
+            match (event.seq, ctx.delivery_count()) {
+                (0, 1) => Err(HandlerError::new("flaky")),
+                (0, _) => Ok(()),
+                _ => Err(HandlerError::permanent("bad")),
+            }
+        });
+    let bus = within(
+        "build",
+        STEP,
+        backend
+            .bus()
+            .span_level(Level::INFO)
+            .retry_backoff(Duration::from_millis(10), Duration::from_millis(50))
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    let flaky = within("publish", STEP, bus.publish(&user(0)))
+        .await
+        .unwrap();
+    let bad = within("publish", STEP, bus.publish(&user(1)))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        recv(&mut seen, "an attempt").await;
+    }
+    let retry = captured
+        .until_event("the retry warning", |e| {
+            e.level == Level::WARN && e.message().contains("will retry")
+        })
+        .await;
+    let dead = captured
+        .until_event("the dead-letter warning", |e| {
+            e.level == Level::WARN && e.message().contains("dead-lettering")
+        })
+        .await;
+    for (event, id) in [(&retry, flaky), (&dead, bad)] {
+        let span = event
+            .in_span("slim_bus.process")
+            .unwrap_or_else(|| panic!("not in the delivery's span: {event:?}"));
+        assert_eq!(
+            span.fields["messaging.message.id"],
+            id.to_string(),
+            "{event:?}"
+        );
+    }
+    backend.until_nothing_pending("user.created", "tests").await;
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
+#[tokio::test]
+async fn retry_and_dead_letter_warnings_carry_the_delivery_span_redis() {
+    retry_and_dead_letter_warnings_carry_the_delivery_span(Backend::redis().await).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_and_dead_letter_warnings_carry_the_delivery_span_memory() {
+    retry_and_dead_letter_warnings_carry_the_delivery_span(Backend::memory()).await;
+}
