@@ -433,3 +433,58 @@ async fn retry_and_dead_letter_warnings_carry_the_delivery_span_redis() {
 async fn retry_and_dead_letter_warnings_carry_the_delivery_span_memory() {
     retry_and_dead_letter_warnings_carry_the_delivery_span(Backend::memory()).await;
 }
+
+/// A handler that fails while the listener shuts down is not retried here: its warning
+/// says the entry stays pending, not that it will be retried.
+async fn a_failure_during_shutdown_says_the_entry_stays_pending(backend: Backend) {
+    let (captured, _guard) = capture_at_info();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let (handler, mut seen) = Scripted::new({
+        let release = release.clone();
+        move |_: UserCreated, _| {
+            let release = release.clone();
+            async move {
+                let _permit = release.acquire().await.map_err(HandlerError::new)?;
+                Err(HandlerError::new("the payment service is gone"))
+            }
+        }
+    });
+    let bus = within("build", STEP, backend.bus().handler(handler).build())
+        .await
+        .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    within("publish", STEP, bus.publish(&user(0)))
+        .await
+        .unwrap();
+    recv(&mut seen, "the handler to start").await;
+    listener.shutdown_handle().shutdown();
+    release.add_permits(1);
+    within("shutdown", STEP, listener).await.unwrap();
+    let failure = captured
+        .until_event("the failure's warning", |e| {
+            e.level == Level::WARN && e.message().contains("failure")
+        })
+        .await;
+    assert!(
+        failure
+            .message()
+            .contains("while shutting down; the entry stays pending"),
+        "{failure:?}"
+    );
+    let retries: Vec<EventSeen> = captured
+        .events()
+        .into_iter()
+        .filter(|e| e.message().contains("will retry"))
+        .collect();
+    assert!(retries.is_empty(), "{retries:?}");
+}
+
+#[tokio::test]
+async fn a_failure_during_shutdown_says_the_entry_stays_pending_redis() {
+    a_failure_during_shutdown_says_the_entry_stays_pending(Backend::redis().await).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_during_shutdown_says_the_entry_stays_pending_memory() {
+    a_failure_during_shutdown_says_the_entry_stays_pending(Backend::memory()).await;
+}

@@ -62,6 +62,9 @@ pub(super) struct DeliveryEnv {
     pub(super) span_level: tracing::Level,
     /// Each route's metric handles, by stream index.
     pub(super) metrics: Box<[StreamMetrics]>,
+    /// Cancelled when the listener starts shutting down: a retry decided after that never
+    /// runs here, so its log says the entry stays pending instead.
+    pub(super) shutting_down: CancellationToken,
 }
 
 /// One delivery's entry, with what it holds, between its handler's outcome and its
@@ -400,7 +403,11 @@ impl Task<'_> {
                 return Verdict::DeadLetter(reason, error);
             }
             let delay = delay.unwrap_or_else(|| self.backoff(delivery_count));
-            tracing::warn!(stream, entry_id = %id, delivery_count, %error, retry_in = ?delay, "{reason} failure; will retry");
+            if self.shared.shutting_down.is_cancelled() {
+                tracing::warn!(stream, entry_id = %id, delivery_count, %error, "{reason} failure while shutting down; the entry stays pending, for this consumer's next start or another consumer's claim");
+            } else {
+                tracing::warn!(stream, entry_id = %id, delivery_count, %error, retry_in = ?delay, "{reason} failure; will retry");
+            }
             Verdict::Retry(delay)
         };
         match outcome {

@@ -164,6 +164,7 @@ impl Consumer {
                     .iter()
                     .map(|route| StreamMetrics::new(&route.stream, &self.group))
                     .collect(),
+                shutting_down: shutdown.clone(),
             }),
             tasks: tasks.clone(),
             abandon: abandon.clone(),
