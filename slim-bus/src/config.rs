@@ -105,8 +105,8 @@ pub struct EventBusConfig {
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
     /// How long an entry must sit unacknowledged with another consumer before this one
-    /// claims it, presuming that consumer dead. Must exceed the handler timeout, or live
-    /// work would be claimed and run twice.
+    /// claims it, presuming that consumer dead. The retry delays follow it when they are
+    /// not set (see `retry_max`).
     #[serde(with = "humantime_serde")]
     pub claim_min_idle: Duration,
     /// How often the bus looks for entries to claim from dead consumers.
@@ -121,9 +121,12 @@ pub struct EventBusConfig {
     /// How long the lease of this consumer name lasts without renewal. A listening bus
     /// holds it (renewing it every third of it) so that no other live process listens
     /// under the same name; a process restarted after a crash waits up to this long for
-    /// the lease of its previous life to lapse.
+    /// the lease of its previous life to lapse. `None` (the default) means 5 s, or twice
+    /// `command_timeout` when that is longer; set, it must be at least twice
+    /// `command_timeout`, so that one renewal taking the whole timeout does not let it
+    /// lapse.
     #[serde(with = "humantime_serde")]
-    pub consumer_lease_ttl: Duration,
+    pub consumer_lease_ttl: Option<Duration>,
     /// Whether `listen()` waits for Redis when it does not answer, retrying with backoff
     /// (the default), or fails at once with the connection error.
     pub wait_for_redis: bool,
@@ -131,13 +134,15 @@ pub struct EventBusConfig {
     /// set its own with [`StreamHandler::max_deliveries`](crate::StreamHandler::max_deliveries).
     pub max_deliveries: u64,
     /// The delay before the first retry of a failed entry; each further retry doubles it.
+    /// `None` (the default) means 1 s, or `retry_max` when that is shorter.
     #[serde(with = "humantime_serde")]
-    pub retry_base: Duration,
-    /// The longest delay between retries. Must be shorter than `claim_min_idle`: an entry
-    /// waiting for its retry stays pending with this consumer, and another consumer's
-    /// claim scan would take it.
+    pub retry_base: Option<Duration>,
+    /// The longest delay between retries. An entry waiting for its retry stays pending
+    /// with this consumer, so it must be shorter than `claim_min_idle`, or another
+    /// consumer's claim scan would take it. `None` (the default) means half of
+    /// `claim_min_idle`, at most 30 s (and at least an explicit `retry_base`).
     #[serde(with = "humantime_serde")]
-    pub retry_max: Duration,
+    pub retry_max: Option<Duration>,
     /// The suffix of dead-letter stream names: the dead letters of `user.created` go to
     /// `{user.created}:dlq` (the braces keep both in one Redis Cluster hash slot).
     pub dead_letter_suffix: String,
@@ -197,11 +202,11 @@ impl Default for EventBusConfig {
             claim_min_idle: Duration::from_secs(60),
             claim_interval: Duration::from_secs(10),
             consumer_idle_removal: Duration::from_secs(24 * 3600),
-            consumer_lease_ttl: Duration::from_secs(5),
+            consumer_lease_ttl: None,
             wait_for_redis: true,
             max_deliveries: 5,
-            retry_base: Duration::from_secs(1),
-            retry_max: Duration::from_secs(30),
+            retry_base: None,
+            retry_max: None,
             dead_letter_suffix: ":dlq".to_owned(),
             dead_letter_max_len: None,
             stream_max_len: BTreeMap::new(),
@@ -389,6 +394,25 @@ pub(crate) fn redacted_url(url: &str) -> String {
 /// that deadlines computed from it never overflow the clock.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// The longest delay between retries when neither `retry_max` nor a short
+/// `claim_min_idle` says otherwise.
+const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The first retry delay when `retry_base` is not set.
+const DEFAULT_RETRY_BASE: Duration = Duration::from_secs(1);
+
+/// The consumer-name lease's TTL when `consumer_lease_ttl` is not set and
+/// `command_timeout` is short.
+const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
+
+/// The shortest lease TTL: renewals every third of it must stay cheap.
+const MIN_LEASE_TTL: Duration = Duration::from_millis(100);
+
+/// How many command timeouts a lease lasts at least. A renewal starts a third of the TTL
+/// after the last one and may take a whole command timeout; with a TTL of twice the
+/// timeout it ends by five sixths of the TTL, before the lease lapses.
+const LEASE_TTL_PER_COMMAND_TIMEOUT: u32 = 2;
+
 /// The ceiling Redis puts on one `BLOCK` (it takes milliseconds as a signed 64-bit
 /// integer); a far smaller one keeps shutdown and reconnects responsive anyway.
 const MAX_BLOCK_TIME: Duration = Duration::from_secs(60);
@@ -431,8 +455,12 @@ impl EventBusConfig {
         Ok(())
     }
 
-    /// Checks every setting, naming the first invalid one.
+    /// Checks every setting, reporting every invalid one in one [`Error::Config`].
     pub(crate) fn validate(&self) -> Result<()> {
+        let mut invalid: Vec<Error> = Vec::new();
+        let mut reject = |setting: &'static str, reason: String| {
+            invalid.push(Error::config(setting, reason));
+        };
         let durations = [
             ("handler_timeout", Some(self.handler_timeout)),
             ("shutdown_grace", self.shutdown_grace),
@@ -440,143 +468,192 @@ impl EventBusConfig {
             ("claim_min_idle", Some(self.claim_min_idle)),
             ("claim_interval", Some(self.claim_interval)),
             ("consumer_idle_removal", Some(self.consumer_idle_removal)),
-            ("consumer_lease_ttl", Some(self.consumer_lease_ttl)),
-            ("retry_base", Some(self.retry_base)),
-            ("retry_max", Some(self.retry_max)),
+            ("consumer_lease_ttl", self.consumer_lease_ttl),
+            ("retry_base", self.retry_base),
+            ("retry_max", self.retry_max),
             ("trim_acked_interval", Some(self.trim_acked_interval)),
         ];
         for (setting, duration) in durations {
             if duration.is_some_and(|d| d > MAX_DURATION) {
-                return Err(Error::config(setting, "must be at most 365 days"));
+                reject(setting, "must be at most 365 days".to_owned());
             }
         }
         if self.url.trim().is_empty() {
-            return Err(Error::config("url", "must not be empty"));
+            reject("url", "must not be empty".to_owned());
         }
-        self.check_cluster_nodes()?;
-        check_name("consumer_group", self.consumer_group.as_deref())?;
-        check_name("consumer_name", self.consumer_name.as_deref())?;
         if self.max_count == 0 {
-            return Err(Error::config("max_count", "must be at least 1"));
+            reject("max_count", "must be at least 1".to_owned());
         }
         if self.max_concurrent == 0 {
-            return Err(Error::config("max_concurrent", "must be at least 1"));
+            reject("max_concurrent", "must be at least 1".to_owned());
         }
         if self.max_concurrent > tokio::sync::Semaphore::MAX_PERMITS {
-            return Err(Error::config(
+            reject(
                 "max_concurrent",
-                "is larger than a semaphore can count",
-            ));
+                "is larger than a semaphore can count".to_owned(),
+            );
         }
         if let Some(max_in_flight) = self.max_in_flight {
             if max_in_flight < self.max_concurrent {
-                return Err(Error::config(
+                reject(
                     "max_in_flight",
                     format!(
                         "must be at least max_concurrent ({}): every running handler holds an entry",
                         self.max_concurrent
                     ),
-                ));
+                );
             }
             if max_in_flight > tokio::sync::Semaphore::MAX_PERMITS {
-                return Err(Error::config(
+                reject(
                     "max_in_flight",
-                    "is larger than a semaphore can count",
-                ));
+                    "is larger than a semaphore can count".to_owned(),
+                );
             }
         }
         if self.handler_timeout.is_zero() {
-            return Err(Error::config("handler_timeout", "must be longer than zero"));
+            reject("handler_timeout", "must be longer than zero".to_owned());
         }
         if self.block_time < Duration::from_millis(1) || self.block_time > MAX_BLOCK_TIME {
-            return Err(Error::config(
+            reject(
                 "block_time",
                 format!("must be between 1ms and {MAX_BLOCK_TIME:?}"),
-            ));
+            );
         }
         if self.command_timeout.is_zero() {
-            return Err(Error::config("command_timeout", "must be longer than zero"));
+            reject("command_timeout", "must be longer than zero".to_owned());
         }
-        if self.claim_min_idle <= self.handler_timeout {
-            return Err(Error::config(
-                "claim_min_idle",
-                format!(
-                    "must be longer than handler_timeout ({:?}), or entries still being handled would be claimed and run twice",
-                    self.handler_timeout
-                ),
-            ));
+        if self.claim_min_idle.is_zero() {
+            reject("claim_min_idle", "must be longer than zero".to_owned());
         }
         if self.claim_interval.is_zero() {
-            return Err(Error::config("claim_interval", "must be longer than zero"));
+            reject("claim_interval", "must be longer than zero".to_owned());
         }
         if self.consumer_idle_removal.is_zero() {
-            return Err(Error::config(
+            reject(
                 "consumer_idle_removal",
-                "must be longer than zero",
-            ));
+                "must be longer than zero".to_owned(),
+            );
         }
-        if self.consumer_lease_ttl < Duration::from_millis(100) {
-            return Err(Error::config(
-                "consumer_lease_ttl",
-                "must be at least 100ms",
-            ));
+        if let Some(ttl) = self.consumer_lease_ttl {
+            if ttl < MIN_LEASE_TTL {
+                reject(
+                    "consumer_lease_ttl",
+                    format!("must be at least {MIN_LEASE_TTL:?}"),
+                );
+            } else if ttl < self.command_timeout * LEASE_TTL_PER_COMMAND_TIMEOUT {
+                reject(
+                    "consumer_lease_ttl",
+                    format!(
+                        "({ttl:?}) must be at least {LEASE_TTL_PER_COMMAND_TIMEOUT} times command_timeout ({:?}): one renewal may take the whole command timeout, and the lease must not lapse meanwhile; raise consumer_lease_ttl or lower command_timeout",
+                        self.command_timeout
+                    ),
+                );
+            }
         }
         if self.max_deliveries == 0 {
-            return Err(Error::config("max_deliveries", "must be at least 1"));
+            reject("max_deliveries", "must be at least 1".to_owned());
         }
-        if self.retry_base.is_zero() {
-            return Err(Error::config("retry_base", "must be longer than zero"));
+        if self.retry_base.is_some_and(|base| base.is_zero()) {
+            reject("retry_base", "must be longer than zero".to_owned());
         }
-        if self.retry_max < self.retry_base {
-            return Err(Error::config(
+        let (retry_base, retry_max) = (self.effective_retry_base(), self.effective_retry_max());
+        if let (Some(base), Some(max)) = (self.retry_base, self.retry_max)
+            && max < base
+        {
+            reject(
                 "retry_max",
-                "must not be shorter than retry_base",
-            ));
+                format!("({max:?}) must not be shorter than retry_base ({base:?})"),
+            );
         }
-        if self.retry_max >= self.claim_min_idle {
-            return Err(Error::config(
-                "retry_max",
+        if !self.claim_min_idle.is_zero() && retry_max >= self.claim_min_idle {
+            // Only a retry setting given explicitly can get here: the defaults follow
+            // claim_min_idle.
+            let setting = if self.retry_max.is_some() {
+                "retry_max"
+            } else {
+                "retry_base"
+            };
+            let value = if self.retry_max.is_some() {
+                retry_max
+            } else {
+                retry_base
+            };
+            reject(
+                setting,
                 format!(
-                    "must be shorter than claim_min_idle ({:?}), or another consumer's claim scan would take entries waiting for their retry",
+                    "({value:?}) must be shorter than claim_min_idle ({:?}), or another consumer's claim scan would take entries waiting for their retry; lower {setting} or raise claim_min_idle",
                     self.claim_min_idle
                 ),
-            ));
+            );
         }
         if self.dead_letter_suffix.is_empty() {
-            return Err(Error::config(
+            reject(
                 "dead_letter_suffix",
-                "must not be empty: the dead letters would go to the stream itself",
-            ));
+                "must not be empty: the dead letters would go to the stream itself".to_owned(),
+            );
         }
         if self.dead_letter_max_len == Some(0) {
-            return Err(Error::config("dead_letter_max_len", "must be at least 1"));
+            reject("dead_letter_max_len", "must be at least 1".to_owned());
         }
         for (stream, max_len) in &self.stream_max_len {
             if stream.is_empty() {
-                return Err(Error::config("stream_max_len", "names an empty stream"));
+                reject("stream_max_len", "names an empty stream".to_owned());
             }
             if *max_len == 0 {
-                return Err(Error::config(
+                reject(
                     "stream_max_len",
                     format!(
                         "must be at least 1 (stream `{stream}`): a cap of 0 would delete every entry as it is published"
                     ),
-                ));
+                );
             }
         }
-        for (stream, &partitions) in &self.stream_partitions {
-            crate::partition::check_partitioned(stream, partitions, "stream_partitions")?;
-        }
         if self.trim_acked_streams.iter().any(String::is_empty) {
-            return Err(Error::config("trim_acked_streams", "names an empty stream"));
+            reject("trim_acked_streams", "names an empty stream".to_owned());
         }
         if self.trim_acked_interval.is_zero() {
-            return Err(Error::config(
-                "trim_acked_interval",
-                "must be longer than zero",
-            ));
+            reject("trim_acked_interval", "must be longer than zero".to_owned());
         }
-        Ok(())
+        let checks = [
+            self.check_cluster_nodes(),
+            check_name("consumer_group", self.consumer_group.as_deref()),
+            check_name("consumer_name", self.consumer_name.as_deref()),
+        ]
+        .into_iter()
+        .chain(self.stream_partitions.iter().map(|(stream, &partitions)| {
+            crate::partition::check_partitioned(stream, partitions, "stream_partitions")
+        }));
+        invalid.extend(checks.filter_map(Result::err));
+        Error::configs(invalid)
+    }
+
+    /// The longest delay between retries: `retry_max` when set, else half of
+    /// `claim_min_idle` up to 30 s (and no shorter than an explicit `retry_base`), so that
+    /// an entry waiting for its retry is never idle long enough to be claimed.
+    pub(crate) fn effective_retry_max(&self) -> Duration {
+        self.retry_max.unwrap_or_else(|| {
+            (self.claim_min_idle / 2)
+                .min(DEFAULT_RETRY_MAX)
+                .max(self.retry_base.unwrap_or(Duration::ZERO))
+        })
+    }
+
+    /// The delay before the first retry: `retry_base` when set, else 1 s, or the longest
+    /// delay when that is shorter.
+    pub(crate) fn effective_retry_base(&self) -> Duration {
+        self.retry_base
+            .unwrap_or_else(|| DEFAULT_RETRY_BASE.min(self.effective_retry_max()))
+    }
+
+    /// How long the consumer-name lease lasts: `consumer_lease_ttl` when set, else 5 s,
+    /// or twice `command_timeout` when that is longer.
+    pub(crate) fn effective_consumer_lease_ttl(&self) -> Duration {
+        self.consumer_lease_ttl.unwrap_or_else(|| {
+            DEFAULT_LEASE_TTL.max(
+                self.command_timeout
+                    .saturating_mul(LEASE_TTL_PER_COMMAND_TIMEOUT),
+            )
+        })
     }
 
     /// The most entries one consumer holds pending at once.
@@ -620,7 +697,118 @@ pub(crate) fn default_consumer_name() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::{EventBusConfig, redacted_url};
+    use crate::error::Error;
+
+    /// The settings an invalid config names, in order, and its message.
+    fn invalid_settings(config: &EventBusConfig) -> (Vec<&'static str>, String) {
+        match &config.validate() {
+            Err(error @ Error::Config { setting, also, .. }) => {
+                let mut settings = vec![*setting];
+                settings.extend(also.iter().map(|invalid| invalid.setting()));
+                (settings, error.to_string())
+            }
+            other => panic!("expected an invalid config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_short_claim_min_idle_alone_is_valid_and_the_retry_delays_follow_it() {
+        let config = EventBusConfig {
+            claim_min_idle: Duration::from_secs(2),
+            ..EventBusConfig::default()
+        };
+        config
+            .validate()
+            .expect("claim_min_idle(2s) alone is valid");
+        assert_eq!(config.effective_retry_max(), Duration::from_secs(1));
+        assert_eq!(config.effective_retry_base(), Duration::from_secs(1));
+
+        let tiny = EventBusConfig {
+            claim_min_idle: Duration::from_millis(300),
+            ..EventBusConfig::default()
+        };
+        tiny.validate()
+            .expect("claim_min_idle(300ms) alone is valid");
+        assert_eq!(tiny.effective_retry_max(), Duration::from_millis(150));
+        assert_eq!(tiny.effective_retry_base(), Duration::from_millis(150));
+
+        let defaults = EventBusConfig::default();
+        assert_eq!(defaults.effective_retry_max(), Duration::from_secs(30));
+        assert_eq!(defaults.effective_retry_base(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn an_explicit_retry_max_past_claim_min_idle_names_both_settings() {
+        let config = EventBusConfig {
+            claim_min_idle: Duration::from_secs(2),
+            retry_max: Some(Duration::from_secs(5)),
+            ..EventBusConfig::default()
+        };
+        let (settings, message) = invalid_settings(&config);
+        assert_eq!(settings, ["retry_max"], "{message}");
+        assert!(message.contains("claim_min_idle (2s)"), "{message}");
+        assert!(
+            message.contains("`retry_max`: (5s) must be shorter"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_lease_ttl_follows_the_command_timeout_and_an_explicit_conflict_names_both() {
+        let defaults = EventBusConfig::default();
+        assert_eq!(
+            defaults.effective_consumer_lease_ttl(),
+            Duration::from_secs(10)
+        );
+        let quick = EventBusConfig {
+            command_timeout: Duration::from_millis(500),
+            ..EventBusConfig::default()
+        };
+        assert_eq!(quick.effective_consumer_lease_ttl(), Duration::from_secs(5));
+        let slow = EventBusConfig {
+            command_timeout: Duration::from_secs(20),
+            ..EventBusConfig::default()
+        };
+        slow.validate()
+            .expect("the lease follows a long command timeout");
+        assert_eq!(slow.effective_consumer_lease_ttl(), Duration::from_secs(40));
+
+        let conflict = EventBusConfig {
+            consumer_lease_ttl: Some(Duration::from_secs(5)),
+            command_timeout: Duration::from_secs(5),
+            ..EventBusConfig::default()
+        };
+        let (settings, message) = invalid_settings(&conflict);
+        assert_eq!(settings, ["consumer_lease_ttl"], "{message}");
+        assert!(message.contains("command_timeout (5s)"), "{message}");
+        assert!(
+            message.contains("(5s) must be at least 2 times"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn every_invalid_setting_is_reported_at_once() {
+        let config = EventBusConfig {
+            max_count: 0,
+            block_time: Duration::ZERO,
+            consumer_group: Some(" billing".to_owned()),
+            ..EventBusConfig::default()
+        };
+        let (settings, message) = invalid_settings(&config);
+        assert_eq!(
+            settings,
+            ["max_count", "block_time", "consumer_group"],
+            "{message}"
+        );
+        assert!(
+            message.starts_with("invalid setting `max_count`: must be at least 1; invalid setting `block_time`: must be between"),
+            "{message}"
+        );
+    }
 
     #[test]
     fn span_levels_are_written_as_lowercase_names() {

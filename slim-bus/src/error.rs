@@ -13,13 +13,18 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A setting of the builder or of [`EventBusConfig`](crate::EventBusConfig) is invalid.
-    #[error("invalid setting `{setting}`: {reason}")]
+    /// A setting of the builder or of [`EventBusConfig`](crate::EventBusConfig) is invalid;
+    /// `build()` reports every invalid setting in one error, the first here and the
+    /// others in `also`.
+    #[error("invalid setting `{setting}`: {reason}{}", also_invalid(.also))]
     Config {
         /// The name of the setting, as in [`EventBusConfig`](crate::EventBusConfig).
         setting: &'static str,
         /// What is wrong with it and what is expected instead.
         reason: String,
+        /// The other invalid settings, in the order of [`EventBusConfig`](crate::EventBusConfig)'s
+        /// checks; empty when only one is.
+        also: Vec<InvalidSetting>,
     },
 
     /// Two handlers were registered on the same stream of one bus.
@@ -206,6 +211,35 @@ pub enum Error {
     },
 }
 
+/// One invalid setting, beyond the first, of an [`Error::Config`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidSetting {
+    setting: &'static str,
+    reason: String,
+}
+
+impl InvalidSetting {
+    /// The name of the setting, as in [`EventBusConfig`](crate::EventBusConfig).
+    pub fn setting(&self) -> &'static str {
+        self.setting
+    }
+
+    /// What is wrong with it and what is expected instead.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl fmt::Display for InvalidSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid setting `{}`: {}", self.setting, self.reason)
+    }
+}
+
+fn also_invalid(also: &[InvalidSetting]) -> String {
+    also.iter().map(|invalid| format!("; {invalid}")).collect()
+}
+
 /// The code of the server error inside `error` (`NOGROUP`, `WRONGTYPE`, ...), also when it
 /// came back from a pipeline, where redis-rs reports no code of its own.
 pub(crate) fn server_code(error: &redis::RedisError) -> Option<String> {
@@ -232,6 +266,35 @@ impl Error {
         Error::Config {
             setting,
             reason: reason.into(),
+            also: Vec::new(),
+        }
+    }
+
+    /// One [`Error::Config`] for every invalid setting of `errors` (each an
+    /// `Error::Config`; others are passed through first), or `Ok` when there is none.
+    pub(crate) fn configs(errors: Vec<Error>) -> Result<()> {
+        let mut invalid = Vec::new();
+        for error in errors {
+            match error {
+                Error::Config {
+                    setting,
+                    reason,
+                    also,
+                } => {
+                    invalid.push(InvalidSetting { setting, reason });
+                    invalid.extend(also);
+                }
+                other => return Err(other),
+            }
+        }
+        let mut invalid = invalid.into_iter();
+        match invalid.next() {
+            None => Ok(()),
+            Some(first) => Err(Error::Config {
+                setting: first.setting,
+                reason: first.reason,
+                also: invalid.collect(),
+            }),
         }
     }
 
@@ -388,23 +451,22 @@ impl fmt::Debug for HandlerError {
 
 impl fmt::Display for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.source, f)?;
-        let mut source = self.source.source();
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
+        f.write_str(&report(&*self.source))
     }
 }
 
-/// `error` and every cause in its source chain, joined as error reporters join them.
+/// `error` and every cause in its source chain, joined as error reporters join them, each
+/// cause once: a redis-rs error prints its cause in its own message and also returns it
+/// as its source, and a cause already in the text is not repeated.
 pub(crate) fn report(error: &(dyn StdError + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
     text
@@ -428,6 +490,31 @@ mod tests {
     /// Every message of `error`'s chain, as error reporters join them.
     fn report(error: impl StdError + Send + Sync + 'static) -> String {
         format!("{:#}", anyhow::Error::new(error))
+    }
+
+    #[test]
+    fn a_cause_a_message_already_holds_is_reported_once() {
+        let server: redis::RedisError =
+            redis::parse_redis_value(b"-WRONGPASS invalid username-password pair\r\n")
+                .and_then(|value| value.extract_error())
+                .expect_err("an error reply");
+        let error = Error::redis("publishing to stream `user.created`", server);
+        let text = super::report(&error);
+        assert_eq!(
+            text.matches("invalid username-password pair").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.starts_with("redis error while publishing"), "{text}");
+
+        #[derive(Debug, thiserror::Error)]
+        #[error("the payment service failed: {0}")]
+        struct Embeds(#[source] std::io::Error);
+        let handler = HandlerError::new(Embeds(std::io::Error::other("connection reset")));
+        assert_eq!(
+            handler.to_string(),
+            "the payment service failed: connection reset"
+        );
     }
 
     #[test]

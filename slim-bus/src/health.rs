@@ -19,6 +19,10 @@ use tokio::time::Instant;
 ///   shows each handled stream's group as Redis sees it.
 /// - **stopped** (the listener was shut down, or ended on an error it cannot recover
 ///   from): `listening` is `false` and `since_last_read` keeps growing from the last read.
+/// - **waiting to listen** (a [`listen`](crate::EventBus::listen) that has not returned
+///   yet, waiting for Redis with [`wait_for_redis`](crate::EventBusBuilder::wait_for_redis)
+///   or for the lease of the consumer name to lapse): `listening` is `false`, `waiting_for`
+///   says what `listen()` waits for and `last_error` why it is still waiting.
 ///
 /// # Serialization
 ///
@@ -63,6 +67,16 @@ pub struct Health {
     /// Each stream the bus handles, in registration order; empty when not connected, and
     /// for a bus without a consumer group.
     pub streams: Vec<StreamHealth>,
+    /// While a [`listen`](crate::EventBus::listen) waits before it listens, what it waits
+    /// for: `"redis"` (a server that does not answer or is loading its data, see
+    /// [`wait_for_redis`](crate::EventBusBuilder::wait_for_redis)) or `"consumer_lease"`
+    /// (the lease of the consumer name, left by a process that stopped, to lapse); `None`
+    /// otherwise. Refused credentials and other errors waiting cannot fix are not waited
+    /// for: `listen()` fails with them.
+    pub waiting_for: Option<&'static str>,
+    /// While `waiting_for` is set, the error of the last attempt (with its causes), or who
+    /// holds the consumer name's lease; `None` otherwise.
+    pub last_error: Option<String>,
 }
 
 impl Health {
@@ -200,6 +214,36 @@ impl SetAside {
     }
 }
 
+/// What a `listen()` in progress waits for, and the last error of its wait, shared with
+/// `health()`.
+#[derive(Debug, Default)]
+pub(crate) struct StartupWait(Mutex<Option<(&'static str, String)>>);
+
+impl StartupWait {
+    /// `listen()` waits for `what` after `error`.
+    pub(crate) fn waiting(&self, what: &'static str, error: String) {
+        *self.lock() = Some((what, error));
+    }
+
+    /// `listen()` waits no more (it listens, or failed).
+    pub(crate) fn done(&self) {
+        *self.lock() = None;
+    }
+
+    pub(crate) fn get(&self) -> (Option<&'static str>, Option<String>) {
+        match &*self.lock() {
+            Some((what, error)) => (Some(what), Some(error.clone())),
+            None => (None, None),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(&'static str, String)>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// When the reader last read successfully, as milliseconds since `start` plus one (zero
 /// for never), shared between the reader and `health()` without a lock.
 #[derive(Debug)]
@@ -245,6 +289,8 @@ mod tests {
             since_last_read: since_last_read.map(Duration::from_millis),
             read_stall_after: Duration::from_millis(1000),
             streams: Vec::new(),
+            waiting_for: None,
+            last_error: None,
         }
     }
 

@@ -7,6 +7,7 @@ use tokio::time::Instant;
 
 use crate::broker::{Broker, LeaseState};
 use crate::error::{Error, Result};
+use crate::health::StartupWait;
 
 /// The lease of one consumer name in one group: a key holding a random token of this
 /// process, which it renews every third of the TTL while it listens and deletes when it
@@ -47,7 +48,8 @@ impl ConsumerLease {
     /// Takes the lease. When another process holds it, waits for it to lapse, which a
     /// lease left by a process that died does within the TTL; a lease that is renewed
     /// meanwhile belongs to a live process, and that is [`Error::ConsumerNameTaken`].
-    pub(crate) async fn acquire(&self) -> Result<()> {
+    /// `wait` tells `health()` whose lease it waits for.
+    pub(crate) async fn acquire(&self, wait: &StartupWait) -> Result<()> {
         let poll = (self.ttl / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
         let tolerance = self.ttl / 10;
         let mut first_seen: Option<(String, Instant)> = None;
@@ -69,6 +71,15 @@ impl ConsumerLease {
                         holder = describe(&holder),
                         lapses_in = ?remaining,
                         "the consumer name is leased by another process; waiting for its lease to lapse, as that of a process that stopped without releasing it does"
+                    );
+                    wait.waiting(
+                        "consumer_lease",
+                        format!(
+                            "the consumer name `{}` of group `{}` is leased by {} (lapses in {remaining:?} unless renewed)",
+                            self.consumer,
+                            self.group,
+                            describe(&holder)
+                        ),
                     );
                     first_seen = Some((holder, lapses));
                 }
@@ -101,7 +112,7 @@ impl ConsumerLease {
                     let error = self.taken(&holder);
                     tracing::error!(
                         error = &error as &dyn std::error::Error,
-                        "another process took this consumer name while its lease could not be renewed; stopping the listener"
+                        "another process took this consumer name while its lease could not be renewed; shutting down: running handlers get the shutdown grace to finish, and nothing more is read"
                     );
                     return error;
                 }
@@ -132,9 +143,46 @@ impl ConsumerLease {
     }
 }
 
-/// The key of the lease of `consumer` in `group`.
+/// The key of the lease of `consumer` in `group`: `slim-bus:consumer:{group}:{consumer}`
+/// with `\` and `:` escaped by a `\` in both names, so that `a:b` + `c` and `a` + `b:c`
+/// get two keys. Names without either keep the key they always had.
 pub(crate) fn lease_key(group: &str, consumer: &str) -> String {
-    format!("slim-bus:consumer:{group}:{consumer}")
+    format!(
+        "slim-bus:consumer:{}:{}",
+        escape_key_part(group),
+        escape_key_part(consumer)
+    )
+}
+
+fn escape_key_part(name: &str) -> std::borrow::Cow<'_, str> {
+    if !name.contains([':', '\\']) {
+        return name.into();
+    }
+    let mut escaped = String::with_capacity(name.len() + 4);
+    for c in name.chars() {
+        if c == ':' || c == '\\' {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lease_key;
+
+    #[test]
+    fn lease_keys_of_names_holding_colons_or_backslashes_do_not_collide() {
+        assert_eq!(
+            lease_key("billing", "pod-1"),
+            "slim-bus:consumer:billing:pod-1"
+        );
+        assert_ne!(lease_key("a:b", "c"), lease_key("a", "b:c"));
+        assert_eq!(lease_key("a:b", "c"), r"slim-bus:consumer:a\:b:c");
+        assert_eq!(lease_key("a", "b:c"), r"slim-bus:consumer:a:b\:c");
+        assert_ne!(lease_key("a\\", ":b"), lease_key("a\\:", "b"));
+    }
 }
 
 /// A holder without its token: `pid 1234 on host-a`.

@@ -175,3 +175,44 @@ async fn a_consumer_lacking_one_permission_gets_an_error_naming_the_command() {
     assert!(report.to_lowercase().contains("noperm"), "{report}");
     assert!(report.contains("xreadgroup"), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_fails_listen_and_a_publish_at_once_naming_the_redacted_url() {
+    let server = start_server().await;
+    create_user(&server, "mailer", "mailer-secret", CONSUMER_RULE).await;
+    let (handler, _seen) = Scripted::new(|_: UserCreated, _| async { Ok(()) });
+    let consumer = within(
+        "build",
+        STEP,
+        EventBus::builder()
+            .url(url(&server, "mailer", "not-the-secret"))
+            .consumer_group("mailer")
+            .block_time(Duration::from_millis(200))
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    // listen() waits for a Redis that does not answer (wait_for_redis is on by default),
+    // but refused credentials are not something waiting fixes.
+    let error = within("listen", Duration::from_secs(5), consumer.listen())
+        .await
+        .expect_err("refused credentials fail listen()");
+    let report = format!("{:#}", anyhow::Error::new(error));
+    let redacted = format!("redis://mailer:***@127.0.0.1:{}/", server.port());
+    assert!(report.contains(&redacted), "{report}");
+    assert!(!report.contains("not-the-secret"), "{report}");
+    assert!(report.contains("AuthenticationFailed"), "{report}");
+
+    let error = within(
+        "publish",
+        Duration::from_secs(5),
+        consumer.publish(&user(1)),
+    )
+    .await
+    .expect_err("refused credentials fail a publish");
+    let report = format!("{:#}", anyhow::Error::new(error));
+    assert!(report.contains(&redacted), "{report}");
+    assert!(report.contains("AuthenticationFailed"), "{report}");
+    assert!(!report.contains("not-the-secret"), "{report}");
+}

@@ -657,6 +657,7 @@ async fn invalid_settings_are_rejected_by_name() {
             Err(Error::Config {
                 setting: named,
                 reason,
+                ..
             }) => {
                 assert_eq!(named, setting, "wrong setting named ({reason})")
             }

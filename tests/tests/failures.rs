@@ -797,9 +797,7 @@ async fn claim_and_retry_settings_are_checked() {
     let cases = [
         (
             "claim_min_idle",
-            EventBus::builder()
-                .handler_timeout(Duration::from_secs(30))
-                .claim_min_idle(Duration::from_secs(30)),
+            EventBus::builder().claim_min_idle(Duration::ZERO),
         ),
         (
             "claim_interval",
@@ -846,16 +844,85 @@ async fn claim_and_retry_settings_are_checked() {
             other => panic!("expected {setting} to be rejected, got {other:?}"),
         }
     }
+}
+
+#[tokio::test]
+async fn settings_left_unset_follow_the_ones_that_are_set() {
+    // The retry delays follow a short claim_min_idle, the lease a long command timeout.
+    let (handler, _seen) = Record::<UserCreated>::new();
+    within(
+        "build",
+        STEP,
+        EventBus::builder()
+            .consumer_group("tests")
+            .claim_min_idle(Duration::from_secs(2))
+            .command_timeout(Duration::from_secs(20))
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .expect("claim_min_idle(2s) and a long command timeout alone build");
+
+    // Set both, the pair must agree, and the error names both.
     let err = within(
         "build",
         STEP,
         EventBus::builder()
-            .handler_timeout(Duration::from_secs(60))
+            .claim_min_idle(Duration::from_secs(2))
+            .retry_backoff(Duration::from_millis(100), Duration::from_secs(2))
             .build(),
     )
     .await
     .unwrap_err();
-    assert!(err.to_string().contains("claimed and run twice"), "{err}");
+    assert!(
+        matches!(&err, Error::Config { setting: "retry_max", also, .. } if also.is_empty()),
+        "{err}"
+    );
+    let message = err.to_string();
+    assert!(message.contains("claim_min_idle (2s)"), "{message}");
+
+    let err = within(
+        "build",
+        STEP,
+        EventBus::builder()
+            .command_timeout(Duration::from_secs(3))
+            .consumer_lease_ttl(Duration::from_secs(5))
+            .build(),
+    )
+    .await
+    .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.starts_with("invalid setting `consumer_lease_ttl`: (5s)"),
+        "{message}"
+    );
+    assert!(message.contains("command_timeout (3s)"), "{message}");
+}
+
+#[tokio::test]
+async fn one_build_reports_every_invalid_setting() {
+    let err = within(
+        "build",
+        STEP,
+        EventBus::builder()
+            .max_deliveries(0)
+            .dead_letter_suffix("")
+            .build(),
+    )
+    .await
+    .unwrap_err();
+    let Error::Config { setting, also, .. } = &err else {
+        panic!("expected a config error, got {err:?}");
+    };
+    let named: Vec<&str> = std::iter::once(*setting)
+        .chain(also.iter().map(|invalid| invalid.setting()))
+        .collect();
+    assert_eq!(named, ["max_deliveries", "dead_letter_suffix"], "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("invalid setting `max_deliveries`: must be at least 1; invalid setting `dead_letter_suffix`: must not be empty"),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

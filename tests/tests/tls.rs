@@ -38,7 +38,13 @@ async fn build_error(builder: EventBusBuilder) -> String {
         took < COMMAND_TIMEOUT * 3,
         "listen took {took:?} to fail: {error}"
     );
-    format!("{:#}", anyhow::Error::new(error))
+    let report = format!("{:#}", anyhow::Error::new(error));
+    // A connection that failed is not a failed command.
+    assert!(
+        !report.contains("reading the version of the server"),
+        "{report}"
+    );
+    report
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

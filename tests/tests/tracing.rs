@@ -365,3 +365,126 @@ async fn a_listener_stopped_by_an_unrecoverable_error_logs_error() {
         .await;
     assert!(stopped.fields.contains_key("error"), "{stopped:?}");
 }
+
+/// The retry and dead-letter warnings of a delivery are emitted in its span, so that
+/// what a layer records there (a request id) shows on them.
+async fn retry_and_dead_letter_warnings_carry_the_delivery_span(backend: Backend) {
+    let (captured, _guard) = capture_at_info();
+    let (handler, mut seen) =
+        Scripted::new(|event: UserCreated, ctx: slim_bus::Context| async move {
+            match (event.seq, ctx.delivery_count()) {
+                (0, 1) => Err(HandlerError::new("flaky")),
+                (0, _) => Ok(()),
+                _ => Err(HandlerError::permanent("bad")),
+            }
+        });
+    let bus = within(
+        "build",
+        STEP,
+        backend
+            .bus()
+            .span_level(Level::INFO)
+            .retry_backoff(Duration::from_millis(10), Duration::from_millis(50))
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    let flaky = within("publish", STEP, bus.publish(&user(0)))
+        .await
+        .unwrap();
+    let bad = within("publish", STEP, bus.publish(&user(1)))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        recv(&mut seen, "an attempt").await;
+    }
+    let retry = captured
+        .until_event("the retry warning", |e| {
+            e.level == Level::WARN && e.message().contains("will retry")
+        })
+        .await;
+    let dead = captured
+        .until_event("the dead-letter warning", |e| {
+            e.level == Level::WARN && e.message().contains("dead-lettering")
+        })
+        .await;
+    for (event, id) in [(&retry, flaky), (&dead, bad)] {
+        let span = event
+            .in_span("slim_bus.process")
+            .unwrap_or_else(|| panic!("not in the delivery's span: {event:?}"));
+        assert_eq!(
+            span.fields["messaging.message.id"],
+            id.to_string(),
+            "{event:?}"
+        );
+    }
+    backend.until_nothing_pending("user.created", "tests").await;
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
+#[tokio::test]
+async fn retry_and_dead_letter_warnings_carry_the_delivery_span_redis() {
+    retry_and_dead_letter_warnings_carry_the_delivery_span(Backend::redis().await).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_and_dead_letter_warnings_carry_the_delivery_span_memory() {
+    retry_and_dead_letter_warnings_carry_the_delivery_span(Backend::memory()).await;
+}
+
+/// A handler that fails while the listener shuts down is not retried here: its warning
+/// says the entry stays pending, not that it will be retried.
+async fn a_failure_during_shutdown_says_the_entry_stays_pending(backend: Backend) {
+    let (captured, _guard) = capture_at_info();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let (handler, mut seen) = Scripted::new({
+        let release = release.clone();
+        move |_: UserCreated, _| {
+            let release = release.clone();
+            async move {
+                let _permit = release.acquire().await.map_err(HandlerError::new)?;
+                Err(HandlerError::new("the payment service is gone"))
+            }
+        }
+    });
+    let bus = within("build", STEP, backend.bus().handler(handler).build())
+        .await
+        .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    within("publish", STEP, bus.publish(&user(0)))
+        .await
+        .unwrap();
+    recv(&mut seen, "the handler to start").await;
+    listener.shutdown_handle().shutdown();
+    release.add_permits(1);
+    within("shutdown", STEP, listener).await.unwrap();
+    let failure = captured
+        .until_event("the failure's warning", |e| {
+            e.level == Level::WARN && e.message().contains("failure")
+        })
+        .await;
+    assert!(
+        failure
+            .message()
+            .contains("while shutting down; the entry stays pending"),
+        "{failure:?}"
+    );
+    let retries: Vec<EventSeen> = captured
+        .events()
+        .into_iter()
+        .filter(|e| e.message().contains("will retry"))
+        .collect();
+    assert!(retries.is_empty(), "{retries:?}");
+}
+
+#[tokio::test]
+async fn a_failure_during_shutdown_says_the_entry_stays_pending_redis() {
+    a_failure_during_shutdown_says_the_entry_stays_pending(Backend::redis().await).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_during_shutdown_says_the_entry_stays_pending_memory() {
+    a_failure_during_shutdown_says_the_entry_stays_pending(Backend::memory()).await;
+}

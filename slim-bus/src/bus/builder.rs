@@ -18,7 +18,7 @@ use crate::emit::Emit;
 use crate::error::HandlerError;
 use crate::error::{Error, Result};
 use crate::handler::{Handlers, RegisteredHandler, StreamHandler, StreamService};
-use crate::health::{LastRead, SetAside};
+use crate::health::{LastRead, SetAside, StartupWait};
 use crate::middleware::{self, BusLayer, BusService, HandlerRequest};
 use crate::partition::{Partitions, partition_stream};
 use crate::telemetry;
@@ -205,7 +205,8 @@ impl EventBusBuilder {
     }
 
     /// How long an entry must sit with another consumer before this one claims it
-    /// (default 60 s); must exceed the handler timeout.
+    /// (default 60 s). The retry delays follow it unless set: the longest is half of it,
+    /// at most 30 s (see [`retry_backoff`](Self::retry_backoff)).
     pub fn claim_min_idle(mut self, min_idle: Duration) -> Self {
         self.config.claim_min_idle = min_idle;
         self
@@ -234,14 +235,16 @@ impl EventBusBuilder {
         self
     }
 
-    /// How long the lease of the consumer name lasts without renewal (default 5 s; at
-    /// least 100 ms). While a bus listens, the key `slim-bus:consumer:{group}:{name}`
+    /// How long the lease of the consumer name lasts without renewal (default 5 s, or
+    /// twice [`command_timeout`](Self::command_timeout) when that is longer; at least
+    /// 100 ms and at least twice the command timeout, so that one slow renewal does not
+    /// let it lapse). While a bus listens, the key `slim-bus:consumer:{group}:{name}`
     /// holds a token of this process, renewed every third of this TTL and deleted at
     /// shutdown; `listen()` fails with [`Error::ConsumerNameTaken`] while another live
     /// process holds it, and after a crash the restarted process waits up to this long
     /// for its previous lease to lapse, then recovers its pending entries.
     pub fn consumer_lease_ttl(mut self, ttl: Duration) -> Self {
-        self.config.consumer_lease_ttl = ttl;
+        self.config.consumer_lease_ttl = Some(ttl);
         self
     }
 
@@ -251,11 +254,13 @@ impl EventBusBuilder {
         self
     }
 
-    /// The first retry delay and the longest one (default 1 s and 30 s); the longest must
-    /// be shorter than [`claim_min_idle`](Self::claim_min_idle).
+    /// The first retry delay and the longest one. Unset, the longest is half of
+    /// [`claim_min_idle`](Self::claim_min_idle), at most 30 s, and the first 1 s (or the
+    /// longest, when shorter). Set, the longest must be shorter than `claim_min_idle`:
+    /// an entry waiting that long for its retry would be claimed by another consumer.
     pub fn retry_backoff(mut self, base: Duration, max: Duration) -> Self {
-        self.config.retry_base = base;
-        self.config.retry_max = max;
+        self.config.retry_base = Some(base);
+        self.config.retry_max = Some(max);
         self
     }
 
@@ -525,6 +530,7 @@ impl EventBusBuilder {
                 routes,
                 listening: Arc::new(AtomicBool::new(false)),
                 last_read: Arc::new(LastRead::new()),
+                startup_wait: StartupWait::default(),
                 contract: self.contract,
                 partitions,
             }),
@@ -667,7 +673,7 @@ fn routes(
         }
         let handler_timeout = registration.handler.handler_timeout();
         if let Some(timeout) = handler_timeout {
-            handler_timeout_fits(timeout, registration.handler_name, config)?;
+            handler_timeout_fits(timeout, registration.handler_name)?;
         }
         let handler = match registration.handler {
             RegisteredHandler::One(handler) => {
@@ -692,20 +698,11 @@ fn routes(
 }
 
 /// Checks a handler's own timeout as `build()` checks the bus's.
-fn handler_timeout_fits(timeout: Duration, handler: &str, config: &EventBusConfig) -> Result<()> {
+fn handler_timeout_fits(timeout: Duration, handler: &str) -> Result<()> {
     if timeout.is_zero() {
         return Err(Error::config(
             "handler_timeout",
             format!("of handler `{handler}` must be longer than zero"),
-        ));
-    }
-    if timeout >= config.claim_min_idle {
-        return Err(Error::config(
-            "handler_timeout",
-            format!(
-                "of handler `{handler}` ({timeout:?}) must be shorter than claim_min_idle ({:?}), or entries still being handled would be claimed and run twice",
-                config.claim_min_idle
-            ),
         ));
     }
     Ok(())

@@ -14,7 +14,7 @@ use crate::consumer::Backoff;
 use crate::consumer::{Consumer, Route, is_refused_access};
 use crate::dead_letter::DeadLetters;
 use crate::error::{Error, Result};
-use crate::health::{Health, LastRead, SetAside, StreamHealth};
+use crate::health::{Health, LastRead, SetAside, StartupWait, StreamHealth};
 use crate::lease::ConsumerLease;
 use crate::listener::Listener;
 use crate::partition::{Partitions, partition_stream};
@@ -71,6 +71,8 @@ struct Inner {
     routes: Arc<[Route]>,
     listening: Arc<AtomicBool>,
     last_read: Arc<LastRead>,
+    /// What a `listen()` in progress waits for.
+    startup_wait: StartupWait,
     /// The streams the listener does not consume, and why.
     set_aside: Arc<SetAside>,
     contract: Contract,
@@ -165,8 +167,8 @@ impl EventBus {
             claim_min_idle: config.claim_min_idle,
             claim_interval: config.claim_interval,
             consumer_idle_removal: config.consumer_idle_removal,
-            retry_base: config.retry_base,
-            retry_max: config.retry_max,
+            retry_base: config.effective_retry_base(),
+            retry_max: config.effective_retry_max(),
             dead_letter_max_len: config.dead_letter_max_len,
             last_read: self.inner.last_read.clone(),
             set_aside: self.inner.set_aside.clone(),
@@ -179,9 +181,11 @@ impl EventBus {
             self.inner.broker.clone(),
             group.into(),
             self.inner.consumer_name.clone(),
-            config.consumer_lease_ttl,
+            config.effective_consumer_lease_ttl(),
         );
-        self.prepare_when_reachable(&consumer, &lease).await?;
+        let prepared = self.prepare_when_reachable(&consumer, &lease).await;
+        self.inner.startup_wait.done();
+        prepared?;
         self.warn_of_unread_partitions().await;
         tracing::info!(
             group,
@@ -235,7 +239,7 @@ impl EventBus {
         loop {
             let attempt = async {
                 self.inner.broker.check_version().await?;
-                lease.acquire().await?;
+                lease.acquire(&self.inner.startup_wait).await?;
                 let prepared = consumer.prepare().await;
                 if prepared.is_err() {
                     lease.release().await;
@@ -246,6 +250,9 @@ impl EventBus {
             match attempt {
                 Err(error) if self.inner.config.wait_for_redis && is_unreachable(&error) => {
                     let delay = backoff.next_delay();
+                    self.inner
+                        .startup_wait
+                        .waiting("redis", crate::error::report(&error));
                     tracing::warn!(
                         error = &error as &dyn std::error::Error,
                         attempt = backoff.attempts(),
@@ -421,12 +428,15 @@ impl EventBus {
                 streams.push(health);
             }
         }
+        let (waiting_for, last_error) = inner.startup_wait.get();
         Health {
             connected,
             listening: inner.listening.load(Ordering::Acquire),
             since_last_read: inner.last_read.elapsed(),
             read_stall_after: self.read_stall_after(),
             streams,
+            waiting_for,
+            last_error,
         }
     }
 

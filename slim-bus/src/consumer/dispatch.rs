@@ -65,6 +65,9 @@ pub(super) struct DeliveryEnv {
     pub(super) metrics: Box<[StreamMetrics]>,
     /// The due times of `retry_after` retries, kept across restarts.
     pub(super) retry_dues: RetryDues,
+    /// Cancelled when the listener starts shutting down: a retry decided after that never
+    /// runs here, so its log says the entry stays pending instead.
+    pub(super) shutting_down: CancellationToken,
 }
 
 /// One delivery's entry, with what it holds, between its handler's outcome and its
@@ -421,7 +424,11 @@ impl Task<'_> {
             }
             let asked = delay.is_some();
             let delay = delay.unwrap_or_else(|| self.backoff(delivery_count));
-            tracing::warn!(stream, entry_id = %id, delivery_count, %error, retry_in = ?delay, "{reason} failure; will retry");
+            if self.shared.shutting_down.is_cancelled() {
+                tracing::warn!(stream, entry_id = %id, delivery_count, %error, "{reason} failure while shutting down; the entry stays pending, for this consumer's next start or another consumer's claim");
+            } else {
+                tracing::warn!(stream, entry_id = %id, delivery_count, %error, retry_in = ?delay, "{reason} failure; will retry");
+            }
             Verdict::Retry { delay, asked }
         };
         match outcome {

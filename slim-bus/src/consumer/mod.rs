@@ -212,6 +212,7 @@ impl Consumer {
                     self.routes.iter().map(|route| &*route.stream),
                     &self.group,
                 ),
+                shutting_down: shutdown.clone(),
             }),
             tasks: tasks.clone(),
             abandon: abandon.clone(),

@@ -110,6 +110,9 @@ fn bus(url: String, name: String) -> EventBusBuilder {
         .consumer_group("tests")
         .consumer_name(name)
         .block_time(Duration::from_millis(200))
+        // A short command timeout keeps the lease at its 5 s floor, so that a process
+        // restarted after a kill waits at most that long for its name.
+        .command_timeout(Duration::from_secs(1))
 }
 
 #[tokio::main]

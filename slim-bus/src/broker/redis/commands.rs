@@ -31,7 +31,16 @@ pub(crate) struct CommandConnection {
     /// When the last background attempt to open the first connection failed, and why: a
     /// request that waited for that attempt fails with it rather than spend the command
     /// timeout once more on an attempt of its own.
-    last_failure: std::sync::Mutex<Option<(Instant, String)>>,
+    last_failure: std::sync::Mutex<Option<Failure>>,
+}
+
+/// A failed attempt to open the first connection.
+struct Failure {
+    at: Instant,
+    /// The error with its causes.
+    report: String,
+    /// Whether the server refused the credentials, which no retry fixes.
+    refused: bool,
 }
 
 impl CommandConnection {
@@ -63,8 +72,11 @@ impl CommandConnection {
                 *self
                     .last_failure
                     .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                    Some((Instant::now(), crate::error::report(&error)));
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Failure {
+                    at: Instant::now(),
+                    report: crate::error::report(&error),
+                    refused: refuses_credentials(&error),
+                });
                 return Err(error);
             }
         };
@@ -110,23 +122,34 @@ impl CommandConnection {
         let waiting_since = Instant::now();
         let _replacing = self.replacing.lock().await;
         let addr = self.client.get_connection_info().addr().to_string();
-        let not_connected_because = |cause: &str| {
+        let not_connected_because = |cause: &str, refused: bool| {
+            if refused {
+                // Kept an authentication failure, so that listen() and publishes fail
+                // at once rather than wait for a server that answers already.
+                return redis::RedisError::from((
+                    redis::ErrorKind::AuthenticationFailed,
+                    "refused credentials",
+                    cause.to_owned(),
+                ));
+            }
             redis::RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::NotConnected,
                 format!("not connected to {addr}: {cause}"),
             ))
         };
-        let not_connected = |error: Error| not_connected_because(&crate::error::report(&error));
+        let not_connected = |error: Error| {
+            not_connected_because(&crate::error::report(&error), refuses_credentials(&error))
+        };
         if !self.stale.load(Ordering::Acquire) && !self.is_open() {
             let failed_meanwhile = self
                 .last_failure
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .as_ref()
-                .filter(|(at, _)| *at >= waiting_since)
-                .map(|(_, cause)| cause.clone());
-            if let Some(cause) = failed_meanwhile {
-                return Err(not_connected_because(&cause));
+                .filter(|failure| failure.at >= waiting_since || failure.refused)
+                .map(|failure| (failure.report.clone(), failure.refused));
+            if let Some((cause, refused)) = failed_meanwhile {
+                return Err(not_connected_because(&cause, refused));
             }
         }
         if self.stale.load(Ordering::Acquire) || !self.is_open() {
@@ -270,6 +293,36 @@ pub(crate) async fn wait_to_connect_again(
     tokio::time::sleep(delay).await;
 }
 
+/// Whether `error` says the server refused the credentials (`WRONGPASS`, `NOAUTH`).
+fn refuses_credentials(error: &Error) -> bool {
+    match error {
+        Error::Redis { source, .. } => crate::consumer::is_refused_access(source),
+        _ => false,
+    }
+}
+
+/// The URL of `info` with its password hidden: `redis://user:***@127.0.0.1:6379/2`.
+pub(crate) fn redacted_url_of(info: &redis::ConnectionInfo) -> String {
+    let settings = info.redis_settings();
+    let user_info = match (settings.username(), settings.password()) {
+        (Some(user), Some(_)) => format!("{user}:***@"),
+        (None, Some(_)) => ":***@".to_owned(),
+        (Some(user), None) => format!("{user}@"),
+        (None, None) => String::new(),
+    };
+    let db = match settings.db() {
+        0 => String::new(),
+        db => db.to_string(),
+    };
+    match info.addr() {
+        redis::ConnectionAddr::Tcp(host, port) => format!("redis://{user_info}{host}:{port}/{db}"),
+        redis::ConnectionAddr::TcpTls { host, port, .. } => {
+            format!("rediss://{user_info}{host}:{port}/{db}")
+        }
+        other => other.to_string(),
+    }
+}
+
 /// What a failed first connection may mean when its URL and the port disagree about TLS
 /// (a TLS port closes on the plain bytes of `redis://`, a plain port answers a TLS
 /// handshake with nothing or with something that is not TLS), or when the handshake
@@ -311,7 +364,12 @@ async fn manager(client: &Client, response_timeout: Duration) -> Result<Connecti
         .set_min_delay(Duration::from_millis(50))
         .set_max_delay(Duration::from_secs(1))
         .set_number_of_retries(0);
-    let action = || format!("connecting to {}", client.get_connection_info().addr());
+    let action = || {
+        format!(
+            "connecting to {}",
+            redacted_url_of(client.get_connection_info())
+        )
+    };
     match tokio::time::timeout(
         CONNECT_TIMEOUT * 2,
         ConnectionManager::new_with_config(client.clone(), config),

@@ -171,6 +171,11 @@ impl Broker for RedisBroker {
                 tracing::debug!(%addr, "INFO is not permitted; not checking the server's version");
                 return Ok(());
             }
+            // No connection (refused credentials, a failed TLS handshake, a server that
+            // does not answer): the cause names the server and what failed.
+            Err(e) if is_connection_failure(&e) => {
+                return Err(Error::redis("connecting to the server", e));
+            }
             Err(e) => {
                 return Err(Error::redis(
                     format!("reading the version of the server at {addr}"),
@@ -310,4 +315,10 @@ fn unexpected(action: String, what: &str, reply: &Value) -> Error {
 
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Whether `error` says no connection could be opened, rather than that a command failed.
+fn is_connection_failure(error: &redis::RedisError) -> bool {
+    error.kind() == redis::ErrorKind::AuthenticationFailed
+        || error.kind() == redis::ErrorKind::Io && error.to_string().contains("not connected to ")
 }

@@ -135,7 +135,7 @@ async fn publish_in_pipelines(
         .err()
         .map(|failure| {
             connection = None;
-            failure.into_redis(endpoint.info.addr(), timeout)
+            failure.into_redis(&endpoint.info, timeout)
         });
         if replies
             .iter()
@@ -189,7 +189,8 @@ enum PipelineFailure {
 }
 
 impl PipelineFailure {
-    fn into_redis(self, addr: &redis::ConnectionAddr, timeout: Duration) -> redis::RedisError {
+    fn into_redis(self, info: &redis::ConnectionInfo, timeout: Duration) -> redis::RedisError {
+        let addr = info.addr();
         let (error, sent) = match self {
             PipelineFailure::Connect(error) => (error, false),
             PipelineFailure::Unanswered(error) => (error, true),
@@ -208,7 +209,23 @@ impl PipelineFailure {
                     format!("not connected to {addr}: {error}; nothing was written"),
                 )
                 .into(),
-                other => other.into_redis(),
+                other => {
+                    let error = other.into_redis();
+                    if !crate::consumer::is_refused_access(&error) {
+                        return error;
+                    }
+                    // Named with the URL (its password hidden) whose credentials these are.
+                    redis::RedisError::from((
+                        redis::ErrorKind::AuthenticationFailed,
+                        "refused credentials",
+                        format!(
+                            "connecting to {}: {} {}; nothing was written",
+                            super::commands::redacted_url_of(info),
+                            error.code().unwrap_or("refused"),
+                            error.detail().unwrap_or_default()
+                        ),
+                    ))
+                }
             };
         }
         let (kind, cause) = match error {
