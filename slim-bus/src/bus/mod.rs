@@ -415,6 +415,7 @@ impl EventBus {
             connected,
             listening: inner.listening.load(Ordering::Acquire),
             since_last_read: inner.last_read.elapsed(),
+            since_last_turn: inner.last_read.since_turn(),
             read_stall_after: self.read_stall_after(),
             streams,
         }

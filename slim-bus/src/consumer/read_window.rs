@@ -14,12 +14,13 @@ pub(crate) struct ReadPlan {
 }
 
 impl ReadPlan {
-    /// One entry of a paused stream, without waiting: does its handler work again?
-    pub(crate) fn probe(stream_index: usize) -> Self {
+    /// One entry of a paused stream: does its handler work again? It waits for a new
+    /// entry (`block`) only when no other stream is read meanwhile, which it would hold up.
+    pub(crate) fn probe(stream_index: usize, block: bool) -> Self {
         ReadPlan {
             streams: vec![stream_index],
             count: 1,
-            block: false,
+            block,
         }
     }
 }

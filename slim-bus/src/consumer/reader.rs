@@ -407,7 +407,8 @@ impl Reader<'_> {
         // their failures by then.
         let now = Instant::now();
         // A paused stream is read for one entry now and then, to find out whether its
-        // handler recovered (when no retry of it is under way, which would tell as well).
+        // handler recovered (when no retry of it is under way, which would tell as well);
+        // see `StreamState::probe_read` for when.
         let probe = (0..self.streams.len()).find(|&i| {
             let state = &self.route(i).state;
             !c.set_aside.is_set(i) && state.is_paused() && state.take_probe(now, c.retry_max)
@@ -422,7 +423,11 @@ impl Reader<'_> {
             return Ok(());
         }
         let plan = match probe {
-            Some(stream_index) => read_window::ReadPlan::probe(stream_index),
+            // While nothing else is read, the probe waits for a new entry as a read does:
+            // on a quiet paused stream, the next entry published is the probe.
+            Some(stream_index) => {
+                read_window::ReadPlan::probe(stream_index, !active.contains(&true))
+            }
             None => self.window.plan(
                 &active,
                 reservation.slots.num_permits(),
@@ -466,6 +471,12 @@ impl Reader<'_> {
             .read_new(&c.group, &c.consumer, &window, plan.count, block)
             .await;
         self.blocked_read.set(None);
+        if let (Some(stream_index), Ok(batches)) = (probe, &read) {
+            let found = batches.iter().any(|batch| !batch.deliveries.is_empty());
+            self.route(stream_index)
+                .state
+                .probe_read(now, found, c.retry_max, c.block_time);
+        }
         match read {
             Ok(batches) => {
                 self.recovered();
@@ -501,7 +512,8 @@ impl Reader<'_> {
     }
 
     /// Every stream is paused: waits for a retry, a claim scan or a probe to be due, for
-    /// reading to resume, or for a new retry request, but no longer than a blocking read.
+    /// reading to resume, or for a new retry request, but no longer than a blocking read,
+    /// so that the loop goes round as often as it would reading (what `is_live` watches).
     async fn wait_while_paused(&mut self) {
         let c = self.consumer;
         let mut until = self.wake_at().min(Instant::now() + c.block_time);
@@ -518,6 +530,7 @@ impl Reader<'_> {
             _ = resumed => {}
             () = self.retries.wait_incoming() => {}
         }
+        c.last_read.record_turn();
     }
 
     /// Reserves slots and places for a read of new entries: like
@@ -563,8 +576,9 @@ impl Reader<'_> {
 
     /// Adds up to `wanted` places to `slots`. When every place is taken (entries wait for
     /// their retry or their acknowledgement), it waits for one to free up, for a retry or
-    /// claim scan to be due, or for a new retry request, and returns `None`: the read loop
-    /// goes round again.
+    /// claim scan to be due, or for a new retry request, no longer than a blocking read,
+    /// and returns `None`: the read loop goes round again (a chosen wait: `is_live` counts
+    /// it as a turn).
     async fn with_places(
         &mut self,
         slots: OwnedSemaphorePermit,
@@ -574,12 +588,15 @@ impl Reader<'_> {
             return Some(Reservation { slots, places });
         }
         drop(slots);
-        let wake_at = self.wake_at();
+        let wake_at = self
+            .wake_at()
+            .min(Instant::now() + self.consumer.block_time);
         tokio::select! {
             place = self.places.clone().acquire_owned() => drop(place),
             () = tokio::time::sleep_until(wake_at) => {}
             () = self.retries.wait_incoming() => {}
         }
+        self.consumer.last_read.record_turn();
         None
     }
 
