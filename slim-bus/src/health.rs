@@ -131,8 +131,10 @@ pub struct StreamHealth {
     /// Entries delivered to a consumer of the group and not acknowledged yet, by every
     /// consumer of the group (so also those a stopped listener left pending).
     pub pending: u64,
-    /// How long the oldest pending entry has waited since its last delivery; `None` when
-    /// nothing is pending.
+    /// How long the longest-idle pending entry has waited since its last delivery (a
+    /// handler that runs long, a consumer that died holding it), among the 100 pending
+    /// entries with the lowest ids (all of them when no more are pending: Redis lists a
+    /// pending list by id only); `None` when nothing is pending.
     #[serde(rename = "oldest_pending_idle_ms", serialize_with = "millis")]
     pub oldest_pending_idle: Option<Duration>,
     /// Entries in the stream's dead-letter stream, whatever the listener's state.
@@ -144,8 +146,9 @@ pub struct StreamHealth {
     /// attempts on five different entries failed in a row, with no success in between
     /// (the retries of one entry, however many, never pause a stream). Retries go on, and
     /// reading resumes when one succeeds. While nothing of the stream is held, it is probed
-    /// for one entry: at once when a probe found nothing (a new entry on a quiet stream is
-    /// seen within about the block time), at intervals from `retry_max` doubling up to
+    /// for one entry, a blocking read when no other stream is read: at once the first
+    /// time and after a probe that found nothing (so a new entry on a quiet paused stream
+    /// is seen within about the block time), at intervals from `retry_max` doubling up to
     /// 5 minutes after probes whose entry failed. `None` before the first `listen`; after
     /// the listener stopped, as it was then.
     ///

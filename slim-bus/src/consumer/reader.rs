@@ -411,7 +411,7 @@ impl Reader<'_> {
         // see `StreamState::probe_read` for when.
         let probe = (0..self.streams.len()).find(|&i| {
             let state = &self.route(i).state;
-            !c.set_aside.is_set(i) && state.is_paused() && state.take_probe(now, c.retry_max)
+            !c.set_aside.is_set(i) && state.is_paused() && state.take_probe(now)
         });
         // A stream set aside (its key holds another type) is not read at all.
         let active: Vec<bool> = (0..self.streams.len())

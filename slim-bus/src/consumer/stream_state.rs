@@ -127,20 +127,20 @@ impl StreamState {
 
     /// Whether a paused stream may be read for one entry now, to see whether the handler
     /// recovered: only when the consumer holds none of its entries (each retry is such a
-    /// test already), and no sooner than `first` after the pause. The reader then reports
-    /// what the probe found with [`probe_read`](Self::probe_read).
-    pub(crate) fn take_probe(&self, now: Instant, first: Duration) -> bool {
+    /// test already), at once the first time, then as
+    /// [`probe_read`](Self::probe_read) scheduled it after the last probe.
+    pub(crate) fn take_probe(&self, now: Instant) -> bool {
         if self.held() > 0 {
             return false;
         }
         let mut probe = lock(&self.probe);
-        let due = *probe.next_at.get_or_insert(now + first);
+        let due = *probe.next_at.get_or_insert(now);
         now >= due
     }
 
     /// Schedules the next probe after the one that started at `started`. A probe that
     /// found an entry (which failed, or reading would have resumed) risked one more dead
-    /// letter: the next one waits `first`, then intervals that double up to
+    /// letter: the next one waits `first` (`retry_max`), then intervals that double up to
     /// [`MAX_PROBE_INTERVAL`], which keeps them few during a long outage. A probe that found
     /// nothing risked nothing, so the interval stays as it was and the stream is probed
     /// again `block_time` after this one started: a blocking probe (nothing else to read)
@@ -261,23 +261,17 @@ mod tests {
         let first = Duration::from_secs(1);
         let block_time = Duration::from_millis(100);
         let paused_at = Instant::now();
-        assert!(!state.take_probe(paused_at, first), "not at once");
         state.add_held();
-        assert!(
-            !state.take_probe(paused_at + first, first),
-            "an entry is held"
-        );
+        assert!(!state.take_probe(paused_at), "an entry is held");
+        assert_eq!(state.next_probe(), None);
         state.remove_held();
         let probed_at = paused_at + first;
-        assert!(state.take_probe(probed_at, first));
+        assert!(state.take_probe(probed_at), "at once when nothing is held");
         state.probe_read(probed_at, true, first, block_time);
-        assert!(
-            !state.take_probe(probed_at, first),
-            "one probe at a time"
-        );
+        assert!(!state.take_probe(probed_at), "one probe at a time");
         let second = probed_at + first;
         assert_eq!(state.next_probe(), Some(second));
-        assert!(state.take_probe(second, first));
+        assert!(state.take_probe(second));
         state.probe_read(second, true, first, block_time);
         assert_eq!(
             state.next_probe(),
@@ -292,12 +286,12 @@ mod tests {
         pause(&state, "e");
         let first = Duration::from_secs(1);
         let block_time = Duration::from_millis(100);
-        let mut now = Instant::now() + first;
-        assert!(state.take_probe(now, first));
+        let mut now = Instant::now();
+        assert!(state.take_probe(now));
         state.probe_read(now, true, first, block_time);
         now += first;
         for _ in 0..10 {
-            assert!(state.take_probe(now, first));
+            assert!(state.take_probe(now));
             state.probe_read(now, false, first, block_time);
             assert_eq!(
                 state.next_probe(),
@@ -306,7 +300,7 @@ mod tests {
             );
             now += block_time;
         }
-        assert!(state.take_probe(now, first));
+        assert!(state.take_probe(now));
         state.probe_read(now, true, first, block_time);
         assert_eq!(
             state.next_probe(),
