@@ -279,7 +279,8 @@ struct Moment(AtomicU64);
 impl Moment {
     fn record(&self, start: Instant) {
         let since_start = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.0.store(since_start.saturating_add(1), Ordering::Relaxed);
+        self.0
+            .store(since_start.saturating_add(1), Ordering::Relaxed);
     }
 
     fn elapsed(&self, start: Instant) -> Option<Duration> {
