@@ -174,6 +174,72 @@ async fn a_paused_quiet_stream_sees_a_new_entry_within_about_the_block_time(back
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
+conformance!(every_paused_quiet_stream_sees_its_next_entry_not_only_the_first);
+async fn every_paused_quiet_stream_sees_its_next_entry_not_only_the_first(backend: Backend) {
+    let streams = ["probes.first", "probes.second"];
+    let bus = streams.iter().fold(
+        backend
+            .bus()
+            .block_time(Duration::from_millis(100))
+            .max_deliveries(1)
+            .retry_backoff(Duration::from_millis(10), Duration::from_secs(5)),
+        |builder, stream| {
+            let (handler, _seen) = Scripted::new(|event: UserCreated, _| {
+                std::future::ready(if event.seq < 5 {
+                    Err(refused())
+                } else {
+                    Ok(())
+                })
+            });
+            builder.handler_on(*stream, handler)
+        },
+    );
+    let (handler, mut seen) = Scripted::new(|event: UserCreated, _| {
+        std::future::ready(if event.seq < 5 {
+            Err(refused())
+        } else {
+            Ok(())
+        })
+    });
+    let bus = within(
+        "build",
+        STEP,
+        bus.handler_on("probes.third", handler).build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    let failing: Vec<UserCreated> = (0..5).map(user).collect();
+    for stream in streams.iter().chain(&["probes.third"]) {
+        within("publish", STEP, bus.publish_batch_to(stream, &failing))
+            .await
+            .unwrap();
+    }
+    until("every stream to pause", STEP, async || {
+        let health = bus.health().await;
+        health.streams.iter().all(|stream| stream.paused.is_some())
+            && health.streams.iter().all(|stream| stream.pending == 0)
+    })
+    .await;
+    for _ in 0..5 {
+        recv(&mut seen, "a failing delivery of the last stream").await;
+    }
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    within("publish", STEP, bus.publish_to("probes.third", &user(5)))
+        .await
+        .unwrap();
+    let delivery = within(
+        "the new entry of the last paused stream, within about a block time",
+        Duration::from_secs(2),
+        seen.recv(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(delivery.event.seq, 5);
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
 conformance!(a_pause_with_every_place_waiting_for_a_retry_is_live_and_a_stopped_listener_is_not);
 async fn a_pause_with_every_place_waiting_for_a_retry_is_live_and_a_stopped_listener_is_not(
     backend: Backend,

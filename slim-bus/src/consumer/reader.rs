@@ -408,32 +408,37 @@ impl Reader<'_> {
         let now = Instant::now();
         // A paused stream is read for one entry now and then, to find out whether its
         // handler recovered (when no retry of it is under way, which would tell as well);
-        // see `StreamState::probe_read` for when.
-        let probe = (0..self.streams.len()).find(|&i| {
-            let state = &self.route(i).state;
-            !c.set_aside.is_set(i) && state.is_paused() && state.take_probe(now)
-        });
+        // see `StreamState::probe_read` for when. Every paused stream whose probe is due is
+        // probed in the same read (one entry of each, as many as there are places for), so
+        // that one whose probes keep finding nothing does not starve the others.
+        let probe_room = reservation.len();
+        let probed: Vec<usize> = (0..self.streams.len())
+            .filter(|&i| {
+                let state = &self.route(i).state;
+                !c.set_aside.is_set(i) && state.is_paused() && state.take_probe(now)
+            })
+            .take(probe_room)
+            .collect();
         // A stream set aside (its key holds another type) is not read at all.
         let active: Vec<bool> = (0..self.streams.len())
             .map(|i| !self.route(i).state.is_paused() && !c.set_aside.is_set(i))
             .collect();
-        if probe.is_none() && !active.contains(&true) {
+        if probed.is_empty() && !active.contains(&true) {
             drop(reservation);
             self.wait_while_paused().await;
             return Ok(());
         }
-        let plan = match probe {
-            // While nothing else is read, the probe waits for a new entry as a read does:
-            // on a quiet paused stream, the next entry published is the probe.
-            Some(stream_index) => {
-                read_window::ReadPlan::probe(stream_index, !active.contains(&true))
-            }
-            None => self.window.plan(
+        let plan = if probed.is_empty() {
+            self.window.plan(
                 &active,
                 reservation.slots.num_permits(),
                 reservation.len(),
                 c.max_count,
-            ),
+            )
+        } else {
+            // While nothing else is read, the probe waits for a new entry as a read does:
+            // on a quiet paused stream, the next entry published is the probe.
+            read_window::ReadPlan::probe(probed.clone(), !active.contains(&true))
         };
         // Only what the plan may return stays reserved.
         let wanted = plan.count * plan.streams.len();
@@ -471,11 +476,15 @@ impl Reader<'_> {
             .read_new(&c.group, &c.consumer, &window, plan.count, block)
             .await;
         self.blocked_read.set(None);
-        if let (Some(stream_index), Ok(batches)) = (probe, &read) {
-            let found = batches.iter().any(|batch| !batch.deliveries.is_empty());
-            self.route(stream_index)
-                .state
-                .probe_read(now, found, c.retry_max, c.block_time);
+        if let Ok(batches) = &read {
+            for (position, &stream_index) in probed.iter().enumerate() {
+                let found = batches
+                    .iter()
+                    .any(|batch| batch.stream_index == position && !batch.deliveries.is_empty());
+                self.route(stream_index)
+                    .state
+                    .probe_read(now, found, c.retry_max, c.block_time);
+            }
         }
         match read {
             Ok(batches) => {
