@@ -2,7 +2,8 @@
 //! one graceful shutdown. `POST /users` publishes `UserCreated` with the request's
 //! `x-request-id` as a header; a `#[slim_bus::handlers]` service stores the user, which
 //! `GET /users/{id}` then serves. `GET /healthz` serves `bus.health()` as JSON (503 when
-//! not ready), `GET /metrics` the bus's metrics in the Prometheus text format.
+//! not ready), `GET /metrics` the bus's metrics in the Prometheus text format. HTTP serves
+//! before the bus listens, so `/healthz` answers (503) while the bus waits for Redis.
 //!
 //! Run with:
 //!
@@ -23,7 +24,9 @@
 //! credentials, say), so that an orchestrator restarts it.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -194,7 +197,6 @@ async fn main() -> anyhow::Result<()> {
         .service(directory.clone())
         .build()
         .await?;
-    let mut listener = bus.listen().await?;
 
     let app = Router::new()
         .route("/users", post(create_user))
@@ -209,40 +211,70 @@ async fn main() -> anyhow::Result<()> {
     let tcp = tokio::net::TcpListener::bind(listen).await?;
     println!("listening on {}", tcp.local_addr()?);
 
+    // HTTP serves before the bus listens: while `listen()` waits for Redis (it does by
+    // default), `/healthz` answers 503 with `connected` and `listening` false, instead of
+    // a refused connection that reads as a dead process.
     let (stop_http, http_stopped) = tokio::sync::watch::channel(());
     let mut http_stopped = http_stopped;
     let server = axum::serve(tcp, app).with_graceful_shutdown(async move {
         let _ = http_stopped.changed().await;
     });
     let mut server = std::pin::pin!(server.into_future());
+    let mut signal = std::pin::pin!(shutdown_signal());
 
-    tokio::select! {
+    let listener = tokio::select! {
         served = &mut server => {
             served?;
             anyhow::bail!("the HTTP server stopped by itself");
         }
-        stopped = &mut listener => {
-            // Already logged at ERROR by the bus; exit non-zero so that we get restarted.
-            let error = stopped.err().map_or_else(
-                || anyhow::anyhow!("the listener stopped"),
-                anyhow::Error::from,
-            );
-            return Err(error.context("the bus stopped listening"));
+        listening = bus.listen() => Some(listening?),
+        // Stopped while the bus still waited for Redis: nothing to hand over.
+        () = &mut signal => None,
+    };
+    if let Some(mut listener) = listener {
+        tokio::select! {
+            served = &mut server => {
+                served?;
+                anyhow::bail!("the HTTP server stopped by itself");
+            }
+            stopped = &mut listener => {
+                // Already logged at ERROR by the bus; exit non-zero so that we get restarted.
+                let error = stopped.err().map_or_else(
+                    || anyhow::anyhow!("the listener stopped"),
+                    anyhow::Error::from,
+                );
+                return Err(error.context("the bus stopped listening"));
+            }
+            () = &mut signal => tracing::info!("shutting down"),
         }
-        () = shutdown_signal() => tracing::info!("shutting down"),
+        stop(stop_http, &mut server).await?;
+        listener.shutdown().await?;
+    } else {
+        tracing::info!("shutting down before the bus listened");
+        stop(stop_http, &mut server).await?;
     }
+    tracing::info!("stopped");
+    Ok(())
+}
 
-    // HTTP first: its requests in flight may still publish. Then the bus: its running
-    // handlers finish (within `shutdown_grace`) and their acks are flushed.
+/// Stops the HTTP server and lets its requests in flight finish, for up to
+/// [`HTTP_DRAIN`]. HTTP stops before the bus: its requests in flight may still publish.
+/// The bus then lets its running handlers finish (within `shutdown_grace`) and flushes
+/// their acks.
+async fn stop<F>(
+    stop_http: tokio::sync::watch::Sender<()>,
+    server: &mut Pin<&mut F>,
+) -> anyhow::Result<()>
+where
+    F: Future<Output = std::io::Result<()>>,
+{
     let _ = stop_http.send(());
-    match tokio::time::timeout(HTTP_DRAIN, &mut server).await {
+    match tokio::time::timeout(HTTP_DRAIN, server).await {
         Ok(served) => served?,
         Err(_) => tracing::warn!(
             "HTTP requests still running after {HTTP_DRAIN:?}; stopping the bus anyway"
         ),
     }
-    listener.shutdown().await?;
-    tracing::info!("stopped");
     Ok(())
 }
 

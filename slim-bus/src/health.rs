@@ -15,8 +15,9 @@ use tokio::time::Instant;
 ///   `false` and `streams` is empty; `listening` and `since_last_read` still describe the
 ///   listener, which goes on trying to reconnect.
 /// - **not listening** (no [`listen`](crate::EventBus::listen) yet, e.g. a bus that only
-///   publishes): `listening` is `false` and `since_last_read` is `None`; `streams` still
-///   shows each handled stream's group as Redis sees it.
+///   publishes, or a `listen()` that is still waiting for Redis): `listening` is `false`
+///   and `since_last_read` is `None`; `streams` still shows each handled stream's group as
+///   Redis sees it.
 /// - **stopped** (the listener was shut down, or ended on an error it cannot recover
 ///   from): `listening` is `false` and `since_last_read` keeps growing from the last read.
 /// - **waiting to listen** (a [`listen`](crate::EventBus::listen) that has not returned
@@ -49,19 +50,31 @@ pub struct Health {
     pub connected: bool,
     /// Whether the bus is listening: `true` from a successful
     /// [`listen`](crate::EventBus::listen) until the listener stops (shut down, or ended by
-    /// an error it cannot recover from); `false` before and after.
+    /// an error it cannot recover from); `false` before and after, and while `listen()`
+    /// still waits for Redis ([`wait_for_redis`](crate::EventBusBuilder::wait_for_redis)).
     pub listening: bool,
     /// How long ago the listener last read from Redis successfully (an idle read that
     /// found nothing counts, and so does each page of the entries this consumer held
     /// when it last stopped, which it reads again first); `None` before the first read.
     /// While not connected it grows, and after the listener stopped it keeps growing from
     /// its last read.
+    ///
+    /// A listener that chose not to read (see [`StreamHealth::paused`]) lets it grow while
+    /// it is alive: [`is_live`](Self::is_live) watches
+    /// [`since_last_turn`](Self::since_last_turn) instead.
     #[serde(rename = "since_last_read_ms", serialize_with = "millis")]
     pub since_last_read: Option<Duration>,
-    /// How long without a successful read [`is_live`](Self::is_live) takes for a stuck
-    /// listener while Redis answers: twice the block time and the command timeout, plus
-    /// the longest handler timeout (while every handler slot is busy, the listener reads
-    /// nothing). The same in every state.
+    /// How long ago the listener's read loop last went round: a successful read, or a wait
+    /// it chose instead of reading (every stream paused, every `max_in_flight` place taken
+    /// by entries waiting for their retry, a probe not due yet), each such wait no longer
+    /// than the block time. `None` before the first; it grows like `since_last_read` while
+    /// Redis does not answer (failed reads do not count) and after the listener stopped.
+    #[serde(rename = "since_last_turn_ms", serialize_with = "millis")]
+    pub since_last_turn: Option<Duration>,
+    /// How long without a turn of the read loop ([`since_last_turn`](Self::since_last_turn))
+    /// [`is_live`](Self::is_live) takes for a stuck listener while Redis answers: twice the
+    /// block time and the command timeout, plus the longest handler timeout (while every
+    /// handler slot is busy, the listener waits for one). The same in every state.
     #[serde(rename = "read_stall_after_ms", serialize_with = "millis_always")]
     pub read_stall_after: Duration,
     /// Each stream the bus handles, in registration order; empty when not connected, and
@@ -88,16 +101,24 @@ impl Health {
         self.connected && self.streams.iter().all(|stream| stream.error.is_none())
     }
 
-    /// Whether the listener is alive: it is listening, and, while Redis answers, it has
-    /// read within [`read_stall_after`](Self::read_stall_after) (or not read yet, just
-    /// after `listen`). A Redis outage alone does not make the bus not live, since
-    /// restarting the process would not bring Redis back; a listener that stopped on an
-    /// error, or one that stopped reading while Redis answers, does. Made for a liveness
-    /// probe; a bus that only publishes is never live (use [`is_ready`](Self::is_ready)).
+    /// Whether the listener is alive: it is listening, and, while Redis answers, its read
+    /// loop went round within [`read_stall_after`](Self::read_stall_after) (or has not yet,
+    /// just after `listen`).
+    ///
+    /// A listener that chose not to read is alive: reading paused because attempts on
+    /// several different entries failed ([`StreamHealth::paused`]), every `max_in_flight`
+    /// place taken by entries waiting for their retry, or waiting for the next probe of a
+    /// paused stream. Each of those waits ends within the block time, and the loop goes
+    /// round, so a long pause never turns a liveness probe red (a restart would only take
+    /// a fresh batch to fail and dead-letter). Not live are a listener that stopped (shut
+    /// down, or ended on an error), and one whose read loop is stuck, or whose reads fail,
+    /// while Redis answers. A Redis outage alone does not make the bus not live, since
+    /// restarting the process would not bring Redis back. Made for a liveness probe; a bus
+    /// that only publishes is never live (use [`is_ready`](Self::is_ready)).
     pub fn is_live(&self) -> bool {
         let stalled = self.connected
             && self
-                .since_last_read
+                .since_last_turn
                 .is_some_and(|since| since > self.read_stall_after);
         self.listening && !stalled
     }
@@ -124,8 +145,10 @@ pub struct StreamHealth {
     /// Entries delivered to a consumer of the group and not acknowledged yet, by every
     /// consumer of the group (so also those a stopped listener left pending).
     pub pending: u64,
-    /// How long the oldest pending entry has waited since its last delivery; `None` when
-    /// nothing is pending.
+    /// How long the longest-idle pending entry has waited since its last delivery (a
+    /// handler that runs long, a consumer that died holding it), among the 100 pending
+    /// entries with the lowest ids (all of them when no more are pending: Redis lists a
+    /// pending list by id only); `None` when nothing is pending.
     #[serde(rename = "oldest_pending_idle_ms", serialize_with = "millis")]
     pub oldest_pending_idle: Option<Duration>,
     /// Entries in the stream's dead-letter stream, whatever the listener's state.
@@ -133,9 +156,19 @@ pub struct StreamHealth {
     /// Dead letters deleted by the opt-in `dead_letter_max_len` cap, ever (kept in Redis
     /// next to the dead-letter stream, so every process reports the same count).
     pub dead_letters_trimmed: u64,
-    /// Why this consumer has stopped reading new entries of the stream, if it has: every
-    /// recent handler attempt failed. Retries go on, and reading resumes when one succeeds.
-    /// `None` before the first `listen`; after the listener stopped, as it was then.
+    /// Why this consumer has stopped reading new entries of the stream, if it has:
+    /// attempts on five different entries failed in a row, with no success in between
+    /// (the retries of one entry, however many, never pause a stream). Retries go on, and
+    /// reading resumes when one succeeds. While nothing of the stream is held, it is probed
+    /// for one entry, a blocking read when no other stream is read: at once the first
+    /// time and after a probe that found nothing (so a new entry on a quiet paused stream
+    /// is seen within about the block time), at intervals from `retry_max` doubling up to
+    /// 5 minutes after probes whose entry failed. `None` before the first `listen`; after
+    /// the listener stopped, as it was then.
+    ///
+    /// A paused listener is alive: [`Health::is_live`] stays `true` however long the pause
+    /// lasts, while its read loop goes round (see
+    /// [`since_last_turn`](Health::since_last_turn)).
     pub paused: Option<String>,
     /// Entries of this consumer whose move to the dead-letter stream failed and is being
     /// tried again (their handler is not run again); zero when not listening.
@@ -244,33 +277,61 @@ impl StartupWait {
     }
 }
 
-/// When the reader last read successfully, as milliseconds since `start` plus one (zero
-/// for never), shared between the reader and `health()` without a lock.
+/// When the reader last read successfully, and when its loop last went round (a read, or
+/// a wait it chose), shared between the reader and `health()` without a lock.
 #[derive(Debug)]
 pub(crate) struct LastRead {
     start: Instant,
-    millis: AtomicU64,
+    read: Moment,
+    turn: Moment,
 }
 
 impl LastRead {
     pub(crate) fn new() -> Self {
         LastRead {
             start: Instant::now(),
-            millis: AtomicU64::new(0),
+            read: Moment::default(),
+            turn: Moment::default(),
         }
     }
 
+    /// A read succeeded: the read loop went round as well.
     pub(crate) fn record(&self) {
-        let since_start = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.millis
-            .store(since_start.saturating_add(1), Ordering::Relaxed);
+        self.read.record(self.start);
+        self.turn.record(self.start);
+    }
+
+    /// The read loop went round without reading, by choice: it waited (reading paused,
+    /// every place taken, a probe not due), for no longer than a blocking read.
+    pub(crate) fn record_turn(&self) {
+        self.turn.record(self.start);
     }
 
     pub(crate) fn elapsed(&self) -> Option<Duration> {
-        match self.millis.load(Ordering::Relaxed) {
+        self.read.elapsed(self.start)
+    }
+
+    pub(crate) fn since_turn(&self) -> Option<Duration> {
+        self.turn.elapsed(self.start)
+    }
+}
+
+/// A moment as milliseconds since a start plus one (zero for never).
+#[derive(Debug, Default)]
+struct Moment(AtomicU64);
+
+impl Moment {
+    fn record(&self, start: Instant) {
+        let since_start = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0
+            .store(since_start.saturating_add(1), Ordering::Relaxed);
+    }
+
+    fn elapsed(&self, start: Instant) -> Option<Duration> {
+        match self.0.load(Ordering::Relaxed) {
             0 => None,
             millis => Some(
-                self.start
+                start
                     .elapsed()
                     .saturating_sub(Duration::from_millis(millis - 1)),
             ),
@@ -282,11 +343,12 @@ impl LastRead {
 mod tests {
     use super::*;
 
-    fn health(connected: bool, listening: bool, since_last_read: Option<u64>) -> Health {
+    fn health(connected: bool, listening: bool, since_last_turn: Option<u64>) -> Health {
         Health {
             connected,
             listening,
-            since_last_read: since_last_read.map(Duration::from_millis),
+            since_last_read: since_last_turn.map(Duration::from_millis),
+            since_last_turn: since_last_turn.map(Duration::from_millis),
             read_stall_after: Duration::from_millis(1000),
             streams: Vec::new(),
             waiting_for: None,
@@ -303,6 +365,15 @@ mod tests {
         assert!(health(false, true, Some(60_000)).is_live());
         assert!(!health(true, false, Some(10)).is_live());
         assert!(!health(false, false, None).is_live());
+    }
+
+    #[test]
+    fn live_while_the_loop_turns_however_long_since_the_last_read() {
+        let mut paused = health(true, true, Some(10));
+        paused.since_last_read = Some(Duration::from_secs(3_600));
+        assert!(paused.is_live(), "a deliberate wait is alive");
+        paused.since_last_turn = Some(Duration::from_millis(1001));
+        assert!(!paused.is_live(), "a loop that stopped turning is stuck");
     }
 
     #[test]
@@ -349,6 +420,7 @@ mod tests {
                 "connected": true,
                 "listening": true,
                 "since_last_read_ms": 1500,
+                "since_last_turn_ms": 1500,
                 "read_stall_after_ms": 1000,
                 "streams": [{
                     "stream": "orders",

@@ -51,7 +51,8 @@ pub struct GroupStatus {
     pub lag: Option<u64>,
     /// Entries delivered to a consumer of the group and not acknowledged yet.
     pub pending: u64,
-    /// How long the pending entry with the lowest id has waited since its last delivery;
+    /// How long the longest-idle pending entry has waited since its last delivery, among
+    /// the 100 pending entries with the lowest ids (all of them when no more are pending);
     /// `None` when nothing is pending.
     #[serde(rename = "oldest_pending_idle_ms", serialize_with = "optional_millis")]
     pub oldest_pending_idle: Option<Duration>,

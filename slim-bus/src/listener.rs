@@ -2,6 +2,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::task::JoinHandle;
@@ -75,5 +77,49 @@ impl ShutdownHandle {
     /// Starts the shutdown; await the [`Listener`] to know when it is done.
     pub fn shutdown(&self) {
         self.0.cancel();
+    }
+}
+
+/// Where a bus's listener is: none, starting (`listen()` waits for Redis, takes the lease,
+/// creates the groups), or listening. Only one listener runs at a time, and `health()`
+/// reports `listening` only from a successful `listen()`.
+#[derive(Debug, Default)]
+pub(crate) struct ListenerPhase(AtomicU8);
+
+const NOT_LISTENING: u8 = 0;
+const STARTING: u8 = 1;
+const LISTENING: u8 = 2;
+
+impl ListenerPhase {
+    /// Claims the bus for a new listener; `None` when one is starting or listening
+    /// already. The listener's phase goes back to none when the guard is dropped.
+    pub(crate) fn start(self: &Arc<Self>) -> Option<PhaseGuard> {
+        self.0
+            .compare_exchange(NOT_LISTENING, STARTING, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| PhaseGuard(self.clone()))
+    }
+
+    /// Whether a `listen()` succeeded and its listener has not stopped.
+    pub(crate) fn is_listening(&self) -> bool {
+        self.0.load(Ordering::Acquire) == LISTENING
+    }
+}
+
+/// Holds a listener's phase; back to none when its run ends, however it ends (a failed
+/// `listen()` included).
+#[derive(Debug)]
+pub(crate) struct PhaseGuard(Arc<ListenerPhase>);
+
+impl PhaseGuard {
+    /// `listen()` succeeded.
+    pub(crate) fn listening(&self) {
+        self.0.0.store(LISTENING, Ordering::Release);
+    }
+}
+
+impl Drop for PhaseGuard {
+    fn drop(&mut self) {
+        self.0.0.store(NOT_LISTENING, Ordering::Release);
     }
 }

@@ -96,7 +96,7 @@ pub(crate) fn describe() {
     describe_gauge!(
         LAG,
         Unit::Count,
-        "Entries not yet delivered to the group, by stream and group"
+        "Entries not yet delivered to the group, by stream and group; NaN when Redis cannot tell"
     );
     describe_gauge!(
         PENDING,
@@ -106,7 +106,7 @@ pub(crate) fn describe() {
     describe_gauge!(
         OLDEST_PENDING_AGE,
         Unit::Seconds,
-        "How long the oldest pending entry has waited since its last delivery, by stream and group"
+        "How long the longest-idle pending entry has waited since its last delivery (among the 100 lowest pending ids), by stream and group"
     );
     describe_gauge!(
         DEAD_LETTERS,
@@ -249,9 +249,9 @@ pub(crate) fn stream_gauges(health: &StreamHealth, group: &str) {
         (DESTINATION, health.stream.clone()),
         (GROUP, group.to_owned()),
     ];
-    if let Some(lag) = health.lag {
-        gauge!(LAG, &labels).set(lag as f64);
-    }
+    // NaN when Redis cannot tell (entries deleted from the middle of the stream): a value
+    // left from an earlier snapshot would look current, and zero would say "caught up".
+    gauge!(LAG, &labels).set(health.lag.map_or(f64::NAN, |lag| lag as f64));
     gauge!(PENDING, &labels).set(health.pending as f64);
     gauge!(OLDEST_PENDING_AGE, &labels).set(
         health

@@ -165,11 +165,18 @@ async fn the_service_publishes_handles_reports_and_shuts_down_cleanly() {
     let server = start_server().await;
     let (mut child, addr) = start_service(&server.url()).await;
 
-    let health = http(addr, "GET", "/healthz", &[], "").await;
-    assert_eq!(health.status, 200, "{health:?}");
-    let health = health.json();
+    // HTTP serves before the bus listens: wait for the listener.
+    let health = within("the bus to listen", STEP, async {
+        loop {
+            let health = http(addr, "GET", "/healthz", &[], "").await;
+            if health.status == 200 && health.json()["listening"] == true {
+                break health.json();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     assert_eq!(health["connected"], true, "{health}");
-    assert_eq!(health["listening"], true, "{health}");
     assert!(
         health["streams"]
             .as_array()
@@ -244,4 +251,24 @@ async fn the_service_publishes_handles_reports_and_shuts_down_cleanly() {
     let status = terminate(&mut child).await;
     assert!(status.success(), "exit after SIGTERM: {status}");
     assert_eq!(pending_count(&server, "user.created", GROUP).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_503_while_the_bus_waits_for_redis_and_sigterm_stops_the_wait() {
+    // A port nothing listens on: the bus waits for Redis, HTTP serves meanwhile.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (mut child, addr) = start_service(&format!("redis://127.0.0.1:{port}/")).await;
+    for _ in 0..3 {
+        let health = http(addr, "GET", "/healthz", &[], "").await;
+        assert_eq!(health.status, 503, "{health:?}");
+        let health = health.json();
+        assert_eq!(health["connected"], false, "{health}");
+        assert_eq!(health["listening"], false, "{health}");
+    }
+    let status = terminate(&mut child).await;
+    assert!(status.success(), "a stop while waiting is clean: {status}");
 }

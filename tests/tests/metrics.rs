@@ -195,3 +195,66 @@ async fn counters_histograms_and_gauges_move_by_what_the_bus_did(backend: Backen
         assert_eq!(total("slim_bus_sent_messages_total", &failed), 0.0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lag_gauge_is_nan_once_redis_cannot_tell_the_lag() {
+    recorder();
+    let (stream, group) = ("metrics.lag-unknown", "metrics-lag-unknown");
+    let server = start_server().await;
+    let mut redis = server.connection().await;
+    let _: () = within(
+        "XGROUP CREATE",
+        STEP,
+        redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut redis),
+    )
+    .await
+    .unwrap();
+    let mut ids = Vec::new();
+    for seq in 0..3 {
+        let seq = seq.to_string();
+        ids.push(xadd(&server, stream, &[("seq", seq.as_bytes())]).await);
+    }
+    let (handler, _seen) = Record::<UserCreated>::new();
+    let bus = within(
+        "build",
+        STEP,
+        bus(&server)
+            .consumer_group(group)
+            .handler_on(stream, handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let consumer = [
+        ("messaging_destination_name", stream),
+        ("messaging_consumer_group_name", group),
+    ];
+    let health = within("health", STEP, bus.health()).await;
+    assert_eq!(health.streams[0].lag, Some(3), "{health:?}");
+    absorb();
+    assert_eq!(total("slim_bus_lag_messages", &consumer), 3.0);
+
+    // An entry deleted from the middle of what the group has not read: Redis cannot tell
+    // the lag any more, and the gauge must not go on showing the last count.
+    let _: usize = within(
+        "XDEL",
+        STEP,
+        redis::cmd("XDEL")
+            .arg(stream)
+            .arg(&ids[1])
+            .query_async(&mut redis),
+    )
+    .await
+    .unwrap();
+    let health = within("health", STEP, bus.health()).await;
+    assert_eq!(health.streams[0].lag, None, "{health:?}");
+    absorb();
+    let lag = total("slim_bus_lag_messages", &consumer);
+    assert!(lag.is_nan(), "the lag gauge shows {lag} for an unknown lag");
+}

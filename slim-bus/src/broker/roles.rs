@@ -276,6 +276,13 @@ pub(crate) enum LeaseState {
     Taken { holder: String, remaining: Duration },
 }
 
+/// How many pending entries, lowest ids first, the longest idle time is looked for
+/// among: Redis lists a pending list by id only, so the longest idle of all would take
+/// reading all of it. An entry idles longest when its handler runs long or its consumer
+/// died; both keep it among the lowest ids while the pending list is short, as
+/// `max_in_flight` keeps it.
+pub(crate) const PENDING_IDLE_PAGE: usize = 100;
+
 /// What a group has left to do on one stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct GroupStats {
@@ -284,6 +291,8 @@ pub(crate) struct GroupStats {
     /// Entries not yet delivered to the group; `None` when the server cannot tell.
     pub(crate) lag: Option<u64>,
     pub(crate) pending: u64,
+    /// The longest idle time among the [`PENDING_IDLE_PAGE`] pending entries with the
+    /// lowest ids.
     pub(crate) oldest_pending_idle: Option<Duration>,
     pub(crate) dead_letters: u64,
     /// Dead letters deleted by the `dead_letter_max_len` cap, ever.

@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use crate::asyncapi::{self, Contract};
@@ -528,7 +527,7 @@ impl EventBusBuilder {
                 consumer_name: consumer_name.into(),
                 set_aside: Arc::new(SetAside::new(routes.len())),
                 routes,
-                listening: Arc::new(AtomicBool::new(false)),
+                listening: Arc::default(),
                 last_read: Arc::new(LastRead::new()),
                 startup_wait: StartupWait::default(),
                 contract: self.contract,

@@ -2,7 +2,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -16,7 +15,7 @@ use crate::dead_letter::DeadLetters;
 use crate::error::{Error, Result};
 use crate::health::{Health, LastRead, SetAside, StartupWait, StreamHealth};
 use crate::lease::ConsumerLease;
-use crate::listener::Listener;
+use crate::listener::{Listener, ListenerPhase};
 use crate::partition::{Partitions, partition_stream};
 use crate::publisher::Publisher;
 use crate::telemetry;
@@ -69,7 +68,7 @@ struct Inner {
     config: EventBusConfig,
     consumer_name: Arc<str>,
     routes: Arc<[Route]>,
-    listening: Arc<AtomicBool>,
+    listening: Arc<ListenerPhase>,
     last_read: Arc<LastRead>,
     /// What a `listen()` in progress waits for.
     startup_wait: StartupWait,
@@ -146,10 +145,9 @@ impl EventBus {
         let Some(group) = self.inner.config.consumer_group.as_deref() else {
             return Err(Error::config("consumer_group", "must be set to listen"));
         };
-        if self.inner.listening.swap(true, Ordering::AcqRel) {
+        let Some(guard) = self.inner.listening.start() else {
             return Err(Error::AlreadyListening);
-        }
-        let guard = ListeningGuard(self.inner.listening.clone());
+        };
         let config = &self.inner.config;
         let consumer = Consumer {
             broker: self.inner.broker.clone(),
@@ -186,6 +184,7 @@ impl EventBus {
         let prepared = self.prepare_when_reachable(&consumer, &lease).await;
         self.inner.startup_wait.done();
         prepared?;
+        guard.listening();
         self.warn_of_unread_partitions().await;
         tracing::info!(
             group,
@@ -431,8 +430,9 @@ impl EventBus {
         let (waiting_for, last_error) = inner.startup_wait.get();
         Health {
             connected,
-            listening: inner.listening.load(Ordering::Acquire),
+            listening: inner.listening.is_listening(),
             since_last_read: inner.last_read.elapsed(),
+            since_last_turn: inner.last_read.since_turn(),
             read_stall_after: self.read_stall_after(),
             streams,
             waiting_for,
@@ -534,13 +534,4 @@ fn is_misconfigured(error: &Error) -> bool {
         cause = current.source();
     }
     false
-}
-
-/// Clears the listening flag when a listener's run ends, however it ends.
-struct ListeningGuard(Arc<AtomicBool>);
-
-impl Drop for ListeningGuard {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
 }

@@ -274,7 +274,7 @@ impl Task<'_> {
         // What follows the handler (a retry's wait, a dead-letter move) holds no slot: the
         // entry stays among the held ones until it is settled.
         // Counted before the slot is free: the reader, waiting for the slot, then knows.
-        self.record_attempt(&outcome);
+        self.record_attempt(id, &outcome);
         drop(slot);
         let broker = &*self.shared.broker;
         let dues = &self.shared.retry_dues;
@@ -304,19 +304,18 @@ impl Task<'_> {
 
     /// Counts the attempt towards pausing reads of the stream: failures that may heal
     /// count, decode and permanent failures say nothing about the handler's health.
-    fn record_attempt(&self, outcome: &AttemptOutcome) {
+    fn record_attempt(&self, id: crate::EntryId, outcome: &AttemptOutcome) {
         let stream = &*self.route().stream;
+        let state = self.state();
         match outcome {
-            AttemptOutcome::Handled => self.state().record_success(stream),
+            AttemptOutcome::Handled => state.record_success(stream),
             AttemptOutcome::Failed(error) if !matches!(error.retry(), Retry::Never) => {
-                self.state().record_failure(stream, &error.to_string());
+                state.record_failure(stream, id, &error.to_string());
             }
-            AttemptOutcome::TimedOut => {
-                self.state().record_failure(stream, "the handler timed out")
+            AttemptOutcome::TimedOut => state.record_failure(stream, id, "the handler timed out"),
+            AttemptOutcome::Panicked(message) => {
+                state.record_failure(stream, id, &format!("the handler panicked: {message}"))
             }
-            AttemptOutcome::Panicked(message) => self
-                .state()
-                .record_failure(stream, &format!("the handler panicked: {message}")),
             _ => {}
         }
     }

@@ -14,12 +14,14 @@ pub(crate) struct ReadPlan {
 }
 
 impl ReadPlan {
-    /// One entry of a paused stream, without waiting: does its handler work again?
-    pub(crate) fn probe(stream_index: usize) -> Self {
+    /// One entry of each of some paused streams: does their handler work again? It waits
+    /// for a new entry (`block`) only when no other stream is read meanwhile, which it
+    /// would hold up.
+    pub(crate) fn probe(streams: Vec<usize>, block: bool) -> Self {
         ReadPlan {
-            streams: vec![stream_index],
+            streams,
             count: 1,
-            block: false,
+            block,
         }
     }
 }

@@ -454,28 +454,38 @@ impl Reader<'_> {
         // their failures by then.
         let now = Instant::now();
         // A paused stream is read for one entry now and then, to find out whether its
-        // handler recovered (when no retry of it is under way, which would tell as well).
-        let probe = (0..self.streams.len()).find(|&i| {
-            let state = &self.route(i).state;
-            !c.set_aside.is_set(i) && state.is_paused() && state.take_probe(now, c.retry_max)
-        });
+        // handler recovered (when no retry of it is under way, which would tell as well);
+        // see `StreamState::probe_read` for when. Every paused stream whose probe is due is
+        // probed in the same read (one entry of each, as many as there are places for), so
+        // that one whose probes keep finding nothing does not starve the others.
+        let probe_room = reservation.len();
+        let probed: Vec<usize> = (0..self.streams.len())
+            .filter(|&i| {
+                let state = &self.route(i).state;
+                !c.set_aside.is_set(i) && state.is_paused() && state.take_probe(now)
+            })
+            .take(probe_room)
+            .collect();
         // A stream set aside (its key holds another type) is not read at all.
         let active: Vec<bool> = (0..self.streams.len())
             .map(|i| !self.route(i).state.is_paused() && !c.set_aside.is_set(i))
             .collect();
-        if probe.is_none() && !active.contains(&true) {
+        if probed.is_empty() && !active.contains(&true) {
             drop(reservation);
             self.wait_while_paused().await;
             return Ok(());
         }
-        let plan = match probe {
-            Some(stream_index) => read_window::ReadPlan::probe(stream_index),
-            None => self.window.plan(
+        let plan = if probed.is_empty() {
+            self.window.plan(
                 &active,
                 reservation.slots.num_permits(),
                 reservation.len(),
                 c.max_count,
-            ),
+            )
+        } else {
+            // While nothing else is read, the probe waits for a new entry as a read does:
+            // on a quiet paused stream, the next entry published is the probe.
+            read_window::ReadPlan::probe(probed.clone(), !active.contains(&true))
         };
         // Only what the plan may return stays reserved.
         let wanted = plan.count * plan.streams.len();
@@ -513,6 +523,16 @@ impl Reader<'_> {
             .read_new(&c.group, &c.consumer, &window, plan.count, block)
             .await;
         self.blocked_read.set(None);
+        if let Ok(batches) = &read {
+            for (position, &stream_index) in probed.iter().enumerate() {
+                let found = batches
+                    .iter()
+                    .any(|batch| batch.stream_index == position && !batch.deliveries.is_empty());
+                self.route(stream_index)
+                    .state
+                    .probe_read(now, found, c.retry_max, c.block_time);
+            }
+        }
         match read {
             Ok(batches) => {
                 self.recovered();
@@ -548,7 +568,8 @@ impl Reader<'_> {
     }
 
     /// Every stream is paused: waits for a retry, a claim scan or a probe to be due, for
-    /// reading to resume, or for a new retry request, but no longer than a blocking read.
+    /// reading to resume, or for a new retry request, but no longer than a blocking read,
+    /// so that the loop goes round as often as it would reading (what `is_live` watches).
     async fn wait_while_paused(&mut self) {
         let c = self.consumer;
         let mut until = self.wake_at().min(Instant::now() + c.block_time);
@@ -565,6 +586,7 @@ impl Reader<'_> {
             _ = resumed => {}
             () = self.retries.wait_incoming() => {}
         }
+        c.last_read.record_turn();
     }
 
     /// Reserves slots and places for a read of new entries: like
@@ -610,8 +632,9 @@ impl Reader<'_> {
 
     /// Adds up to `wanted` places to `slots`. When every place is taken (entries wait for
     /// their retry or their acknowledgement), it waits for one to free up, for a retry or
-    /// claim scan to be due, or for a new retry request, and returns `None`: the read loop
-    /// goes round again.
+    /// claim scan to be due, or for a new retry request, no longer than a blocking read,
+    /// and returns `None`: the read loop goes round again (a chosen wait: `is_live` counts
+    /// it as a turn).
     async fn with_places(
         &mut self,
         slots: OwnedSemaphorePermit,
@@ -621,12 +644,15 @@ impl Reader<'_> {
             return Some(Reservation { slots, places });
         }
         drop(slots);
-        let wake_at = self.wake_at();
+        let wake_at = self
+            .wake_at()
+            .min(Instant::now() + self.consumer.block_time);
         tokio::select! {
             place = self.places.clone().acquire_owned() => drop(place),
             () = tokio::time::sleep_until(wake_at) => {}
             () = self.retries.wait_incoming() => {}
         }
+        self.consumer.last_read.record_turn();
         None
     }
 

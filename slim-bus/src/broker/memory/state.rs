@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-use crate::broker::{CROSS_SLOT, EntryFields, NO_GROUP, RawFields, cross_slot};
+use crate::broker::{CROSS_SLOT, EntryFields, NO_GROUP, PENDING_IDLE_PAGE, RawFields, cross_slot};
 use crate::config::StartFrom;
 use crate::event::EntryId;
 use crate::testing::Outcome;
@@ -240,12 +240,14 @@ impl Group {
         entries.range((Bound::Excluded(self.last_delivered), Bound::Unbounded))
     }
 
-    /// How long ago the pending entry with the lowest id was delivered (`XPENDING - + 1`:
-    /// the lowest id, not the longest idle), in whole milliseconds.
+    /// The longest time since the last delivery among the [`PENDING_IDLE_PAGE`] pending
+    /// entries with the lowest ids, as the Redis backend reads it, in whole milliseconds.
     pub(super) fn oldest_pending_idle(&self, now: Instant) -> Option<Duration> {
         self.pending
-            .first_key_value()
-            .map(|(_, nack)| whole_millis(now.saturating_duration_since(nack.delivered_at)))
+            .values()
+            .take(PENDING_IDLE_PAGE)
+            .map(|nack| whole_millis(now.saturating_duration_since(nack.delivered_at)))
+            .max()
     }
 
     /// Records that `consumer` read or claimed just now, adding it to the group if new.

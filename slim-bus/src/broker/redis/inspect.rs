@@ -13,8 +13,8 @@ use super::replies::{entry_id, parse_raw_entry};
 use super::{RedisBroker, classify, millis, unexpected};
 use crate::broker::resp::{RespConnection, RespError};
 use crate::broker::{
-    GENERIC_ERROR, GroupStats, Inspection, NO_GROUP, RawFields, TYPE_NONE, TYPE_STREAM, WRONG_TYPE,
-    trimmed_count_key,
+    GENERIC_ERROR, GroupStats, Inspection, NO_GROUP, PENDING_IDLE_PAGE, RawFields, TYPE_NONE,
+    TYPE_STREAM, WRONG_TYPE, trimmed_count_key,
 };
 use crate::error::{Error, Result, server_code};
 use crate::event::EntryId;
@@ -97,7 +97,7 @@ impl RedisBroker {
                     .arg(&group.name)
                     .arg("-")
                     .arg("+")
-                    .arg(1);
+                    .arg(PENDING_IDLE_PAGE);
                 pipe.cmd("XINFO")
                     .arg("CONSUMERS")
                     .arg(stream)
@@ -112,8 +112,8 @@ impl RedisBroker {
                 if let Some(Value::Array(rows)) = replies.next() {
                     group.oldest_pending_idle = rows
                         .into_iter()
-                        .next()
-                        .and_then(|row| parse_pending_row(row).map(|entry| entry.idle));
+                        .filter_map(|row| parse_pending_row(row).map(|entry| entry.idle))
+                        .max();
                 }
                 if let Some(Value::Array(consumers)) = replies.next() {
                     group.consumers = consumers.into_iter().map(parse_consumer).collect();
@@ -371,7 +371,7 @@ impl Inspection for RedisBroker {
             .arg(group)
             .arg("-")
             .arg("+")
-            .arg(1);
+            .arg(PENDING_IDLE_PAGE);
         pipe.cmd("XLEN").arg(dead_letters);
         pipe.cmd("GET").arg(trimmed_count_key(dead_letters));
         let (length, oldest, dead, trimmed): (u64, Value, u64, Option<u64>) = match info {
@@ -393,15 +393,10 @@ impl Inspection for RedisBroker {
             None => (0, Value::Nil, 0, None),
         };
         let oldest_pending_idle = match oldest {
-            Value::Array(rows) => rows.into_iter().next().and_then(|row| match row {
-                Value::Array(row) => match row.get(2) {
-                    Some(Value::Int(idle)) => {
-                        Some(Duration::from_millis(u64::try_from(*idle).unwrap_or(0)))
-                    }
-                    _ => None,
-                },
-                _ => None,
-            }),
+            Value::Array(rows) => rows
+                .into_iter()
+                .filter_map(|row| parse_pending_row(row).map(|entry| entry.idle))
+                .max(),
             _ => None,
         };
         let info = info.unwrap_or_default();
