@@ -753,6 +753,53 @@ async fn health_names_the_dead_letter_key_that_holds_another_type_not_the_stream
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
+/// A replay into a live stream whose key holds another type names that key, not the
+/// dead-letter stream it replays from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_into_a_key_of_another_type_names_that_key() {
+    let server = start_server().await;
+    let (handler, mut seen) = Scripted::<UserCreated>::new(|_, _| async {
+        Err(HandlerError::permanent("the downstream refuses it"))
+    });
+    let bus = within("build", STEP, bus(&server).handler(handler).build())
+        .await
+        .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    within("publish", STEP, bus.publish(&user(1)))
+        .await
+        .unwrap();
+    recv(&mut seen, "the entry to fail").await;
+    let dead_letters = bus.dead_letters("user.created");
+    within("the dead letter", STEP, async {
+        while dead_letters.len().await.unwrap() < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+    let mut conn = server.connection().await;
+    let _: () = within(
+        "DEL",
+        STEP,
+        redis::AsyncCommands::del(&mut conn, "user.created"),
+    )
+    .await
+    .unwrap();
+    string_key(&server, "user.created").await;
+    let error = within("replay", STEP, dead_letters.replay_all())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, Error::WrongType { stream, actual } if stream == "user.created" && actual == "string"),
+        "{error}"
+    );
+    assert_eq!(
+        dead_letters.len().await.unwrap(),
+        1,
+        "the dead letter is kept"
+    );
+}
+
 /// A stream whose key is given another type while the bus reads it is set aside: the
 /// error names that key (not the first stream of the read), the other streams go on, and
 /// once the key is gone the stream is consumed again.

@@ -584,3 +584,25 @@ async fn a_cluster_like_broker_refuses_keys_of_several_slots_in_one_command_and_
     // A broker that is not cluster-like reads any streams together.
     assert!(!MemoryBroker::new().is_cluster_like());
 }
+
+#[tokio::test]
+async fn a_trim_deletes_at_most_as_many_entries_as_it_is_given() {
+    let broker = MemoryBroker::new().connect();
+    broker
+        .ensure_group("s", "g", StartFrom::Beginning)
+        .await
+        .expect("created");
+    for seq in 0..25 {
+        publish(&broker, "s", seq).await;
+    }
+    let read = read(&broker, "c", 25).await;
+    let ids: Vec<EntryId> = read.iter().map(|delivery| delivery.id).collect();
+    broker
+        .ack("g", &[(Arc::from("s"), ids)])
+        .await
+        .expect("acknowledged");
+    // 24 may go (the last one delivered is kept): 10, 10, then the 4 left.
+    for expected in [10, 10, 4, 0] {
+        assert_eq!(broker.trim_acked("s", 10).await.expect("trimmed"), expected);
+    }
+}

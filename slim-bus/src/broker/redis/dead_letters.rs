@@ -12,6 +12,27 @@ use crate::error::{Error, Result, server_code};
 use crate::event::EntryId;
 
 impl RedisBroker {
+    /// The error of a failed replay: a `WRONGTYPE` names whichever of the two keys holds
+    /// another type.
+    async fn replay_error(
+        &self,
+        dead_letters: &str,
+        origin: &str,
+        error: redis::RedisError,
+    ) -> Error {
+        let wrong_type = server_code(&error).as_deref() == Some(WRONG_TYPE);
+        let error = dlq_error(
+            "replaying from",
+            dead_letters,
+            &[dead_letters, origin],
+            error,
+        );
+        if wrong_type {
+            return self.find_wrong_key(&[dead_letters, origin], error).await;
+        }
+        error
+    }
+
     /// Replays a dead letter whose original fields were packed into one value: adds them
     /// to `origin` and deletes the dead letter in one `MULTI`/`EXEC`, from here because a
     /// script cannot pass that many values to one command. Two replays of the same dead
@@ -30,10 +51,10 @@ impl RedisBroker {
             add.arg(name.as_slice()).arg(value.as_slice());
         }
         pipe.cmd("XDEL").arg(dead_letters).arg(id).ignore();
-        let (new_id,): (Value,) = pipe
-            .query_async(&mut self.commands())
-            .await
-            .map_err(|e| dlq_error("replaying from", dead_letters, &[dead_letters, origin], e))?;
+        let (new_id,): (Value,) = match pipe.query_async(&mut self.commands()).await {
+            Ok(reply) => reply,
+            Err(e) => return Err(self.replay_error(dead_letters, origin, e).await),
+        };
         entry_id(&new_id).ok_or_else(|| {
             unexpected(
                 format!("replaying from dead-letter stream `{dead_letters}`"),
@@ -103,10 +124,10 @@ impl DeadLetterStore for RedisBroker {
     ) -> Result<Option<EntryId>> {
         let mut invocation = self.scripts.replay.key(dead_letters);
         invocation.key(origin).arg(id);
-        let reply: Value = invocation
-            .invoke_async(&mut self.commands())
-            .await
-            .map_err(|e| dlq_error("replaying from", dead_letters, &[dead_letters, origin], e))?;
+        let reply: Value = match invocation.invoke_async(&mut self.commands()).await {
+            Ok(reply) => reply,
+            Err(e) => return Err(self.replay_error(dead_letters, origin, e).await),
+        };
         match reply {
             Value::Nil => Ok(None),
             Value::Array(parts) if parts.len() == 2 => {
