@@ -418,6 +418,8 @@ mod tests {
             json,
             serde_json::json!({
                 "connected": true,
+                "waiting_for": null,
+                "last_error": null,
                 "listening": true,
                 "since_last_read_ms": 1500,
                 "since_last_turn_ms": 1500,
