@@ -216,3 +216,51 @@ async fn a_wrong_password_fails_listen_and_a_publish_at_once_naming_the_redacted
     assert!(report.contains("AuthenticationFailed"), "{report}");
     assert!(!report.contains("not-the-secret"), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_move_refused_by_acl_shows_in_health_naming_the_key() {
+    let server = start_server().await;
+    // May read the dead letters (health counts them), not write them.
+    let without_dead_letters = CONSUMER_RULE.replace(" ~{user.created}:*", " %R~{user.created}:*");
+    create_user(&server, "mailer", "mailer-secret", &without_dead_letters).await;
+    let (handler, mut seen) =
+        Scripted::new(|_: UserCreated, _| async { Err(HandlerError::permanent("bad")) });
+    let consumer = within(
+        "build",
+        STEP,
+        EventBus::builder()
+            .url(url(&server, "mailer", "mailer-secret"))
+            .consumer_group("mailer")
+            .block_time(Duration::from_millis(200))
+            // A move that keeps failing holds the shutdown for the grace.
+            .shutdown_grace(Duration::from_millis(500))
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, consumer.listen()).await.unwrap();
+    within("publish", STEP, consumer.publish(&user(1)))
+        .await
+        .unwrap();
+    recv(&mut seen, "the failing attempt").await;
+    let stream = within("health to show the failing move", STEP, async {
+        loop {
+            let health = consumer.health().await;
+            if let Some(stream) = health
+                .streams
+                .into_iter()
+                .find(|s| s.error.is_some() && s.dead_letter_moves_failing > 0)
+            {
+                return stream;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(stream.dead_letter_moves_failing, 1, "{stream:?}");
+    let error = stream.error.unwrap_or_default();
+    assert!(error.contains("`{user.created}:dlq`"), "{error}");
+    assert!(error.to_lowercase().contains("noperm"), "{error}");
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}

@@ -414,6 +414,11 @@ impl EventBus {
                         Err(error) => health.error = Some(crate::error::report(&error)),
                     }
                 }
+                if health.error.is_none() {
+                    // A dead-letter move that keeps failing (a missing permission on the
+                    // dead-letter key, a key of another type) needs an operator too.
+                    health.error = route.state.dead_letter_move_error();
+                }
                 telemetry::stream_gauges(&health, group);
                 streams.push(health);
             }
