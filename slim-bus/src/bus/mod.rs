@@ -230,7 +230,10 @@ impl EventBus {
             let attempt = async {
                 self.inner.broker.check_version().await?;
                 lease.acquire(&self.inner.startup_wait).await?;
-                let prepared = consumer.prepare().await;
+                let prepared = match consumer.prepare().await {
+                    Ok(()) => self.check_permissions(&consumer).await,
+                    Err(error) => Err(error),
+                };
                 if prepared.is_err() {
                     lease.release().await;
                 }
@@ -254,6 +257,26 @@ impl EventBus {
                 other => return other,
             }
         }
+    }
+
+    /// Checks that the server lets this user run, on every stream consumed, the commands
+    /// the claim scan and the dead-letter move send (see the README's "Redis ACL").
+    async fn check_permissions(&self, consumer: &Consumer) -> Result<()> {
+        for (index, route) in self.inner.routes.iter().enumerate() {
+            if self.inner.set_aside.is_set(index) {
+                continue;
+            }
+            self.inner
+                .broker
+                .check_permissions(
+                    &route.stream,
+                    &route.dead_letters,
+                    &consumer.group,
+                    &consumer.consumer,
+                )
+                .await?;
+        }
+        Ok(())
     }
 
     /// Logs a warning for each partitioned stream this bus handles whose partitions beyond
