@@ -124,8 +124,11 @@ impl EventBus {
     /// consumer name (see [`consumer_lease_ttl`](EventBusBuilder::consumer_lease_ttl)),
     /// and startup errors: Redis
     /// unreachable (only with [`wait_for_redis`](EventBusBuilder::wait_for_redis) off;
-    /// by default `listen()` waits for it), refused credentials, a server older than
-    /// Redis 7.0 ([`Error::UnsupportedServer`]), or every
+    /// by default `listen()` waits for it, and [`health`](Self::health) says so in
+    /// [`Health::waiting_for`]), refused credentials (at once, naming the URL with its
+    /// password hidden), a rejected TLS handshake, a command the user's ACL refuses on a
+    /// stream or its dead-letter stream (naming the command and the key), a server older
+    /// than Redis 7.0 ([`Error::UnsupportedServer`]), or every
     /// stream key holding another type ([`Error::WrongType`]). When
     /// only some do, those streams are set aside (see [`StreamHealth::error`]) and the
     /// others are consumed.
