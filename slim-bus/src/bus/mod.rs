@@ -234,7 +234,7 @@ impl EventBus {
                 self.inner.broker.check_version().await?;
                 lease.acquire(&self.inner.startup_wait).await?;
                 let prepared = match consumer.prepare().await {
-                    Ok(()) => self.check_permissions(&consumer).await,
+                    Ok(()) => self.check_permissions(consumer).await,
                     Err(error) => Err(error),
                 };
                 if prepared.is_err() {
