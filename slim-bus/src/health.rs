@@ -364,6 +364,8 @@ mod tests {
                     "dead_letter_moves_failing": 0,
                     "error": null,
                 }],
+                "waiting_for": null,
+                "last_error": null,
             })
         );
     }
