@@ -312,7 +312,7 @@ async fn reading_again_after_a_failure_logs_info() {
     .unwrap();
     let failed = captured
         .until_event("the failed read", |e| {
-            e.level == Level::WARN && e.message() == "redis command failed"
+            e.level == Level::WARN && e.message().starts_with("redis command failed")
         })
         .await;
     let again = captured
@@ -487,4 +487,58 @@ async fn a_failure_during_shutdown_says_the_entry_stays_pending_redis() {
 #[tokio::test(start_paused = true)]
 async fn a_failure_during_shutdown_says_the_entry_stays_pending_memory() {
     a_failure_during_shutdown_says_the_entry_stays_pending(Backend::memory()).await;
+}
+
+/// An outage is a few lines: its first failure at WARN, the next ones at DEBUG, and one
+/// INFO line when Redis answers again.
+#[tokio::test]
+async fn an_outage_logs_one_warning_and_one_line_when_it_heals() {
+    let (captured, _guard) = capture();
+    let server = start_server().await;
+    let (handler, _seen) = Record::<UserCreated>::new();
+    let bus = within(
+        "build",
+        STEP,
+        bus(&server)
+            .command_timeout(Duration::from_millis(200))
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    within("a first read", STEP, async {
+        while bus.health().await.since_last_read.is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    server.pause().unwrap();
+    let failures = |captured: &Captured| {
+        captured
+            .events()
+            .into_iter()
+            .filter(|e| e.message().starts_with("redis command failed"))
+            .collect::<Vec<_>>()
+    };
+    // A reconnect to a frozen server waits for the connect timeout (5 s).
+    within("two failed reads", STEP * 2, async {
+        while failures(&captured).len() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    server.resume().unwrap();
+    captured
+        .until_event("the INFO line of reading again", |e| {
+            e.level == Level::INFO && e.message().contains("again after")
+        })
+        .await;
+    let levels: Vec<Level> = failures(&captured).iter().map(|e| e.level).collect();
+    assert_eq!(levels[0], Level::WARN, "{levels:?}");
+    assert!(
+        levels[1..].iter().all(|level| *level == Level::DEBUG),
+        "{levels:?}"
+    );
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
