@@ -542,3 +542,74 @@ async fn an_outage_logs_one_warning_and_one_line_when_it_heals() {
     );
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
+
+/// Fails every entry of its batch on its first delivery.
+struct FailFirstDeliveries;
+
+#[slim_bus::async_trait]
+impl slim_bus::BatchHandler for FailFirstDeliveries {
+    type Event = UserCreated;
+
+    fn max_batch(&self) -> usize {
+        10
+    }
+
+    async fn handle_batch(
+        &self,
+        batch: Vec<(UserCreated, slim_bus::Context)>,
+    ) -> slim_bus::BatchOutcome {
+        slim_bus::BatchOutcome::each(
+            batch
+                .iter()
+                .map(|(_, ctx)| match ctx.delivery_count() {
+                    1 => Err(HandlerError::new("flaky")),
+                    _ => Ok(()),
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Each entry of a batch settles in its own span: its retry warning carries its id.
+async fn a_batch_entrys_retry_warning_carries_its_id(backend: Backend) {
+    let (captured, _guard) = capture_at_info();
+    let bus = within(
+        "build",
+        STEP,
+        backend
+            .bus()
+            .span_level(Level::INFO)
+            .retry_backoff(Duration::from_millis(10), Duration::from_millis(50))
+            .batch_handler(FailFirstDeliveries)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    let id = within("publish", STEP, bus.publish(&user(0)))
+        .await
+        .unwrap();
+    let retry = captured
+        .until_event("the retry warning", |e| {
+            e.level == Level::WARN && e.message().contains("will retry")
+        })
+        .await;
+    let span = retry
+        .scope
+        .iter()
+        .find(|span| span.fields.contains_key("messaging.message.id"))
+        .unwrap_or_else(|| panic!("not in a span with the entry's id: {retry:?}"));
+    assert_eq!(span.fields["messaging.message.id"], id.to_string());
+    backend.until_nothing_pending("user.created", "tests").await;
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_batch_entrys_retry_warning_carries_its_id_redis() {
+    a_batch_entrys_retry_warning_carries_its_id(Backend::redis().await).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_entrys_retry_warning_carries_its_id_memory() {
+    a_batch_entrys_retry_warning_carries_its_id(Backend::memory()).await;
+}
