@@ -489,13 +489,23 @@ async fn a_failure_during_shutdown_says_the_entry_stays_pending_memory() {
     a_failure_during_shutdown_says_the_entry_stays_pending(Backend::memory()).await;
 }
 
-/// An outage is a few lines: its first failure at WARN, the next ones at DEBUG, and one
-/// INFO line when Redis answers again.
+/// An outage is a few lines: the first failure of the reader and of the acknowledgements
+/// at WARN, the next ones at DEBUG, and one INFO line each when Redis answers again.
 #[tokio::test]
 async fn an_outage_logs_one_warning_and_one_line_when_it_heals() {
     let (captured, _guard) = capture();
     let server = start_server().await;
-    let (handler, _seen) = Record::<UserCreated>::new();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let (handler, mut seen) = Scripted::new({
+        let release = release.clone();
+        move |_: UserCreated, _| {
+            let release = release.clone();
+            async move {
+                let _permit = release.acquire().await.map_err(HandlerError::new)?;
+                Ok(())
+            }
+        }
+    });
     let bus = within(
         "build",
         STEP,
@@ -507,39 +517,50 @@ async fn an_outage_logs_one_warning_and_one_line_when_it_heals() {
     .await
     .unwrap();
     let listener = within("listen", STEP, bus.listen()).await.unwrap();
-    within("a first read", STEP, async {
-        while bus.health().await.since_last_read.is_none() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    within("publish", STEP, bus.publish(&user(0)))
+        .await
+        .unwrap();
+    recv(&mut seen, "the handler to start").await;
     server.pause().unwrap();
-    let failures = |captured: &Captured| {
+    // Its acknowledgement meets the frozen server.
+    release.add_permits(1);
+    let failures = |captured: &Captured, prefix: &str| {
         captured
             .events()
             .into_iter()
-            .filter(|e| e.message().starts_with("redis command failed"))
+            .filter(|e| e.message().starts_with(prefix))
+            .map(|e| e.level)
             .collect::<Vec<_>>()
     };
     // A reconnect to a frozen server waits for the connect timeout (5 s).
-    within("two failed reads", STEP * 2, async {
-        while failures(&captured).len() < 2 {
+    within("two failed reads and acknowledgements", STEP * 2, async {
+        while failures(&captured, "redis command failed").len() < 2
+            || failures(&captured, "acknowledging failed").len() < 2
+        {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await;
     server.resume().unwrap();
-    captured
-        .until_event("the INFO line of reading again", |e| {
-            e.level == Level::INFO && e.message().contains("again after")
-        })
-        .await;
-    let levels: Vec<Level> = failures(&captured).iter().map(|e| e.level).collect();
-    assert_eq!(levels[0], Level::WARN, "{levels:?}");
-    assert!(
-        levels[1..].iter().all(|level| *level == Level::DEBUG),
-        "{levels:?}"
-    );
+    for healed in [
+        "redis answers the listener again",
+        "acknowledging works again",
+    ] {
+        captured
+            .until_event(healed, |e| {
+                e.level == Level::INFO && e.message().starts_with(healed)
+            })
+            .await;
+    }
+    for prefix in ["redis command failed", "acknowledging failed"] {
+        let levels = failures(&captured, prefix);
+        assert_eq!(levels[0], Level::WARN, "{prefix}: {levels:?}");
+        assert!(
+            levels[1..].iter().all(|level| *level == Level::DEBUG),
+            "{prefix}: {levels:?}"
+        );
+    }
+    until_nothing_pending(&server, "user.created", "tests").await;
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
 
