@@ -215,6 +215,14 @@ async fn a_wrong_password_fails_listen_and_a_publish_at_once_naming_the_redacted
     assert!(report.contains(&redacted), "{report}");
     assert!(report.contains("AuthenticationFailed"), "{report}");
     assert!(!report.contains("not-the-secret"), "{report}");
+    assert!(report.contains("WRONGPASS"), "{report}");
+    assert!(report.contains("nothing was written"), "{report}");
+    // Each cause once.
+    assert_eq!(
+        report.matches("invalid username-password pair").count(),
+        1,
+        "{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
