@@ -127,8 +127,9 @@ pub struct EventBusConfig {
     /// lapse.
     #[serde(with = "humantime_serde")]
     pub consumer_lease_ttl: Option<Duration>,
-    /// Whether `listen()` waits for Redis when it does not answer, retrying with backoff
-    /// (the default), or fails at once with the connection error.
+    /// Whether `listen()` waits for Redis when it does not answer or is loading its data,
+    /// retrying with backoff (the default), or fails at once with the connection error.
+    /// Refused credentials and a rejected TLS handshake fail `listen()` at once either way.
     pub wait_for_redis: bool,
     /// After this many deliveries that failed, an entry is dead-lettered. A handler can
     /// set its own with [`StreamHandler::max_deliveries`](crate::StreamHandler::max_deliveries).

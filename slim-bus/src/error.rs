@@ -180,9 +180,10 @@ pub enum Error {
     Redis {
         /// What the bus was doing, e.g. "publishing to stream `user.created`".
         action: String,
-        /// The error from the Redis client.
+        /// The error from the Redis client (a [`RedisSource`], which derefs to
+        /// [`redis::RedisError`]).
         #[source]
-        source: redis::RedisError,
+        source: RedisSource,
     },
 
     /// Redis did not answer in time.
@@ -209,6 +210,52 @@ pub enum Error {
         /// What was wrong with the reply.
         detail: String,
     },
+}
+
+/// The redis-rs error behind an [`Error::Redis`]; it derefs to [`redis::RedisError`].
+///
+/// A redis-rs error prints its cause (an I/O or a server error) as its own message and
+/// also returns it as its source, so reporters that follow the chain (`anyhow`, the
+/// `error.sources` of `tracing`) printed that cause twice. As a source this one skips that
+/// repetition: each cause is printed once.
+#[derive(Debug, Clone)]
+pub struct RedisSource(redis::RedisError);
+
+impl RedisSource {
+    /// The redis-rs error.
+    pub fn get_ref(&self) -> &redis::RedisError {
+        &self.0
+    }
+
+    /// Takes the redis-rs error.
+    pub fn into_inner(self) -> redis::RedisError {
+        self.0
+    }
+}
+
+impl std::ops::Deref for RedisSource {
+    type Target = redis::RedisError;
+
+    fn deref(&self) -> &redis::RedisError {
+        &self.0
+    }
+}
+
+impl fmt::Display for RedisSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl StdError for RedisSource {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        let cause = self.0.source()?;
+        if cause.to_string() == self.0.to_string() {
+            cause.source()
+        } else {
+            Some(cause)
+        }
+    }
 }
 
 /// One invalid setting, beyond the first, of an [`Error::Config`].
@@ -301,7 +348,7 @@ impl Error {
     pub(crate) fn redis(action: impl Into<String>, source: redis::RedisError) -> Self {
         Error::Redis {
             action: action.into(),
-            source,
+            source: RedisSource(source),
         }
     }
 }
@@ -518,7 +565,7 @@ mod tests {
     }
 
     #[test]
-    fn a_report_of_a_redis_error_adds_no_repetition_of_its_cause() {
+    fn a_reporter_prints_the_cause_of_a_redis_error_once() {
         let refused =
             || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused by peer");
         let error = Error::redis("publishing to stream `user.created`", refused().into());
@@ -526,19 +573,20 @@ mod tests {
             error.to_string(),
             "redis error while publishing to stream `user.created`"
         );
-        // redis-rs itself prints its I/O cause and also gives it as its source; the bus's
-        // error adds nothing to that.
+        // redis-rs itself prints its I/O cause and also gives it as its source.
         let redis_alone = redis::RedisError::from(refused());
-        let expected = report(redis_alone).matches("refused by peer").count();
-        let report = report(error);
-        assert!(
-            report.starts_with("redis error while publishing"),
-            "{report}"
-        );
+        assert_eq!(report(redis_alone).matches("refused by peer").count(), 2);
+        let text = report(error);
         assert_eq!(
-            report.matches("refused by peer").count(),
-            expected,
-            "{report}"
+            text,
+            "redis error while publishing to stream `user.created`: refused by peer"
+        );
+        let Error::Redis { source, .. } = Error::redis("pinging", refused().into()) else {
+            unreachable!("a redis error")
+        };
+        assert!(
+            source.is_connection_refusal(),
+            "derefs to the redis-rs error"
         );
     }
 }

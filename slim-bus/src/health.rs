@@ -173,8 +173,10 @@ pub struct StreamHealth {
     /// Entries of this consumer whose move to the dead-letter stream failed and is being
     /// tried again (their handler is not run again); zero when not listening.
     pub dead_letter_moves_failing: u64,
-    /// Why the stream is not being consumed (its key holds another Redis type), or why
-    /// its state could not be read just now; `None` when all is well. When set, the
+    /// Why the stream is not being consumed (its key holds another Redis type), why
+    /// its state could not be read just now, or, while `dead_letter_moves_failing` is not
+    /// zero, the error of the last failed move (naming the dead-letter key, e.g. a
+    /// `NOPERM`); `None` when all is well. When set, the
     /// counts above are those known, zero where none could be read.
     pub error: Option<String>,
 }
@@ -436,6 +438,8 @@ mod tests {
                     "dead_letter_moves_failing": 0,
                     "error": null,
                 }],
+                "waiting_for": null,
+                "last_error": null,
             })
         );
     }

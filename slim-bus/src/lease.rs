@@ -168,6 +168,11 @@ fn escape_key_part(name: &str) -> std::borrow::Cow<'_, str> {
     escaped.into()
 }
 
+/// A holder without its token: `pid 1234 on host-a`.
+fn describe(holder: &str) -> &str {
+    holder.split_once(' ').map_or(holder, |(_, rest)| rest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::lease_key;
@@ -183,9 +188,4 @@ mod tests {
         assert_eq!(lease_key("a", "b:c"), r"slim-bus:consumer:a:b\:c");
         assert_ne!(lease_key("a\\", ":b"), lease_key("a\\:", "b"));
     }
-}
-
-/// A holder without its token: `pid 1234 on host-a`.
-fn describe(holder: &str) -> &str {
-    holder.split_once(' ').map_or(holder, |(_, rest)| rest)
 }

@@ -36,7 +36,9 @@ pub use crate::config::{EventBusConfig, StartFrom};
 pub use crate::context::Context;
 pub use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetters};
 pub use crate::emit::Emit;
-pub use crate::error::{BoxError, DecodeError, Error, HandlerError, InvalidSetting, Result, Retry};
+pub use crate::error::{
+    BoxError, DecodeError, Error, HandlerError, InvalidSetting, RedisSource, Result, Retry,
+};
 pub use crate::event::{EntryId, Event, ParseEntryIdError};
 pub use crate::handler::{HandlerCall, Handlers, StreamHandler, StreamService};
 pub use crate::headers::Headers;

@@ -215,4 +215,135 @@ async fn a_wrong_password_fails_listen_and_a_publish_at_once_naming_the_redacted
     assert!(report.contains(&redacted), "{report}");
     assert!(report.contains("AuthenticationFailed"), "{report}");
     assert!(!report.contains("not-the-secret"), "{report}");
+    assert!(report.contains("WRONGPASS"), "{report}");
+    assert!(report.contains("nothing was written"), "{report}");
+    // Each cause once.
+    assert_eq!(
+        report.matches("invalid username-password pair").count(),
+        1,
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_move_refused_by_acl_shows_in_health_naming_the_key() {
+    let server = start_server().await;
+    create_user(&server, "mailer", "mailer-secret", CONSUMER_RULE).await;
+    let (handler, mut seen) =
+        Scripted::new(|_: UserCreated, _| async { Err(HandlerError::permanent("bad")) });
+    let consumer = within(
+        "build",
+        STEP,
+        EventBus::builder()
+            .url(url(&server, "mailer", "mailer-secret"))
+            .consumer_group("mailer")
+            .block_time(Duration::from_millis(200))
+            // A move that keeps failing holds the shutdown for the grace.
+            .shutdown_grace(Duration::from_millis(500))
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, consumer.listen()).await.unwrap();
+    // Taken away after listen() checked it: the user may read the dead letters (health
+    // counts them), not write them.
+    create_user(
+        &server,
+        "mailer",
+        "mailer-secret",
+        "resetkeys ~user.created %R~{user.created}:* ~slim-bus:consumer:mailer:*",
+    )
+    .await;
+    within("publish", STEP, consumer.publish(&user(1)))
+        .await
+        .unwrap();
+    recv(&mut seen, "the failing attempt").await;
+    let stream = within("health to show the failing move", STEP, async {
+        loop {
+            let health = consumer.health().await;
+            if let Some(stream) = health
+                .streams
+                .into_iter()
+                .find(|s| s.error.is_some() && s.dead_letter_moves_failing > 0)
+            {
+                return stream;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(stream.dead_letter_moves_failing, 1, "{stream:?}");
+    let error = stream.error.unwrap_or_default();
+    assert!(error.contains("`{user.created}:dlq`"), "{error}");
+    assert!(error.to_lowercase().contains("noperm"), "{error}");
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_lacking_a_claim_or_dead_letter_permission_fails_listen_naming_it() {
+    let server = start_server().await;
+    let cases = [
+        (
+            "no-xautoclaim",
+            CONSUMER_RULE.replace(" +xautoclaim", ""),
+            "XAUTOCLAIM on key `user.created`",
+        ),
+        // The consumer-name lease, taken first, is a script too.
+        (
+            "no-evalsha",
+            CONSUMER_RULE.replace(" +evalsha", ""),
+            "`slim-bus:consumer:mailer:no-evalsha`",
+        ),
+        (
+            "no-dlq-writes",
+            CONSUMER_RULE.replace(" ~{user.created}:*", " %R~{user.created}:*"),
+            "XADD on key `{user.created}:dlq`",
+        ),
+    ];
+    for (name, rule, named) in cases {
+        create_user(&server, name, "secret", &rule).await;
+        let (handler, _seen) = Scripted::new(|_: UserCreated, _| async { Ok(()) });
+        let consumer = within(
+            "build",
+            STEP,
+            EventBus::builder()
+                .url(url(&server, name, "secret"))
+                .consumer_group("mailer")
+                .consumer_name(name)
+                .block_time(Duration::from_millis(200))
+                .handler(handler)
+                .build(),
+        )
+        .await
+        .unwrap();
+        // A missing permission is not something waiting for Redis fixes.
+        let error = within("listen", STEP, consumer.listen())
+            .await
+            .expect_err("a consumer lacking a permission fails listen()");
+        let report = format!("{:#}", anyhow::Error::new(error));
+        assert!(report.contains(named), "{name}: {report}");
+        assert!(report.to_lowercase().contains("noperm"), "{name}: {report}");
+    }
+    // XCLAIM, which claims send too, checked the same way.
+    let rule = CONSUMER_RULE.replace(" +xclaim", "");
+    create_user(&server, "no-xclaim", "secret", &rule).await;
+    let (handler, _seen) = Scripted::new(|_: UserCreated, _| async { Ok(()) });
+    let consumer = within(
+        "build",
+        STEP,
+        EventBus::builder()
+            .url(url(&server, "no-xclaim", "secret"))
+            .consumer_group("mailer")
+            .consumer_name("no-xclaim")
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let error = within("listen", STEP, consumer.listen())
+        .await
+        .expect_err("a consumer that may not XCLAIM fails listen()");
+    let report = format!("{:#}", anyhow::Error::new(error));
+    assert!(report.contains("XCLAIM on key `user.created`"), "{report}");
 }

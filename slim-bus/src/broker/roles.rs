@@ -265,6 +265,17 @@ pub(crate) trait Broker:
     /// Fails with [`Error::UnsupportedServer`](crate::Error::UnsupportedServer) when the
     /// server runs a Redis older than [`MIN_REDIS_VERSION`](super::MIN_REDIS_VERSION).
     async fn check_version(&self) -> Result<()>;
+
+    /// Fails, naming the command and the key, when the server's ACL refuses this user a
+    /// command the bus sends later on `stream` (claims) or `dead_letters` (moves); checked
+    /// by commands without effect.
+    async fn check_permissions(
+        &self,
+        stream: &str,
+        dead_letters: &str,
+        group: &str,
+        consumer: &str,
+    ) -> Result<()>;
 }
 
 /// Who has a lease, after [`Leases::hold_lease`].

@@ -227,8 +227,11 @@ impl EventBusBuilder {
 
     /// Whether [`EventBus::listen`] waits for Redis when it does not answer (default
     /// `true`): it retries with backoff, one log line per step, until Redis answers, and
-    /// can be cancelled by dropping it ([`EventBus::run_until`]'s signal does). With
-    /// `false`, `listen()` fails at once with the connection error.
+    /// can be cancelled by dropping it ([`EventBus::run_until`]'s signal does); meanwhile
+    /// [`EventBus::health`] shows `waiting_for` and `last_error`. Only a server that does
+    /// not answer or is loading its data is waited for: refused credentials and a
+    /// rejected TLS handshake fail `listen()` at once. With `false`, `listen()` fails at
+    /// once with the connection error.
     pub fn wait_for_redis(mut self, wait: bool) -> Self {
         self.config.wait_for_redis = wait;
         self
@@ -453,7 +456,7 @@ impl EventBusBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] naming an invalid setting (a URL that is not a Redis URL or uses
+    /// [`Error::Config`] naming every invalid setting (a URL that is not a Redis URL or uses
     /// an unsupported scheme included, and a stream whose partition count the bus and a
     /// handler's event type disagree on), [`Error::DuplicateHandler`],
     /// [`Error::NoHandlerStream`] and [`Error::EmptyStream`].

@@ -133,8 +133,11 @@ impl EventBus {
     /// consumer name (see [`consumer_lease_ttl`](EventBusBuilder::consumer_lease_ttl)),
     /// and startup errors: Redis
     /// unreachable (only with [`wait_for_redis`](EventBusBuilder::wait_for_redis) off;
-    /// by default `listen()` waits for it), refused credentials, a server older than
-    /// Redis 7.0 ([`Error::UnsupportedServer`]), or every
+    /// by default `listen()` waits for it, and [`health`](Self::health) says so in
+    /// [`Health::waiting_for`]), refused credentials (at once, naming the URL with its
+    /// password hidden), a rejected TLS handshake, a command the user's ACL refuses on a
+    /// stream or its dead-letter stream (naming the command and the key), a server older
+    /// than Redis 7.0 ([`Error::UnsupportedServer`]), or every
     /// stream key holding another type ([`Error::WrongType`]). When
     /// only some do, those streams are set aside (see [`StreamHealth::error`]) and the
     /// others are consumed.
@@ -239,7 +242,10 @@ impl EventBus {
             let attempt = async {
                 self.inner.broker.check_version().await?;
                 lease.acquire(&self.inner.startup_wait).await?;
-                let prepared = consumer.prepare().await;
+                let prepared = match consumer.prepare().await {
+                    Ok(()) => self.check_permissions(consumer).await,
+                    Err(error) => Err(error),
+                };
                 if prepared.is_err() {
                     lease.release().await;
                 }
@@ -263,6 +269,26 @@ impl EventBus {
                 other => return other,
             }
         }
+    }
+
+    /// Checks that the server lets this user run, on every stream consumed, the commands
+    /// the claim scan and the dead-letter move send (see the README's "Redis ACL").
+    async fn check_permissions(&self, consumer: &Consumer) -> Result<()> {
+        for (index, route) in self.inner.routes.iter().enumerate() {
+            if self.inner.set_aside.is_set(index) {
+                continue;
+            }
+            self.inner
+                .broker
+                .check_permissions(
+                    &route.stream,
+                    &route.dead_letters,
+                    &consumer.group,
+                    &consumer.consumer,
+                )
+                .await?;
+        }
+        Ok(())
     }
 
     /// Logs a warning for each partitioned stream this bus handles whose partitions beyond
@@ -422,6 +448,11 @@ impl EventBus {
                         }
                         Err(error) => health.error = Some(crate::error::report(&error)),
                     }
+                }
+                if health.error.is_none() {
+                    // A dead-letter move that keeps failing (a missing permission on the
+                    // dead-letter key, a key of another type) needs an operator too.
+                    health.error = route.state.dead_letter_move_error();
                 }
                 telemetry::stream_gauges(&health, group);
                 streams.push(health);

@@ -108,6 +108,12 @@ impl Acker {
             }
             match self.broker.ack(&self.group, &self.batch).await {
                 Ok(()) => {
+                    if backoff.attempts() > 0 {
+                        tracing::info!(
+                            failed_attempts = backoff.attempts(),
+                            "acknowledging works again after a failure"
+                        );
+                    }
                     backoff.reset();
                     for (_, ids) in &mut self.batch {
                         ids.clear();
@@ -125,7 +131,13 @@ impl Acker {
                         return;
                     }
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = &error as &dyn std::error::Error, pending, retry_in = ?delay, "acknowledging failed; will retry");
+                    // As the reader does: the first failure at WARN, the next ones at
+                    // DEBUG until an acknowledgement goes through (one INFO line then).
+                    if backoff.attempts() == 1 {
+                        tracing::warn!(error = &error as &dyn std::error::Error, pending, retry_in = ?delay, "acknowledging failed; will retry, further failures at DEBUG until it works again");
+                    } else {
+                        tracing::debug!(error = &error as &dyn std::error::Error, pending, attempt = backoff.attempts(), retry_in = ?delay, "acknowledging failed again");
+                    }
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = close.cancelled(), if closed_at.is_none() => {

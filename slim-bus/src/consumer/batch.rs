@@ -141,11 +141,19 @@ async fn run_batch(
             metrics.finished(took, metric_outcome(&outcome));
             settled.push((outcome, attempt));
         }
-        join_all(
-            settled
-                .into_iter()
-                .map(|(outcome, attempt)| task.conclude(outcome, started, attempt)),
-        )
+        join_all(settled.into_iter().map(|(outcome, attempt)| {
+            // Each entry settles in a span of its own inside the batch's, so that
+            // its retry or dead-letter lines carry its id.
+            let span = spans::process_span(
+                shared.span_level,
+                &route.stream,
+                &shared.group,
+                &shared.consumer,
+                attempt.id,
+                attempt.delivery_count,
+            );
+            task.conclude(outcome, started, attempt).instrument(span)
+        }))
         .await;
     }
     .instrument(span)

@@ -571,6 +571,7 @@ impl Task<'_> {
                         failing = true;
                         self.state().add_failing_move();
                     }
+                    self.state().move_failed(report(&move_error));
                     let delay = backoff.next_delay();
                     tracing::warn!(stream, entry_id = %id, %reason, attempt = backoff.attempts(), error = &move_error as &dyn std::error::Error, retry_in = ?delay, "moving the entry to its dead-letter stream failed; will try the move again");
                     tokio::select! {

@@ -762,8 +762,14 @@ impl Reader<'_> {
             _ => {}
         }
         let delay = self.backoff.next_delay();
-        // One line per backoff step: a lasting outage logs at a bounded rate.
-        tracing::warn!(error = &error as &dyn std::error::Error, attempt = self.backoff.attempts(), retry_in = ?delay, "redis command failed");
+        // The first failure at WARN, the next ones, until a command succeeds again (one
+        // INFO line then, see `recovered`), at DEBUG: a failover or an outage is a few
+        // lines that say what happened, not one per backoff step.
+        if self.backoff.attempts() == 1 {
+            tracing::warn!(error = &error as &dyn std::error::Error, retry_in = ?delay, "redis command failed; retrying with backoff, further failures at DEBUG until redis answers again");
+        } else {
+            tracing::debug!(error = &error as &dyn std::error::Error, attempt = self.backoff.attempts(), retry_in = ?delay, "redis command failed again");
+        }
         tokio::time::sleep(delay).await;
         Ok(Healed::Retry)
     }

@@ -47,6 +47,8 @@ pub(crate) struct StreamState {
     probe: Mutex<Probe>,
     /// Entries whose dead-letter move failed and is being retried.
     dead_letter_moves_failing: AtomicU64,
+    /// The error of the last failed dead-letter move, while any is being retried.
+    dead_letter_move_error: Mutex<Option<String>>,
     /// Told when reading should resume.
     resumed: Notify,
 }
@@ -187,8 +189,27 @@ impl StreamState {
     }
 
     pub(crate) fn remove_failing_move(&self) {
-        self.dead_letter_moves_failing
-            .fetch_sub(1, Ordering::Relaxed);
+        let mut error = lock(&self.dead_letter_move_error);
+        if self
+            .dead_letter_moves_failing
+            .fetch_sub(1, Ordering::Relaxed)
+            == 1
+        {
+            *error = None;
+        }
+    }
+
+    /// A dead-letter move failed with `error` (with its causes), shown by `health()` while
+    /// moves are failing.
+    pub(crate) fn move_failed(&self, error: String) {
+        *lock(&self.dead_letter_move_error) = Some(error);
+    }
+
+    pub(crate) fn dead_letter_move_error(&self) -> Option<String> {
+        if self.dead_letter_moves_failing() == 0 {
+            return None;
+        }
+        lock(&self.dead_letter_move_error).clone()
     }
 }
 

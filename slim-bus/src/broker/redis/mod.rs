@@ -24,6 +24,7 @@ mod dead_letters;
 mod inspect;
 mod leases;
 mod new_entries;
+mod permissions;
 mod publish;
 mod read;
 mod replies;
@@ -156,6 +157,17 @@ impl Broker for RedisBroker {
             .query_async::<()>(&mut self.commands())
             .await
             .map_err(|e| Error::redis("pinging the server", e))
+    }
+
+    async fn check_permissions(
+        &self,
+        stream: &str,
+        dead_letters: &str,
+        group: &str,
+        consumer: &str,
+    ) -> Result<()> {
+        self.check_permissions_of(stream, dead_letters, group, consumer)
+            .await
     }
 
     async fn check_version(&self) -> Result<()> {

@@ -499,7 +499,7 @@ fn partly_written(stream: &str, error: Error, ids: &[Option<EntryId>]) -> Error 
                 "publishing to stream `{stream}` ({written} of {} entries written before this failure)",
                 ids.len()
             ),
-            source,
+            source.into_inner(),
         ),
         other => other,
     }
