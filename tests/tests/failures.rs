@@ -796,12 +796,6 @@ async fn pending_entries_deleted_from_the_stream_do_not_loop(backend: Backend) {
 async fn claim_and_retry_settings_are_checked() {
     let cases = [
         (
-            "claim_min_idle",
-            EventBus::builder()
-                .handler_timeout(Duration::from_secs(30))
-                .claim_min_idle(Duration::from_secs(30)),
-        ),
-        (
             "claim_interval",
             EventBus::builder().claim_interval(Duration::ZERO),
         ),
@@ -846,16 +840,18 @@ async fn claim_and_retry_settings_are_checked() {
             other => panic!("expected {setting} to be rejected, got {other:?}"),
         }
     }
-    let err = within(
+    // Held entries are kept fresh: a handler may take longer than claim_min_idle.
+    within(
         "build",
         STEP,
         EventBus::builder()
-            .handler_timeout(Duration::from_secs(60))
+            .handler_timeout(Duration::from_secs(300))
+            .claim_min_idle(Duration::from_secs(10))
+            .retry_backoff(Duration::from_secs(1), Duration::from_secs(5))
             .build(),
     )
     .await
-    .unwrap_err();
-    assert!(err.to_string().contains("claimed and run twice"), "{err}");
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
