@@ -31,8 +31,7 @@ use crate::spans;
 use crate::telemetry::{Outcome, StreamMetrics};
 
 /// The longest wait for a retry; longer delays (`retry_after(Duration::MAX)`) are cut to it.
-/// The entry stays pending meanwhile, so the claim scan of any consumer picks it up after
-/// `claim_min_idle` anyway.
+/// The entry stays pending with this consumer, kept fresh, meanwhile.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Starts handler work for batches of deliveries.
