@@ -365,3 +365,40 @@ fn user_fields(seq: u64) -> Vec<(&'static str, &'static [u8])> {
         ("seq", seq.as_bytes()),
     ]
 }
+
+// The in-memory backend only, as above.
+#[tokio::test(start_paused = true)]
+async fn an_entry_whose_retry_claim_lost_its_reply_is_still_retried() {
+    let backend = Backend::memory();
+    let Backend::Memory(broker) = &backend else {
+        unreachable!("a memory backend")
+    };
+    broker.lose_next_reply("XCLAIM");
+    let (handler, mut seen) = Scripted::new(|_: UserCreated, ctx: slim_bus::Context| async move {
+        if ctx.delivery_count() == 1 {
+            return Err(HandlerError::new(std::io::Error::other("once")));
+        }
+        Ok(())
+    });
+    let bus = within(
+        "build",
+        STEP,
+        scanning(&backend, "consumer-1", Duration::from_secs(60))
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    within("publish", STEP, bus.publish(&user(1)))
+        .await
+        .unwrap();
+    recv(&mut seen, "the first delivery").await;
+    // The claim for the retry ran, its reply was lost: the retry is claimed again rather
+    // than taken for another consumer's claim (which would leave it untouched until a
+    // claim scan found it stale, a minute later).
+    let retried = recv(&mut seen, "the retry").await;
+    assert!(retried.delivery_count >= 2);
+    backend.until_nothing_pending("user.created", "tests").await;
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}

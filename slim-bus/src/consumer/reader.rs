@@ -335,6 +335,15 @@ impl Reader<'_> {
                 Ok(())
             }
             Err(error) => {
+                // The claim may have run on the server (its reply lost, or one slot of a
+                // cluster failing): that reset the idle time of the entries it claimed,
+                // and a least idle time measured from before it would find them claimed
+                // by someone else. Measured from now it is no longer than their idle time
+                // either way.
+                let failed_at = Instant::now();
+                for request in &taken {
+                    held_ids.refreshed(request.stream_index, request.id, failed_at);
+                }
                 drop(touching);
                 drop(slots);
                 for mut request in taken {

@@ -226,7 +226,17 @@ impl GroupReading for MemoryConnection {
         requests: &[(Arc<str>, EntryId, Duration)],
     ) -> Result<Vec<Option<EntryFields>>> {
         self.store
-            .command(|state| state.claim_for_retry(group, consumer, requests, Instant::now()))
+            .command(|state| {
+                let claimed = state.claim_for_retry(group, consumer, requests, Instant::now());
+                if claimed
+                    .as_ref()
+                    .is_ok_and(|claimed| claimed.iter().any(Option::is_some))
+                    && state.loses_reply("XCLAIM")
+                {
+                    return Err(lost_reply());
+                }
+                claimed
+            })
             .map_err(|e| {
                 Error::redis(
                     format!("claiming entries for their retry in group `{group}`"),
