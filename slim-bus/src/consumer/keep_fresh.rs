@@ -242,32 +242,44 @@ impl Freshness {
     /// `claim_min_idle` (their delivery counts unchanged), so the next claim scan of any
     /// consumer takes them instead of waiting for them to go stale.
     pub(crate) async fn hand_over(&self) {
-        for (stream_index, stream) in self.streams.iter().enumerate() {
-            let ids = self.ids.take_left(stream_index);
-            if ids.is_empty() {
-                continue;
+        // All streams at once: shutdown waits one command timeout at most, not one per
+        // stream, when Redis does not answer.
+        let streams = self
+            .streams
+            .iter()
+            .enumerate()
+            .map(|(stream_index, stream)| {
+                let ids = self.ids.take_left(stream_index);
+                async move {
+                    if !ids.is_empty() {
+                        self.hand_over_stream(stream, &ids).await;
+                    }
+                }
+            });
+        futures_util::future::join_all(streams).await;
+    }
+
+    async fn hand_over_stream(&self, stream: &str, ids: &[EntryId]) {
+        let handed = tokio::time::timeout(
+            self.command_timeout,
+            self.broker.touch_own(
+                stream,
+                &self.group,
+                &self.consumer,
+                ids,
+                self.claim_min_idle,
+            ),
+        )
+        .await;
+        match handed {
+            Ok(Ok(handed)) => {
+                tracing::info!(stream = %stream, handed_over = handed.len(), "handed the unfinished entries over to the group's next claim scan")
             }
-            let handed = tokio::time::timeout(
-                self.command_timeout,
-                self.broker.touch_own(
-                    stream,
-                    &self.group,
-                    &self.consumer,
-                    &ids,
-                    self.claim_min_idle,
-                ),
-            )
-            .await;
-            match handed {
-                Ok(Ok(handed)) => {
-                    tracing::info!(stream = %stream, handed_over = handed.len(), "handed the unfinished entries over to the group's next claim scan")
-                }
-                Ok(Err(error)) => {
-                    tracing::warn!(stream = %stream, entries = ids.len(), error = &error as &dyn std::error::Error, "handing the unfinished entries over failed; they are claimed after claim_min_idle")
-                }
-                Err(_) => {
-                    tracing::warn!(stream = %stream, entries = ids.len(), "handing the unfinished entries over timed out; they are claimed after claim_min_idle")
-                }
+            Ok(Err(error)) => {
+                tracing::warn!(stream = %stream, entries = ids.len(), error = &error as &dyn std::error::Error, "handing the unfinished entries over failed; they are claimed after claim_min_idle")
+            }
+            Err(_) => {
+                tracing::warn!(stream = %stream, entries = ids.len(), timeout = ?self.command_timeout, "handing the unfinished entries over timed out; they are claimed after claim_min_idle")
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The consumer: reads a group's streams, runs handlers under the concurrency limit and the
 //! handler timeout, acknowledges what succeeded, retries and dead-letters what failed,
-//! claims what dead consumers left, and shuts down without losing work.
+//! claims what dead consumers left, keeps what it holds fresh, and shuts down without
+//! losing work, handing over what it will not finish.
 
 mod ack;
 mod backoff;
