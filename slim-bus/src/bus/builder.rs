@@ -204,8 +204,9 @@ impl EventBusBuilder {
         self
     }
 
-    /// How long an entry must sit with another consumer before this one claims it
-    /// (default 60 s); must exceed the handler timeout.
+    /// How long an entry must sit idle with another consumer before this one claims it
+    /// (default 60 s). A live consumer keeps what it holds fresh, so this may be shorter
+    /// than the handler timeout.
     pub fn claim_min_idle(mut self, min_idle: Duration) -> Self {
         self.config.claim_min_idle = min_idle;
         self
@@ -665,7 +666,7 @@ fn routes(
         }
         let handler_timeout = registration.handler.handler_timeout();
         if let Some(timeout) = handler_timeout {
-            handler_timeout_fits(timeout, registration.handler_name, config)?;
+            handler_timeout_fits(timeout, registration.handler_name)?;
         }
         let handler = match registration.handler {
             RegisteredHandler::One(handler) => {
@@ -690,20 +691,11 @@ fn routes(
 }
 
 /// Checks a handler's own timeout as `build()` checks the bus's.
-fn handler_timeout_fits(timeout: Duration, handler: &str, config: &EventBusConfig) -> Result<()> {
+fn handler_timeout_fits(timeout: Duration, handler: &str) -> Result<()> {
     if timeout.is_zero() {
         return Err(Error::config(
             "handler_timeout",
             format!("of handler `{handler}` must be longer than zero"),
-        ));
-    }
-    if timeout >= config.claim_min_idle {
-        return Err(Error::config(
-            "handler_timeout",
-            format!(
-                "of handler `{handler}` ({timeout:?}) must be shorter than claim_min_idle ({:?}), or entries still being handled would be claimed and run twice",
-                config.claim_min_idle
-            ),
         ));
     }
     Ok(())
