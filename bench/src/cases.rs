@@ -60,10 +60,16 @@ pub(crate) enum Case {
     PublishRawTls,
     /// As `Publish64`, over TLS.
     Publish64Tls,
+    /// A consumer shutting down with handlers longer than its grace and entries waiting
+    /// for a retry, next to a live one: how soon the live one has handled what it held.
+    Handover,
+    /// Handlers running longer than `claim_min_idle` next to a consumer that scans for
+    /// stale entries: how many entries run twice.
+    LongHandlers,
 }
 
 impl Case {
-    pub(crate) const ALL: [Case; 27] = [
+    pub(crate) const ALL: [Case; 29] = [
         Case::Baseline,
         Case::Consume,
         Case::ConsumeObserved,
@@ -91,6 +97,8 @@ impl Case {
         Case::ConsumeTls,
         Case::PublishRawTls,
         Case::Publish64Tls,
+        Case::Handover,
+        Case::LongHandlers,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -122,6 +130,8 @@ impl Case {
             Case::ConsumeTls => "consume-tls",
             Case::PublishRawTls => "publish-raw-tls",
             Case::Publish64Tls => "publish-64-tls",
+            Case::Handover => "handover",
+            Case::LongHandlers => "long-handlers",
         }
     }
 
@@ -159,6 +169,7 @@ impl Case {
                 Case::PublishRawTls,
                 Case::Publish64Tls,
             ],
+            "holding" => &[Case::Handover, Case::LongHandlers],
             // With the cases its rows are compared with.
             "cluster" => &[Case::Baseline, Case::Compete, Case::CompeteCluster],
             _ => {
@@ -201,6 +212,8 @@ pub(crate) struct Sizes {
     pub(crate) rss_backlog: u64,
     /// Backlog of each run of `compete` and `compete-cluster`, over all partitions.
     pub(crate) compete: u64,
+    /// Entries the leaving consumer of `handover` holds, and the entries of `long-handlers`.
+    pub(crate) holding: u64,
 }
 
 impl Sizes {
@@ -217,6 +230,7 @@ impl Sizes {
         rss: 200_000,
         rss_backlog: 1_000_000,
         compete: 120_000,
+        holding: 256,
     };
 
     /// `--quick`: a tenth of the full sizes, for a run of well under a minute.
@@ -232,6 +246,7 @@ impl Sizes {
         rss: 20_000,
         rss_backlog: 100_000,
         compete: 12_000,
+        holding: 64,
     };
 
     /// The test-mode run (`cargo test`, nextest): checks that every case still works.
@@ -247,6 +262,7 @@ impl Sizes {
         rss: 2_000,
         rss_backlog: 10_000,
         compete: 1_200,
+        holding: 16,
     };
 }
 
@@ -256,6 +272,8 @@ pub(crate) enum Unit {
     EntriesPerSec,
     Micros,
     MiB,
+    /// A number of entries.
+    Entries,
 }
 
 /// A goal from the issue, printed next to the result; never asserted.

@@ -14,6 +14,7 @@ mod bus;
 mod cases;
 mod cli;
 mod compete;
+mod handover;
 mod memory;
 mod observe;
 mod raw;

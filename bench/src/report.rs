@@ -123,6 +123,7 @@ pub(crate) fn format_value(value: f64, unit: Unit) -> String {
         Unit::Micros if value >= 1_000.0 => format!("{:.2} ms", value / 1_000.0),
         Unit::Micros => format!("{value:.0} µs"),
         Unit::MiB => format!("{value:.1} MiB"),
+        Unit::Entries => format!("{value:.0}"),
     }
 }
 

@@ -12,6 +12,7 @@ use crate::bus::{self, ConsumeSettings};
 use crate::cases::{Case, Measurement, Reading, Row, Sizes, Target, Unit, count};
 use crate::cli::{ChildKind, Options};
 use crate::compete::{self, Endpoint};
+use crate::handover;
 use crate::memory;
 use crate::raw::{self, CommandStats, PUBLISH_PIPELINE, READ_COUNT};
 use crate::report::{self, Report};
@@ -671,6 +672,8 @@ impl Suite {
                 memory_case(case, url, conn, &stats, stream, &sizes).await?
             }
             Case::Compete => compete_case(url, conn, stream, &sizes).await?,
+            Case::Handover => handover_case(url, stream, &sizes).await?,
+            Case::LongHandlers => long_handlers_case(url, stream, &sizes).await?,
             Case::CompeteCluster => {
                 let cluster = self
                     .cluster
@@ -680,6 +683,80 @@ impl Suite {
             }
         })
     }
+}
+
+/// The `handover` case: the time from the leaving consumer's shutdown until the live one
+/// has handled what it held, against `claim_interval` (the bound the hand-over aims at)
+/// and `claim_min_idle` (what it took without one).
+async fn handover_case(url: &str, stream: &str, sizes: &Sizes) -> anyhow::Result<CaseRun> {
+    let took = handover::handover(url, stream, sizes.holding).await?;
+    let micros = |d: Duration| d.as_secs_f64() * 1e6;
+    let setting = |id: &str, name: &str, d: Duration| {
+        value(
+            Row::new(
+                format!("handover {id}"),
+                format!("the setting {name} of both consumers"),
+                Unit::Micros,
+            ),
+            micros(d),
+        )
+    };
+    let what = format!(
+        "from shutdown() of a consumer holding {} entries (one in {} waiting for a retry, the others in handlers longer than its {:?} grace) until a live consumer has handled them",
+        sizes.holding,
+        handover::RETRY_EVERY,
+        handover::HANDOVER_GRACE
+    );
+    let row = |id: &str, reference: &str| {
+        Row::new(id.to_owned(), what.clone(), Unit::Micros).vs(format!("handover {reference}"))
+    };
+    Ok(CaseRun::new(vec![
+        setting("claim-interval", "claim_interval", handover::CLAIM_INTERVAL),
+        setting(
+            "claim-min-idle",
+            "claim_min_idle",
+            handover::HANDOVER_CLAIM_MIN_IDLE,
+        ),
+        value(
+            row("handover", "claim-interval").target(Target::RatioAtMost(4.0)),
+            micros(took),
+        ),
+        value(row("handover/min-idle", "claim-min-idle"), micros(took)),
+    ]))
+}
+
+/// The `long-handlers` case: entries whose handler ran twice, and entries Redis delivered
+/// twice, when handlers run longer than `claim_min_idle` next to a scanning consumer.
+async fn long_handlers_case(url: &str, stream: &str, sizes: &Sizes) -> anyhow::Result<CaseRun> {
+    let found = handover::long_handlers(url, stream, sizes.holding).await?;
+    let what = format!(
+        "{} entries, two consumers scanning every {:?}, handlers of {}x claim_min_idle ({:?}), in {:.1} s",
+        sizes.holding,
+        handover::CLAIM_INTERVAL,
+        handover::LONG_HANDLER_FACTOR,
+        handover::LONG_CLAIM_MIN_IDLE,
+        found.elapsed.as_secs_f64()
+    );
+    Ok(CaseRun::new(vec![
+        value(
+            Row::new(
+                "long-handlers run-twice",
+                format!("entries run twice: {what}"),
+                Unit::Entries,
+            )
+            .target(Target::AtMost(0.0)),
+            found.run_twice as f64,
+        ),
+        value(
+            Row::new(
+                "long-handlers claimed",
+                format!("entries delivered more than once: {what}"),
+                Unit::Entries,
+            )
+            .target(Target::AtMost(0.0)),
+            found.claimed as f64,
+        ),
+    ]))
 }
 
 /// The `compete` case: a run with each number of consumer processes, one row each.

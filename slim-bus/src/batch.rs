@@ -94,8 +94,8 @@ pub trait BatchHandler: Send + Sync + 'static {
         None
     }
 
-    /// How long one call may take, when not the bus's `handler_timeout`; shorter than
-    /// `claim_min_idle`.
+    /// How long one call may take, when not the bus's `handler_timeout`; it may be longer
+    /// than `claim_min_idle`, as the bus's may.
     fn handler_timeout(&self) -> Option<Duration> {
         None
     }

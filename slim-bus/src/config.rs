@@ -80,6 +80,8 @@ pub struct EventBusConfig {
     /// The most entries asked for per stream and read.
     pub max_count: usize,
     /// How long one handler call may take before it is cancelled and its entry left pending.
+    /// It may be longer than `claim_min_idle`: the entry of a running handler is kept
+    /// fresh, so no other consumer claims it meanwhile.
     #[serde(with = "humantime_serde")]
     pub handler_timeout: Duration,
     /// The most handler calls running at once, across all streams of the bus.
@@ -105,8 +107,11 @@ pub struct EventBusConfig {
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
     /// How long an entry must sit unacknowledged with another consumer before this one
-    /// claims it, presuming that consumer dead. The retry delays follow it when they are
-    /// not set (see `retry_max`).
+    /// claims it, presuming that consumer dead: about how long the entries of a crashed
+    /// consumer wait (plus up to `claim_interval`). A live consumer keeps what it holds
+    /// fresh (every third of this, one `XCLAIM ... JUSTID` per stream), however long its
+    /// handlers or dead-letter moves take, so this need not exceed `handler_timeout`. The
+    /// retry delays follow it when they are not set (see `retry_max`).
     #[serde(with = "humantime_serde")]
     pub claim_min_idle: Duration,
     /// How often the bus looks for entries to claim from dead consumers.

@@ -178,7 +178,7 @@ pub trait StreamHandler: Send + Sync + 'static {
     }
 
     /// How long one call of this handler may take, when not the bus's `handler_timeout`.
-    /// Like the bus's, it must be shorter than `claim_min_idle`.
+    /// Like the bus's, it may be longer than `claim_min_idle`.
     fn handler_timeout(&self) -> Option<Duration> {
         None
     }

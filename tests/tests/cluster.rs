@@ -638,3 +638,67 @@ async fn keys_derived_from_awkward_stream_names_are_in_the_streams_slot() {
     until_nothing_pending(&cluster, &streams).await;
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_entries_on_three_masters_stay_fresh_and_are_handed_over_at_shutdown() {
+    let cluster = start_cluster().await;
+    let streams = stream_per_master(&cluster).await;
+    let claim_min_idle = Duration::from_millis(300);
+    let leaving = |handler: Scripted<UserCreated>, streams: &[String]| {
+        let mut builder = bus(&cluster)
+            .consumer_name("leaving-pod")
+            .handler_timeout(Duration::from_secs(600))
+            .shutdown_grace(Duration::from_millis(100))
+            .claim_min_idle(claim_min_idle)
+            // Its own scans would claim its entries back to itself: only the other scans.
+            .claim_interval(Duration::from_secs(3600))
+            .retry_backoff(Duration::from_millis(10), Duration::from_millis(100));
+        for stream in streams {
+            builder = builder.handler_on(stream.clone(), handler.clone());
+        }
+        builder
+    };
+    let (hanging, mut started) =
+        Scripted::<UserCreated>::new(|_, _| std::future::pending::<Result<(), HandlerError>>());
+    let leaving = within("build", STEP, leaving(hanging, &streams).build())
+        .await
+        .unwrap();
+    let leaving_bus = leaving;
+    let leaving = within("listen", STEP, leaving_bus.listen()).await.unwrap();
+    for stream in &streams {
+        within("publish", STEP, leaving_bus.publish_to(stream, &user(1)))
+            .await
+            .unwrap();
+    }
+    for _ in &streams {
+        recv(&mut started, "a handler of the leaving consumer").await;
+    }
+
+    let (handler, mut seen) = Record::<UserCreated>::new();
+    let mut staying = bus(&cluster)
+        .consumer_name("staying-pod")
+        .claim_min_idle(claim_min_idle)
+        .claim_interval(Duration::from_millis(50))
+        .retry_backoff(Duration::from_millis(10), Duration::from_millis(100));
+    for stream in &streams {
+        staying = staying.handler_on(stream.clone(), handler.clone());
+    }
+    let staying = within("build", STEP, staying.build()).await.unwrap();
+    let staying = within("listen", STEP, staying.listen()).await.unwrap();
+    // Kept fresh on every master: four times claim_min_idle of scans claim nothing.
+    let claimed = tokio::time::timeout(claim_min_idle * 4, seen.recv()).await;
+    assert!(claimed.is_err(), "a running handler's entry was claimed");
+
+    within("shutdown past the grace period", STEP, leaving.shutdown())
+        .await
+        .unwrap();
+    let mut handed = BTreeSet::new();
+    for _ in &streams {
+        let delivery = recv(&mut seen, "an entry handed over").await;
+        assert_eq!(delivery.consumer, "staying-pod");
+        handed.insert(delivery.stream);
+    }
+    assert_eq!(handed, streams.iter().cloned().collect());
+    until_nothing_pending(&cluster, &streams).await;
+    within("shutdown", STEP, staying.shutdown()).await.unwrap();
+}

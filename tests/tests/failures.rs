@@ -844,6 +844,18 @@ async fn claim_and_retry_settings_are_checked() {
             other => panic!("expected {setting} to be rejected, got {other:?}"),
         }
     }
+    // Held entries are kept fresh: a handler may take longer than claim_min_idle.
+    within(
+        "build",
+        STEP,
+        EventBus::builder()
+            .handler_timeout(Duration::from_secs(300))
+            .claim_min_idle(Duration::from_secs(10))
+            .retry_backoff(Duration::from_secs(1), Duration::from_secs(5))
+            .build(),
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]

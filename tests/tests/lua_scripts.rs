@@ -220,3 +220,81 @@ async fn trim_acked_deletes_at_most_as_many_entries_as_it_is_given_per_call() {
     let left: usize = within("XLEN", STEP, conn.xlen("orders")).await.unwrap();
     assert_eq!(left, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn touch_own_sets_the_idle_time_of_its_own_entries_only_and_keeps_their_counts() {
+    slim_bus_tests::init_tracing();
+    let server = within("redis-server", STEP, RedisServer::start())
+        .await
+        .unwrap();
+    let mut conn = within("connect", STEP, server.connection()).await;
+    let _: () = within(
+        "XGROUP CREATE",
+        STEP,
+        redis::cmd("XGROUP")
+            .arg(&["CREATE", "held", "billing", "0", "MKSTREAM"][..])
+            .query_async(&mut conn),
+    )
+    .await
+    .unwrap();
+    let id: String = within("XADD", STEP, conn.xadd("held", "*", &[("n", "1")]))
+        .await
+        .unwrap();
+    let _: redis::Value = within(
+        "XREADGROUP",
+        STEP,
+        redis::cmd("XREADGROUP")
+            .arg(&["GROUP", "billing", "consumer-1", "STREAMS", "held", ">"][..])
+            .query_async(&mut conn),
+    )
+    .await
+    .unwrap();
+    let pending = async |conn: &mut redis::aio::MultiplexedConnection| {
+        let rows: Vec<(String, String, i64, i64)> = within(
+            "XPENDING",
+            STEP,
+            redis::cmd("XPENDING")
+                .arg(&["held", "billing", "-", "+", "10"][..])
+                .query_async(conn),
+        )
+        .await
+        .unwrap();
+        rows
+    };
+
+    // Another consumer's touch leaves the entry alone: it is never taken back.
+    let other = eval(
+        &server,
+        "touch_own.lua",
+        &["held"],
+        &["billing", "consumer-2", "0", &id],
+    )
+    .await;
+    assert_eq!(other, ["(empty array)"]);
+    assert_eq!(pending(&mut conn).await[0].1, "consumer-1");
+
+    // The hand-over: idle set to claim_min_idle, the delivery count kept.
+    let handed = eval(
+        &server,
+        "touch_own.lua",
+        &["held"],
+        &["billing", "consumer-1", "60000", &id],
+    )
+    .await;
+    assert_eq!(handed, [format!("1) \"{id}\"")]);
+    let row = pending(&mut conn).await.remove(0);
+    assert_eq!((row.1.as_str(), row.3), ("consumer-1", 1));
+    assert!(row.2 >= 60_000, "idle {} ms", row.2);
+
+    // Keeping it fresh: idle back to about zero, still one delivery.
+    eval(
+        &server,
+        "touch_own.lua",
+        &["held"],
+        &["billing", "consumer-1", "0", &id],
+    )
+    .await;
+    let row = pending(&mut conn).await.remove(0);
+    assert!(row.2 < 60_000, "idle {} ms", row.2);
+    assert_eq!(row.3, 1);
+}

@@ -258,3 +258,76 @@ async fn the_lag_gauge_is_nan_once_redis_cannot_tell_the_lag() {
     let lag = total("slim_bus_lag_messages", &consumer);
     assert!(lag.is_nan(), "the lag gauge shows {lag} for an unknown lag");
 }
+
+conformance!(own_entries_found_by_the_claim_scan_are_not_counted_as_claimed_from_others);
+async fn own_entries_found_by_the_claim_scan_are_not_counted_as_claimed_from_others(
+    backend: Backend,
+) {
+    recorder();
+    let (stream, group) = match backend {
+        Backend::Redis(_) => ("claims.redis", "claims-redis"),
+        Backend::Tls(..) => ("claims.tls", "claims-tls"),
+        Backend::Memory(_) => ("claims.memory", "claims-memory"),
+    };
+    let (release, released) = tokio::sync::watch::channel(false);
+    let (handler, mut seen) = Scripted::new(move |event: UserCreated, _| {
+        let mut released = released.clone();
+        async move {
+            if event.seq == 0 {
+                let _ = released.wait_for(|go| *go).await;
+            }
+            Ok(())
+        }
+    });
+    let bus = within(
+        "build",
+        STEP,
+        backend
+            .bus()
+            .consumer_group(group)
+            // One place: while the first entry runs, the bus reads nothing more.
+            .max_concurrent(1)
+            .max_in_flight(1)
+            .claim_min_idle(Duration::from_millis(300))
+            .claim_interval(Duration::from_millis(50))
+            .retry_backoff(Duration::from_millis(10), Duration::from_millis(50))
+            .handler_on(stream, handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    within("publish", STEP, bus.publish_to(stream, &user(0)))
+        .await
+        .unwrap();
+    recv(&mut seen, "the first entry").await;
+    for seq in 1..3 {
+        within("publish", STEP, bus.publish_to(stream, &user(seq)))
+            .await
+            .unwrap();
+    }
+    // Entry 1 pending with this consumer's own name but not held (as after a read whose
+    // reply was lost), entry 2 with a consumer that died.
+    backend
+        .read_as_dead_consumer(stream, group, "consumer-1", 1)
+        .await;
+    backend
+        .read_as_dead_consumer(stream, group, "dead-pod", 1)
+        .await;
+    release.send(true).unwrap();
+    for _ in 0..2 {
+        recv(&mut seen, "a claimed entry").await;
+    }
+    backend.until_nothing_pending(stream, group).await;
+    absorb();
+    let labels = [
+        ("messaging_destination_name", stream),
+        ("messaging_consumer_group_name", group),
+    ];
+    assert_eq!(
+        total("slim_bus_claimed_messages_total", &labels),
+        1.0,
+        "only the dead consumer's entry was claimed from another consumer"
+    );
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}

@@ -127,6 +127,21 @@ pub(crate) trait GroupReading: Send + Sync + 'static {
         requests: &[(Arc<str>, EntryId, Duration)],
     ) -> Result<Vec<Option<EntryFields>>>;
 
+    /// Sets to `idle` the idle time of those of `ids` that are pending with `consumer` on
+    /// `stream`, keeping their delivery counts (`XCLAIM ... IDLE idle JUSTID`), and returns
+    /// them. An id pending with another consumer is left alone, never taken back; one no
+    /// longer pending (or deleted from the stream) is not returned. With `idle` zero it
+    /// keeps held entries from going stale; with `claim_min_idle` it hands them over to the
+    /// next claim scan of any consumer.
+    async fn touch_own(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        ids: &[EntryId],
+        idle: Duration,
+    ) -> Result<Vec<EntryId>>;
+
     /// Atomically removes the consumers of `group` on `stream`, other than `except`, that
     /// have been idle for at least `min_idle` and hold no pending entries; returns their
     /// names.
@@ -319,6 +334,9 @@ pub(crate) struct ClaimPage {
     /// Pending entries the scan found deleted from the stream; Redis dropped them from the
     /// pending list.
     pub(crate) deleted: Vec<EntryId>,
+    /// The claimed entries that were pending with the claiming consumer already: left by
+    /// an earlier run under its name, not taken from another consumer.
+    pub(crate) own: Vec<EntryId>,
 }
 
 /// What became of an attempt to dead-letter an entry.

@@ -203,9 +203,10 @@ impl EventBusBuilder {
         self
     }
 
-    /// How long an entry must sit with another consumer before this one claims it
-    /// (default 60 s). The retry delays follow it unless set: the longest is half of it,
-    /// at most 30 s (see [`retry_backoff`](Self::retry_backoff)).
+    /// How long an entry must sit idle with another consumer before this one claims it
+    /// (default 60 s). A live consumer keeps what it holds fresh, so this may be shorter
+    /// than the handler timeout. The retry delays follow it unless set: the longest is half
+    /// of it, at most 30 s (see [`retry_backoff`](Self::retry_backoff)).
     pub fn claim_min_idle(mut self, min_idle: Duration) -> Self {
         self.config.claim_min_idle = min_idle;
         self

@@ -118,7 +118,9 @@ impl Acker {
                     for (_, ids) in &mut self.batch {
                         ids.clear();
                     }
-                    self.held.clear();
+                    for held in self.held.drain(..) {
+                        held.settle();
+                    }
                 }
                 Err(error) => {
                     let pending = self.pending();

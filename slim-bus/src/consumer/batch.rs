@@ -56,7 +56,7 @@ impl Dispatcher {
                 let batch = std::mem::replace(&mut jobs, rest);
                 self.tasks.spawn(run_batch(
                     self.shared.clone(),
-                    self.abandon.child_token(),
+                    self.abandon.clone(),
                     stream_index,
                     handler.clone(),
                     batch,
@@ -70,11 +70,12 @@ impl Dispatcher {
 /// rest under the timeout, and settles each entry by its own outcome.
 async fn run_batch(
     shared: Arc<DeliveryEnv>,
-    cancellation: CancellationToken,
+    abandon: CancellationToken,
     stream_index: usize,
     handler: Arc<dyn ErasedBatchHandler>,
     jobs: Vec<Job>,
 ) {
+    let cancellation = abandon.child_token();
     let route = &shared.routes[stream_index];
     let span = spans::batch_process_span(
         shared.span_level,
@@ -92,6 +93,7 @@ async fn run_batch(
             shared: &shared,
             stream_index,
             cancellation: cancellation.clone(),
+            abandon: abandon.clone(),
             timed_out: &unused_timer,
             deadline,
             own_timeout: true,
@@ -104,7 +106,6 @@ async fn run_batch(
             let attempt = Attempt {
                 id: delivery.id,
                 delivery_count: delivery.delivery_count,
-                delivered_at: delivery.delivered_at,
                 slot: job.slot,
                 held: job.held,
             };

@@ -32,8 +32,7 @@ use crate::spans;
 use crate::telemetry::{Outcome, StreamMetrics};
 
 /// The longest wait for a retry; longer delays (`retry_after(Duration::MAX)`) are cut to it.
-/// The entry stays pending meanwhile, so the claim scan of any consumer picks it up after
-/// `claim_min_idle` anyway.
+/// The entry stays pending with this consumer, kept fresh, meanwhile.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Starts handler work for batches of deliveries.
@@ -75,7 +74,6 @@ pub(super) struct DeliveryEnv {
 pub(super) struct Attempt {
     pub(super) id: crate::EntryId,
     pub(super) delivery_count: u64,
-    pub(super) delivered_at: Instant,
     pub(super) slot: OwnedSemaphorePermit,
     pub(super) held: Held,
 }
@@ -138,8 +136,11 @@ pub(super) struct Job {
 pub(super) struct Task<'a> {
     pub(super) shared: &'a DeliveryEnv,
     pub(super) stream_index: usize,
-    /// Cancelled when this attempt is abandoned; the handler's context holds it.
+    /// Cancelled when this attempt is abandoned or times out; the handler's context holds it.
     pub(super) cancellation: CancellationToken,
+    /// Cancelled when the grace period of a shutdown is over: what follows the handler (a
+    /// dead-letter move tried again) stops only then, not when the attempt timed out.
+    pub(super) abandon: CancellationToken,
     /// Cancelled when the batch's handler timeout has passed.
     pub(super) timed_out: &'a CancellationToken,
     pub(super) deadline: Instant,
@@ -190,6 +191,7 @@ impl Dispatcher {
                         shared: &shared,
                         stream_index: job.stream_index,
                         cancellation: abandon.child_token(),
+                        abandon: abandon.clone(),
                         timed_out: &timed_out,
                         deadline: own_timeout.map_or(deadline, |timeout| started + timeout),
                         own_timeout: own_timeout.is_some(),
@@ -243,13 +245,11 @@ impl Task<'_> {
     async fn settle(self, delivery: Delivery, slot: OwnedSemaphorePermit, held: Held) {
         let id = delivery.id;
         let delivery_count = delivery.delivery_count;
-        let delivered_at = delivery.delivered_at;
         let started = Instant::now();
         let outcome = self.call(delivery).await;
         let attempt = Attempt {
             id,
             delivery_count,
-            delivered_at,
             slot,
             held,
         };
@@ -266,7 +266,6 @@ impl Task<'_> {
         let Attempt {
             id,
             delivery_count,
-            delivered_at,
             slot,
             held,
         } = attempt;
@@ -292,11 +291,11 @@ impl Task<'_> {
                 } else {
                     dues.forget(broker, self.stream_index, id).await;
                 }
-                self.retry(id, delivery_count, delivered_at, delay, held)
-                    .await;
+                self.retry(id, delivery_count, delay, held).await;
             }
             Verdict::DeadLetter(reason, error) => {
-                self.dead_letter(id, delivery_count, reason, &error).await;
+                self.dead_letter(id, delivery_count, reason, &error, held)
+                    .await;
                 dues.forget(broker, self.stream_index, id).await;
             }
         }
@@ -485,21 +484,13 @@ impl Task<'_> {
         exponential(self.shared.retry_base, self.shared.retry_max, attempt)
     }
 
-    async fn retry(
-        &self,
-        id: crate::EntryId,
-        delivery_count: u64,
-        delivered_at: Instant,
-        delay: Duration,
-        held: Held,
-    ) {
+    async fn retry(&self, id: crate::EntryId, delivery_count: u64, delay: Duration, held: Held) {
         let due = Instant::now() + delay.min(MAX_RETRY_DELAY);
         let request = RetryRequest {
             due,
             stream_index: self.stream_index,
             id,
             delivery_count,
-            delivered_at,
             held,
         };
         if self.shared.retries.send(request).is_err() {
@@ -521,14 +512,16 @@ impl Task<'_> {
     }
 
     /// Moves the entry to its dead-letter stream. A failed move is tried again on a
-    /// backoff, never by running the handler again, until it succeeds or the attempt is
-    /// abandoned at shutdown (the entry then stays pending).
+    /// backoff, never by running the handler again, until it succeeds or the grace period
+    /// of a shutdown is over (the entry then stays pending, handed over). The entry stays
+    /// held meanwhile, kept fresh, so no claim scan runs its handler again.
     async fn dead_letter(
         &self,
         id: crate::EntryId,
         delivery_count: u64,
         reason: DeadLetterReason,
         error: &str,
+        held: Held,
     ) {
         let route = self.route();
         let meta = DeadLetterMeta {
@@ -576,13 +569,16 @@ impl Task<'_> {
                     tracing::warn!(stream, entry_id = %id, %reason, attempt = backoff.attempts(), error = &move_error as &dyn std::error::Error, retry_in = ?delay, "moving the entry to its dead-letter stream failed; will try the move again");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
-                        () = self.cancellation.cancelled() => break None,
+                        () = self.abandon.cancelled() => break None,
                     }
                 }
             }
         };
         if failing {
             self.state().remove_failing_move();
+        }
+        if moved.is_some() {
+            held.settle();
         }
         match moved {
             Some(DeadLetterMove::Moved { trimmed }) => {

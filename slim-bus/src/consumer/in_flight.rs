@@ -6,24 +6,35 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::keep_fresh::HeldId;
 use super::stream_state::StreamState;
 
-/// One entry this consumer holds pending. Dropping it frees its place.
+/// One entry this consumer holds pending. Dropping it frees its place; dropping it without
+/// [`settle`](Held::settle) leaves the entry unfinished, for the hand-over at shutdown.
 #[derive(Debug)]
 pub(crate) struct Held {
     _permit: OwnedSemaphorePermit,
     state: Arc<StreamState>,
+    id: HeldId,
 }
 
 impl Held {
-    /// Holds an entry of the stream of `state` with one permit of the in-flight semaphore.
-    pub(crate) fn new(permit: OwnedSemaphorePermit, state: Arc<StreamState>) -> Self {
+    /// Holds the entry `id` of the stream of `state` with one permit of the in-flight
+    /// semaphore.
+    pub(crate) fn new(permit: OwnedSemaphorePermit, state: Arc<StreamState>, id: HeldId) -> Self {
         debug_assert_eq!(permit.num_permits(), 1);
         state.add_held();
         Held {
             _permit: permit,
             state,
+            id,
         }
+    }
+
+    /// The entry is no longer this consumer's to finish: acknowledged, dead-lettered, or
+    /// found to be another consumer's.
+    pub(crate) fn settle(mut self) {
+        self.id.settle();
     }
 }
 

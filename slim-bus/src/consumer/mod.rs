@@ -1,12 +1,14 @@
 //! The consumer: reads a group's streams, runs handlers under the concurrency limit and the
 //! handler timeout, acknowledges what succeeded, retries and dead-letters what failed,
-//! claims what dead consumers left, and shuts down without losing work.
+//! claims what dead consumers left, keeps what it holds fresh, and shuts down without
+//! losing work, handing over what it will not finish.
 
 mod ack;
 mod backoff;
 mod batch;
 mod dispatch;
 mod in_flight;
+mod keep_fresh;
 mod read_window;
 mod reader;
 mod retention;
@@ -34,6 +36,7 @@ use crate::telemetry::StreamMetrics;
 use self::ack::Acker;
 pub(crate) use self::backoff::Backoff;
 use self::dispatch::{DeliveryEnv, Dispatcher};
+use self::keep_fresh::{Freshness, HeldIds};
 use self::reader::Reader;
 pub(crate) use self::reader::is_refused_access;
 use self::retry::BlockedRead;
@@ -226,7 +229,27 @@ impl Consumer {
             ))
             .abort_handle()
         });
-        let reader = Reader::new(&self, streams, dispatcher, blocked_read, retry_requests);
+        let held_ids = Arc::new(HeldIds::new(streams.len()));
+        let freshness = Arc::new(Freshness {
+            broker: self.broker.clone(),
+            group: self.group.clone(),
+            consumer: self.consumer.clone(),
+            streams: streams.clone(),
+            ids: held_ids.clone(),
+            claim_min_idle: self.claim_min_idle,
+            command_timeout: self.command_timeout,
+        });
+        // Runs until every handler has stopped: a handler running through the grace
+        // period stays fresh, so no other consumer runs its entry meanwhile.
+        let keep_fresh = tokio::spawn(freshness.clone().keep_fresh()).abort_handle();
+        let reader = Reader::new(
+            &self,
+            streams,
+            dispatcher,
+            blocked_read,
+            retry_requests,
+            held_ids,
+        );
         let outcome = tokio::select! {
             outcome = reader.run() => outcome,
             () = shutdown.cancelled() => Ok(()),
@@ -234,8 +257,9 @@ impl Consumer {
         if let Some(retention) = retention {
             retention.abort();
         }
-        // The reader is dropped by now, and with it the entries waiting for a retry: they
-        // stay pending.
+        // The reader is dropped by now, and with it the entries waiting for a retry or a
+        // handler slot: they stay pending, handed over at once to the other consumers.
+        freshness.hand_over().await;
         tracing::info!(group = %self.group, consumer = %self.consumer, running = tasks.len(), "shutting down");
         tasks.close();
         if tokio::time::timeout(self.shutdown_grace, tasks.wait())
@@ -245,7 +269,7 @@ impl Consumer {
             tracing::warn!(
                 running = tasks.len(),
                 grace = ?self.shutdown_grace,
-                "grace period over: abandoning running handlers, their entries stay pending"
+                "grace period over: abandoning running handlers, their entries are handed over"
             );
             abandon.cancel();
             // Abandoned handlers stop at their next await; one that blocks its thread
@@ -271,6 +295,9 @@ impl Consumer {
                 "acknowledgements were not flushed in time; their entries will be delivered again"
             );
         }
+        keep_fresh.abort();
+        // What was abandoned, or not acknowledged in time, goes to the other consumers.
+        freshness.hand_over().await;
         tracing::info!(group = %self.group, consumer = %self.consumer, "stopped");
         outcome
     }

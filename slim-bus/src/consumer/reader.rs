@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::dispatch::{Dispatcher, Job};
 use super::in_flight::{Held, take_free};
+use super::keep_fresh::{HeldId, HeldIds};
 use super::read_window::{self, ReadWindow};
 use super::retry::{BlockedRead, RetryQueue, RetryRequest};
 use super::{Backoff, Consumer, Route, sweep};
@@ -38,11 +39,15 @@ struct ClaimScan {
 }
 
 /// Where the delivery of the entries this consumer held when it last stopped stands: a
-/// page per turn of the read loop, one stream after the other, before any new entry.
+/// page per turn of the read loop, one stream after the other, before any new entry. It
+/// runs again for one stream when a claim or recovery read failed without an answer: the
+/// server may have given this consumer entries whose reply was lost.
 struct Recovery {
     stream_index: usize,
     after: EntryId,
     recovered: usize,
+    /// The streams to go through after this one.
+    then: Vec<usize>,
 }
 
 /// Handler slots and places among the held entries, taken together for one read: one of
@@ -78,6 +83,8 @@ pub(super) struct Reader<'a> {
     /// The highest id delivered to this consumer on each stream since it started: where a
     /// lost group is created again.
     delivered_up_to: Vec<Option<EntryId>>,
+    /// The ids this consumer holds, kept fresh on the server.
+    held_ids: Arc<HeldIds>,
 }
 
 impl<'a> Reader<'a> {
@@ -87,6 +94,7 @@ impl<'a> Reader<'a> {
         dispatcher: Dispatcher,
         blocked_read: Arc<BlockedRead>,
         retry_requests: mpsc::UnboundedReceiver<RetryRequest>,
+        held_ids: Arc<HeldIds>,
     ) -> Self {
         Reader {
             consumer,
@@ -101,6 +109,7 @@ impl<'a> Reader<'a> {
                 stream_index: 0,
                 after: EntryId::MIN,
                 recovered: 0,
+                then: (1..streams.len()).collect(),
             }),
             retries: RetryQueue::new(retry_requests),
             window: ReadWindow::new(streams.len()),
@@ -109,6 +118,7 @@ impl<'a> Reader<'a> {
             dispatcher,
             blocked_read,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            held_ids,
         }
     }
 }
@@ -180,6 +190,8 @@ impl Reader<'_> {
                 if self.heal(error).await? == Healed::GroupRecreated {
                     // A new group has no pending entries.
                     self.next_recovery_stream();
+                } else {
+                    self.find_own_pending_again(stream_index);
                 }
                 Ok(())
             }
@@ -233,14 +245,38 @@ impl Reader<'_> {
         if recovery.recovered > 0 {
             tracing::info!(stream = %self.streams[recovery.stream_index], recovered = recovery.recovered, "delivered this consumer's pending entries again");
         }
-        if recovery.stream_index + 1 < self.streams.len() {
-            *recovery = Recovery {
-                stream_index: recovery.stream_index + 1,
-                after: EntryId::MIN,
-                recovered: 0,
-            };
-        } else {
+        if recovery.then.is_empty() {
             self.recovery = None;
+        } else {
+            let next = recovery.then.remove(0);
+            recovery.stream_index = next;
+            recovery.after = EntryId::MIN;
+            recovery.recovered = 0;
+        }
+    }
+
+    /// A claim or a recovery read of stream `stream_index` failed, maybe after the server
+    /// gave this consumer entries in a reply that was lost: they are pending with it, and
+    /// nothing would run them. Its own pending entries of the stream are read again (those
+    /// it holds are skipped) before new entries.
+    fn find_own_pending_again(&mut self, stream_index: usize) {
+        match &mut self.recovery {
+            Some(recovery) if recovery.stream_index == stream_index => {
+                recovery.after = EntryId::MIN;
+            }
+            Some(recovery) => {
+                if !recovery.then.contains(&stream_index) {
+                    recovery.then.push(stream_index);
+                }
+            }
+            None => {
+                self.recovery = Some(Recovery {
+                    stream_index,
+                    after: EntryId::MIN,
+                    recovered: 0,
+                    then: Vec::new(),
+                });
+            }
         }
     }
 
@@ -263,16 +299,43 @@ impl Reader<'_> {
         if taken.is_empty() {
             return Ok(());
         }
+        // A touch of the held entries must not land between the least idle time measured
+        // here and the claim: the claim would find the entry fresher than measured.
+        let held_ids = self.held_ids.clone();
+        let touching = held_ids.touching.lock().await;
         let now = Instant::now();
+        let mut lost = Vec::new();
+        let mut taken_fresh = Vec::with_capacity(taken.len());
+        for request in taken {
+            match held_ids.fresh_since(request.stream_index, request.id) {
+                Some(since) => taken_fresh.push((request, since)),
+                None => lost.push(request),
+            }
+        }
+        for request in lost {
+            tracing::debug!(
+                stream = %self.streams[request.stream_index],
+                entry_id = %request.id,
+                "entry due for retry is no longer pending with this consumer (claimed by another, or deleted); leaving it"
+            );
+            request.held.settle();
+        }
+        let (taken, fresh_since): (Vec<RetryRequest>, Vec<Instant>) =
+            taken_fresh.into_iter().unzip();
+        if taken.is_empty() {
+            return Ok(());
+        }
         let requests: Vec<_> = taken
             .iter()
-            .map(|r| {
+            .zip(&fresh_since)
+            .map(|(r, since)| {
                 (
                     self.streams[r.stream_index].clone(),
                     r.id,
-                    // Claiming with the time since this consumer got the entry as the
-                    // least idle time only succeeds if nobody has claimed it since.
-                    now.saturating_duration_since(r.delivered_at),
+                    // The entry is kept fresh while held: claiming with the time since it
+                    // was last confirmed fresh as the least idle time only succeeds if
+                    // nobody has claimed it since.
+                    now.saturating_duration_since(*since),
                 )
             })
             .collect();
@@ -284,6 +347,7 @@ impl Reader<'_> {
         {
             Ok(claimed) => {
                 self.recovered();
+                let claimed_at = Instant::now();
                 let mut jobs = Vec::with_capacity(taken.len());
                 for (request, fields) in taken.into_iter().zip(claimed) {
                     match fields {
@@ -291,29 +355,43 @@ impl Reader<'_> {
                             let Some(slot) = slots.split(1) else {
                                 unreachable!("no more requests are taken than slots reserved")
                             };
+                            held_ids.refreshed(request.stream_index, request.id, claimed_at);
                             jobs.push(Job {
                                 stream_index: request.stream_index,
                                 delivery: Delivery {
                                     id: request.id,
                                     fields: Some(fields),
                                     delivery_count: request.delivery_count + 1,
-                                    delivered_at: Instant::now(),
+                                    delivered_at: claimed_at,
                                 },
                                 slot,
                                 held: request.held,
                             });
                         }
-                        None => tracing::debug!(
-                            stream = %self.streams[request.stream_index],
-                            entry_id = %request.id,
-                            "entry due for retry was claimed by another consumer or deleted; leaving it"
-                        ),
+                        None => {
+                            tracing::debug!(
+                                stream = %self.streams[request.stream_index],
+                                entry_id = %request.id,
+                                "entry due for retry was claimed by another consumer or deleted; leaving it"
+                            );
+                            request.held.settle();
+                        }
                     }
                 }
                 self.dispatcher.spawn(jobs);
                 Ok(())
             }
             Err(error) => {
+                // The claim may have run on the server (its reply lost, or one slot of a
+                // cluster failing): that reset the idle time of the entries it claimed,
+                // and a least idle time measured from before it would find them claimed
+                // by someone else. Measured from now it is no longer than their idle time
+                // either way.
+                let failed_at = Instant::now();
+                for request in &taken {
+                    held_ids.refreshed(request.stream_index, request.id, failed_at);
+                }
+                drop(touching);
                 drop(slots);
                 for mut request in taken {
                     request.due = Instant::now();
@@ -390,11 +468,28 @@ impl Reader<'_> {
                         "pending entries were deleted from the stream; dropped them from the pending list"
                     );
                 }
-                if !page.deliveries.is_empty() {
-                    tracing::info!(stream = %stream, claimed = page.deliveries.len(), "claimed entries from stopped consumers");
-                    telemetry::claimed(&stream, &c.group, page.deliveries.len());
+                // An entry this consumer holds went stale (its process stalled for longer
+                // than claim_min_idle): it is running or settling here already, and must
+                // not run a second time. Others of its own were left by an earlier run
+                // under its name.
+                let deliveries: Vec<Delivery> = page
+                    .deliveries
+                    .into_iter()
+                    .filter(|d| !self.held_ids.is_held(stream_index, d.id))
+                    .collect();
+                let own = deliveries
+                    .iter()
+                    .filter(|d| page.own.contains(&d.id))
+                    .count();
+                let from_others = deliveries.len() - own;
+                if own > 0 {
+                    tracing::info!(stream = %stream, recovered = own, "claimed entries this consumer left pending in an earlier run");
                 }
-                self.dispatch(stream_index, page.deliveries, &mut reservation)
+                if from_others > 0 {
+                    tracing::info!(stream = %stream, claimed = from_others, "claimed entries from stopped consumers");
+                    telemetry::claimed(&stream, &c.group, from_others);
+                }
+                self.dispatch(stream_index, deliveries, &mut reservation)
                     .await;
                 if page.next_cursor == EntryId::MIN {
                     // A claim pass over the stream is done: what is left of stopped
@@ -415,7 +510,10 @@ impl Reader<'_> {
                 drop(reservation);
                 // Try again at the next interval, not on every turn of the loop.
                 self.claims.next_at = Instant::now() + c.claim_interval;
-                self.heal(error).await.map(drop)
+                if self.heal(error).await? == Healed::Retry {
+                    self.find_own_pending_again(stream_index);
+                }
+                Ok(())
             }
         }
     }
@@ -690,6 +788,17 @@ impl Reader<'_> {
         }
         let mut jobs = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
+            let Some(id) = HeldId::register(
+                &self.held_ids,
+                stream_index,
+                delivery.id,
+                delivery.delivered_at,
+            ) else {
+                // Delivered again while this consumer works on it (a recovery read of its
+                // own pending entries): one entry, one run.
+                tracing::debug!(stream = %self.streams[stream_index], entry_id = %delivery.id, "entry delivered again while held; not running it a second time");
+                continue;
+            };
             let Some(place) = reservation.places.split(1) else {
                 tracing::error!(stream = %self.streams[stream_index], entry_id = %delivery.id, "the server returned more entries than were asked for; leaving this one pending");
                 continue;
@@ -705,7 +814,7 @@ impl Reader<'_> {
                 stream_index,
                 delivery,
                 slot,
-                held: Held::new(place, state.clone()),
+                held: Held::new(place, state.clone(), id),
             });
         }
         self.dispatcher.spawn(jobs);

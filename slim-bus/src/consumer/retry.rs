@@ -20,8 +20,6 @@ pub(crate) struct RetryRequest {
     pub(crate) id: EntryId,
     /// The delivery count of the attempt that failed.
     pub(crate) delivery_count: u64,
-    /// When this consumer got the entry for that attempt.
-    pub(crate) delivered_at: Instant,
     /// The entry's place among those this consumer holds.
     pub(crate) held: Held,
 }
@@ -136,6 +134,7 @@ mod tests {
     use tokio::sync::Semaphore;
 
     use super::*;
+    use crate::consumer::keep_fresh::{HeldId, HeldIds};
 
     fn request(due: Instant, seq: u64) -> RetryRequest {
         let permit = Arc::new(Semaphore::new(1))
@@ -146,8 +145,12 @@ mod tests {
             stream_index: 0,
             id: EntryId::new(1, seq),
             delivery_count: 1,
-            delivered_at: due,
-            held: Held::new(permit, Arc::default()),
+            held: Held::new(
+                permit,
+                Arc::default(),
+                HeldId::register(&Arc::new(HeldIds::new(1)), 0, EntryId::new(1, seq), due)
+                    .expect("a fresh registry holds nothing"),
+            ),
         }
     }
 

@@ -61,6 +61,15 @@ impl<E> Record<E> {
     }
 }
 
+/// One handler for several streams, all reporting on one channel.
+impl<E> Clone for Record<E> {
+    fn clone(&self) -> Self {
+        Record {
+            seen: self.seen.clone(),
+        }
+    }
+}
+
 #[slim_bus::async_trait]
 impl<E: slim_bus::Event + Clone> StreamHandler for Record<E> {
     type Event = E;
@@ -185,6 +194,17 @@ impl<E: slim_bus::Event + Clone> Scripted<E> {
     pub fn max_deliveries(mut self, max: u64) -> Self {
         self.max_deliveries = Some(max);
         self
+    }
+}
+
+/// One behaviour for several streams, all reporting on one channel.
+impl<E> Clone for Scripted<E> {
+    fn clone(&self) -> Self {
+        Scripted {
+            seen: self.seen.clone(),
+            behaviour: self.behaviour.clone(),
+            max_deliveries: self.max_deliveries,
+        }
     }
 }
 

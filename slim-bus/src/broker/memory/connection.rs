@@ -177,11 +177,19 @@ impl GroupReading for MemoryConnection {
         after: EntryId,
         count: usize,
     ) -> Result<Vec<Delivery>> {
+        let action = || format!("reading pending entries of stream `{stream}`");
         self.store
             .command(|state| {
-                state.read_own_pending(stream, group, consumer, after, count, Instant::now())
+                let read =
+                    state.read_own_pending(stream, group, consumer, after, count, Instant::now());
+                if read.as_ref().is_ok_and(|read| !read.is_empty())
+                    && state.loses_reply("XREADGROUP")
+                {
+                    return Err(lost_reply());
+                }
+                read
             })
-            .map_err(|e| Error::redis(format!("reading pending entries of stream `{stream}`"), e))
+            .map_err(|e| Error::redis(action(), e))
     }
 
     async fn ack(&self, group: &str, acks: &[(Arc<str>, Vec<EntryId>)]) -> Result<()> {
@@ -204,7 +212,7 @@ impl GroupReading for MemoryConnection {
     ) -> Result<ClaimPage> {
         self.store
             .command(|state| {
-                state.claim_stale(
+                let page = state.claim_stale(
                     stream,
                     group,
                     consumer,
@@ -212,7 +220,13 @@ impl GroupReading for MemoryConnection {
                     cursor,
                     count,
                     Instant::now(),
-                )
+                );
+                if page.as_ref().is_ok_and(|page| !page.deliveries.is_empty())
+                    && state.loses_reply("XAUTOCLAIM")
+                {
+                    return Err(lost_reply());
+                }
+                page
             })
             .map_err(|e| Error::redis(format!("claiming stale entries of stream `{stream}`"), e))
     }
@@ -224,10 +238,38 @@ impl GroupReading for MemoryConnection {
         requests: &[(Arc<str>, EntryId, Duration)],
     ) -> Result<Vec<Option<EntryFields>>> {
         self.store
-            .command(|state| state.claim_for_retry(group, consumer, requests, Instant::now()))
+            .command(|state| {
+                let claimed = state.claim_for_retry(group, consumer, requests, Instant::now());
+                if claimed
+                    .as_ref()
+                    .is_ok_and(|claimed| claimed.iter().any(Option::is_some))
+                    && state.loses_reply("XCLAIM")
+                {
+                    return Err(lost_reply());
+                }
+                claimed
+            })
             .map_err(|e| {
                 Error::redis(
                     format!("claiming entries for their retry in group `{group}`"),
+                    e,
+                )
+            })
+    }
+
+    async fn touch_own(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        ids: &[EntryId],
+        idle: Duration,
+    ) -> Result<Vec<EntryId>> {
+        self.store
+            .command(|state| state.touch_own(stream, group, consumer, ids, idle, Instant::now()))
+            .map_err(|e| {
+                Error::redis(
+                    format!("keeping the held entries of stream `{stream}` fresh"),
                     e,
                 )
             })
@@ -284,6 +326,14 @@ impl GroupReading for MemoryConnection {
             .store
             .command(|state| state.trim_acked(stream, max_entries)))
     }
+}
+
+/// What a command whose reply was lost fails with: a timeout, as on Redis.
+fn lost_reply() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "the reply was lost (MemoryBroker::lose_next_reply)",
+    ))
 }
 
 #[async_trait]

@@ -195,6 +195,7 @@ impl State {
             deliveries: Vec::new(),
             next_cursor: EntryId::MIN,
             deleted: Vec::new(),
+            own: Vec::new(),
         };
         let mut attempts = count.saturating_mul(AUTOCLAIM_ATTEMPTS_PER_COUNT);
         let mut remaining = count;
@@ -229,6 +230,9 @@ impl State {
             if !min_idle.is_zero() && now.saturating_duration_since(nack.delivered_at) < min_idle {
                 continue;
             }
+            if nack.consumer == consumer {
+                page.own.push(id);
+            }
             nack.consumer = consumer.clone();
             nack.delivered_at = now;
             nack.delivery_count += 1;
@@ -240,6 +244,39 @@ impl State {
             });
             remaining -= 1;
         }
+    }
+
+    /// The `touch_own` script: sets to `idle` the idle time of those of `ids` pending with
+    /// `consumer`, keeping their delivery counts; drops deleted entries from the pending
+    /// list, as `XCLAIM` does. Returns the ids touched.
+    pub(super) fn touch_own(
+        &mut self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        ids: &[EntryId],
+        idle: Duration,
+        now: Instant,
+    ) -> Result<Vec<EntryId>, redis::RedisError> {
+        let (entries, group) = self.locate(stream, group, "XPENDING")?;
+        let idle = whole_millis(idle);
+        let mut kept = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(nack) = group.pending.get_mut(id) else {
+                continue;
+            };
+            if &*nack.consumer != consumer {
+                continue;
+            }
+            if !entries.contains_key(id) {
+                group.pending.remove(id);
+                continue;
+            }
+            // Early on a paused test clock, `now - idle` may be before the clock's start.
+            nack.delivered_at = now.checked_sub(idle).unwrap_or(now);
+            kept.push(*id);
+        }
+        Ok(kept)
     }
 
     /// `XCLAIM stream group consumer min_idle id` for each request: claims an entry only

@@ -146,6 +146,15 @@ impl MemoryBroker {
         }
     }
 
+    /// Makes the next run of `command` by any bus on this broker that delivers entries take
+    /// effect and then fail as if its reply had been lost (a connection that timed out after the server
+    /// ran the command). Supported: `XAUTOCLAIM` (a claim scan), `XCLAIM` (the claim of
+    /// entries due for their retry) and `XREADGROUP` of a consumer's own pending entries
+    /// (its recovery read). For fault-injection tests.
+    pub fn lose_next_reply(&self, command: &str) {
+        self.lock().lost_replies.push(command.to_ascii_uppercase());
+    }
+
     /// A new, empty broker of its own that refuses what Redis Cluster refuses: a command
     /// or script whose keys are in different hash slots fails with the cluster's
     /// `CROSSSLOT` error. Everything else behaves as in [`new`](Self::new). A test suite

@@ -35,6 +35,22 @@ pub(super) struct State {
     /// Refuse commands and scripts whose keys are in several hash slots, as Redis Cluster
     /// does ([`MemoryBroker::cluster_like`](super::MemoryBroker::cluster_like)).
     pub(super) cluster_like: bool,
+    /// Commands whose next reply is lost after they ran
+    /// ([`MemoryBroker::lose_next_reply`](super::MemoryBroker::lose_next_reply)).
+    pub(super) lost_replies: Vec<String>,
+}
+
+impl State {
+    /// Whether the reply of this run of `command` is to be lost; each loss is used once.
+    pub(super) fn loses_reply(&mut self, command: &str) -> bool {
+        match self.lost_replies.iter().position(|lost| lost == command) {
+            Some(index) => {
+                self.lost_replies.remove(index);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 #[derive(Default)]

@@ -7,7 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::Value;
 
-use super::replies::{parse_autoclaim, parse_entry, parse_pending_counts, parse_read_reply_value};
+use super::replies::{
+    parse_autoclaim, parse_entry, parse_pending_counts, parse_pending_of, parse_read_reply_value,
+};
 use super::{RedisBroker, classify, millis};
 use crate::broker::topology::by_slot;
 use crate::broker::{
@@ -166,24 +168,42 @@ impl GroupReading for RedisBroker {
         count: usize,
     ) -> Result<ClaimPage> {
         let action = || format!("claiming stale entries of stream `{stream}`");
-        let reply: redis::RedisResult<Value> = redis::cmd("XAUTOCLAIM")
+        // XAUTOCLAIM does not say whom it took an entry from: the XPENDING just before it,
+        // in the same round trip, says which of them were this consumer's already (left by
+        // an earlier run under its name), which are not claims from other consumers.
+        let mut pipe = redis::pipe();
+        pipe.cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .arg("IDLE")
+            .arg(millis(min_idle))
+            .arg(cursor)
+            .arg("+")
+            .arg(count);
+        pipe.cmd("XAUTOCLAIM")
             .arg(stream)
             .arg(group)
             .arg(consumer)
             .arg(millis(min_idle))
             .arg(cursor)
             .arg("COUNT")
-            .arg(count)
-            .query_async(&mut self.commands())
-            .await;
-        let reply = match reply {
-            Ok(reply) => reply,
+            .arg(count);
+        let (stale, reply): (Value, Value) = match pipe.query_async(&mut self.commands()).await {
+            Ok(replies) => replies,
             Err(e) => return Err(self.name_type(classify(stream, e, action)).await),
         };
         let mut page = parse_autoclaim(reply).map_err(|detail| Error::UnexpectedReply {
             action: action(),
             detail,
         })?;
+        let own = parse_pending_of(stale, consumer).map_err(|detail| Error::UnexpectedReply {
+            action: action(),
+            detail,
+        })?;
+        page.own = own
+            .into_iter()
+            .filter(|id| page.deliveries.iter().any(|d| d.id == *id))
+            .collect();
         if page.deliveries.is_empty() {
             return Ok(page);
         }
@@ -240,6 +260,39 @@ impl GroupReading for RedisBroker {
             }
         }
         Ok(claimed)
+    }
+
+    async fn touch_own(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        ids: &[EntryId],
+        idle: Duration,
+    ) -> Result<Vec<EntryId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One script per stream: the stream's slot on a cluster, and the check of who
+        // holds each entry atomic with its touch.
+        let mut invocation = self.scripts.touch_own.key(stream);
+        invocation
+            .arg(group)
+            .arg(consumer)
+            .arg(millis(idle))
+            .arg(ids);
+        let action = || format!("keeping the held entries of stream `{stream}` fresh");
+        let kept: Vec<String> = match invocation.invoke_async(&mut self.commands()).await {
+            Ok(kept) => kept,
+            Err(e) => return Err(self.name_type(classify(stream, e, action)).await),
+        };
+        kept.iter()
+            .map(|id| id.parse::<EntryId>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| Error::UnexpectedReply {
+                action: action(),
+                detail: format!("the script returned ids that do not parse: {kept:?}"),
+            })
     }
 
     async fn remove_idle_consumers(

@@ -36,6 +36,7 @@ pub(super) fn parse_autoclaim(reply: Value) -> Result<ClaimPage, String> {
         deliveries,
         next_cursor,
         deleted,
+        own: Vec::new(),
     })
 }
 
@@ -161,6 +162,30 @@ pub(super) fn bytes(value: Value) -> Result<Vec<u8>, String> {
 }
 
 /// Parses the extended `XPENDING` reply into delivery counts by entry id.
+/// The ids among the rows of an `XPENDING` reply that are pending with `consumer`.
+pub(super) fn parse_pending_of(reply: Value, consumer: &str) -> Result<Vec<EntryId>, String> {
+    let Value::Array(rows) = reply else {
+        return Err(format!("XPENDING did not answer an array: {reply:?}"));
+    };
+    let mut own = Vec::new();
+    for row in rows {
+        let Value::Array(row) = row else {
+            return Err("an XPENDING row is not an array".to_owned());
+        };
+        match row.as_slice() {
+            [id, Value::BulkString(name), _idle, _count] => {
+                let id =
+                    entry_id(id).ok_or_else(|| "an XPENDING row has no valid id".to_owned())?;
+                if name.as_slice() == consumer.as_bytes() {
+                    own.push(id);
+                }
+            }
+            _ => return Err(format!("unexpected XPENDING row: {row:?}")),
+        }
+    }
+    Ok(own)
+}
+
 pub(super) fn parse_pending_counts(reply: Value) -> Result<HashMap<EntryId, u64>, String> {
     let Value::Array(rows) = reply else {
         return Err(format!("XPENDING did not answer an array: {reply:?}"));

@@ -10,6 +10,7 @@ pub(super) struct Scripts {
     pub(super) hold_lease: redis::Script,
     pub(super) release_lease: redis::Script,
     pub(super) trim_acked: redis::Script,
+    pub(super) touch_own: redis::Script,
 }
 
 /// The sources, for the scripts and for tests that hold them to the constants in
@@ -20,6 +21,7 @@ pub(crate) const REMOVE_IDLE_CONSUMERS: &str = include_str!("../scripts/remove_i
 pub(crate) const HOLD_LEASE: &str = include_str!("../scripts/hold_lease.lua");
 pub(crate) const RELEASE_LEASE: &str = include_str!("../scripts/release_lease.lua");
 pub(crate) const TRIM_ACKED: &str = include_str!("../scripts/trim_acked.lua");
+pub(crate) const TOUCH_OWN: &str = include_str!("../scripts/touch_own.lua");
 
 impl Scripts {
     pub(super) fn load() -> Self {
@@ -30,6 +32,7 @@ impl Scripts {
             hold_lease: redis::Script::new(HOLD_LEASE),
             release_lease: redis::Script::new(RELEASE_LEASE),
             trim_acked: redis::Script::new(TRIM_ACKED),
+            touch_own: redis::Script::new(TOUCH_OWN),
         }
     }
 }
@@ -63,6 +66,7 @@ mod tests {
             HOLD_LEASE,
             RELEASE_LEASE,
             TRIM_ACKED,
+            TOUCH_OWN,
         ] {
             let header: Vec<&str> = script
                 .lines()

@@ -1,0 +1,28 @@
+-- Sets the idle time of those of the given entries that are pending with the calling
+-- consumer, keeping their delivery counts, and returns their ids. An entry pending with
+-- another consumer is left alone: a plain `XCLAIM` would take it back from the consumer
+-- that claimed it. With an idle time of 0 this keeps held entries from going stale; with
+-- `claim_min_idle` it hands them over to the next claim scan of any consumer.
+--
+-- KEYS[1]  the stream
+-- ARGV[1]  the consumer group
+-- ARGV[2]  the calling consumer
+-- ARGV[3]  the idle time to set, in milliseconds
+-- ARGV[4..] the entry ids
+-- Returns the ids whose idle time was set.
+--
+--   redis-cli --eval touch_own.lua orders , billing consumer-1 0 1700000000000-0
+local kept = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local row = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if row[1] ~= nil and row[1][2] == ARGV[2] then
+    -- `XCLAIM` drops an entry deleted from the stream from the pending list and returns
+    -- nothing for it.
+    local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'IDLE', ARGV[3], 'JUSTID')
+    if claimed[1] ~= nil then
+      kept[#kept + 1] = id
+    end
+  end
+end
+return kept
