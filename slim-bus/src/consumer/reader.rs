@@ -225,14 +225,22 @@ impl Reader<'_> {
                 now_due.push(delivery);
                 continue;
             };
+            let Some(held_id) = HeldId::register(
+                &self.held_ids,
+                stream_index,
+                delivery.id,
+                delivery.delivered_at,
+            ) else {
+                // Held already (a retry of this run): one entry, one run.
+                continue;
+            };
             tracing::debug!(stream = %self.streams[stream_index], entry_id = %delivery.id, retry_in = ?wait, "recovered entry waits for the retry its handler asked for");
             self.retries.push(RetryRequest {
                 due: Instant::now() + wait,
                 stream_index,
                 id: delivery.id,
                 delivery_count: delivery.delivery_count,
-                delivered_at: delivery.delivered_at,
-                held: Held::new(place, state.clone()),
+                held: Held::new(place, state.clone(), held_id),
             });
         }
         now_due

@@ -162,6 +162,7 @@ pub struct Scripted<E> {
     max_deliveries: Option<u64>,
 }
 
+/// One behaviour for several streams, all reporting on one channel.
 impl<E> Clone for Scripted<E> {
     fn clone(&self) -> Self {
         Scripted {
@@ -194,17 +195,6 @@ impl<E: slim_bus::Event + Clone> Scripted<E> {
     pub fn max_deliveries(mut self, max: u64) -> Self {
         self.max_deliveries = Some(max);
         self
-    }
-}
-
-/// One behaviour for several streams, all reporting on one channel.
-impl<E> Clone for Scripted<E> {
-    fn clone(&self) -> Self {
-        Scripted {
-            seen: self.seen.clone(),
-            behaviour: self.behaviour.clone(),
-            max_deliveries: self.max_deliveries,
-        }
     }
 }
 
