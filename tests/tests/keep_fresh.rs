@@ -398,3 +398,58 @@ async fn an_entry_whose_retry_claim_lost_its_reply_is_still_retried() {
     backend.until_nothing_pending("user.created", "tests").await;
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
+
+// Redis only: the test makes a held entry look stale from outside, which the in-memory
+// backend has no command for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_scan_never_runs_an_entry_this_consumer_holds_a_second_time() {
+    let backend = Backend::redis().await;
+    let server = backend.server().unwrap();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let (handler, mut seen) = Scripted::new(move |_: UserCreated, _| {
+        let mut released = released.clone();
+        async move {
+            let _ = released.wait_for(|go| *go).await;
+            Ok::<_, HandlerError>(())
+        }
+    });
+    let bus = within(
+        "build",
+        STEP,
+        scanning(&backend, "consumer-1", Duration::from_secs(10))
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    let id = within("publish", STEP, bus.publish(&user(1)))
+        .await
+        .unwrap();
+    recv(&mut seen, "the handler to start").await;
+    // As if this consumer had stalled for longer than claim_min_idle: its own next claim
+    // scan finds the entry stale while its handler still runs.
+    let mut conn = server.connection().await;
+    let _: redis::Value = within(
+        "XCLAIM ... IDLE",
+        STEP,
+        redis::cmd("XCLAIM")
+            .arg("user.created")
+            .arg("tests")
+            .arg("consumer-1")
+            .arg(0)
+            .arg(id.to_string())
+            .arg("IDLE")
+            .arg(600_000)
+            .arg("JUSTID")
+            .query_async(&mut conn),
+    )
+    .await
+    .unwrap();
+    let again = tokio::time::timeout(Duration::from_millis(500), seen.recv()).await;
+    assert!(again.is_err(), "the entry ran a second time");
+    release.send(true).unwrap();
+    backend.until_nothing_pending("user.created", "tests").await;
+    assert!(seen.try_recv().is_err(), "it ran once");
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
