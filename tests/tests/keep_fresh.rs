@@ -398,3 +398,131 @@ async fn an_entry_whose_retry_claim_lost_its_reply_is_still_retried() {
     backend.until_nothing_pending("user.created", "tests").await;
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
+
+// Redis only: the test makes a held entry look stale from outside, which the in-memory
+// backend has no command for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_scan_never_runs_an_entry_this_consumer_holds_a_second_time() {
+    let backend = Backend::redis().await;
+    let server = backend.server().unwrap();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let (handler, mut seen) = Scripted::new(move |_: UserCreated, _| {
+        let mut released = released.clone();
+        async move {
+            let _ = released.wait_for(|go| *go).await;
+            Ok::<_, HandlerError>(())
+        }
+    });
+    let bus = within(
+        "build",
+        STEP,
+        scanning(&backend, "consumer-1", Duration::from_secs(10))
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    let id = within("publish", STEP, bus.publish(&user(1)))
+        .await
+        .unwrap();
+    recv(&mut seen, "the handler to start").await;
+    // As if this consumer had stalled for longer than claim_min_idle: its own next claim
+    // scan finds the entry stale while its handler still runs.
+    let mut conn = server.connection().await;
+    let _: redis::Value = within(
+        "XCLAIM ... IDLE",
+        STEP,
+        redis::cmd("XCLAIM")
+            .arg("user.created")
+            .arg("tests")
+            .arg("consumer-1")
+            .arg(0)
+            .arg(id.to_string())
+            .arg("IDLE")
+            .arg(600_000)
+            .arg("JUSTID")
+            .query_async(&mut conn),
+    )
+    .await
+    .unwrap();
+    let again = tokio::time::timeout(Duration::from_millis(500), seen.recv()).await;
+    assert!(again.is_err(), "the entry ran a second time");
+    release.send(true).unwrap();
+    backend.until_nothing_pending("user.created", "tests").await;
+    assert!(seen.try_recv().is_err(), "it ran once");
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}
+
+// Redis only: the crashed consumer runs on a runtime of its own, which the test drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_consumers_entries_are_still_claimed_after_claim_min_idle() {
+    let backend = Backend::redis().await;
+    let server = backend.server().unwrap();
+    let claim_min_idle = Duration::from_secs(1);
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let (crash, crashed) = std::sync::mpsc::channel::<()>();
+    let url = server.url();
+    // A consumer whose process dies while its handler runs: its runtime is dropped, and
+    // with it the task that kept its entry fresh. No shutdown, so no hand-over either.
+    let crashing = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.spawn(async move {
+            let (hanging, mut seen) = Scripted::new(|_: UserCreated, _| {
+                std::future::pending::<Result<(), HandlerError>>()
+            });
+            let bus = slim_bus::EventBus::builder()
+                .url(url)
+                .consumer_group("tests")
+                .consumer_name("crashing-pod")
+                .block_time(Duration::from_millis(200))
+                .handler_timeout(Duration::from_secs(600))
+                .claim_min_idle(claim_min_idle)
+                .retry_backoff(Duration::from_millis(10), Duration::from_millis(100))
+                .handler(hanging)
+                .build()
+                .await
+                .unwrap();
+            let listener = bus.listen().await.unwrap();
+            bus.publish(&user(1)).await.unwrap();
+            let first = seen.recv().await.unwrap();
+            let _ = started_tx.send(first.delivery_count);
+            // Listening until the runtime goes: never shut down.
+            std::future::pending::<()>().await;
+            drop(listener);
+        });
+        let _ = crashed.recv_timeout(STEP);
+        runtime.shutdown_background();
+    });
+    assert_eq!(
+        recv(&mut started, "the crashing consumer to start").await,
+        1
+    );
+
+    let (handler, mut seen) = Scripted::new(|_: UserCreated, _| async { Ok(()) });
+    let bus = within(
+        "build",
+        STEP,
+        scanning(&backend, "consumer-1", claim_min_idle)
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    crash.send(()).unwrap();
+    within("the crashing runtime to go", STEP, async {
+        while !crashing.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let delivery = recv(&mut seen, "the crashed consumer's entry").await;
+    assert_eq!((delivery.event.seq, delivery.delivery_count), (1, 2));
+    backend.until_nothing_pending("user.created", "tests").await;
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}

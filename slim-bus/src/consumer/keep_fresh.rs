@@ -92,10 +92,13 @@ impl HeldIds {
             .map(|entry| entry.fresh_since)
     }
 
-    /// A retry claimed the entry again: that reset its idle time.
+    /// A claim or read delivered the held entry to this consumer again (or may have, in a
+    /// reply that was lost), no earlier than `at`: that reset its idle time, and it is
+    /// pending with this consumer.
     pub(crate) fn refreshed(&self, stream_index: usize, id: EntryId, at: Instant) {
         if let Some(entry) = self.stream(stream_index).held.get_mut(&id) {
             entry.fresh_since = at;
+            entry.lost = false;
         }
     }
 

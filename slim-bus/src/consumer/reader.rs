@@ -478,12 +478,19 @@ impl Reader<'_> {
                 }
                 // An entry this consumer holds went stale (its process stalled for longer
                 // than claim_min_idle): it is running or settling here already, and must
-                // not run a second time. Others of its own were left by an earlier run
-                // under its name.
+                // not run a second time; the claim reset its idle time, which a retry
+                // claim measures from. Others of its own were left by an earlier run under
+                // its name.
                 let deliveries: Vec<Delivery> = page
                     .deliveries
                     .into_iter()
-                    .filter(|d| !self.held_ids.is_held(stream_index, d.id))
+                    .filter(|d| {
+                        let held = self.held_ids.is_held(stream_index, d.id);
+                        if held {
+                            self.held_ids.refreshed(stream_index, d.id, d.delivered_at);
+                        }
+                        !held
+                    })
                     .collect();
                 let own = deliveries
                     .iter()
@@ -803,7 +810,10 @@ impl Reader<'_> {
                 delivery.delivered_at,
             ) else {
                 // Delivered again while this consumer works on it (a recovery read of its
-                // own pending entries): one entry, one run.
+                // own pending entries): one entry, one run. The delivery reset its idle
+                // time, which a retry claim measures from.
+                self.held_ids
+                    .refreshed(stream_index, delivery.id, delivery.delivered_at);
                 tracing::debug!(stream = %self.streams[stream_index], entry_id = %delivery.id, "entry delivered again while held; not running it a second time");
                 continue;
             };
