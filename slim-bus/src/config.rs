@@ -144,9 +144,10 @@ pub struct EventBusConfig {
     #[serde(with = "humantime_serde")]
     pub retry_base: Option<Duration>,
     /// The longest delay between retries. An entry waiting for its retry stays pending
-    /// with this consumer, so it must be shorter than `claim_min_idle`, or another
-    /// consumer's claim scan would take it. `None` (the default) means half of
-    /// `claim_min_idle`, at most 30 s (and at least an explicit `retry_base`).
+    /// with this consumer and is kept fresh meanwhile, so it may be longer than
+    /// `claim_min_idle`. `None` (the default) means half of `claim_min_idle`, at most 30 s
+    /// (and at least an explicit `retry_base`): a service that recovers a crashed
+    /// consumer's entries quickly retries quickly too.
     #[serde(with = "humantime_serde")]
     pub retry_max: Option<Duration>,
     /// The suffix of dead-letter stream names: the dead letters of `user.created` go to
@@ -562,34 +563,12 @@ impl EventBusConfig {
         if self.retry_base.is_some_and(|base| base.is_zero()) {
             reject("retry_base", "must be longer than zero".to_owned());
         }
-        let (retry_base, retry_max) = (self.effective_retry_base(), self.effective_retry_max());
         if let (Some(base), Some(max)) = (self.retry_base, self.retry_max)
             && max < base
         {
             reject(
                 "retry_max",
                 format!("({max:?}) must not be shorter than retry_base ({base:?})"),
-            );
-        }
-        if !self.claim_min_idle.is_zero() && retry_max >= self.claim_min_idle {
-            // Only a retry setting given explicitly can get here: the defaults follow
-            // claim_min_idle.
-            let setting = if self.retry_max.is_some() {
-                "retry_max"
-            } else {
-                "retry_base"
-            };
-            let value = if self.retry_max.is_some() {
-                retry_max
-            } else {
-                retry_base
-            };
-            reject(
-                setting,
-                format!(
-                    "({value:?}) must be shorter than claim_min_idle ({:?}), or another consumer's claim scan would take entries waiting for their retry; lower {setting} or raise claim_min_idle",
-                    self.claim_min_idle
-                ),
             );
         }
         if self.dead_letter_suffix.is_empty() {
@@ -634,8 +613,7 @@ impl EventBusConfig {
     }
 
     /// The longest delay between retries: `retry_max` when set, else half of
-    /// `claim_min_idle` up to 30 s (and no shorter than an explicit `retry_base`), so that
-    /// an entry waiting for its retry is never idle long enough to be claimed.
+    /// `claim_min_idle` up to 30 s (and no shorter than an explicit `retry_base`).
     pub(crate) fn effective_retry_max(&self) -> Duration {
         self.retry_max.unwrap_or_else(|| {
             (self.claim_min_idle / 2)
@@ -747,19 +725,23 @@ mod tests {
     }
 
     #[test]
-    fn an_explicit_retry_max_past_claim_min_idle_names_both_settings() {
-        let config = EventBusConfig {
+    fn an_explicit_retry_max_may_outlast_claim_min_idle_but_not_fall_below_retry_base() {
+        // Entries waiting for their retry are kept fresh: no claim scan takes them.
+        let long = EventBusConfig {
             claim_min_idle: Duration::from_secs(2),
             retry_max: Some(Duration::from_secs(5)),
             ..EventBusConfig::default()
         };
-        let (settings, message) = invalid_settings(&config);
+        long.validate()
+            .expect("retry_max past claim_min_idle is valid");
+        let crossed = EventBusConfig {
+            retry_base: Some(Duration::from_secs(3)),
+            retry_max: Some(Duration::from_secs(2)),
+            ..EventBusConfig::default()
+        };
+        let (settings, message) = invalid_settings(&crossed);
         assert_eq!(settings, ["retry_max"], "{message}");
-        assert!(message.contains("claim_min_idle (2s)"), "{message}");
-        assert!(
-            message.contains("`retry_max`: (5s) must be shorter"),
-            "{message}"
-        );
+        assert!(message.contains("retry_base (3s)"), "{message}");
     }
 
     #[test]

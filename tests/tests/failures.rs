@@ -816,19 +816,6 @@ async fn claim_and_retry_settings_are_checked() {
             "retry_max",
             EventBus::builder().retry_backoff(Duration::from_secs(2), Duration::from_secs(1)),
         ),
-        // An entry waiting that long for its retry would be claimed by another consumer.
-        (
-            "retry_max",
-            EventBus::builder()
-                .claim_min_idle(Duration::from_secs(60))
-                .retry_backoff(Duration::from_secs(1), Duration::from_secs(60)),
-        ),
-        (
-            "retry_max",
-            EventBus::builder()
-                .claim_min_idle(Duration::from_secs(40))
-                .retry_backoff(Duration::from_secs(1), Duration::from_secs(45)),
-        ),
         (
             "dead_letter_suffix",
             EventBus::builder().dead_letter_suffix(""),
@@ -875,8 +862,9 @@ async fn settings_left_unset_follow_the_ones_that_are_set() {
     .await
     .expect("claim_min_idle(2s) and a long command timeout alone build");
 
-    // Set both, the pair must agree, and the error names both.
-    let err = within(
+    // Retries are kept fresh while they wait: a long retry_max next to a short
+    // claim_min_idle is no conflict.
+    within(
         "build",
         STEP,
         EventBus::builder()
@@ -885,13 +873,9 @@ async fn settings_left_unset_follow_the_ones_that_are_set() {
             .build(),
     )
     .await
-    .unwrap_err();
-    assert!(
-        matches!(&err, Error::Config { setting: "retry_max", also, .. } if also.is_empty()),
-        "{err}"
-    );
-    let message = err.to_string();
-    assert!(message.contains("claim_min_idle (2s)"), "{message}");
+    .expect("retry_max may outlast claim_min_idle");
+
+    // Set both, the pair must agree, and the error names both.
 
     let err = within(
         "build",

@@ -259,8 +259,8 @@ impl EventBusBuilder {
 
     /// The first retry delay and the longest one. Unset, the longest is half of
     /// [`claim_min_idle`](Self::claim_min_idle), at most 30 s, and the first 1 s (or the
-    /// longest, when shorter). Set, the longest must be shorter than `claim_min_idle`:
-    /// an entry waiting that long for its retry would be claimed by another consumer.
+    /// longest, when shorter). Set, the longest must not be shorter than the first; it may
+    /// be longer than `claim_min_idle`, since an entry waiting for its retry is kept fresh.
     pub fn retry_backoff(mut self, base: Duration, max: Duration) -> Self {
         self.config.retry_base = Some(base);
         self.config.retry_max = Some(max);
