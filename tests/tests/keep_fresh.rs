@@ -526,3 +526,60 @@ async fn a_crashed_consumers_entries_are_still_claimed_after_claim_min_idle() {
     backend.until_nothing_pending("user.created", "tests").await;
     within("shutdown", STEP, listener.shutdown()).await.unwrap();
 }
+
+// The in-memory backend only, as above.
+#[tokio::test(start_paused = true)]
+async fn a_claim_whose_reply_was_lost_delivers_no_held_entry_again() {
+    let backend = Backend::memory();
+    let Backend::Memory(broker) = &backend else {
+        unreachable!("a memory backend")
+    };
+    let broker: MemoryBroker = broker.clone();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let (handler, mut seen) = Scripted::new(move |event: UserCreated, _| {
+        let mut released = released.clone();
+        async move {
+            if event.seq == 1 {
+                let _ = released.wait_for(|go| *go).await;
+            }
+            Ok(())
+        }
+    });
+    let claim_min_idle = Duration::from_secs(8);
+    let bus = within(
+        "build",
+        STEP,
+        scanning(&backend, "consumer-1", claim_min_idle)
+            .handler_timeout(Duration::from_secs(600))
+            .handler(handler)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    backend.xadd("user.created", &user_fields(1)).await;
+    let running = recv(&mut seen, "entry 1 running").await;
+    assert_eq!(running.event.seq, 1);
+    // A consumer that dies holding entry 2; a claim scan of consumer-1 loses its reply
+    // while entry 1 runs: looking for what the lost reply may have given consumer-1 must
+    // not deliver entry 1 again, and must find entry 2 if that reply claimed it.
+    backend.xadd("user.created", &user_fields(2)).await;
+    backend
+        .read_as_dead_consumer("user.created", "tests", "dead-pod", 1)
+        .await;
+    broker.lose_next_reply("XAUTOCLAIM");
+    let claimed = within("the dead consumer's entry", claim_min_idle * 2, async {
+        recv(&mut seen, "entry 2, claimed").await
+    })
+    .await;
+    assert_eq!(claimed.event.seq, 2, "{claimed:?}");
+    let held = broker
+        .pending("user.created", "tests")
+        .into_iter()
+        .find(|entry| entry.id == running.entry_id)
+        .expect("entry 1 is pending while it runs");
+    assert_eq!(held.delivery_count, 1, "entry 1 was delivered again");
+    release.send(true).unwrap();
+    backend.until_nothing_pending("user.created", "tests").await;
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+}

@@ -85,6 +85,9 @@ pub(super) struct Reader<'a> {
     delivered_up_to: Vec<Option<EntryId>>,
     /// The ids this consumer holds, kept fresh on the server.
     held_ids: Arc<HeldIds>,
+    /// Streams whose claim lost its reply: their own pending entries not held are looked
+    /// for, first stream first.
+    lost: Vec<usize>,
 }
 
 impl<'a> Reader<'a> {
@@ -119,6 +122,7 @@ impl<'a> Reader<'a> {
             blocked_read,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             held_ids,
+            lost: Vec::new(),
         }
     }
 }
@@ -129,6 +133,7 @@ impl Reader<'_> {
             self.retries.collect();
             self.run_due_retries().await?;
             self.claim_if_due().await?;
+            self.claim_lost().await?;
             if self.recovery.is_some() {
                 self.recover_own_pending().await?;
             } else {
@@ -190,9 +195,9 @@ impl Reader<'_> {
                 if self.heal(error).await? == Healed::GroupRecreated {
                     // A new group has no pending entries.
                     self.next_recovery_stream();
-                } else {
-                    self.find_own_pending_again(stream_index);
                 }
+                // Otherwise the next turn reads the same page again: entries a lost reply
+                // delivered are still pending with this consumer after `after`.
                 Ok(())
             }
         }
@@ -267,23 +272,89 @@ impl Reader<'_> {
     /// gave this consumer entries in a reply that was lost: they are pending with it, and
     /// nothing would run them. Its own pending entries of the stream are read again (those
     /// it holds are skipped) before new entries.
+    /// Remembers to look for what a claim of `stream_index` whose reply was lost may have
+    /// given this consumer (see [`claim_lost`](Self::claim_lost)).
     fn find_own_pending_again(&mut self, stream_index: usize) {
-        match &mut self.recovery {
-            Some(recovery) if recovery.stream_index == stream_index => {
-                recovery.after = EntryId::MIN;
+        if !self.lost.contains(&stream_index) {
+            self.lost.push(stream_index);
+        }
+    }
+
+    /// Claims back what a claim whose reply was lost (a timeout: Redis may have run it)
+    /// may have given this consumer: its own pending entries of the stream that it does not
+    /// hold. They are listed with `XPENDING`, which counts no delivery, so the entries this
+    /// consumer holds are not delivered again, and each is claimed only if it is still as
+    /// idle as listed, so one that another consumer claimed meanwhile is left to it.
+    async fn claim_lost(&mut self) -> Result<()> {
+        let Some(&stream_index) = self.lost.first() else {
+            return Ok(());
+        };
+        let c = self.consumer;
+        let stream = self.streams[stream_index].clone();
+        // Every entry held could come first in the list: enough for a page besides them.
+        let listed = c.max_in_flight.saturating_add(c.max_count);
+        let pending = match c
+            .broker
+            .pending_entries(&stream, &c.group, Some(&c.consumer), listed)
+            .await
+        {
+            Ok(pending) => pending,
+            Err(Error::GroupNotFound { .. }) => {
+                // Nothing is pending in a group that is gone; the read recreates it.
+                self.lost.remove(0);
+                return Ok(());
             }
-            Some(recovery) => {
-                if !recovery.then.contains(&stream_index) {
-                    recovery.then.push(stream_index);
+            Err(error) => return self.heal(error).await.map(drop),
+        };
+        let lost: Vec<_> = pending
+            .into_iter()
+            .filter(|entry| !self.held_ids.is_held(stream_index, entry.id))
+            .collect();
+        if lost.is_empty() {
+            self.lost.remove(0);
+            return Ok(());
+        }
+        let Some(mut reservation) = self.take_reservation(lost.len().min(c.max_count)).await else {
+            // Every place is taken: the next turn tries again.
+            return Ok(());
+        };
+        let taken = &lost[..reservation.len()];
+        let requests: Vec<_> = taken
+            .iter()
+            .map(|entry| (stream.clone(), entry.id, entry.idle))
+            .collect();
+        match c
+            .broker
+            .claim_for_retry(&c.group, &c.consumer, &requests)
+            .await
+        {
+            Ok(claimed) => {
+                self.recovered();
+                let deliveries: Vec<Delivery> = taken
+                    .iter()
+                    .zip(claimed)
+                    .filter_map(|(entry, fields)| {
+                        Some(Delivery {
+                            id: entry.id,
+                            fields: Some(fields?),
+                            delivery_count: entry.delivery_count + 1,
+                            delivered_at: Instant::now(),
+                        })
+                    })
+                    .collect();
+                if !deliveries.is_empty() {
+                    tracing::info!(stream = %stream, found = deliveries.len(), "found this consumer's pending entries that a lost reply left untracked; handling them");
                 }
+                if taken.len() == lost.len() {
+                    self.lost.remove(0);
+                }
+                self.dispatch(stream_index, deliveries, &mut reservation)
+                    .await;
+                Ok(())
             }
-            None => {
-                self.recovery = Some(Recovery {
-                    stream_index,
-                    after: EntryId::MIN,
-                    recovered: 0,
-                    then: Vec::new(),
-                });
+            Err(error) => {
+                drop(reservation);
+                self.heal(error).await.map(drop)
             }
         }
     }
