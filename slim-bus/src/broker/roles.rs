@@ -117,14 +117,15 @@ pub(crate) trait GroupReading: Send + Sync + 'static {
         count: usize,
     ) -> Result<ClaimPage>;
 
-    /// Claims entries again for their retry, each only if it has been idle for at least
-    /// its `min_idle` (so not if another consumer claimed it meanwhile). One result per
-    /// request, in order: `None` where the entry was not claimed or no longer exists.
-    async fn claim_for_retry(
+    /// Claims back entries pending with `consumer`, for their retry: each only if it still
+    /// is (not one another consumer claimed meanwhile), counting a delivery. One result
+    /// per request, in order: its fields, or `None` where the entry is not pending with
+    /// `consumer` or no longer exists.
+    async fn claim_own(
         &self,
         group: &str,
         consumer: &str,
-        requests: &[(Arc<str>, EntryId, Duration)],
+        requests: &[(Arc<str>, EntryId)],
     ) -> Result<Vec<Option<EntryFields>>>;
 
     /// Sets to `idle` the idle time of those of `ids` that are pending with `consumer` on

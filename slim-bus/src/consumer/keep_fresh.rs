@@ -41,16 +41,12 @@ struct StreamHeld {
 #[derive(Debug)]
 pub(crate) struct HeldIds {
     streams: Box<[Mutex<StreamHeld>]>,
-    /// Held by each round of touches and by each claim of retries: a retry claim measures
-    /// its least idle time from the last confirmed touch, which must not change under it.
-    pub(crate) touching: tokio::sync::Mutex<()>,
 }
 
 impl HeldIds {
     pub(crate) fn new(streams: usize) -> Self {
         HeldIds {
             streams: (0..streams).map(|_| Mutex::default()).collect(),
-            touching: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -213,7 +209,6 @@ impl Freshness {
     }
 
     async fn touch(&self, stream_index: usize) {
-        let _touching = self.ids.touching.lock().await;
         let ids = self.ids.to_touch(stream_index);
         if ids.is_empty() {
             return;

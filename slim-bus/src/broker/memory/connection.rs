@@ -231,15 +231,15 @@ impl GroupReading for MemoryConnection {
             .map_err(|e| Error::redis(format!("claiming stale entries of stream `{stream}`"), e))
     }
 
-    async fn claim_for_retry(
+    async fn claim_own(
         &self,
         group: &str,
         consumer: &str,
-        requests: &[(Arc<str>, EntryId, Duration)],
+        requests: &[(Arc<str>, EntryId)],
     ) -> Result<Vec<Option<EntryFields>>> {
         self.store
             .command(|state| {
-                let claimed = state.claim_for_retry(group, consumer, requests, Instant::now());
+                let claimed = state.claim_own(group, consumer, requests, Instant::now());
                 if claimed
                     .as_ref()
                     .is_ok_and(|claimed| claimed.iter().any(Option::is_some))

@@ -279,37 +279,31 @@ impl State {
         Ok(kept)
     }
 
-    /// `XCLAIM stream group consumer min_idle id` for each request: claims an entry only
-    /// if it has been idle for at least its `min_idle`; drops deleted entries from the
-    /// pending list.
-    pub(super) fn claim_for_retry(
+    /// `claim_own.lua` for each request: claims an entry back only if it is pending with
+    /// `consumer`; drops deleted entries from the pending list.
+    pub(super) fn claim_own(
         &mut self,
         group: &str,
         consumer: &str,
-        requests: &[(Arc<str>, EntryId, Duration)],
+        requests: &[(Arc<str>, EntryId)],
         now: Instant,
     ) -> Result<Vec<Option<EntryFields>>, redis::RedisError> {
         // Like a pipeline whose first error fails the whole reply.
-        for (stream, _, _) in requests {
+        for (stream, _) in requests {
             self.locate(stream, group, "XCLAIM")?;
         }
         let consumer: Arc<str> = consumer.into();
         let mut claimed = Vec::with_capacity(requests.len());
-        for (stream, id, min_idle) in requests {
+        for (stream, id) in requests {
             let (entries, group) = self.locate(stream, group, "XCLAIM")?;
             group.seen(&consumer, now);
-            let Some(fields) = entries.get(id) else {
-                group.pending.remove(id);
-                claimed.push(None);
-                continue;
-            };
-            let min_idle = whole_millis(*min_idle);
             match group.pending.get_mut(id) {
-                Some(nack)
-                    if min_idle.is_zero()
-                        || now.saturating_duration_since(nack.delivered_at) >= min_idle =>
-                {
-                    nack.consumer = consumer.clone();
+                Some(nack) if nack.consumer == consumer => {
+                    let Some(fields) = entries.get(id) else {
+                        group.pending.remove(id);
+                        claimed.push(None);
+                        continue;
+                    };
                     nack.delivered_at = now;
                     nack.delivery_count += 1;
                     claimed.push(Some(delivered(fields)));

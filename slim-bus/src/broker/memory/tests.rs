@@ -125,7 +125,7 @@ async fn a_missing_group_or_stream_is_a_nogroup_error_like_redis() {
             .map(drop)
             .expect_err("no such group"),
         broker
-            .claim_for_retry("g", "c", &[(Arc::from("s"), EntryId::MIN, MINUTE)])
+            .claim_own("g", "c", &[(Arc::from("s"), EntryId::MIN)])
             .await
             .map(drop)
             .expect_err("no such group"),
@@ -257,7 +257,7 @@ async fn autoclaim_takes_only_idle_entries_pages_with_a_cursor_and_drops_deleted
 }
 
 #[tokio::test(start_paused = true)]
-async fn claiming_for_a_retry_needs_the_idle_time_so_a_claim_in_between_wins() {
+async fn claiming_for_a_retry_takes_only_own_entries_so_a_claim_in_between_wins() {
     let handle = MemoryBroker::new();
     let broker = handle.connect();
     broker
@@ -266,34 +266,39 @@ async fn claiming_for_a_retry_needs_the_idle_time_so_a_claim_in_between_wins() {
         .expect("created");
     let kept = publish(&broker, "s", 1).await;
     let gone = publish(&broker, "s", 2).await;
-    read(&broker, "me", 2).await;
+    let taken = publish(&broker, "s", 3).await;
+    read(&broker, "me", 3).await;
     tokio::time::advance(Duration::from_millis(500)).await;
     let s: Arc<str> = Arc::from("s");
-    let too_early = broker
-        .claim_for_retry("g", "me", &[(s.clone(), kept, Duration::from_millis(501))])
+    // Another consumer claims one: however idle it was, it is not this consumer's now.
+    broker
+        .claim_own("g", "other", &[(s.clone(), taken)])
         .await
         .expect("the group exists");
-    assert_eq!(too_early, [None]);
+    let stolen = broker
+        .claim_stale("s", "g", "other", Duration::ZERO, taken, 1)
+        .await
+        .expect("the group exists");
+    assert_eq!(stolen.deliveries.len(), 1);
     handle.delete_entries("s", &[gone]);
     let claimed = broker
-        .claim_for_retry(
+        .claim_own(
             "g",
             "me",
-            &[
-                (s.clone(), kept, Duration::from_millis(500)),
-                (s.clone(), gone, Duration::ZERO),
-            ],
+            &[(s.clone(), kept), (s.clone(), gone), (s.clone(), taken)],
         )
         .await
         .expect("the group exists");
     assert!(claimed[0].is_some());
-    assert_eq!(claimed[1], None);
+    assert_eq!(claimed[1], None, "deleted");
+    assert_eq!(claimed[2], None, "another consumer's");
     let pending = handle.pending("s", "g");
-    assert_eq!(pending.len(), 1, "the deleted entry left the pending list");
+    assert_eq!(pending.len(), 2, "the deleted entry left the pending list");
     assert_eq!(
         (pending[0].delivery_count, pending[0].idle),
         (2, Duration::ZERO)
     );
+    assert_eq!(pending[1].consumer, "other");
 }
 
 #[tokio::test]

@@ -250,23 +250,9 @@ impl RedisBroker {
         error: redis::RedisError,
         action: impl FnOnce() -> String,
     ) -> Error {
-        // One TYPE at a time: on a cluster the streams may be in different slots.
-        for stream in streams {
-            let Ok(actual) = redis::cmd("TYPE")
-                .arg(stream.as_ref())
-                .query_async::<String>(&mut self.commands())
-                .await
-            else {
-                break;
-            };
-            if actual != TYPE_STREAM && actual != TYPE_NONE {
-                return Error::WrongType {
-                    stream: stream.to_string(),
-                    actual,
-                };
-            }
-        }
-        Error::redis(action(), error)
+        let keys: Vec<&str> = streams.iter().map(|stream| &**stream).collect();
+        self.find_wrong_key(&keys, Error::redis(action(), error))
+            .await
     }
 
     /// The error for a command or script over several stream keys that answered

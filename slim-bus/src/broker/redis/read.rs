@@ -232,24 +232,26 @@ impl GroupReading for RedisBroker {
         Ok(page)
     }
 
-    async fn claim_for_retry(
+    async fn claim_own(
         &self,
         group: &str,
         consumer: &str,
-        requests: &[(Arc<str>, EntryId, Duration)],
+        requests: &[(Arc<str>, EntryId)],
     ) -> Result<Vec<Option<EntryFields>>> {
-        if requests.is_empty() {
-            return Ok(Vec::new());
+        // One script per stream (its slot on a cluster), all at once.
+        let mut streams: Vec<(&Arc<str>, Vec<usize>)> = Vec::new();
+        for (index, (stream, _)) in requests.iter().enumerate() {
+            match streams.iter_mut().find(|(s, _)| *s == stream) {
+                Some((_, members)) => members.push(index),
+                None => streams.push((stream, vec![index])),
+            }
         }
-        let keys: Vec<&str> = requests.iter().map(|(stream, ..)| &**stream).collect();
-        let slots = by_slot(&self.topology, &keys);
-        if slots.len() <= 1 {
-            return self.claim_in_one_slot(group, consumer, requests).await;
-        }
-        let parts = slots.into_iter().map(|(_, members)| {
-            let part: Vec<_> = members.iter().map(|&i| requests[i].clone()).collect();
+        let parts = streams.into_iter().map(|(stream, members)| {
+            let ids: Vec<EntryId> = members.iter().map(|&i| requests[i].1).collect();
             async move {
-                let claimed = self.claim_in_one_slot(group, consumer, &part).await?;
+                let claimed = self
+                    .claim_own_of_stream(stream, group, consumer, &ids)
+                    .await?;
                 Ok::<_, Error>(members.into_iter().zip(claimed))
             }
         });
@@ -404,45 +406,41 @@ impl RedisBroker {
 
     /// [`GroupReading::claim_for_retry`] of entries of streams that share a hash slot, in
     /// one pipeline.
-    async fn claim_in_one_slot(
+    /// Runs `claim_own.lua` on one stream: the entries of `ids` pending with `consumer`,
+    /// claimed back with their fields.
+    async fn claim_own_of_stream(
         &self,
+        stream: &str,
         group: &str,
         consumer: &str,
-        requests: &[(Arc<str>, EntryId, Duration)],
+        ids: &[EntryId],
     ) -> Result<Vec<Option<EntryFields>>> {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for (stream, id, min_idle) in requests {
-            pipe.cmd("XCLAIM")
-                .arg(stream.as_ref())
-                .arg(group)
-                .arg(consumer)
-                .arg(millis(*min_idle))
-                .arg(*id);
+        let mut invocation = self.scripts.claim_own.key(stream);
+        invocation.arg(group).arg(consumer).arg(ids);
+        let action =
+            || format!("claiming entries of stream `{stream}` for their retry in group `{group}`");
+        let replies: Vec<Value> = match invocation.invoke_async(&mut self.commands()).await {
+            Ok(replies) => replies,
+            // The entries went with their stream when the key was given another type.
+            Err(e) if server_code(&e).as_deref() == Some(WRONG_TYPE) => {
+                return Ok(vec![None; ids.len()]);
+            }
+            Err(e) => return Err(Error::redis(action(), e)),
+        };
+        if replies.len() != ids.len() {
+            return Err(Error::UnexpectedReply {
+                action: action(),
+                detail: format!("{} replies for {} entries", replies.len(), ids.len()),
+            });
         }
-        let action = || format!("claiming entries for their retry in group `{group}`");
-        let replies: Vec<redis::RedisResult<Value>> = pipe
-            .query_async(&mut self.commands())
-            .await
-            .map_err(|e| Error::redis(action(), e))?;
-        let replies = replies
-            .into_iter()
-            .map(|reply| match reply {
-                // The entry went with its stream when the key was given another type.
-                Err(e) if server_code(&e).as_deref() == Some(WRONG_TYPE) => Ok(Value::Nil),
-                other => other,
-            })
-            .collect::<redis::RedisResult<Vec<Value>>>()
-            .map_err(|e| Error::redis(action(), e))?;
         replies
             .into_iter()
             .map(|reply| match reply {
-                Value::Nil => Ok(None),
-                Value::Array(entries) => match entries.into_iter().next() {
-                    None => Ok(None),
-                    Some(entry) => parse_entry(entry).map(|delivery| delivery.fields),
-                },
-                other => Err(format!("XCLAIM did not answer an array: {other:?}")),
+                Value::Nil | Value::Boolean(false) => Ok(None),
+                entry @ Value::Array(_) => parse_entry(entry).map(|delivery| delivery.fields),
+                other => Err(format!(
+                    "the claim script did not answer an entry: {other:?}"
+                )),
             })
             .collect::<Result<_, String>>()
             .map_err(|detail| Error::UnexpectedReply {

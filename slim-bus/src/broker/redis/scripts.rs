@@ -11,6 +11,7 @@ pub(super) struct Scripts {
     pub(super) release_lease: redis::Script,
     pub(super) trim_acked: redis::Script,
     pub(super) touch_own: redis::Script,
+    pub(super) claim_own: redis::Script,
 }
 
 /// The sources, for the scripts and for tests that hold them to the constants in
@@ -22,6 +23,7 @@ pub(crate) const HOLD_LEASE: &str = include_str!("../scripts/hold_lease.lua");
 pub(crate) const RELEASE_LEASE: &str = include_str!("../scripts/release_lease.lua");
 pub(crate) const TRIM_ACKED: &str = include_str!("../scripts/trim_acked.lua");
 pub(crate) const TOUCH_OWN: &str = include_str!("../scripts/touch_own.lua");
+pub(crate) const CLAIM_OWN: &str = include_str!("../scripts/claim_own.lua");
 
 impl Scripts {
     pub(super) fn load() -> Self {
@@ -33,6 +35,7 @@ impl Scripts {
             release_lease: redis::Script::new(RELEASE_LEASE),
             trim_acked: redis::Script::new(TRIM_ACKED),
             touch_own: redis::Script::new(TOUCH_OWN),
+            claim_own: redis::Script::new(CLAIM_OWN),
         }
     }
 }

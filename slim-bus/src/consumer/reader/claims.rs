@@ -31,8 +31,8 @@ impl Reader<'_> {
     /// Claims back what a claim whose reply was lost (a timeout: Redis may have run it)
     /// may have given this consumer: its own pending entries of the stream that it does not
     /// hold. They are listed with `XPENDING`, which counts no delivery, so the entries this
-    /// consumer holds are not delivered again, and each is claimed only if it is still as
-    /// idle as listed, so one that another consumer claimed meanwhile is left to it.
+    /// consumer holds are not delivered again, and each is claimed only if it is still this
+    /// consumer's, so one that another consumer claimed meanwhile is left to it.
     pub(super) async fn claim_lost(&mut self) -> Result<()> {
         let Some(&stream_index) = self.lost.first() else {
             return Ok(());
@@ -69,13 +69,9 @@ impl Reader<'_> {
         let taken = &lost[..reservation.len()];
         let requests: Vec<_> = taken
             .iter()
-            .map(|entry| (stream.clone(), entry.id, entry.idle))
+            .map(|entry| (stream.clone(), entry.id))
             .collect();
-        match c
-            .broker
-            .claim_for_retry(&c.group, &c.consumer, &requests)
-            .await
-        {
+        match c.broker.claim_own(&c.group, &c.consumer, &requests).await {
             Ok(claimed) => {
                 self.recovered();
                 let deliveries: Vec<Delivery> = taken

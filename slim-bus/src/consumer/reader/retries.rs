@@ -5,7 +5,6 @@ use tokio::time::Instant;
 use super::Reader;
 use crate::broker::Delivery;
 use crate::consumer::dispatch::Job;
-use crate::consumer::retry::RetryRequest;
 use crate::error::Result;
 
 impl Reader<'_> {
@@ -28,16 +27,12 @@ impl Reader<'_> {
         if taken.is_empty() {
             return Ok(());
         }
-        // A touch of the held entries must not land between the least idle time measured
-        // here and the claim: the claim would find the entry fresher than measured.
         let held_ids = self.held_ids.clone();
-        let touching = held_ids.touching.lock().await;
-        let now = Instant::now();
         let mut lost = Vec::new();
-        let mut taken_fresh = Vec::with_capacity(taken.len());
+        let mut still_held = Vec::with_capacity(taken.len());
         for request in taken {
             match held_ids.fresh_since(request.stream_index, request.id) {
-                Some(since) => taken_fresh.push((request, since)),
+                Some(_) => still_held.push(request),
                 None => lost.push(request),
             }
         }
@@ -49,31 +44,19 @@ impl Reader<'_> {
             );
             request.held.settle();
         }
-        let (taken, fresh_since): (Vec<RetryRequest>, Vec<Instant>) =
-            taken_fresh.into_iter().unzip();
+        let taken = still_held;
         if taken.is_empty() {
             return Ok(());
         }
+        // Claimed back only where the entry is still pending with this consumer: an idle
+        // time could not tell a claim by another consumer from this consumer's own
+        // commands that reached the server or not.
         let requests: Vec<_> = taken
             .iter()
-            .zip(&fresh_since)
-            .map(|(r, since)| {
-                (
-                    self.streams[r.stream_index].clone(),
-                    r.id,
-                    // The entry is kept fresh while held: claiming with the time since it
-                    // was last confirmed fresh as the least idle time only succeeds if
-                    // nobody has claimed it since.
-                    now.saturating_duration_since(*since),
-                )
-            })
+            .map(|r| (self.streams[r.stream_index].clone(), r.id))
             .collect();
         let c = self.consumer;
-        match c
-            .broker
-            .claim_for_retry(&c.group, &c.consumer, &requests)
-            .await
-        {
+        match c.broker.claim_own(&c.group, &c.consumer, &requests).await {
             Ok(claimed) => {
                 self.recovered();
                 let claimed_at = Instant::now();
@@ -111,16 +94,6 @@ impl Reader<'_> {
                 Ok(())
             }
             Err(error) => {
-                // The claim may have run on the server (its reply lost, or one slot of a
-                // cluster failing): that reset the idle time of the entries it claimed,
-                // and a least idle time measured from before it would find them claimed
-                // by someone else. Measured from now it is no longer than their idle time
-                // either way.
-                let failed_at = Instant::now();
-                for request in &taken {
-                    held_ids.refreshed(request.stream_index, request.id, failed_at);
-                }
-                drop(touching);
                 drop(slots);
                 for mut request in taken {
                     request.due = Instant::now();
