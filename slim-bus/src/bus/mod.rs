@@ -204,11 +204,13 @@ impl EventBus {
                 let _guard = guard;
                 let _gauges = gauges.drop_guard();
                 let group = consumer.group.clone();
-                let run = consumer.run(shutdown.clone());
+                let name_taken = CancellationToken::new();
+                let run = consumer.run(shutdown.clone(), name_taken.clone());
                 tokio::pin!(run);
                 let outcome = tokio::select! {
                     outcome = &mut run => outcome,
                     error = lease.keep() => {
+                        name_taken.cancel();
                         shutdown.cancel();
                         let _ = run.await;
                         Err(error)

@@ -178,7 +178,15 @@ impl Consumer {
 
     /// Runs until `shutdown` is cancelled or an error that cannot heal, then shuts down
     /// gracefully: no new reads, running handlers get the grace period, acks are flushed.
-    pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<()> {
+    ///
+    /// `name_taken` is cancelled (with `shutdown`) when another process took the lease of
+    /// this consumer's name: the entries pending under the name are then that process's
+    /// too, so they are neither kept fresh nor handed over from here any more.
+    pub(crate) async fn run(
+        self,
+        shutdown: CancellationToken,
+        name_taken: CancellationToken,
+    ) -> Result<()> {
         for route in self.routes.iter() {
             route.state.reset();
         }
@@ -241,7 +249,17 @@ impl Consumer {
         });
         // Runs until every handler has stopped: a handler running through the grace
         // period stays fresh, so no other consumer runs its entry meanwhile.
-        let keep_fresh = tokio::spawn(freshness.clone().keep_fresh()).abort_handle();
+        let keep_fresh = tokio::spawn({
+            let freshness = freshness.clone();
+            let name_taken = name_taken.clone();
+            async move {
+                tokio::select! {
+                    () = freshness.keep_fresh() => {}
+                    () = name_taken.cancelled() => {}
+                }
+            }
+        })
+        .abort_handle();
         let reader = Reader::new(
             &self,
             streams,
@@ -259,7 +277,9 @@ impl Consumer {
         }
         // The reader is dropped by now, and with it the entries waiting for a retry or a
         // handler slot: they stay pending, handed over at once to the other consumers.
-        freshness.hand_over().await;
+        if !name_taken.is_cancelled() {
+            freshness.hand_over().await;
+        }
         tracing::info!(group = %self.group, consumer = %self.consumer, running = tasks.len(), "shutting down");
         tasks.close();
         if tokio::time::timeout(self.shutdown_grace, tasks.wait())
@@ -297,7 +317,9 @@ impl Consumer {
         }
         keep_fresh.abort();
         // What was abandoned, or not acknowledged in time, goes to the other consumers.
-        freshness.hand_over().await;
+        if !name_taken.is_cancelled() {
+            freshness.hand_over().await;
+        }
         tracing::info!(group = %self.group, consumer = %self.consumer, "stopped");
         outcome
     }
