@@ -102,18 +102,6 @@ impl EntryId {
         self.seq
     }
 
-    /// The id just before this one (`EntryId::MIN` stays itself): a group whose last
-    /// delivered id it is delivers this one next.
-    pub(crate) const fn predecessor(&self) -> Self {
-        if self.seq > 0 {
-            EntryId::new(self.millis, self.seq - 1)
-        } else if self.millis > 0 {
-            EntryId::new(self.millis - 1, u64::MAX)
-        } else {
-            *self
-        }
-    }
-
     /// Parses `<u64>-<u64>` straight from a reply's bytes; the consumer does this for
     /// every entry it reads.
     pub(crate) fn parse_bytes(bytes: &[u8]) -> Option<Self> {

@@ -251,8 +251,8 @@ async fn destroy_group(backend: &Backend) {
 }
 
 // A group lost while this consumer holds entries (waiting for a retry, running, being
-// dead-lettered), which were in the lost pending list only: the group is created again
-// just before the oldest of them, so they are pending again and the retry still runs.
+// dead-lettered), which were in the lost pending list only: the retry claim puts the entry
+// back under this consumer, so the retry still runs.
 conformance!(an_entry_waiting_for_its_retry_when_the_group_is_lost_is_still_handled);
 async fn an_entry_waiting_for_its_retry_when_the_group_is_lost_is_still_handled(backend: Backend) {
     let (handler, mut seen) = Scripted::new(|_: UserCreated, ctx: slim_bus::Context| async move {
@@ -376,6 +376,200 @@ async fn a_bus_that_lost_its_lease_does_not_hand_over_its_successors_entries() {
         .await
         .unwrap();
     within("shutdown", STEP, successor_listener.shutdown())
+        .await
+        .unwrap();
+}
+
+// Two consumers of the group; the one that notices the lost group first creates it again
+// after the last entry delivered to it, which is after the other's held entry: the other
+// consumer's retry claim finds that entry pending with no one, puts it back under itself
+// and runs it, rather than give it up (never handled again nor dead-lettered).
+//
+// Interleaving: consumer-b fails entry 1 (its only place, retry in 3 s); consumer-a
+// handles and acks entry 2; the group is destroyed; consumer-a's read gets NOGROUP and
+// creates the group again just after entry 2; consumer-b's retry claim finds entry 1
+// pending with no one.
+conformance!(an_entry_another_consumer_holds_for_its_retry_when_the_group_is_lost_is_still_handled);
+async fn an_entry_another_consumer_holds_for_its_retry_when_the_group_is_lost_is_still_handled(
+    backend: Backend,
+) {
+    let (handler_b, mut seen_b) =
+        Scripted::new(|_: UserCreated, ctx: slim_bus::Context| async move {
+            if ctx.delivery_count() == 1 {
+                return Err(HandlerError::new(std::io::Error::other("once")));
+            }
+            Ok(())
+        });
+    let bus_b = within(
+        "build b",
+        STEP,
+        backend
+            .bus()
+            .consumer_name("consumer-b")
+            .max_in_flight(1)
+            .max_concurrent(1)
+            .claim_min_idle(Duration::from_secs(60))
+            .claim_interval(Duration::from_secs(60))
+            .retry_backoff(Duration::from_secs(3), Duration::from_secs(3))
+            .handler(handler_b)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener_b = within("listen b", STEP, bus_b.listen()).await.unwrap();
+    within("publish 1", STEP, bus_b.publish(&user(1)))
+        .await
+        .unwrap();
+    let first = recv(&mut seen_b, "consumer-b's first delivery of entry 1").await;
+    assert_eq!((first.event.seq, first.delivery_count), (1, 1));
+
+    let (handler_a, mut seen_a) =
+        Scripted::new(|_: UserCreated, _: slim_bus::Context| async move { Ok(()) });
+    let bus_a = within(
+        "build a",
+        STEP,
+        backend
+            .bus()
+            .consumer_name("consumer-a")
+            .claim_min_idle(Duration::from_secs(60))
+            .claim_interval(Duration::from_secs(60))
+            .handler(handler_a)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener_a = within("listen a", STEP, bus_a.listen()).await.unwrap();
+    within("publish 2", STEP, bus_a.publish(&user(2)))
+        .await
+        .unwrap();
+    let second = recv(&mut seen_a, "consumer-a's delivery of entry 2").await;
+    assert_eq!(second.event.seq, 2);
+    within("entry 2 acked", STEP, async {
+        while backend.pending_count("user.created", "tests").await != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // While entry 1 waits for its retry at consumer-b.
+    destroy_group(&backend).await;
+    let handled_again = within("entry 1 (held by consumer-b for its retry when the group was lost) handled again by either consumer", Duration::from_secs(10), async {
+        tokio::select! {
+            seen = seen_a.recv() => seen.unwrap().event.seq,
+            seen = seen_b.recv() => seen.unwrap().event.seq,
+        }
+    })
+    .await;
+    assert_eq!(handled_again, 1, "only entry 1 is left to handle");
+    within("shutdown a", STEP, listener_a.shutdown())
+        .await
+        .unwrap();
+    within("shutdown b", STEP, listener_b.shutdown())
+        .await
+        .unwrap();
+}
+
+// A group lost while consumer-a holds entry 1 and consumer-b runs entry 2: the group is
+// created again after what was delivered, never before a held entry, so entry 2, which
+// consumer-b is running and keeps fresh, is not delivered again as new to consumer-a.
+//
+// Interleaving: entries 1 and 3 are pending with consumer-a, entry 2 with consumer-b
+// (each bus's recovery read delivers its own); consumer-a runs 1 (long) and acks 3;
+// consumer-b runs 2 (long), its only place; the group is destroyed; consumer-a's read
+// gets NOGROUP and creates the group again.
+conformance!(a_group_created_again_does_not_run_another_consumers_running_entry_twice);
+async fn a_group_created_again_does_not_run_another_consumers_running_entry_twice(
+    backend: Backend,
+) {
+    for seq in 1..=3 {
+        backend.xadd("user.created", &user_fields(seq)).await;
+    }
+    backend
+        .read_as_dead_consumer("user.created", "tests", "consumer-a", 1)
+        .await;
+    backend
+        .read_as_dead_consumer("user.created", "tests", "consumer-b", 1)
+        .await;
+    backend
+        .read_as_dead_consumer("user.created", "tests", "consumer-a", 1)
+        .await;
+    let long = |seq: u64| {
+        move |event: UserCreated, _: slim_bus::Context| async move {
+            if event.seq == seq {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+            Ok::<(), HandlerError>(())
+        }
+    };
+    let (handler_a, mut seen_a) = Scripted::new(long(1));
+    let (handler_b, mut seen_b) = Scripted::new(long(2));
+    let settings = |name: &'static str| {
+        backend
+            .bus()
+            .consumer_name(name)
+            .handler_timeout(Duration::from_secs(60))
+            .shutdown_grace(Duration::from_millis(100))
+            .claim_min_idle(Duration::from_secs(60))
+            .claim_interval(Duration::from_secs(60))
+    };
+    let bus_a = within(
+        "build a",
+        STEP,
+        settings("consumer-a").handler(handler_a).build(),
+    )
+    .await
+    .unwrap();
+    let bus_b = within(
+        "build b",
+        STEP,
+        settings("consumer-b")
+            .max_in_flight(1)
+            .max_concurrent(1)
+            .handler(handler_b)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let listener_a = within("listen a", STEP, bus_a.listen()).await.unwrap();
+    let mut seqs_a = vec![
+        recv(&mut seen_a, "consumer-a's own entry").await.event.seq,
+        recv(&mut seen_a, "consumer-a's other own entry")
+            .await
+            .event
+            .seq,
+    ];
+    seqs_a.sort_unstable();
+    assert_eq!(seqs_a, [1, 3]);
+    let listener_b = within("listen b", STEP, bus_b.listen()).await.unwrap();
+    assert_eq!(
+        recv(&mut seen_b, "consumer-b's own entry").await.event.seq,
+        2
+    );
+    within("entry 3 acked", STEP, async {
+        while backend.pending_count("user.created", "tests").await != 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    destroy_group(&backend).await;
+    let twice = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            let seen = seen_a.recv().await.unwrap();
+            if seen.event.seq == 2 {
+                return seen;
+            }
+        }
+    })
+    .await;
+    assert!(
+        twice.is_err(),
+        "entry 2 ran at consumer-a while consumer-b, alive, still ran it"
+    );
+    within("shutdown a", STEP, listener_a.shutdown())
+        .await
+        .unwrap();
+    within("shutdown b", STEP, listener_b.shutdown())
         .await
         .unwrap();
 }

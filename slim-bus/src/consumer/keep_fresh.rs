@@ -74,17 +74,6 @@ impl HeldIds {
         true
     }
 
-    /// The lowest id of stream `stream_index` this consumer holds and has not found to be
-    /// another consumer's.
-    pub(crate) fn lowest(&self, stream_index: usize) -> Option<EntryId> {
-        self.stream(stream_index)
-            .held
-            .iter()
-            .filter(|(_, entry)| !entry.lost)
-            .map(|(id, _)| *id)
-            .min()
-    }
-
     pub(crate) fn is_held(&self, stream_index: usize, id: EntryId) -> bool {
         self.stream(stream_index).held.contains_key(&id)
     }

@@ -128,22 +128,12 @@ impl Consumer {
     /// persistence): on each stream, just after `delivered_up_to[index]`, the last entry
     /// this consumer knows was delivered to it there, so that nothing published since is
     /// skipped and nothing handled is handled again; at `start_from` where it knows none.
-    /// Where this consumer holds entries of the stream (running, waiting for a retry or a
-    /// dead-letter move), just before the lowest of them instead: they were in the lost
-    /// pending list only, and delivered again they are pending with a consumer again, so
-    /// none is lost (entries after it that were handled already are handled again).
-    pub(crate) async fn recreate_groups(
-        &self,
-        delivered_up_to: &[Option<EntryId>],
-        lowest_held: &[Option<EntryId>],
-    ) -> Result<()> {
+    /// The entries consumers held, in the lost pending list only, are put back there by
+    /// their holders (see `touch_own.lua` and `claim_own.lua`).
+    pub(crate) async fn recreate_groups(&self, delivered_up_to: &[Option<EntryId>]) -> Result<()> {
         let mut wrong_type = None;
         for (index, route) in self.routes.iter().enumerate() {
-            let held = lowest_held.get(index).copied().flatten();
-            let after = match held {
-                Some(lowest) => Some(lowest.predecessor()),
-                None => delivered_up_to.get(index).copied().flatten(),
-            };
+            let after = delivered_up_to.get(index).copied().flatten();
             match self
                 .broker
                 .recreate_group(&route.stream, &self.group, after, self.start_from)
@@ -152,9 +142,6 @@ impl Consumer {
                 Ok(created) => {
                     if created {
                         match after {
-                            Some(after) if held.is_some() => {
-                                tracing::warn!(stream = %route.stream, group = %self.group, after = %after, "consumer group was gone while this consumer held entries of it; created it again just before the oldest of them, which are delivered again with what came after them")
-                            }
                             Some(after) => {
                                 tracing::warn!(stream = %route.stream, group = %self.group, after = %after, "consumer group was gone; created it again just after the last entry delivered to this consumer")
                             }

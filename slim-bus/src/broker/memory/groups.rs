@@ -261,15 +261,20 @@ impl State {
         let (entries, group) = self.locate(stream, group, "XPENDING")?;
         let idle = whole_millis(idle);
         let mut kept = Vec::with_capacity(ids.len());
+        let consumer: Arc<str> = consumer.into();
         for id in ids {
-            let Some(nack) = group.pending.get_mut(id) else {
-                continue;
-            };
-            if &*nack.consumer != consumer {
-                continue;
-            }
             if !entries.contains_key(id) {
                 group.pending.remove(id);
+                continue;
+            }
+            // Pending with no one (the group was lost and created again): put back under
+            // the caller, which holds it, as `XCLAIM ... FORCE JUSTID` does.
+            let nack = group.pending.entry(*id).or_insert_with(|| Nack {
+                consumer: consumer.clone(),
+                delivery_count: 1,
+                delivered_at: now,
+            });
+            if nack.consumer != consumer {
                 continue;
             }
             // Early on a paused test clock, `now - idle` may be before the clock's start.
@@ -280,7 +285,8 @@ impl State {
     }
 
     /// `claim_own.lua` for each request: claims an entry back only if it is pending with
-    /// `consumer`; drops deleted entries from the pending list.
+    /// `consumer`, or with no one (put back under `consumer`); drops deleted entries from
+    /// the pending list.
     pub(super) fn claim_own(
         &mut self,
         group: &str,
@@ -297,18 +303,24 @@ impl State {
         for (stream, id) in requests {
             let (entries, group) = self.locate(stream, group, "XCLAIM")?;
             group.seen(&consumer, now);
-            match group.pending.get_mut(id) {
-                Some(nack) if nack.consumer == consumer => {
-                    let Some(fields) = entries.get(id) else {
-                        group.pending.remove(id);
-                        claimed.push(None);
-                        continue;
-                    };
-                    nack.delivered_at = now;
-                    nack.delivery_count += 1;
-                    claimed.push(Some(delivered(fields)));
-                }
-                _ => claimed.push(None),
+            let Some(fields) = entries.get(id) else {
+                group.pending.remove(id);
+                claimed.push(None);
+                continue;
+            };
+            // Pending with no one (the group was lost and created again): put back under
+            // the caller, which holds it, as `XCLAIM ... FORCE` does.
+            let nack = group.pending.entry(*id).or_insert_with(|| Nack {
+                consumer: consumer.clone(),
+                delivery_count: 0,
+                delivered_at: now,
+            });
+            if nack.consumer == consumer {
+                nack.delivered_at = now;
+                nack.delivery_count += 1;
+                claimed.push(Some(delivered(fields)));
+            } else {
+                claimed.push(None);
             }
         }
         Ok(claimed)

@@ -211,10 +211,7 @@ impl Reader<'_> {
                     error = &error as &dyn std::error::Error,
                     "consumer group or stream is gone (deleted, flushed, or Redis restarted without persistence); creating the group again where it is gone"
                 );
-                let lowest_held: Vec<Option<EntryId>> = (0..self.streams.len())
-                    .map(|index| self.held_ids.lowest(index))
-                    .collect();
-                match c.recreate_groups(&self.delivered_up_to, &lowest_held).await {
+                match c.recreate_groups(&self.delivered_up_to).await {
                     Ok(()) => return Ok(Healed::GroupRecreated),
                     Err(error @ Error::WrongType { .. }) => return Err(error),
                     Err(error) => tracing::warn!(
