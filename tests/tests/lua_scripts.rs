@@ -297,4 +297,20 @@ async fn touch_own_sets_the_idle_time_of_its_own_entries_only_and_keeps_their_co
     let row = pending(&mut conn).await.remove(0);
     assert!(row.2 < 60_000, "idle {} ms", row.2);
     assert_eq!(row.3, 1);
+
+    // Acknowledged while a touch is on its way: still the caller's, and not put back in
+    // the pending list, where nothing would ever acknowledge it again.
+    let acked: usize = within("XACK", STEP, conn.xack("held", "billing", &[&id]))
+        .await
+        .unwrap();
+    assert_eq!(acked, 1);
+    let kept = eval(
+        &server,
+        "touch_own.lua",
+        &["held"],
+        &["billing", "consumer-1", "0", &id],
+    )
+    .await;
+    assert_eq!(kept, [format!("1) \"{id}\"")]);
+    assert!(pending(&mut conn).await.is_empty());
 }

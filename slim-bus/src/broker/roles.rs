@@ -118,9 +118,10 @@ pub(crate) trait GroupReading: Send + Sync + 'static {
     ) -> Result<ClaimPage>;
 
     /// Claims back entries pending with `consumer`, for their retry: each only if it still
-    /// is (not one another consumer claimed meanwhile), counting a delivery. One result
-    /// per request, in order: its fields, or `None` where the entry is not pending with
-    /// `consumer` or no longer exists.
+    /// is (not one another consumer claimed meanwhile), or is pending with no one (its group
+    /// was lost and created again: it is put back under `consumer`), counting a delivery.
+    /// One result per request, in order: its fields, or `None` where the entry is pending
+    /// with another consumer or no longer exists.
     async fn claim_own(
         &self,
         group: &str,
@@ -130,8 +131,9 @@ pub(crate) trait GroupReading: Send + Sync + 'static {
 
     /// Sets to `idle` the idle time of those of `ids` that are pending with `consumer` on
     /// `stream`, keeping their delivery counts (`XCLAIM ... IDLE idle JUSTID`), and returns
-    /// them. An id pending with another consumer is left alone, never taken back; one no
-    /// longer pending (or deleted from the stream) is not returned. With `idle` zero it
+    /// them. An id pending with another consumer is left alone, never taken back, and not
+    /// returned, nor is one deleted from the stream; one pending with no one (acknowledged
+    /// just now, or its group lost and created again) is returned as it is. With `idle` zero it
     /// keeps held entries from going stale; with `claim_min_idle` it hands them over to the
     /// next claim scan of any consumer.
     async fn touch_own(

@@ -248,7 +248,8 @@ impl State {
 
     /// The `touch_own` script: sets to `idle` the idle time of those of `ids` pending with
     /// `consumer`, keeping their delivery counts; drops deleted entries from the pending
-    /// list, as `XCLAIM` does. Returns the ids touched.
+    /// list, as `XCLAIM` does. Returns the ids still the caller's: those touched, and those
+    /// pending with no one.
     pub(super) fn touch_own(
         &mut self,
         stream: &str,
@@ -261,20 +262,18 @@ impl State {
         let (entries, group) = self.locate(stream, group, "XPENDING")?;
         let idle = whole_millis(idle);
         let mut kept = Vec::with_capacity(ids.len());
-        let consumer: Arc<str> = consumer.into();
         for id in ids {
             if !entries.contains_key(id) {
                 group.pending.remove(id);
                 continue;
             }
-            // Pending with no one (the group was lost and created again): put back under
-            // the caller, which holds it, as `XCLAIM ... FORCE JUSTID` does.
-            let nack = group.pending.entry(*id).or_insert_with(|| Nack {
-                consumer: consumer.clone(),
-                delivery_count: 1,
-                delivered_at: now,
-            });
-            if nack.consumer != consumer {
+            let Some(nack) = group.pending.get_mut(id) else {
+                // Pending with no one (acknowledged just now, or the group was lost and
+                // created again): still the caller's, left as it is.
+                kept.push(*id);
+                continue;
+            };
+            if &*nack.consumer != consumer {
                 continue;
             }
             // Early on a paused test clock, `now - idle` may be before the clock's start.
