@@ -20,9 +20,16 @@ pub(crate) const CLAIM_INTERVAL: Duration = Duration::from_millis(250);
 pub(crate) const HANDOVER_CLAIM_MIN_IDLE: Duration = Duration::from_secs(30);
 /// `handover`: the grace of the consumer that leaves, shorter than its handlers.
 pub(crate) const HANDOVER_GRACE: Duration = Duration::from_millis(200);
-/// `handover`: every this many entries, one waits for its retry when the consumer stops.
-/// Few enough that no five fail in a row, which would pause reading.
+/// `handover`: every this many entries, one waits for its retry when the consumer stops,
+/// up to [`RETRIES`] of them.
 pub(crate) const RETRY_EVERY: u64 = 16;
+/// `handover`: how many entries wait for their retry. Fewer than the different entries
+/// whose failures in a row pause reading a stream: the consumer must read every entry.
+pub(crate) const RETRIES: u64 = 4;
+/// The handler slots of each consumer of both cases: as many as the largest `holding` size,
+/// since a handler that never ends keeps its slot and a consumer reads no more entries
+/// than it has slots for.
+pub(crate) const MAX_CONCURRENT: usize = 256;
 /// `long-handlers`: the idle time after which an entry counts as stale.
 pub(crate) const LONG_CLAIM_MIN_IDLE: Duration = Duration::from_secs(1);
 /// `long-handlers`: each handler runs this many times `LONG_CLAIM_MIN_IDLE`.
@@ -89,7 +96,7 @@ enum Work {
     Quick,
     /// Runs for this long, then succeeds.
     For(Duration),
-    /// Every [`RETRY_EVERY`]th entry asks for a retry long after the grace; the others
+    /// Every [`RETRY_EVERY`]th entry, [`RETRIES`] in all, asks for a retry long after the grace; the others
     /// never finish.
     Outlast,
 }
@@ -112,7 +119,11 @@ impl StreamHandler for Recording {
                 self.ledger.finish();
                 Ok(())
             }
-            Work::Outlast if !event.seq.is_multiple_of(RETRY_EVERY) => std::future::pending().await,
+            Work::Outlast
+                if !event.seq.is_multiple_of(RETRY_EVERY) || event.seq / RETRY_EVERY >= RETRIES =>
+            {
+                std::future::pending().await
+            }
             Work::Outlast => Err(HandlerError::retry_after(
                 Duration::from_secs(600),
                 std::io::Error::other("not now"),
@@ -134,7 +145,8 @@ fn consumer(
         .consumer_group(GROUP)
         .consumer_name(name)
         .start_from(StartFrom::Beginning)
-        .max_concurrent(64)
+        // Handlers that never end keep their slots: one for each entry the case holds.
+        .max_concurrent(MAX_CONCURRENT)
         .claim_min_idle(claim_min_idle)
         .claim_interval(CLAIM_INTERVAL)
         .retry_backoff(Duration::from_millis(10), claim_min_idle / 2)

@@ -702,9 +702,9 @@ async fn handover_case(url: &str, stream: &str, sizes: &Sizes) -> anyhow::Result
         )
     };
     let what = format!(
-        "from shutdown() of a consumer holding {} entries (one in {} waiting for a retry, the others in handlers longer than its {:?} grace) until a live consumer has handled them",
+        "from shutdown() of a consumer holding {} entries ({} waiting for a retry, the others in handlers longer than its {:?} grace) until a live consumer has handled them",
         sizes.holding,
-        handover::RETRY_EVERY,
+        handover::RETRIES,
         handover::HANDOVER_GRACE
     );
     let row = |id: &str, reference: &str| {
