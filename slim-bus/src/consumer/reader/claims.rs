@@ -38,6 +38,11 @@ impl Reader<'_> {
             return Ok(());
         };
         let c = self.consumer;
+        if c.set_aside.is_set(stream_index) {
+            // Its key holds another type: nothing of it is pending any more.
+            self.lost.remove(0);
+            return Ok(());
+        }
         let stream = self.streams[stream_index].clone();
         // Every entry held could come first in the list: enough for a page besides them.
         let listed = c.max_in_flight.saturating_add(c.max_count);
