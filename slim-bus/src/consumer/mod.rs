@@ -101,27 +101,13 @@ impl Consumer {
     pub(crate) async fn prepare(&self) -> Result<()> {
         let mut wrong_type = None;
         for (index, route) in self.routes.iter().enumerate() {
-            match self
+            let ready = self
                 .broker
                 .ensure_group(&route.stream, &self.group, self.start_from)
-                .await
-            {
-                Ok(()) => {
-                    if self.set_aside.clear(index) {
-                        tracing::info!(stream = %route.stream, "the stream's key is a stream again; consuming it");
-                    }
-                }
-                Err(error @ Error::WrongType { .. }) => {
-                    self.set_stream_aside(index, &error);
-                    wrong_type.get_or_insert(error);
-                }
-                Err(error) => return Err(error),
-            }
+                .await;
+            self.group_ready(index, ready, &mut wrong_type)?;
         }
-        match wrong_type {
-            Some(error) if self.set_aside.all() => Err(error),
-            _ => Ok(()),
-        }
+        self.unless_all_set_aside(wrong_type)
     }
 
     /// Creates again the groups that are gone (deleted, flushed, lost in a restart without
@@ -134,33 +120,52 @@ impl Consumer {
         let mut wrong_type = None;
         for (index, route) in self.routes.iter().enumerate() {
             let after = delivered_up_to.get(index).copied().flatten();
-            match self
+            let created = self
                 .broker
                 .recreate_group(&route.stream, &self.group, after, self.start_from)
-                .await
-            {
-                Ok(created) => {
-                    if created {
-                        match after {
-                            Some(after) => {
-                                tracing::warn!(stream = %route.stream, group = %self.group, after = %after, "consumer group was gone; created it again just after the last entry delivered to this consumer")
-                            }
-                            None => {
-                                tracing::warn!(stream = %route.stream, group = %self.group, start_from = ?self.start_from, "consumer group was gone and no entry of the stream was delivered to this consumer; created it again at start_from")
-                            }
-                        }
+                .await;
+            if let Ok(true) = created {
+                match after {
+                    Some(after) => {
+                        tracing::warn!(stream = %route.stream, group = %self.group, after = %after, "consumer group was gone; created it again just after the last entry delivered to this consumer")
                     }
-                    if self.set_aside.clear(index) {
-                        tracing::info!(stream = %route.stream, "the stream's key is a stream again; consuming it");
+                    None => {
+                        tracing::warn!(stream = %route.stream, group = %self.group, start_from = ?self.start_from, "consumer group was gone and no entry of the stream was delivered to this consumer; created it again at start_from")
                     }
                 }
-                Err(error @ Error::WrongType { .. }) => {
-                    self.set_stream_aside(index, &error);
-                    wrong_type.get_or_insert(error);
-                }
-                Err(error) => return Err(error),
             }
+            self.group_ready(index, created.map(drop), &mut wrong_type)?;
         }
+        self.unless_all_set_aside(wrong_type)
+    }
+
+    /// Takes in how making the group of stream `index` ready went: a stream whose key is a
+    /// stream again is consumed again; one whose key holds another type is set aside (the
+    /// first such error kept in `wrong_type`) and the others go on; any other error ends it.
+    fn group_ready(
+        &self,
+        index: usize,
+        ready: Result<()>,
+        wrong_type: &mut Option<Error>,
+    ) -> Result<()> {
+        match ready {
+            Ok(()) => {
+                if self.set_aside.clear(index) {
+                    tracing::info!(stream = %self.routes[index].stream, "the stream's key is a stream again; consuming it");
+                }
+                Ok(())
+            }
+            Err(error @ Error::WrongType { .. }) => {
+                self.set_stream_aside(index, &error);
+                wrong_type.get_or_insert(error);
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Only when every stream is set aside is a key of another type an error.
+    fn unless_all_set_aside(&self, wrong_type: Option<Error>) -> Result<()> {
         match wrong_type {
             Some(error) if self.set_aside.all() => Err(error),
             _ => Ok(()),
