@@ -314,3 +314,64 @@ async fn touch_own_sets_the_idle_time_of_its_own_entries_only_and_keeps_their_co
     assert_eq!(kept, [format!("1) \"{id}\"")]);
     assert!(pending(&mut conn).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_own_puts_back_an_entry_pending_with_no_one_only_when_asked() {
+    slim_bus_tests::init_tracing();
+    let server = within("redis-server", STEP, RedisServer::start())
+        .await
+        .unwrap();
+    let mut conn = server.connection().await;
+    let _: () = within(
+        "XGROUP CREATE",
+        STEP,
+        redis::cmd("XGROUP")
+            .arg(&["CREATE", "retried", "billing", "0", "MKSTREAM"][..])
+            .query_async(&mut conn),
+    )
+    .await
+    .unwrap();
+    let id: String = within("XADD", STEP, conn.xadd("retried", "*", &[("n", "1")]))
+        .await
+        .unwrap();
+    let _: redis::Value = within(
+        "XREADGROUP",
+        STEP,
+        redis::cmd("XREADGROUP")
+            .arg(&["GROUP", "billing", "consumer-1", "STREAMS", "retried", ">"][..])
+            .query_async(&mut conn),
+    )
+    .await
+    .unwrap();
+    let acked: usize = within("XACK", STEP, conn.xack("retried", "billing", &[&id]))
+        .await
+        .unwrap();
+    assert_eq!(acked, 1);
+    let left = eval(
+        &server,
+        "claim_own.lua",
+        &["retried"],
+        &["billing", "consumer-1", "leave", &id],
+    )
+    .await;
+    assert_eq!(left, ["1) (nil)"]);
+    let put_back = eval(
+        &server,
+        "claim_own.lua",
+        &["retried"],
+        &["billing", "consumer-1", "put-back", &id],
+    )
+    .await;
+    assert_eq!(put_back[0], format!("1) 1) \"{id}\""), "{put_back:?}");
+    let rows: Vec<(String, String, i64, i64)> = within(
+        "XPENDING",
+        STEP,
+        redis::cmd("XPENDING")
+            .arg(&["retried", "billing", "-", "+", "10"][..])
+            .query_async(&mut conn),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].1, "consumer-1");
+}

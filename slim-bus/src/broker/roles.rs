@@ -117,16 +117,16 @@ pub(crate) trait GroupReading: Send + Sync + 'static {
         count: usize,
     ) -> Result<ClaimPage>;
 
-    /// Claims back entries pending with `consumer`, for their retry: each only if it still
-    /// is (not one another consumer claimed meanwhile), or is pending with no one (its group
-    /// was lost and created again: it is put back under `consumer`), counting a delivery.
-    /// One result per request, in order: its fields, or `None` where the entry is pending
-    /// with another consumer or no longer exists.
+    /// Claims back entries pending with `consumer`: each only if it still is (not one
+    /// another consumer claimed meanwhile), counting a delivery; one pending with no one is
+    /// put back under `consumer` or left, as `unowned` says. One result per request, in
+    /// order: its fields, or `None` where the entry was not claimed or no longer exists.
     async fn claim_own(
         &self,
         group: &str,
         consumer: &str,
         requests: &[(Arc<str>, EntryId)],
+        unowned: Unowned,
     ) -> Result<Vec<Option<EntryFields>>>;
 
     /// Sets to `idle` the idle time of those of `ids` that are pending with `consumer` on
@@ -352,4 +352,15 @@ pub(crate) enum DeadLetterMove {
     NotPending,
     /// The entry was deleted from the stream; it was acknowledged, nothing was written.
     Deleted,
+}
+
+/// What [`GroupReading::claim_own`] does with an entry pending with no consumer at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unowned {
+    /// Puts it back under the caller (`XCLAIM ... FORCE`): for an entry the caller held
+    /// unfinished when its group was lost and created again, whose retry is due.
+    PutBack,
+    /// Leaves it: for an entry the caller found pending with itself a moment ago, which
+    /// pending with no one now was acknowledged meanwhile.
+    Leave,
 }

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::Store;
 use super::state::whole_millis;
+use crate::broker::Unowned;
 use crate::broker::{
     Broker, ClaimPage, Delivery, EntryFields, GroupReading, LeaseState, Leases, Publishing,
     StreamDeliveries,
@@ -236,10 +237,11 @@ impl GroupReading for MemoryConnection {
         group: &str,
         consumer: &str,
         requests: &[(Arc<str>, EntryId)],
+        unowned: Unowned,
     ) -> Result<Vec<Option<EntryFields>>> {
         self.store
             .command(|state| {
-                let claimed = state.claim_own(group, consumer, requests, Instant::now());
+                let claimed = state.claim_own(group, consumer, requests, unowned, Instant::now());
                 if claimed
                     .as_ref()
                     .is_ok_and(|claimed| claimed.iter().any(Option::is_some))

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::state::{Nack, State, delivered, whole_millis};
+use crate::broker::Unowned;
 use crate::broker::{ClaimPage, Delivery, EntryFields, StreamDeliveries, group_by_slot};
 use crate::event::EntryId;
 use crate::testing::Outcome;
@@ -284,13 +285,14 @@ impl State {
     }
 
     /// `claim_own.lua` for each request: claims an entry back only if it is pending with
-    /// `consumer`, or with no one (put back under `consumer`); drops deleted entries from
-    /// the pending list.
+    /// `consumer`, or with no one and `unowned` says to put it back; drops deleted entries
+    /// from the pending list.
     pub(super) fn claim_own(
         &mut self,
         group: &str,
         consumer: &str,
         requests: &[(Arc<str>, EntryId)],
+        unowned: Unowned,
         now: Instant,
     ) -> Result<Vec<Option<EntryFields>>, redis::RedisError> {
         // Like a pipeline whose first error fails the whole reply.
@@ -308,7 +310,11 @@ impl State {
                 continue;
             };
             // Pending with no one (the group was lost and created again): put back under
-            // the caller, which holds it, as `XCLAIM ... FORCE` does.
+            // the caller, which holds it, as `XCLAIM ... FORCE` does, when asked to.
+            if unowned == Unowned::Leave && !group.pending.contains_key(id) {
+                claimed.push(None);
+                continue;
+            }
             let nack = group.pending.entry(*id).or_insert_with(|| Nack {
                 consumer: consumer.clone(),
                 delivery_count: 0,

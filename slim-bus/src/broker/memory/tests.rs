@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 use super::{MemoryBroker, MemoryConnection};
+use crate::broker::Unowned;
 use crate::broker::{
     DeadLetterMove, DeadLetterStore, Delivery, GroupReading, GroupStats, Inspection, Publishing,
     RawFields,
@@ -125,7 +126,12 @@ async fn a_missing_group_or_stream_is_a_nogroup_error_like_redis() {
             .map(drop)
             .expect_err("no such group"),
         broker
-            .claim_own("g", "c", &[(Arc::from("s"), EntryId::MIN)])
+            .claim_own(
+                "g",
+                "c",
+                &[(Arc::from("s"), EntryId::MIN)],
+                Unowned::PutBack,
+            )
             .await
             .map(drop)
             .expect_err("no such group"),
@@ -272,7 +278,7 @@ async fn claiming_for_a_retry_takes_only_own_entries_so_a_claim_in_between_wins(
     let s: Arc<str> = Arc::from("s");
     // Another consumer claims one: however idle it was, it is not this consumer's now.
     broker
-        .claim_own("g", "other", &[(s.clone(), taken)])
+        .claim_own("g", "other", &[(s.clone(), taken)], Unowned::PutBack)
         .await
         .expect("the group exists");
     let stolen = broker
@@ -286,6 +292,7 @@ async fn claiming_for_a_retry_takes_only_own_entries_so_a_claim_in_between_wins(
             "g",
             "me",
             &[(s.clone(), kept), (s.clone(), gone), (s.clone(), taken)],
+            Unowned::PutBack,
         )
         .await
         .expect("the group exists");
@@ -610,4 +617,37 @@ async fn a_trim_deletes_at_most_as_many_entries_as_it_is_given() {
     for expected in [10, 10, 4, 0] {
         assert_eq!(broker.trim_acked("s", 10).await.expect("trimmed"), expected);
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_entry_pending_with_no_one_is_put_back_only_when_asked() {
+    let handle = MemoryBroker::new();
+    let broker = handle.connect();
+    broker
+        .ensure_group("s", "g", StartFrom::Beginning)
+        .await
+        .expect("created");
+    let id = publish(&broker, "s", 1).await;
+    read(&broker, "me", 1).await;
+    let s: Arc<str> = Arc::from("s");
+    broker
+        .ack("g", &[(s.clone(), vec![id])])
+        .await
+        .expect("acknowledged");
+    // Acknowledged since it was listed as this consumer's: left alone.
+    let left = broker
+        .claim_own("g", "me", &[(s.clone(), id)], Unowned::Leave)
+        .await
+        .expect("the group exists");
+    assert_eq!(left, [None]);
+    assert!(handle.pending("s", "g").is_empty(), "not put back");
+    // In a group lost and created again while this consumer held it: put back.
+    let put_back = broker
+        .claim_own("g", "me", &[(s.clone(), id)], Unowned::PutBack)
+        .await
+        .expect("the group exists");
+    assert!(put_back[0].is_some());
+    let pending = handle.pending("s", "g");
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].consumer, "me");
 }

@@ -11,6 +11,7 @@ use super::replies::{
     parse_autoclaim, parse_entry, parse_pending_counts, parse_pending_of, parse_read_reply_value,
 };
 use super::{RedisBroker, classify, millis};
+use crate::broker::Unowned;
 use crate::broker::topology::by_slot;
 use crate::broker::{
     BUSY_GROUP, ClaimPage, Delivery, EntryFields, GroupReading, StreamDeliveries, WRONG_TYPE,
@@ -237,6 +238,7 @@ impl GroupReading for RedisBroker {
         group: &str,
         consumer: &str,
         requests: &[(Arc<str>, EntryId)],
+        unowned: Unowned,
     ) -> Result<Vec<Option<EntryFields>>> {
         // One script per stream (its slot on a cluster), all at once.
         let mut streams: Vec<(&Arc<str>, Vec<usize>)> = Vec::new();
@@ -250,7 +252,7 @@ impl GroupReading for RedisBroker {
             let ids: Vec<EntryId> = members.iter().map(|&i| requests[i].1).collect();
             async move {
                 let claimed = self
-                    .claim_own_of_stream(stream, group, consumer, &ids)
+                    .claim_own_of_stream(stream, group, consumer, unowned, &ids)
                     .await?;
                 Ok::<_, Error>(members.into_iter().zip(claimed))
             }
@@ -413,10 +415,15 @@ impl RedisBroker {
         stream: &str,
         group: &str,
         consumer: &str,
+        unowned: Unowned,
         ids: &[EntryId],
     ) -> Result<Vec<Option<EntryFields>>> {
         let mut invocation = self.scripts.claim_own.key(stream);
-        invocation.arg(group).arg(consumer).arg(ids);
+        let unowned = match unowned {
+            Unowned::PutBack => "put-back",
+            Unowned::Leave => "leave",
+        };
+        invocation.arg(group).arg(consumer).arg(unowned).arg(ids);
         let action =
             || format!("claiming entries of stream `{stream}` for their retry in group `{group}`");
         let replies: Vec<Value> = match invocation.invoke_async(&mut self.commands()).await {

@@ -5,6 +5,7 @@ use tokio::time::Instant;
 
 use super::{Healed, Reader};
 use crate::broker::Delivery;
+use crate::broker::Unowned;
 use crate::consumer::sweep;
 use crate::error::{Error, Result};
 use crate::event::EntryId;
@@ -76,7 +77,12 @@ impl Reader<'_> {
             .iter()
             .map(|entry| (stream.clone(), entry.id))
             .collect();
-        match c.broker.claim_own(&c.group, &c.consumer, &requests).await {
+        // An entry pending with no one now was acknowledged since it was listed.
+        match c
+            .broker
+            .claim_own(&c.group, &c.consumer, &requests, Unowned::Leave)
+            .await
+        {
             Ok(claimed) => {
                 self.recovered();
                 let deliveries: Vec<Delivery> = taken

@@ -4,6 +4,7 @@ use tokio::time::Instant;
 
 use super::Reader;
 use crate::broker::Delivery;
+use crate::broker::Unowned;
 use crate::consumer::dispatch::Job;
 use crate::error::Result;
 
@@ -56,7 +57,13 @@ impl Reader<'_> {
             .map(|r| (self.streams[r.stream_index].clone(), r.id))
             .collect();
         let c = self.consumer;
-        match c.broker.claim_own(&c.group, &c.consumer, &requests).await {
+        // Pending with no one, it was in a group that was lost: it goes back under this
+        // consumer, which holds it.
+        match c
+            .broker
+            .claim_own(&c.group, &c.consumer, &requests, Unowned::PutBack)
+            .await
+        {
             Ok(claimed) => {
                 self.recovered();
                 let claimed_at = Instant::now();
