@@ -267,7 +267,7 @@ async fn touch_own_sets_the_idle_time_of_its_own_entries_only_and_keeps_their_co
         &server,
         "touch_own.lua",
         &["held"],
-        &["billing", "consumer-2", "0", &id],
+        &["billing", "consumer-2", "0", "leave", &id],
     )
     .await;
     assert_eq!(other, ["(empty array)"]);
@@ -278,7 +278,7 @@ async fn touch_own_sets_the_idle_time_of_its_own_entries_only_and_keeps_their_co
         &server,
         "touch_own.lua",
         &["held"],
-        &["billing", "consumer-1", "60000", &id],
+        &["billing", "consumer-1", "60000", "leave", &id],
     )
     .await;
     assert_eq!(handed, [format!("1) \"{id}\"")]);
@@ -291,7 +291,7 @@ async fn touch_own_sets_the_idle_time_of_its_own_entries_only_and_keeps_their_co
         &server,
         "touch_own.lua",
         &["held"],
-        &["billing", "consumer-1", "0", &id],
+        &["billing", "consumer-1", "0", "leave", &id],
     )
     .await;
     let row = pending(&mut conn).await.remove(0);
@@ -308,7 +308,7 @@ async fn touch_own_sets_the_idle_time_of_its_own_entries_only_and_keeps_their_co
         &server,
         "touch_own.lua",
         &["held"],
-        &["billing", "consumer-1", "0", &id],
+        &["billing", "consumer-1", "0", "leave", &id],
     )
     .await;
     assert_eq!(kept, [format!("1) \"{id}\"")]);

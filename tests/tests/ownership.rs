@@ -573,3 +573,51 @@ async fn a_group_created_again_does_not_run_another_consumers_running_entry_twic
         .await
         .unwrap();
 }
+
+// A group lost while this consumer holds an entry for its retry, then a graceful shutdown
+// before the retry: the hand-over puts the entry back in the pending list (for the next
+// claim scan), rather than report it handed over while it is in none.
+//
+// Interleaving: entry 1 fails (retry in 60 s); the group is destroyed; consumer-1 creates
+// it again just after entry 1 and handles entry 2; shutdown hands entry 1 over with
+// `touch_own`, which finds it pending with no one and puts it back.
+conformance!(an_entry_held_for_its_retry_across_a_lost_group_is_handed_over_at_shutdown);
+async fn an_entry_held_for_its_retry_across_a_lost_group_is_handed_over_at_shutdown(
+    backend: Backend,
+) {
+    let (handler, mut seen) =
+        Scripted::new(|event: UserCreated, _: slim_bus::Context| async move {
+            if event.seq == 1 {
+                return Err(HandlerError::retry_after(
+                    Duration::from_secs(60),
+                    std::io::Error::other("later"),
+                ));
+            }
+            Ok(())
+        });
+    let bus = within("build", STEP, backend.bus().handler(handler).build())
+        .await
+        .unwrap();
+    let listener = within("listen", STEP, bus.listen()).await.unwrap();
+    within("publish 1", STEP, bus.publish(&user(1)))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut seen, "entry 1 fails").await.event.seq, 1);
+    destroy_group(&backend).await;
+    within("publish 2", STEP, bus.publish(&user(2)))
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&mut seen, "entry 2 (group created again)")
+            .await
+            .event
+            .seq,
+        2
+    );
+    within("shutdown", STEP, listener.shutdown()).await.unwrap();
+    assert_eq!(
+        backend.pending_count("user.created", "tests").await,
+        1,
+        "entry 1, held for its retry, is in no pending list after the hand-over: lost"
+    );
+}

@@ -133,9 +133,10 @@ pub(crate) trait GroupReading: Send + Sync + 'static {
     /// `stream`, keeping their delivery counts (`XCLAIM ... IDLE idle JUSTID`), and returns
     /// them. An id pending with another consumer is left alone, never taken back, and not
     /// returned, nor is one deleted from the stream; one pending with no one (acknowledged
-    /// just now, or its group lost and created again) is returned as it is. With `idle` zero it
-    /// keeps held entries from going stale; with `claim_min_idle` it hands them over to the
-    /// next claim scan of any consumer.
+    /// just now, or its group lost and created again) is returned, and put back under
+    /// `consumer` with that idle time or left, as `unowned` says. With `idle` zero it keeps
+    /// held entries from going stale; with `claim_min_idle` it hands them over to the next
+    /// claim scan of any consumer.
     async fn touch_own(
         &self,
         stream: &str,
@@ -143,6 +144,7 @@ pub(crate) trait GroupReading: Send + Sync + 'static {
         consumer: &str,
         ids: &[EntryId],
         idle: Duration,
+        unowned: Unowned,
     ) -> Result<Vec<EntryId>>;
 
     /// Atomically removes the consumers of `group` on `stream`, other than `except`, that

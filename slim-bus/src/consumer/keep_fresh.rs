@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Unowned};
 use crate::event::EntryId;
 
 /// What this consumer knows of one entry it holds.
@@ -217,7 +217,16 @@ impl Freshness {
         let touched = tokio::time::timeout(
             self.command_timeout,
             self.broker
-                .touch_own(stream, &self.group, &self.consumer, &ids, Duration::ZERO),
+                // Never put back: an entry pending with no one may have been acknowledged
+                // since its ids were taken.
+                .touch_own(
+                    stream,
+                    &self.group,
+                    &self.consumer,
+                    &ids,
+                    Duration::ZERO,
+                    Unowned::Leave,
+                ),
         )
         .await;
         match touched {
@@ -266,6 +275,9 @@ impl Freshness {
                 &self.consumer,
                 ids,
                 self.claim_min_idle,
+                // What is handed over was given up unfinished, no acknowledgement on its
+                // way: pending with no one, it was in a group that was lost.
+                Unowned::PutBack,
             ),
         )
         .await;

@@ -266,9 +266,12 @@ impl GroupReading for MemoryConnection {
         consumer: &str,
         ids: &[EntryId],
         idle: Duration,
+        unowned: Unowned,
     ) -> Result<Vec<EntryId>> {
         self.store
-            .command(|state| state.touch_own(stream, group, consumer, ids, idle, Instant::now()))
+            .command(|state| {
+                state.touch_own(stream, group, consumer, ids, idle, unowned, Instant::now())
+            })
             .map_err(|e| {
                 Error::redis(
                     format!("keeping the held entries of stream `{stream}` fresh"),

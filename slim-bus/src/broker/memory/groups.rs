@@ -258,6 +258,7 @@ impl State {
         consumer: &str,
         ids: &[EntryId],
         idle: Duration,
+        unowned: Unowned,
         now: Instant,
     ) -> Result<Vec<EntryId>, redis::RedisError> {
         let (entries, group) = self.locate(stream, group, "XPENDING")?;
@@ -270,7 +271,17 @@ impl State {
             }
             let Some(nack) = group.pending.get_mut(id) else {
                 // Pending with no one (acknowledged just now, or the group was lost and
-                // created again): still the caller's, left as it is.
+                // created again): still the caller's, put back or left as asked.
+                if unowned == Unowned::PutBack {
+                    group.pending.insert(
+                        *id,
+                        Nack {
+                            consumer: consumer.into(),
+                            delivery_count: 1,
+                            delivered_at: now.checked_sub(idle).unwrap_or(now),
+                        },
+                    );
+                }
                 kept.push(*id);
                 continue;
             };

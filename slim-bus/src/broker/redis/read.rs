@@ -273,6 +273,7 @@ impl GroupReading for RedisBroker {
         consumer: &str,
         ids: &[EntryId],
         idle: Duration,
+        unowned: Unowned,
     ) -> Result<Vec<EntryId>> {
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -284,6 +285,10 @@ impl GroupReading for RedisBroker {
             .arg(group)
             .arg(consumer)
             .arg(millis(idle))
+            .arg(match unowned {
+                Unowned::PutBack => "put-back",
+                Unowned::Leave => "leave",
+            })
             .arg(ids);
         let action = || format!("keeping the held entries of stream `{stream}` fresh");
         let kept: Vec<String> = match invocation.invoke_async(&mut self.commands()).await {
