@@ -9,6 +9,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::Store;
+use super::groups::Touch;
 use super::state::whole_millis;
 use crate::broker::Unowned;
 use crate::broker::{
@@ -270,7 +271,8 @@ impl GroupReading for MemoryConnection {
     ) -> Result<Vec<EntryId>> {
         self.store
             .command(|state| {
-                state.touch_own(stream, group, consumer, ids, idle, unowned, Instant::now())
+                let touch = Touch { idle, unowned };
+                state.touch_own(stream, group, consumer, ids, touch, Instant::now())
             })
             .map_err(|e| {
                 Error::redis(

@@ -257,10 +257,10 @@ impl State {
         group: &str,
         consumer: &str,
         ids: &[EntryId],
-        idle: Duration,
-        unowned: Unowned,
+        touch: Touch,
         now: Instant,
     ) -> Result<Vec<EntryId>, redis::RedisError> {
+        let Touch { idle, unowned } = touch;
         let (entries, group) = self.locate(stream, group, "XPENDING")?;
         let idle = whole_millis(idle);
         let mut kept = Vec::with_capacity(ids.len());
@@ -341,4 +341,11 @@ impl State {
         }
         Ok(claimed)
     }
+}
+
+/// What a `touch_own` sets: the idle time, and what becomes of an entry pending with no one.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Touch {
+    pub(super) idle: Duration,
+    pub(super) unowned: Unowned,
 }
