@@ -228,39 +228,7 @@ async fn touch_own_sets_the_idle_time_of_its_own_entries_only_and_keeps_their_co
         .await
         .unwrap();
     let mut conn = within("connect", STEP, server.connection()).await;
-    let _: () = within(
-        "XGROUP CREATE",
-        STEP,
-        redis::cmd("XGROUP")
-            .arg(&["CREATE", "held", "billing", "0", "MKSTREAM"][..])
-            .query_async(&mut conn),
-    )
-    .await
-    .unwrap();
-    let id: String = within("XADD", STEP, conn.xadd("held", "*", &[("n", "1")]))
-        .await
-        .unwrap();
-    let _: redis::Value = within(
-        "XREADGROUP",
-        STEP,
-        redis::cmd("XREADGROUP")
-            .arg(&["GROUP", "billing", "consumer-1", "STREAMS", "held", ">"][..])
-            .query_async(&mut conn),
-    )
-    .await
-    .unwrap();
-    let pending = async |conn: &mut redis::aio::MultiplexedConnection| {
-        let rows: Vec<(String, String, i64, i64)> = within(
-            "XPENDING",
-            STEP,
-            redis::cmd("XPENDING")
-                .arg(&["held", "billing", "-", "+", "10"][..])
-                .query_async(conn),
-        )
-        .await
-        .unwrap();
-        rows
-    };
+    let id = one_entry_delivered(&mut conn, "held").await;
 
     // Another consumer's touch leaves the entry alone: it is never taken back.
     let other = eval(
@@ -271,7 +239,7 @@ async fn touch_own_sets_the_idle_time_of_its_own_entries_only_and_keeps_their_co
     )
     .await;
     assert_eq!(other, ["(empty array)"]);
-    assert_eq!(pending(&mut conn).await[0].1, "consumer-1");
+    assert_eq!(pending(&mut conn, "held").await[0].1, "consumer-1");
 
     // The hand-over: idle set to claim_min_idle, the delivery count kept.
     let handed = eval(
@@ -282,7 +250,7 @@ async fn touch_own_sets_the_idle_time_of_its_own_entries_only_and_keeps_their_co
     )
     .await;
     assert_eq!(handed, [format!("1) \"{id}\"")]);
-    let row = pending(&mut conn).await.remove(0);
+    let row = pending(&mut conn, "held").await.remove(0);
     assert_eq!((row.1.as_str(), row.3), ("consumer-1", 1));
     assert!(row.2 >= 60_000, "idle {} ms", row.2);
 
@@ -294,7 +262,7 @@ async fn touch_own_sets_the_idle_time_of_its_own_entries_only_and_keeps_their_co
         &["billing", "consumer-1", "0", "leave", &id],
     )
     .await;
-    let row = pending(&mut conn).await.remove(0);
+    let row = pending(&mut conn, "held").await.remove(0);
     assert!(row.2 < 60_000, "idle {} ms", row.2);
     assert_eq!(row.3, 1);
 
@@ -312,7 +280,7 @@ async fn touch_own_sets_the_idle_time_of_its_own_entries_only_and_keeps_their_co
     )
     .await;
     assert_eq!(kept, [format!("1) \"{id}\"")]);
-    assert!(pending(&mut conn).await.is_empty());
+    assert!(pending(&mut conn, "held").await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,27 +290,7 @@ async fn claim_own_puts_back_an_entry_pending_with_no_one_only_when_asked() {
         .await
         .unwrap();
     let mut conn = server.connection().await;
-    let _: () = within(
-        "XGROUP CREATE",
-        STEP,
-        redis::cmd("XGROUP")
-            .arg(&["CREATE", "retried", "billing", "0", "MKSTREAM"][..])
-            .query_async(&mut conn),
-    )
-    .await
-    .unwrap();
-    let id: String = within("XADD", STEP, conn.xadd("retried", "*", &[("n", "1")]))
-        .await
-        .unwrap();
-    let _: redis::Value = within(
-        "XREADGROUP",
-        STEP,
-        redis::cmd("XREADGROUP")
-            .arg(&["GROUP", "billing", "consumer-1", "STREAMS", "retried", ">"][..])
-            .query_async(&mut conn),
-    )
-    .await
-    .unwrap();
+    let id = one_entry_delivered(&mut conn, "retried").await;
     let acked: usize = within("XACK", STEP, conn.xack("retried", "billing", &[&id]))
         .await
         .unwrap();
@@ -363,15 +311,51 @@ async fn claim_own_puts_back_an_entry_pending_with_no_one_only_when_asked() {
     )
     .await;
     assert_eq!(put_back[0], format!("1) 1) \"{id}\""), "{put_back:?}");
-    let rows: Vec<(String, String, i64, i64)> = within(
-        "XPENDING",
+    let rows = pending(&mut conn, "retried").await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].1, "consumer-1");
+}
+
+/// Creates group `billing` on `stream` and one entry there, delivered to `consumer-1`;
+/// returns the entry's id.
+async fn one_entry_delivered(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> String {
+    let _: () = within(
+        "XGROUP CREATE",
         STEP,
-        redis::cmd("XPENDING")
-            .arg(&["retried", "billing", "-", "+", "10"][..])
-            .query_async(&mut conn),
+        redis::cmd("XGROUP")
+            .arg(&["CREATE", stream, "billing", "0", "MKSTREAM"][..])
+            .query_async(conn),
     )
     .await
     .unwrap();
-    assert_eq!(rows.len(), 1);
-    assert_eq!(rows[0].1, "consumer-1");
+    let id: String = within("XADD", STEP, conn.xadd(stream, "*", &[("n", "1")]))
+        .await
+        .unwrap();
+    let _: redis::Value = within(
+        "XREADGROUP",
+        STEP,
+        redis::cmd("XREADGROUP")
+            .arg(&["GROUP", "billing", "consumer-1", "STREAMS", stream, ">"][..])
+            .query_async(conn),
+    )
+    .await
+    .unwrap();
+    id
+}
+
+/// The pending list of group `billing` on `stream`: id, consumer, idle ms, deliveries.
+async fn pending(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+) -> Vec<(String, String, i64, i64)> {
+    within(
+        "XPENDING",
+        STEP,
+        redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(&["billing", "-", "+", "10"][..])
+            .query_async(conn),
+    )
+    .await
+    .unwrap()
 }
